@@ -1,0 +1,1 @@
+"""The Hi-LANDER algorithms as plain functions and torch modules over arrays; no Ray in here."""

@@ -1,0 +1,199 @@
+"""kNN graphs with faiss: inner product on L2-normalised rows, self excluded, fixed degree.
+
+The graph is returned as two dense (N, k) arrays, ``nbr`` (int64 neighbour indices, -1 where a row has
+fewer than k neighbours) and ``sim`` (float32 cosine similarities, 0 where padded), sorted by
+decreasing similarity. Edges point from neighbour ``nbr[i, j]`` to centre ``i``.
+
+Methods:
+
+- ``exact``: ``IndexFlatIP``, O(N^2 D); deterministic.
+- ``ivf``: ``IndexIVFFlat`` (exact distances inside the probed cells), k-means trained on a seeded
+  sample; deterministic for a fixed seed. Recall ~0.95-1.0 on face-like data; measure it with
+  :func:`knn_recall`.
+- ``hnsw``: ``IndexHNSWFlat``; fast to build, but its multi-threaded construction is not
+  deterministic, so it is offered but never chosen by ``auto``.
+- ``auto``: exact up to ``exact_max_rows`` rows, ivf above.
+
+On a machine where faiss sees a GPU (``faiss-gpu``), exact and ivf indexes run on it unless
+``device='cpu'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "exact", "ivf", "hnsw")
+EXACT_MAX_ROWS = 20_000
+_QUERY_BLOCK = 16384
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation into a new C-contiguous float32 array (zero rows stay zero)."""
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def _use_gpu(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import faiss
+
+    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cuda" and n == 0:
+        raise ValueError("device='cuda' but faiss sees no GPU (install the 'gpu' extra: faiss-gpu)")
+    return n > 0
+
+
+def _ivf_nlist(n: int) -> int:
+    # ~4 sqrt(N) cells, a power of two, at least 39 training points per cell (faiss' minimum).
+    return int(min(2 ** round(math.log2(max(4 * math.sqrt(n), 16))), max(16, n // 39)))
+
+
+def build_index(x: np.ndarray, method: str, *, seed: int = 0, nprobe: int | None = None, device: str = "auto"):
+    """Build a faiss inner-product index over the unit rows ``x`` of shape (N, D)."""
+    import faiss
+
+    n, d = x.shape
+    if method == "exact":
+        index = faiss.IndexFlatIP(d)
+    elif method == "ivf":
+        nlist = _ivf_nlist(n)
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        n_train = min(n, 64 * nlist)
+        sample = np.random.default_rng(seed).choice(n, size=n_train, replace=False) if n_train < n else None
+        index.cp.seed = seed
+        index.train(x[np.sort(sample)] if sample is not None else x)
+        index.nprobe = nprobe or max(8, nlist // 64)
+    elif method == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = 96
+    else:
+        raise ValueError(f"knn method must be one of {METHODS}, got {method!r}")
+    if method != "hnsw" and _use_gpu(device):
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index.res_ = res  # keep the resources alive as long as the index
+    index.add(x)
+    return index
+
+
+def resolve_method(method: str, n: int, exact_max_rows: int = EXACT_MAX_ROWS) -> str:
+    if method not in METHODS:
+        raise ValueError(f"knn method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "exact" if n <= exact_max_rows else "ivf"
+    if method == "ivf" and n < 39 * 16:
+        return "exact"  # too few rows to train cells
+    return method
+
+
+def search(index, queries: np.ndarray, k: int, query_offset: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Search ``k`` neighbours of each query, excluding the query itself.
+
+    ``query_offset`` is the index position of ``queries[0]`` when the queries are rows of the index
+    (so that the self match can be removed), or None for external queries.
+
+    Returns:
+        ``(nbr, sim)`` of shape (Q, k): int64 indices (-1 padded) and float32 similarities (0 padded).
+    """
+    q = queries.shape[0]
+    nbr = np.empty((q, k), dtype=np.int64)
+    sim = np.empty((q, k), dtype=np.float32)
+    extra = 0 if query_offset is None else 1
+    for start in range(0, q, _QUERY_BLOCK):
+        stop = min(start + _QUERY_BLOCK, q)
+        s, i = index.search(queries[start:stop], k + extra)
+        if extra:
+            self_idx = np.arange(start, stop, dtype=np.int64)[:, None] + query_offset
+            drop = i == self_idx
+            # With duplicate vectors the self match may be missing or not first: drop exactly one
+            # entry per row, the self match if present, else the last (weakest) one.
+            missing = ~drop.any(axis=1)
+            drop[missing, -1] = True
+            first = np.argmax(drop, axis=1)
+            keep = np.ones_like(drop)
+            keep[np.arange(stop - start), first] = False
+            i = i[keep].reshape(stop - start, k)
+            s = s[keep].reshape(stop - start, k)
+        pad = i < 0
+        s[pad] = 0.0
+        nbr[start:stop] = i
+        sim[start:stop] = s
+    return nbr, sim
+
+
+def knn_graph(
+    x: np.ndarray,
+    k: int,
+    *,
+    method: str = "auto",
+    seed: int = 0,
+    nprobe: int | None = None,
+    device: str = "auto",
+    normalize: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """kNN graph of the rows of ``x`` (cosine similarity), self excluded.
+
+    Args:
+        x: (N, D) features.
+        k: neighbours per node (not counting the node itself). Rows of a graph with N <= k get N - 1
+            real neighbours and the rest padded with -1 / 0.
+        method: 'auto', 'exact', 'ivf' or 'hnsw' (see module docstring).
+        seed: seed of the IVF training sample and k-means.
+        nprobe: IVF cells probed per query (default: max(8, nlist / 64)).
+        device: 'auto', 'cpu' or 'cuda' (faiss-gpu).
+        normalize: L2-normalise rows first (set False when ``x`` already has unit rows).
+
+    Returns:
+        ``(nbr, sim)``: (N, k) int64 and (N, k) float32, sorted by decreasing similarity.
+    """
+    if k < 1:
+        raise ValueError(f"knn_graph: k must be >= 1, got {k}")
+    x = l2_normalize(x) if normalize else np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    method = resolve_method(method, n)
+    index = build_index(x, method, seed=seed, nprobe=nprobe, device=device)
+    return search(index, x, k)
+
+
+def knn_recall(
+    x: np.ndarray, nbr: np.ndarray, *, sample: int = 2000, seed: int = 0, normalize: bool = True
+) -> float:
+    """Recall of a kNN graph against exact search, on a seeded sample of rows.
+
+    Ties are counted generously: a returned neighbour counts when its similarity is at least the
+    exact k-th similarity (duplicates make index identity ambiguous).
+    """
+    import faiss
+
+    x = l2_normalize(x) if normalize else np.ascontiguousarray(x, dtype=np.float32)
+    n, k = nbr.shape
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    exact_sim, exact_idx = index.search(x[rows], k + 1)
+    kth = np.empty(rows.size, dtype=np.float32)
+    hits = 0
+    total = 0
+    for_rows = nbr[rows]
+    valid = for_rows >= 0
+    # similarity of returned neighbours, recomputed (independent of the index's own numbers)
+    got = np.einsum("qd,qkd->qk", x[rows], x[np.where(valid, for_rows, 0)])
+    is_self = exact_idx == rows[:, None]
+    n_true = np.minimum(k, n - 1)
+    # k-th best similarity among non-self exact results
+    masked = np.where(is_self, -np.inf, exact_sim)
+    masked.sort(axis=1)
+    kth = masked[:, ::-1][:, n_true - 1] if n_true > 0 else np.full(rows.size, np.inf)
+    hits = int(((got >= kth[:, None] - 1e-5) & valid).sum())
+    total = int(rows.size * n_true)
+    return 1.0 if total == 0 else hits / total

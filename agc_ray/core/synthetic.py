@@ -1,0 +1,114 @@
+"""Synthetic face-like embeddings with the structure that makes face clustering hard.
+
+- identities with long-tailed sizes (log-normal, like web face collections);
+- look-alike groups: identities drawn around a shared group centre, so their samples interleave
+  in the kNN graph (the failure mode of similarity thresholds);
+- varied spread: each identity has its own noise scale and one to three "pose" modes, so a single
+  threshold either chains look-alikes or splits loose identities;
+- distractor singletons: samples that belong to no identity.
+
+Rows come out L2-normalised, float32, in random order; labels are int64 (every distractor has its own
+label). Generation streams in fixed-size chunks from one seeded generator: O(chunk * D) temporary
+memory, the same output for the same arguments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_CHUNK = 65536
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    a /= np.linalg.norm(a, axis=-1, keepdims=True)
+    return a
+
+
+def make_faces(
+    n_samples: int,
+    dim: int = 256,
+    *,
+    mean_identity_size: float = 20.0,
+    size_sigma: float = 1.0,
+    group_size: int = 6,
+    look_alike: float = 0.55,
+    spread: tuple[float, float] = (0.8, 1.5),
+    max_modes: int = 3,
+    mode_spread: float = 0.6,
+    distractor_fraction: float = 0.05,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generate an (n_samples, dim) face-like embedding table and its identity labels.
+
+    Args:
+        n_samples: number of rows N (>= 1).
+        dim: embedding dimension D (>= 2).
+        mean_identity_size: mean number of samples per identity (log-normal sizes, >= 2).
+        size_sigma: log-normal sigma of identity sizes; larger gives a longer tail.
+        group_size: identities per look-alike group.
+        look_alike: cosine between an identity centre and its group centre (0: unrelated, 1: equal).
+        spread: range of the per-identity noise scale (noise norm relative to the centre's).
+        max_modes: maximum number of pose modes per identity.
+        mode_spread: noise scale of mode centres around the identity centre.
+        distractor_fraction: share of rows that are singletons of no identity.
+        seed: random seed.
+
+    Returns:
+        ``(x, y)``: x of shape (N, D), float32, unit rows; y of shape (N,), int64.
+    """
+    if n_samples < 1:
+        raise ValueError(f"make_faces: n_samples must be >= 1, got {n_samples}")
+    if dim < 2:
+        raise ValueError(f"make_faces: dim must be >= 2, got {dim}")
+    if not 0.0 <= distractor_fraction <= 1.0:
+        raise ValueError(f"make_faces: distractor_fraction must be in [0, 1], got {distractor_fraction}")
+    rng = np.random.default_rng(seed)
+
+    n_distractors = int(round(n_samples * distractor_fraction))
+    n_members = n_samples - n_distractors
+    # Long-tailed identity sizes that add up to exactly n_members.
+    mu = np.log(max(mean_identity_size, 2.0)) - size_sigma**2 / 2
+    sizes = np.maximum(2, np.round(rng.lognormal(mu, size_sigma, size=n_members // 2 + 1))).astype(np.int64)
+    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), n_members)) + 1]
+    if sizes.size:
+        sizes[-1] -= int(sizes.sum()) - n_members
+        sizes = sizes[sizes > 0]
+    n_ids = sizes.size
+
+    # Identity centres around look-alike group centres; pose modes around identity centres.
+    n_groups = max(1, -(-n_ids // group_size))
+    group_centres = _unit(rng.standard_normal((n_groups, dim), dtype=np.float32))
+    group_of_id = rng.integers(0, n_groups, size=n_ids)
+    off = _unit(rng.standard_normal((n_ids, dim), dtype=np.float32))
+    sin_la = np.sqrt(1.0 - look_alike**2)
+    id_centres = _unit(look_alike * group_centres[group_of_id] + sin_la * off)
+    n_modes = rng.integers(1, max_modes + 1, size=n_ids)
+    mode_first = np.concatenate([[0], np.cumsum(n_modes)[:-1]])
+    mode_id = np.repeat(np.arange(n_ids), n_modes)
+    mode_noise = rng.standard_normal((mode_id.size, dim), dtype=np.float32) * (mode_spread / np.sqrt(dim))
+    mode_centres = _unit(id_centres[mode_id] + mode_noise.astype(np.float32))
+    id_spread = rng.uniform(spread[0], spread[1], size=n_ids).astype(np.float32)
+
+    # Per-row assignment, shuffled so that labels are not sorted.
+    row_id = np.concatenate([np.repeat(np.arange(n_ids), sizes), -1 - np.arange(n_distractors)])
+    row_id = row_id[rng.permutation(n_samples)]
+    row_mode = np.full(n_samples, -1, dtype=np.int64)
+    member = row_id >= 0
+    row_mode[member] = mode_first[row_id[member]] + (
+        rng.integers(0, 1 << 30, size=int(member.sum())) % n_modes[row_id[member]]
+    )
+
+    x = np.empty((n_samples, dim), dtype=np.float32)
+    for start in range(0, n_samples, _CHUNK):
+        stop = min(start + _CHUNK, n_samples)
+        ids, modes = row_id[start:stop], row_mode[start:stop]
+        noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        is_member = ids >= 0
+        block = noise  # distractors: uniform directions
+        scale = id_spread[ids[is_member]][:, None] / np.sqrt(dim)
+        block[is_member] = mode_centres[modes[is_member]] + noise[is_member] * scale
+        x[start:stop] = _unit(block)
+
+    # Labels: identities keep their index, distractors get fresh labels after them.
+    y = np.where(row_id >= 0, row_id, n_ids + (-1 - row_id)).astype(np.int64)
+    return x, y
