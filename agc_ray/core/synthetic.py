@@ -31,10 +31,10 @@ def make_faces(
     mean_identity_size: float = 20.0,
     size_sigma: float = 1.0,
     group_size: int = 6,
-    look_alike: float = 0.55,
-    spread: tuple[float, float] = (0.8, 1.5),
+    look_alike: float = 0.8,
+    spread: tuple[float, float] = (1.0, 2.0),
     max_modes: int = 3,
-    mode_spread: float = 0.6,
+    mode_spread: float = 0.8,
     distractor_fraction: float = 0.05,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:

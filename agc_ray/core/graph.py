@@ -1,0 +1,107 @@
+"""Helpers over fixed-degree kNN graphs, stored as (N, k) neighbour and similarity arrays.
+
+A row ``i`` lists the k neighbours ``nbr[i]`` of node i (-1 where padded) with similarities
+``sim[i]``; the edge (i, nbr[i, j]) is "edge j of node i". Everything is a dense gather: no sparse
+matrices or sampler library are needed, and every function runs in chunks of rows to bound memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+#: Names of the per-edge features of :func:`edge_features`, in column order.
+EDGE_FEATURES = (
+    "sim",  # s_ij
+    "rank",  # position of j in i's list, / k
+    "sim_minus_mean_i",  # s_ij - mean_j s_ij: how j compares with i's other neighbours
+    "sim_minus_mean_j",  # s_ij - mean of j's own neighbour similarities
+    "mutual",  # 1 if i is also among j's neighbours
+    "shared",  # |N(i) & N(j)| / k: shared-neighbour overlap
+    "mean_j_minus_mean_i",  # local-density difference (mean neighbour similarity)
+    "sim_of_means",  # cosine of the two nodes' member means (= sim at level 0; less noisy above)
+    "log_size_i",  # log of the number of original rows in node i (0 at level 0)
+    "log_size_j",
+)
+N_EDGE_FEATURES = len(EDGE_FEATURES)
+_CHUNK = 8192
+
+
+def valid_mask(nbr: np.ndarray | torch.Tensor):
+    """(N, k) boolean mask of real (non-padded) edges."""
+    return nbr >= 0
+
+
+def mean_valid(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Row mean of ``values`` (N, k) over the valid entries; 0 for rows without any."""
+    total = (values * valid).sum(dim=1)
+    return total / valid.sum(dim=1).clamp_min(1)
+
+
+def aggregation_weights(sim: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Row-normalised similarity weights a_ij = s_ij / sum_j s_ij, (N, k).
+
+    Negative similarities are clipped to 0 (the reference divides by a sum that can be ~0 or negative
+    on tiny or spread-out graphs); a row with no positive weight gets all-zero weights.
+    """
+    w = sim.clamp_min(0) * valid
+    return w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def weighted_neighbor_mean(x: torch.Tensor, nbr: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_j a_ij x_j for every row of ``nbr``.
+
+    Shapes:
+        x (N, F); nbr (M, k) indices into x (-1 padded); weights (M, k) -> (M, F).
+    """
+    out = torch.empty((nbr.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+    for start in range(0, nbr.shape[0], _CHUNK):
+        stop = min(start + _CHUNK, nbr.shape[0])
+        idx = nbr[start:stop].clamp_min(0)
+        out[start:stop] = torch.einsum("mk,mkf->mf", weights[start:stop], x[idx])
+    return out
+
+
+def edge_features(nbr: np.ndarray, sim: np.ndarray, x_mean=None, size=None) -> torch.Tensor:
+    """Per-edge structural features (see :data:`EDGE_FEATURES`), (N, k, F) float32.
+
+    ``x_mean`` (N, D) unit member means and ``size`` (N,) member counts describe super-nodes; leave
+    them None at level 0 (every node its own only member).
+
+    Cost: O(N k^2) for mutual-ness, O(N k^3) elementwise for shared neighbours (k = 10: 1000
+    comparisons a node) and O(N k D) for the mean similarities, in chunks of rows.
+    """
+    nbr_t = torch.as_tensor(nbr)
+    sim_t = torch.as_tensor(sim, dtype=torch.float32)
+    n, k = nbr_t.shape
+    valid = nbr_t >= 0
+    mean_sim = mean_valid(sim_t, valid)  # (N,)
+    out = torch.zeros((n, k, N_EDGE_FEATURES), dtype=torch.float32)
+    rank = (torch.arange(k, dtype=torch.float32) / max(k, 1)).expand(n, k)
+    # Padded neighbours point at node 0 in gathers; their features are zeroed at the end.
+    safe = nbr_t.clamp_min(0)
+    xm = None if x_mean is None else torch.as_tensor(x_mean)
+    log_size = None if size is None else torch.log(torch.as_tensor(size, dtype=torch.float32))
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        rows = torch.arange(start, stop)
+        nb = safe[start:stop]  # (c, k)
+        nb_nb = nbr_t[nb]  # (c, k, k): neighbours of each neighbour (-1 padded)
+        mutual = (nb_nb == rows[:, None, None]).any(dim=2)
+        mine = torch.where(valid[start:stop], nbr_t[start:stop], -2)  # -2 never equals -1 padding
+        shared = (nb_nb[:, :, :, None] == mine[:, None, None, :]).any(dim=3).sum(dim=2)
+        s = sim_t[start:stop]
+        block = out[start:stop]
+        block[..., 0] = s
+        block[..., 1] = rank[start:stop]
+        block[..., 2] = s - mean_sim[start:stop, None]
+        block[..., 3] = s - mean_sim[nb]
+        block[..., 4] = mutual.float()
+        block[..., 5] = shared.float() / k
+        block[..., 6] = mean_sim[nb] - mean_sim[start:stop, None]
+        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[start:stop], xm[nb])
+        if log_size is not None:
+            block[..., 8] = log_size[start:stop, None]
+            block[..., 9] = log_size[nb]
+    out[~valid] = 0.0
+    return out

@@ -1,0 +1,250 @@
+"""Decode, components, aggregation and the level loop of Hi-LANDER, as vectorised array functions.
+
+One level: every node keeps at most one edge, to its best *denser* candidate neighbour
+(:func:`select_parents`); the resulting forest's trees are the clusters (:func:`forest_components`);
+each cluster becomes a super-node of the next level (:func:`aggregate`) whose identity feature is its
+peak's and whose mean feature is the mean of its original members. The loop
+(:func:`build_hierarchy`) repeats until a stop rule fires and keeps every level.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.csgraph import connected_components
+
+from agc_ray.core.graph import mean_valid
+from agc_ray.core.knn import knn_graph, l2_normalize
+
+log = logging.getLogger("agc_ray")
+
+
+@dataclass
+class LevelGraph:
+    """Nodes of one level and their kNN graph.
+
+    Attributes:
+        x_id: (n, D) unit identity features (the peak's original feature at levels > 0).
+        x_sum: (n, D) sum of the original (unit) features of each node's members.
+        size: (n,) number of original rows in each node.
+        nbr, sim: (n, k) kNN graph (see :mod:`agc_ray.core.knn`).
+        labels: (n,) class of each node (training only; a super-node takes its peak's label).
+        peak_row: (n,) original row index of each node's peak.
+    """
+
+    x_id: np.ndarray
+    x_sum: np.ndarray
+    size: np.ndarray
+    nbr: np.ndarray
+    sim: np.ndarray
+    peak_row: np.ndarray
+    labels: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.x_id.shape[0]
+
+    @property
+    def is_base(self) -> bool:
+        """True at level 0, where every node is one original row."""
+        return self.x_sum is self.x_id
+
+    def edge_features(self):
+        from agc_ray.core.graph import edge_features
+
+        if self.is_base:
+            return edge_features(self.nbr, self.sim)
+        return edge_features(self.nbr, self.sim, self.x_mean, self.size)
+
+    @property
+    def x_mean(self) -> np.ndarray:
+        # At level 0 every node is its own only member: the mean is the identity feature.
+        return self.x_id if self.is_base else l2_normalize(self.x_sum)
+
+
+def select_parents(
+    score: np.ndarray | torch.Tensor,
+    nbr: np.ndarray | torch.Tensor,
+    density: np.ndarray | torch.Tensor,
+    threshold: float | None = None,
+    allowed: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray:
+    """Each node's one edge: the neighbour with the highest ``score`` among its candidates.
+
+    A candidate of node i is a valid neighbour j with ``density[j] > density[i]`` (strict, so the
+    edges form a forest), ``score[i, j] > threshold`` (when given) and ``allowed[i, j]`` (when given).
+    Ties go to the nearer neighbour (lower column).
+
+    Shapes:
+        score, nbr, allowed (n, k); density (n,) -> parent (n,) int64, -1 for peaks (no candidate).
+    """
+    score = torch.as_tensor(score)
+    nbr = torch.as_tensor(nbr)
+    density = torch.as_tensor(density)
+    valid = nbr >= 0
+    cand = valid & (density[nbr.clamp_min(0)] > density[:, None])
+    if threshold is not None:
+        cand &= score > threshold
+    if allowed is not None:
+        cand &= torch.as_tensor(allowed)
+    masked = torch.where(cand, score.to(torch.float64), torch.tensor(-np.inf, dtype=torch.float64))
+    best = masked.argmax(dim=1)
+    parent = torch.where(cand.any(dim=1), nbr.gather(1, best[:, None]).squeeze(1), torch.tensor(-1))
+    return parent.numpy().astype(np.int64)
+
+
+def canonical_labels(labels: np.ndarray) -> np.ndarray:
+    """Renumber labels 0..C-1 in order of each label's first occurrence (deterministic ids)."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse.ravel()]
+
+
+def forest_components(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clusters of a parent forest: connected components, numbered by their first node.
+
+    Returns:
+        ``(comp, peaks)``: comp (n,) int64 cluster of each node; peaks (C,) the root node of each
+        cluster (the node with no parent; exactly one per tree).
+    """
+    n = parent.shape[0]
+    child = np.flatnonzero(parent >= 0)
+    graph = sp.csr_matrix((np.ones(child.size, dtype=np.int8), (child, parent[child])), shape=(n, n))
+    n_comp, comp = connected_components(graph, directed=True, connection="weak")
+    comp = canonical_labels(comp)
+    roots = np.flatnonzero(parent < 0)
+    peaks = np.empty(n_comp, dtype=np.int64)
+    peaks[comp[roots]] = roots
+    return comp, peaks
+
+
+def aggregate(g: LevelGraph, comp: np.ndarray, peaks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Super-node features of the next level: the peak's identity, the members' feature sum and size.
+
+    Returns:
+        (x_id, x_sum, size, peak_row, labels) of the C super-nodes.
+    """
+    n_comp = peaks.shape[0]
+    comp_t = torch.from_numpy(comp)
+    x_sum = torch.zeros((n_comp, g.x_sum.shape[1]), dtype=torch.float32)
+    x_sum.index_add_(0, comp_t, torch.from_numpy(np.ascontiguousarray(g.x_sum)))
+    size = np.bincount(comp, weights=g.size, minlength=n_comp).astype(np.int64)
+    labels = g.labels[peaks] if g.labels is not None else None
+    return g.x_id[peaks], x_sum.numpy(), size, g.peak_row[peaks], labels
+
+
+def similarity_density(nbr, sim) -> torch.Tensor:
+    """Label-free density: mean similarity to the valid neighbours, (n,)."""
+    nbr = torch.as_tensor(nbr)
+    return mean_valid(torch.as_tensor(sim), nbr >= 0)
+
+
+#: A level decoder maps a level graph to each node's parent (-1 for peaks).
+LevelDecoder = Callable[[LevelGraph, int], np.ndarray]
+
+
+def build_hierarchy(
+    x: np.ndarray,
+    decode_level: LevelDecoder,
+    *,
+    k: int,
+    levels: int,
+    early_stop: bool = True,
+    labels: np.ndarray | None = None,
+    knn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    on_level: Callable[[int, LevelGraph], None] | None = None,
+    first_graph: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Run decode-and-aggregate level after level; return every level's labels of the original rows.
+
+    Args:
+        x: (N, D) features (normalised here).
+        decode_level: ``decode_level(graph, level) -> parent`` (see :func:`select_parents`).
+        k: neighbours per node.
+        levels: maximum number of levels.
+        early_stop: stop after a level whose added-edge count E satisfies E_prev / E < k (the
+            reference's rule with its k counting the node itself, i.e. our k + 1 - 1).
+        labels: (N,) classes, carried to super-nodes (ground-truth hierarchy for training).
+        knn: ``knn(unit_features) -> (nbr, sim)``; default exact/IVF by size with this k.
+        on_level: called with each level's graph before it is decoded (training collects them).
+        first_graph: a precomputed level-0 kNN graph (nbr, sim).
+
+    Stop rules, checked after a level is kept: the level limit; a level that added no edge (not kept);
+    the early-stop ratio; fewer than k + 1 nodes left for the next level's kNN graph.
+
+    Returns:
+        list of (N,) int64 label arrays, finest first, each a coarsening of the one before; at least
+        one level (all singletons when nothing links).
+    """
+    x = l2_normalize(x)
+    n = x.shape[0]
+    knn = knn or (lambda feats: knn_graph(feats, k, normalize=False))
+    t0 = time.perf_counter()
+    nbr, sim = first_graph if first_graph is not None else knn(x)
+    g = LevelGraph(
+        x_id=x, x_sum=x, size=np.ones(n, dtype=np.int64), nbr=nbr, sim=sim,
+        peak_row=np.arange(n, dtype=np.int64), labels=None if labels is None else np.asarray(labels),
+    )
+    log.info("level 0 kNN graph: %d nodes, k=%d, %.1fs", n, k, time.perf_counter() - t0)
+    node_of_row = np.arange(n, dtype=np.int64)
+    out: list[np.ndarray] = []
+    prev_edges = None
+    for level in range(levels):
+        t0 = time.perf_counter()
+        if on_level is not None:
+            on_level(level, g)
+        parent = select_parents_checked(decode_level(g, level), g.n)
+        n_edges = int((parent >= 0).sum())
+        if n_edges == 0:
+            log.info("level %d: no edge added, stop", level)
+            break
+        comp, peaks = forest_components(parent)
+        node_of_row = comp[node_of_row]
+        out.append(node_of_row)
+        log.info(
+            "level %d: %d nodes -> %d clusters (%d edges), %.1fs",
+            level, g.n, peaks.size, n_edges, time.perf_counter() - t0,
+        )
+        if early_stop and prev_edges is not None and prev_edges / n_edges < k:
+            log.info("level %d: early stop (E_prev / E = %.2f < k = %d)", level, prev_edges / n_edges, k)
+            break
+        prev_edges = n_edges
+        if level + 1 >= levels or peaks.size <= k:
+            break
+        t0 = time.perf_counter()
+        x_id, x_sum, size, peak_row, sup_labels = aggregate(g, comp, peaks)
+        nbr, sim = knn(x_id)
+        g = LevelGraph(x_id=x_id, x_sum=x_sum, size=size, nbr=nbr, sim=sim, peak_row=peak_row, labels=sup_labels)
+        log.info("level %d kNN graph: %d nodes, %.1fs", level + 1, g.n, time.perf_counter() - t0)
+    if not out:
+        out.append(np.arange(n, dtype=np.int64))
+    return [canonical_labels(lab) for lab in out]
+
+
+def select_parents_checked(parent: np.ndarray, n: int) -> np.ndarray:
+    parent = np.asarray(parent, dtype=np.int64)
+    if parent.shape != (n,):
+        raise ValueError(f"decode_level returned shape {parent.shape}, expected ({n},)")
+    return parent
+
+
+def ground_truth_parents(g: LevelGraph) -> np.ndarray:
+    """Ground-truth decode: link to the most similar same-label neighbour of higher true density."""
+    from agc_ray.core.lander import ground_truth_density
+
+    density = ground_truth_density(g.labels, g.nbr, g.sim)
+    same = g.labels[np.maximum(g.nbr, 0)] == g.labels[:, None]
+    return select_parents(g.sim, g.nbr, density, allowed=same)
+
+
+def unsupervised_parents(g: LevelGraph, tau: float) -> np.ndarray:
+    """Label-free decode: similarity density, candidates with s_ij > tau, most similar wins."""
+    return select_parents(g.sim, g.nbr, similarity_density(g.nbr, g.sim), threshold=tau)

@@ -1,0 +1,78 @@
+"""LANDER inference on one level graph, in two chunked stages that a shard can run on its own rows.
+
+1. :func:`node_projections`: per node, the embedding h and its two edge-head projections (needs the
+   node's own and its neighbours' features).
+2. :func:`edge_probabilities`: per edge, the linkage probability from the projections of both ends
+   and the edge features; then the parameter-free density and the decode.
+
+Memory: the projections are (n, 3 edge_channels); h is never held for all nodes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from agc_ray.core.hierarchy import LevelGraph, select_parents
+from agc_ray.core.lander import Lander, predicted_density
+
+DECODE_MODES = ("prob", "sim")
+_CHUNK = 16384
+
+
+@torch.no_grad()
+def node_projections(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Edge-head projections of ``rows`` (default all), (M, 3 edge_channels)."""
+    x_id, x_mean = torch.as_tensor(x_id), torch.as_tensor(x_mean)
+    nbr, sim = torch.as_tensor(nbr), torch.as_tensor(sim)
+    rows = torch.arange(nbr.shape[0], device=nbr.device) if rows is None else torch.as_tensor(rows, device=nbr.device)
+    out = [
+        model.edge_head.project(model.embed(x_id, x_mean, nbr, sim, rows[start : start + _CHUNK]))
+        for start in range(0, rows.shape[0], _CHUNK)
+    ]
+    return torch.cat(out) if out else torch.empty((0, 3 * model.edge_head.hidden_channels))
+
+
+@torch.no_grad()
+def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows) -> torch.Tensor:
+    """p_ij for the edges of some rows.
+
+    Args:
+        proj_of: tensor (or callable) giving the projections of neighbour ids (global ids).
+        proj_rows: (M, 3E) projections of the rows; nbr_rows (M, k) neighbour ids (-1 padded);
+        feats_rows (M, k, F) edge features.
+
+    Returns:
+        (M, k) float32 probabilities, 0 on padded edges.
+    """
+    nbr_rows = torch.as_tensor(nbr_rows)
+    out = torch.empty(nbr_rows.shape, dtype=torch.float32, device=nbr_rows.device)
+    for start in range(0, nbr_rows.shape[0], _CHUNK):
+        stop = start + _CHUNK
+        nb = nbr_rows[start:stop]
+        proj_j = proj_of(nb.clamp_min(0)) if callable(proj_of) else proj_of[nb.clamp_min(0)]
+        logits = model.edge_head(proj_j, proj_rows[start:stop], model.normalize_features(feats_rows[start:stop]))
+        out[start:stop] = torch.sigmoid(logits)
+    out[nbr_rows < 0] = 0.0
+    return out
+
+
+@torch.no_grad()
+def score_level(model: Lander, g: LevelGraph, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Edge probabilities (n, k) and predicted densities (n,) of a whole level graph (CPU tensors)."""
+    model.eval().to(device)
+    nbr, sim = torch.as_tensor(g.nbr), torch.as_tensor(g.sim)
+    x_id = torch.as_tensor(g.x_id).to(device)
+    x_mean = x_id if g.x_mean is g.x_id else torch.as_tensor(g.x_mean).to(device)
+    proj = node_projections(model, x_id, x_mean, nbr.to(device), sim.to(device))
+    feats = g.edge_features().to(device)
+    p = edge_probabilities(model, proj, proj, nbr.to(device), feats).cpu()
+    return p, predicted_density(p, sim, nbr >= 0)
+
+
+def decode(p, density, nbr, sim, *, tau: float, mode: str = "prob") -> np.ndarray:
+    """Hi-LANDER decode: parent = best denser neighbour with p_ij > tau ('prob') or s_ij > tau ('sim')."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+    score = p if mode == "prob" else torch.as_tensor(sim)
+    return select_parents(score, nbr, density, threshold=tau)

@@ -1,0 +1,276 @@
+r"""The LANDER model: a graph conv over the kNN graph, an edge-linkage head and a density head.
+
+Node input (per level): ``[x_id || x_mean]`` (2D) where ``x_id`` is the node's identity feature (its
+peak's at higher levels) and ``x_mean`` the normalised mean of its original members (both halves
+equal at level 0).
+
+- :class:`LanderConv`: :math:`h_i = \mathrm{ReLU}(W [u_i \,\|\, \sum_j a_{ij} u_j] + b)` with
+  :math:`a_{ij} = s_{ij} / \sum_j s_{ij}`. The neighbour mean is over the *inputs* :math:`u`, so it has
+  no parameters and is computed once per level graph (:func:`node_inputs`): a mini-batch then needs
+  only its seeds and their direct neighbours, never a 2-hop gather.
+- :class:`GATLanderConv`: the GAT option (PyG ``GATConv``), with the similarity as an edge attribute.
+- :class:`EdgeHead`: :math:`z_{ij} = \mathrm{MLP}(W_s h_j + W_d h_i + W_e f_{ij})`. The two node
+  projections are computed once per node (N of them, not N k), and :math:`f_{ij}` are structural
+  edge features (similarity, rank, mutual-ness, shared neighbours, ...) that give the head the
+  similarity itself, which the reference withholds (it then learns slower than raw cosine ranks).
+- :func:`predicted_density`: parameter-free, :math:`\hat d_i = \mathrm{mean}_j\, s_{ij}(2p_{ij}-1)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agc_ray.core.graph import N_EDGE_FEATURES, aggregation_weights, mean_valid, weighted_neighbor_mean
+
+
+def node_inputs(x_id: torch.Tensor, x_mean: torch.Tensor, nbr: torch.Tensor, sim: torch.Tensor, rows: torch.Tensor):
+    """Inputs of :class:`LanderConv` for ``rows``: features and their similarity-weighted neighbour mean.
+
+    Returns ``(raw, rel)``:
+
+    - raw ``[u_i || sum_j a_ij u_j]`` with ``u = [x_id || x_mean]`` (the reference's input);
+    - rel ``[s_i || sum_j a_ij s_j]``, the node's sorted neighbour similarities and its neighbours'
+      (a density profile). It describes the neighbourhood, not the identity, so it transfers to
+      identities never seen in training where raw embeddings alone overfit.
+
+    The neighbour mean is over inputs, so it is parameter-free: a batch needs its rows and their
+    direct neighbours only, gathered here in chunks.
+
+    Shapes:
+        x_id, x_mean (N, D); nbr, sim (N, k); rows (M,) -> raw (M, 4D), rel (M, 2k).
+    """
+    nb, s = nbr[rows], sim[rows]
+    w = aggregation_weights(s, nb >= 0)
+    agg_id = weighted_neighbor_mean(x_id, nb, w)
+    agg_mean = agg_id if x_mean is x_id else weighted_neighbor_mean(x_mean, nb, w)
+    raw = torch.cat([x_id[rows], x_mean[rows], agg_id, agg_mean], dim=1)
+    rel = torch.cat([s, weighted_neighbor_mean(sim, nb, w)], dim=1)
+    return raw, rel
+
+
+class LanderConv(nn.Module):
+    r"""Similarity-weighted mean conv: :math:`h_i = \mathrm{ReLU}(\mathrm{LN}(W [u_i \| \sum_j a_{ij} u_j] + R [r_i \| \sum_j a_{ij} r_j] + b))`.
+
+    Args:
+        in_channels: size of u (2D).
+        out_channels: size of h.
+        rel_channels: size of the relational profile r (k).
+        dropout: dropout on the raw-feature input (regularises identity-specific features).
+
+    Shapes:
+        raw (M, 2 in_channels), rel (M, 2 rel_channels) from :func:`node_inputs` -> (M, out_channels).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, rel_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.rel_channels = rel_channels
+        self.dropout = dropout
+        self.lin = nn.Linear(2 * in_channels, out_channels)
+        self.lin_rel = nn.Linear(2 * rel_channels, out_channels, bias=False)
+        self.norm = nn.LayerNorm(out_channels)
+
+    def reset_parameters(self):
+        self.lin.reset_parameters()
+        self.lin_rel.reset_parameters()
+        self.norm.reset_parameters()
+
+    def forward(self, raw: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+        raw = F.dropout(raw, self.dropout, self.training)
+        return F.relu(self.norm(self.lin(raw) + self.lin_rel(rel)))
+
+
+class GATLanderConv(nn.Module):
+    """GAT option: attention over the kNN neighbours (PyG ``GATConv``), similarity as edge attribute.
+
+    Shapes:
+        u_src (S, in_channels), u_dst (M, in_channels), edge_index (2, E) with rows (src, dst),
+        edge_sim (E,) -> (M, out_channels).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, heads: int = 4):
+        super().__init__()
+        from torch_geometric.nn import GATConv
+
+        if out_channels % heads:
+            raise ValueError(f"GATLanderConv: out_channels ({out_channels}) must be divisible by heads ({heads})")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.gat = GATConv(in_channels, out_channels // heads, heads=heads, edge_dim=1, add_self_loops=False)
+        self.lin_self = nn.Linear(in_channels, out_channels)
+        self.norm = nn.LayerNorm(out_channels)
+
+    def forward(self, u_src, u_dst, edge_index, edge_sim):
+        h = self.gat((u_src, u_dst), edge_index, edge_attr=edge_sim[:, None])
+        return F.relu(self.norm(h + self.lin_self(u_dst)))
+
+
+class EdgeHead(nn.Module):
+    r"""Edge linkage logits :math:`z_{ij} = \mathrm{MLP}(W_s h_j + W_d h_i + (A h_i) \odot (A h_j) + W_e f_{ij})`.
+
+    The additive part is the reference's head; the product term lets the head compare the two
+    endpoints in a learned metric (an additive head can only do that through its nonlinearity, which
+    generalises poorly to unseen identities). All three node projections are computed once per node
+    (N of them, not N k) and only combined per edge.
+
+    Args:
+        in_channels: size of h.
+        hidden_channels: width of the edge MLP.
+        n_edge_features: size of f_ij.
+
+    Shapes:
+        project: h (M, in_channels) -> (M, 3 hidden): the [src | dst | metric] projections.
+        forward: proj_j (S, k, 3 hidden), proj_i (S, 3 hidden), f (S, k, F) -> logits (S, k).
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int = 128, n_edge_features: int = N_EDGE_FEATURES):
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.proj = nn.Linear(in_channels, 3 * hidden_channels)
+        self.feat = nn.Linear(n_edge_features, hidden_channels)
+        self.mlp = nn.Sequential(
+            nn.PReLU(hidden_channels),
+            nn.Linear(hidden_channels, hidden_channels),
+            nn.PReLU(hidden_channels),
+            nn.Linear(hidden_channels, 1),
+        )
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
+
+    def forward(self, proj_j: torch.Tensor, proj_i: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        e = self.hidden_channels
+        src_j, met_j = proj_j[..., :e], proj_j[..., 2 * e :]
+        dst_i, met_i = proj_i[:, None, e : 2 * e], proj_i[:, None, 2 * e :]
+        z = src_j + dst_i + met_i * met_j + self.feat(f)
+        # PReLU's per-channel weights act on dim 1: run the MLP on (S * k, hidden) rows.
+        return self.mlp(z.reshape(-1, e)).view(z.shape[:-1])
+
+
+def predicted_density(p: torch.Tensor, sim: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Parameter-free density :math:`\\hat d_i = \\mathrm{mean}_j s_{ij}(2 p_{ij} - 1)`, (N,)."""
+    return mean_valid(sim * (2 * p - 1), valid)
+
+
+def ground_truth_density(labels, nbr, sim) -> torch.Tensor:
+    """d_i = mean_j s_ij * (+1 if y_j == y_i else -1), over valid neighbours; (N,)."""
+    labels = torch.as_tensor(labels)
+    nbr = torch.as_tensor(nbr)
+    valid = nbr >= 0
+    same = labels[nbr.clamp_min(0)] == labels[:, None]
+    return mean_valid(torch.as_tensor(sim) * (2 * same.float() - 1), valid)
+
+
+class Lander(nn.Module):
+    """LANDER: conv -> per-node edge projections -> edge logits; density from the edge probabilities.
+
+    Args:
+        in_features: D, the embedding dimension (node inputs are 4D wide, see :func:`node_inputs`).
+        k: neighbours per node (the relational profile is 2k wide).
+        hidden_channels: size of h.
+        edge_channels: width of the edge MLP.
+        conv: 'lander' (similarity-weighted mean) or 'gat'.
+        dropout: dropout on the raw-feature input of the conv.
+
+    Shapes:
+        embed: lander: inputs (M, 4D) -> h (M, hidden); gat: see :class:`GATLanderConv`.
+        edge_logits: h_dst (S, hidden), h_src (S, k, hidden) or their projections, f (S, k, F) -> (S, k).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        k: int,
+        hidden_channels: int = 256,
+        edge_channels: int = 128,
+        conv: str = "lander",
+        dropout: float = 0.5,
+    ):
+        super().__init__()
+        self.k = k
+        if conv not in ("lander", "gat"):
+            raise ValueError(f"Lander: conv must be 'lander' or 'gat', got {conv!r}")
+        self.in_features = in_features
+        self.conv_type = conv
+        if conv == "lander":
+            self.conv = LanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
+        else:
+            self.conv = GATLanderConv(2 * in_features, hidden_channels)
+        self.edge_head = EdgeHead(hidden_channels, edge_channels)
+        # Input standardisation (fitted on the training graphs by `fit_normalization`): similarities
+        # vary by a few hundredths, which an unscaled first layer learns from slowly.
+        self.register_buffer("feat_mean", torch.zeros(N_EDGE_FEATURES))
+        self.register_buffer("feat_std", torch.ones(N_EDGE_FEATURES))
+        self.register_buffer("rel_mean", torch.zeros(2 * k))
+        self.register_buffer("rel_std", torch.ones(2 * k))
+
+    @torch.no_grad()
+    def fit_normalization(self, feats: torch.Tensor, rel: torch.Tensor) -> None:
+        """Set the edge-feature and relational-profile standardisation from training samples.
+
+        Shapes:
+            feats (E, F) valid edges' features; rel (M, 2k) relational profiles.
+        """
+        self.feat_mean.copy_(feats.mean(0))
+        self.feat_std.copy_(feats.std(0).clamp_min(1e-3))
+        self.rel_mean.copy_(rel.mean(0))
+        self.rel_std.copy_(rel.std(0).clamp_min(1e-3))
+
+    def embed(self, x_id: torch.Tensor, x_mean: torch.Tensor, nbr: torch.Tensor, sim: torch.Tensor, rows: torch.Tensor):
+        """Node embeddings h of ``rows`` of a level graph.
+
+        Shapes:
+            x_id, x_mean (N, D); nbr, sim (N, k); rows (M,) -> (M, hidden).
+        """
+        if self.conv_type == "lander":
+            raw, rel = node_inputs(x_id, x_mean, nbr, sim, rows)
+            return self.conv(raw, (rel - self.rel_mean) / self.rel_std)
+        nb, s = nbr[rows], sim[rows]
+        valid = nb >= 0
+        src_nodes, src_pos = torch.unique(nb[valid], return_inverse=True)
+        dst_pos = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(valid.sum(dim=1))
+        u_src = torch.cat([x_id[src_nodes], x_mean[src_nodes]], dim=1)
+        u_dst = torch.cat([x_id[rows], x_mean[rows]], dim=1)
+        return self.conv(u_src, u_dst, torch.stack([src_pos, dst_pos]), s[valid])
+
+    def edge_logits(self, h: torch.Tensor, seeds: torch.Tensor, nbr_local: torch.Tensor, f: torch.Tensor):
+        """Logits of the edges of ``seeds`` given node embeddings ``h`` of the batch's nodes.
+
+        Shapes:
+            h (M, hidden); seeds (S,) and nbr_local (S, k) positions into h (padding: any valid
+            position, masked by the caller); f (S, k, F) -> (S, k).
+        """
+        proj = self.edge_head.project(h)
+        return self.edge_head(proj[nbr_local], proj[seeds], self.normalize_features(f))
+
+    def normalize_features(self, f: torch.Tensor) -> torch.Tensor:
+        return (f - self.feat_mean) / self.feat_std
+
+
+def connectivity_loss(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, balance: bool = True, focal_gamma: float = 0.0
+) -> torch.Tensor:
+    """Binary linkage loss on the masked edges (edges to denser neighbours).
+
+    ``balance`` weights the two classes equally (the reference subsamples the majority class; weighting
+    keeps every edge's signal). ``focal_gamma`` > 0 gives the focal loss.
+    """
+    logits, target = logits[mask], target[mask].float()
+    if logits.numel() == 0:
+        return logits.sum()
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if focal_gamma > 0:
+        p_t = torch.exp(-loss)
+        loss = (1 - p_t) ** focal_gamma * loss
+    if balance:
+        n_pos = target.sum()
+        n_neg = target.numel() - n_pos
+        w = torch.where(target > 0, 0.5 / n_pos.clamp_min(1), 0.5 / n_neg.clamp_min(1))
+        # classes absent from the batch: fall back to the plain mean
+        if n_pos == 0 or n_neg == 0:
+            return loss.mean()
+        return (loss * w).sum()
+    return loss.mean()

@@ -1,0 +1,199 @@
+"""Hierarchical training of LANDER: ground-truth level graphs, seed-node mini-batches, one model.
+
+For each (k, levels) setting the ground-truth hierarchy is built from the labels (each node linked to
+its most similar same-label neighbour of higher true density), and every level graph becomes
+training data. One model is trained across all of them: each epoch shuffles seed-node batches of all
+level graphs together. A batch needs its seeds and their direct neighbours only (see
+:func:`agc_ray.core.lander.node_inputs`), so batches are cheap dense gathers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agc_ray.core.hierarchy import LevelGraph, build_hierarchy, ground_truth_parents
+from agc_ray.core.knn import knn_graph
+from agc_ray.core.lander import Lander, connectivity_loss, ground_truth_density, predicted_density
+
+log = logging.getLogger("agc_ray")
+
+
+@dataclass
+class TrainGraph:
+    """Tensors of one ground-truth level graph used for training."""
+
+    x_id: torch.Tensor  # (n, D)
+    x_mean: torch.Tensor  # (n, D), the same tensor as x_id at level 0
+    nbr: torch.Tensor  # (n, k) int64, -1 padded
+    sim: torch.Tensor  # (n, k)
+    feats: torch.Tensor  # (n, k, F)
+    same: torch.Tensor  # (n, k) bool: same label as the neighbour
+    denser: torch.Tensor  # (n, k) bool: valid and neighbour strictly denser (true density)
+    density: torch.Tensor  # (n,) true density
+    k: int
+    level: int
+
+    @property
+    def n(self) -> int:
+        return self.nbr.shape[0]
+
+    def to(self, device) -> "TrainGraph":
+        moved = {f: getattr(self, f).to(device) for f in ("x_id", "nbr", "sim", "feats", "same", "denser", "density")}
+        moved["x_mean"] = moved["x_id"] if self.x_mean is self.x_id else self.x_mean.to(device)
+        return TrainGraph(**moved, k=self.k, level=self.level)
+
+
+def to_train_graph(g: LevelGraph, k: int, level: int) -> TrainGraph:
+    nbr = torch.from_numpy(g.nbr)
+    sim = torch.from_numpy(g.sim)
+    labels = torch.from_numpy(g.labels)
+    valid = nbr >= 0
+    density = ground_truth_density(labels, nbr, sim)
+    x_id = torch.from_numpy(g.x_id)
+    return TrainGraph(
+        x_id=x_id,
+        x_mean=x_id if g.is_base else torch.from_numpy(g.x_mean),
+        nbr=nbr,
+        sim=sim,
+        feats=g.edge_features(),
+        same=(labels[nbr.clamp_min(0)] == labels[:, None]) & valid,
+        denser=valid & (density[nbr.clamp_min(0)] > density[:, None]),
+        density=density,
+        k=k,
+        level=level,
+    )
+
+
+def ground_truth_graphs(
+    x: np.ndarray, y: np.ndarray, settings: tuple[tuple[int, int], ...], *, knn_method: str = "auto", seed: int = 0
+) -> list[TrainGraph]:
+    """Level graphs of the ground-truth hierarchies for several (k, levels) settings.
+
+    The level-0 kNN search runs once at the largest k; smaller k take its first columns.
+    """
+    k_max = max(k for k, _ in settings)
+    t0 = time.perf_counter()
+    nbr0, sim0 = knn_graph(x, k_max, method=knn_method, seed=seed)
+    log.info("training kNN graph: %d rows, k=%d, %.1fs", x.shape[0], k_max, time.perf_counter() - t0)
+    graphs: list[TrainGraph] = []
+    for k, levels in settings:
+        collected: list[TrainGraph] = []
+        build_hierarchy(
+            x,
+            lambda g, level: ground_truth_parents(g),
+            k=k,
+            levels=levels,
+            early_stop=False,
+            labels=y,
+            knn=lambda feats, k=k: knn_graph(feats, k, method=knn_method, seed=seed, normalize=False),
+            on_level=lambda level, g, k=k: collected.append(to_train_graph(g, k, level)),
+            first_graph=(np.ascontiguousarray(nbr0[:, :k]), np.ascontiguousarray(sim0[:, :k])),
+        )
+        graphs.extend(collected)
+        log.info("ground truth k=%d: %s nodes per level", k, [c.n for c in collected])
+    return graphs
+
+
+def batch_loss(
+    model: Lander, g: TrainGraph, seeds: torch.Tensor, *, balance: bool = True, focal_gamma: float = 0.0,
+    all_edges: bool = False,
+):
+    """Connectivity + density loss of a batch of seed nodes of one level graph."""
+    nb = g.nbr[seeds]
+    valid = nb >= 0
+    nodes, inverse = torch.unique(torch.cat([seeds, nb[valid]]), return_inverse=True)
+    h = model.embed(g.x_id, g.x_mean, g.nbr, g.sim, nodes)
+    seed_pos = inverse[: seeds.shape[0]]
+    nbr_pos = torch.zeros_like(nb)
+    nbr_pos[valid] = inverse[seeds.shape[0] :]
+    logits = model.edge_logits(h, seed_pos, nbr_pos, g.feats[seeds])
+    mask = valid if all_edges else g.denser[seeds]
+    conn = connectivity_loss(logits, g.same[seeds], mask, balance=balance, focal_gamma=focal_gamma)
+    d_hat = predicted_density(torch.sigmoid(logits), g.sim[seeds], valid)
+    den = torch.nn.functional.mse_loss(d_hat, g.density[seeds])
+    return conn, den
+
+
+def fit_normalization(model: Lander, graphs: list[TrainGraph], gen: torch.Generator, sample: int = 20000) -> None:
+    """Fit the model's input standardisation on a seeded sample of nodes of every graph."""
+    from agc_ray.core.lander import node_inputs
+
+    feats, rels = [], []
+    for g in graphs:
+        rows = torch.randperm(g.n, generator=gen)[:sample]
+        f = g.feats[rows]
+        feats.append(f[g.nbr[rows] >= 0])
+        rels.append(node_inputs(g.x_id, g.x_mean, g.nbr, g.sim, rows)[1])
+    model.fit_normalization(torch.cat(feats), torch.cat(rels))
+
+
+def train_lander(
+    model: Lander,
+    graphs: list[TrainGraph],
+    *,
+    epochs: int,
+    batch_size: int = 4096,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-5,
+    balance: bool = True,
+    focal_gamma: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+    all_edges: bool = False,
+    device: torch.device | str = "cpu",
+    refit_normalization: bool = True,
+) -> list[dict]:
+    """Train ``model`` on all level graphs; AdamW, one-cycle cosine schedule. Returns per-epoch losses."""
+    gen = torch.Generator().manual_seed(seed)
+    if refit_normalization:
+        fit_normalization(model, graphs, gen)
+    model.to(device)
+    graphs = [g.to(device) for g in graphs]
+    steps_per_epoch = sum(math.ceil(g.n / batch_size) for g in graphs)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.1, anneal_strategy="cos"
+    )
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        batches = []
+        for gi, g in enumerate(graphs):
+            perm = torch.randperm(g.n, generator=gen)
+            batches.extend((gi, perm[i : i + batch_size]) for i in range(0, g.n, batch_size))
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        sums = {"conn": 0.0, "den": 0.0}
+        iterator = order
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(order, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+        for bi in iterator:
+            gi, seeds = batches[bi]
+            seeds = seeds.to(device)
+            conn, den = batch_loss(
+                model, graphs[gi], seeds, balance=balance, focal_gamma=focal_gamma, all_edges=all_edges
+            )
+            loss = conn + den
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums["conn"] += conn.item()
+            sums["den"] += den.item()
+        rec = {
+            "epoch": epoch + 1,
+            "loss_conn": sums["conn"] / len(order),
+            "loss_den": sums["den"] / len(order),
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(rec)
+        log.info("epoch %d/%d: conn %.4f den %.4f (%.1fs)", epoch + 1, epochs, rec["loss_conn"], rec["loss_den"], rec["seconds"])
+    return history

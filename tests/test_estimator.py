@@ -1,0 +1,136 @@
+import json
+
+import numpy as np
+import pytest
+from sklearn.exceptions import NotFittedError
+
+from agc_ray import HiLander
+from agc_ray.core.baselines import best_threshold
+from agc_ray.core.knn import knn_graph
+from agc_ray.metrics import pairwise
+
+from conftest import assert_coarsening
+
+
+def test_trained_model_beats_threshold_baseline(faces_split, trained):
+    _, _, x_test, y_test = faces_split
+    levels = trained.predict_hierarchy(x_test)
+    assert len(levels) >= 2
+    assert_coarsening(levels)
+    for lv in levels:
+        assert lv.shape == (x_test.shape[0],) and lv.dtype == np.int64
+    nbr, sim = knn_graph(x_test, 10)
+    _, base = best_threshold(nbr, sim, y_test)  # threshold chosen with the test labels
+    best_model = max(pairwise(y_test, lv)[2] for lv in levels)
+    assert best_model > pairwise(y_test, base)[2] + 0.02
+    assert len(trained.history_) == 4
+    assert trained.history_[-1]["loss_conn"] < trained.history_[0]["loss_conn"]
+
+
+def test_predict_is_deterministic_and_last_level(faces_split, trained):
+    _, _, x_test, _ = faces_split
+    a = trained.predict_hierarchy(x_test)
+    b = trained.predict_hierarchy(x_test)
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(trained.predict(x_test), a[-1])
+
+
+def test_same_seed_same_model(faces_split):
+    x_train, y_train, x_test, _ = faces_split
+    kw = dict(epochs=1, seed=3)
+    a = HiLander(**kw).fit(x_train[:1500], y_train[:1500]).predict_hierarchy(x_test[:1000])
+    b = HiLander(**kw).fit(x_train[:1500], y_train[:1500]).predict_hierarchy(x_test[:1000])
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_save_load_round_trip(tmp_path, faces_split, trained):
+    _, _, x_test, _ = faces_split
+    path = trained.save(tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    assert config["params"]["k"] == trained.k and config["n_features_in"] == x_test.shape[1]
+    loaded = HiLander.load(path)
+    assert loaded.get_params() == trained.get_params()
+    for u, v in zip(trained.predict_hierarchy(x_test), loaded.predict_hierarchy(x_test)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a HiLander model directory"):
+        HiLander.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid HiLander config"):
+        HiLander.load(tmp_path)
+
+
+def test_small_inputs(trained):
+    rng = np.random.default_rng(0)
+    one = trained.predict_hierarchy(rng.standard_normal((1, 256)))
+    assert len(one) == 1 and one[0].tolist() == [0]
+    few = trained.predict_hierarchy(rng.standard_normal((5, 256)))  # N <= k
+    assert len(few) >= 1 and few[0].shape == (5,)
+
+
+def test_identical_vectors(trained):
+    v = np.random.default_rng(1).standard_normal(256)
+    x = np.vstack([np.tile(v, (30, 1)), np.random.default_rng(2).standard_normal((30, 256))])
+    levels = trained.predict_hierarchy(x)
+    assert all(lv.shape == (60,) for lv in levels)
+    # identical rows have identical neighbourhoods up to ties; they must never be split from each other
+    # across more than a few clusters
+    assert np.unique(levels[-1][:30]).size <= 3
+
+
+def test_unsupervised_mode_needs_no_labels(faces_split):
+    _, _, x_test, y_test = faces_split
+    model = HiLander(unsupervised=True, tau=0.35)
+    levels = model.predict_hierarchy(x_test)  # no fit needed
+    assert_coarsening(levels)
+    assert pairwise(y_test, levels[-1])[2] > 0.3
+    assert model.fit(x_test).predict(x_test).shape == (x_test.shape[0],)
+
+
+@pytest.mark.parametrize(
+    "X, y, message",
+    [
+        (np.ones(10), np.zeros(10, dtype=int), r"2-D array .* got shape \(10,\)"),
+        (np.empty((0, 4)), np.empty(0, dtype=int), "has 0 rows; at least 2 required"),
+        (np.array([[1.0, np.nan], [1.0, 2.0]]), np.array([0, 1]), "NaN or Inf in 1 rows \\(first at row 0\\)"),
+        (np.array([[1.0, 2.0], [np.inf, 2.0]]), np.array([0, 1]), "NaN or Inf in 1 rows \\(first at row 1\\)"),
+        (np.array([[1.0, 2.0], [0.0, 0.0]]), np.array([0, 1]), "1 all-zero rows \\(first at row 1\\)"),
+        (np.ones((3, 2)), np.array([0, 1]), "different numbers of rows: 3 vs 2"),
+        (np.ones((3, 2)), np.array([0.5, 1.0, 2.0]), "integer class labels, got dtype float64"),
+        (np.ones((3, 2)), np.array([4, 4, 4]), "single class"),
+        (np.array([["a", "b"], ["c", "d"]]), np.array([0, 1]), "real numbers"),
+    ],
+)
+def test_bad_fit_input(X, y, message):
+    with pytest.raises(ValueError, match=message):
+        HiLander(epochs=1).fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"k": 0}, "k must be in"),
+        ({"tau": 1.5}, "tau must be in"),
+        ({"levels": 0}, "levels must be in"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"knn": "lsh"}, "knn must be one of"),
+        ({"epochs": 2.5}, "epochs must be an integer"),
+    ],
+)
+def test_bad_params(params, message):
+    with pytest.raises(ValueError, match=message):
+        HiLander(**params).fit(np.eye(3), np.array([0, 1, 1]))
+
+
+def test_predict_errors(trained):
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        HiLander().predict(np.eye(3))
+    assert issubclass(NotFittedError, ValueError)
+    with pytest.raises(ValueError, match="X has 8 features, but HiLander was fitted with 256 features"):
+        trained.predict(np.ones((4, 8)))

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from agc_ray.core.hierarchy import (
+    LevelGraph,
+    aggregate,
+    build_hierarchy,
+    canonical_labels,
+    forest_components,
+    select_parents,
+    unsupervised_parents,
+)
+from agc_ray.core.inference import decode
+from agc_ray.core.synthetic import make_faces
+
+from conftest import assert_coarsening
+
+
+def test_select_parents_known_answer():
+    nbr = np.array([[1, 2], [2, 0], [0, 1], [2, -1]])
+    density = np.array([0.1, 0.5, 0.9, 0.2])
+    score = np.array([[0.7, 0.9], [0.8, 0.99], [0.9, 0.9], [0.6, 0.99]], dtype=np.float32)
+    # node 0: both neighbours denser, best score 0.9 -> 2; node 1: only 2 is denser; node 2: peak;
+    # node 3: only real neighbour 2 (the padded column never counts, whatever its score)
+    np.testing.assert_array_equal(select_parents(score, nbr, density), [2, 2, -1, 2])
+    # threshold removes node 3's only candidate (0.6) and node 0's weaker one
+    np.testing.assert_array_equal(select_parents(score, nbr, density, threshold=0.65), [2, 2, -1, -1])
+    # equal density is not denser (strict): no cycles possible
+    np.testing.assert_array_equal(select_parents(score, nbr, np.zeros(4)), [-1, -1, -1, -1])
+
+
+def test_decode_modes():
+    nbr = np.array([[1, 2], [0, 2], [0, 1]])
+    sim = np.array([[0.9, 0.5], [0.9, 0.7], [0.5, 0.7]], dtype=np.float32)
+    p = np.array([[0.2, 0.95], [0.3, 0.9], [0.9, 0.9]], dtype=np.float32)
+    density = np.array([0.0, 0.1, 0.2])
+    # prob mode: node 0 picks the highest p (node 2); sim mode: the most similar (node 1)
+    np.testing.assert_array_equal(decode(p, density, nbr, sim, tau=0.1, mode="prob"), [2, 2, -1])
+    np.testing.assert_array_equal(decode(p, density, nbr, sim, tau=0.1, mode="sim"), [1, 2, -1])
+    np.testing.assert_array_equal(decode(p, density, nbr, sim, tau=0.8, mode="sim"), [1, -1, -1])
+    with pytest.raises(ValueError, match="decode mode"):
+        decode(p, density, nbr, sim, tau=0.5, mode="max")
+
+
+def test_forest_components_and_peaks():
+    parent = np.array([2, 2, -1, -1, 3, 0])
+    comp, peaks = forest_components(parent)
+    np.testing.assert_array_equal(comp, [0, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(peaks, [2, 3])
+
+
+def test_canonical_labels_first_occurrence():
+    np.testing.assert_array_equal(canonical_labels(np.array([7, 3, 7, 9, 3])), [0, 1, 0, 2, 1])
+
+
+def test_aggregate_peak_identity_and_member_mean():
+    x = np.eye(4, dtype=np.float32)
+    g = LevelGraph(x_id=x, x_sum=x, size=np.ones(4, dtype=np.int64), nbr=np.zeros((4, 1), dtype=np.int64),
+                   sim=np.zeros((4, 1), dtype=np.float32), peak_row=np.arange(4), labels=np.array([5, 5, 6, 6]))
+    comp = np.array([0, 0, 1, 1])
+    x_id, x_sum, size, peak_row, labels = aggregate(g, comp, np.array([1, 2]))
+    np.testing.assert_array_equal(x_id, x[[1, 2]])
+    np.testing.assert_array_equal(x_sum, [[1, 1, 0, 0], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(size, [2, 2])
+    np.testing.assert_array_equal(peak_row, [1, 2])
+    np.testing.assert_array_equal(labels, [5, 6])
+
+
+def _scripted(edges_per_level):
+    """A decoder that links the first E nodes of level l pairwise (2j+1 -> 2j): E edges, a forest."""
+
+    def decode_level(g, level):
+        parent = np.full(g.n, -1, dtype=np.int64)
+        e = edges_per_level[level] if level < len(edges_per_level) else 0
+        child = 2 * np.arange(e) + 1
+        parent[child] = child - 1
+        return parent
+
+    return decode_level
+
+
+def test_stop_rules():
+    x, _ = make_faces(200, dim=16, seed=0)
+    # no edge at level 0: one level of singletons
+    levels = build_hierarchy(x, _scripted([0]), k=3, levels=5)
+    assert len(levels) == 1 and np.unique(levels[0]).size == 200
+    # level limit
+    assert len(build_hierarchy(x, _scripted([50, 40, 30]), k=3, levels=2, early_stop=False)) == 2
+    # early stop: 50 then 20 edges, 50 / 20 = 2.5 < k = 3 -> stop after keeping level 1
+    assert len(build_hierarchy(x, _scripted([50, 20, 5]), k=3, levels=10)) == 2
+    assert len(build_hierarchy(x, _scripted([50, 20, 5]), k=3, levels=10, early_stop=False)) == 3
+    # 60 / 5 = 12 >= 3: no early stop; the fourth level adds nothing and is not kept
+    levels = build_hierarchy(x, _scripted([60, 5, 1]), k=3, levels=10)
+    assert len(levels) == 3
+    assert [np.unique(lv).size for lv in levels] == [140, 135, 134]
+    assert_coarsening(levels)
+    # too few nodes for the next level's kNN graph (<= k): stop
+    assert len(build_hierarchy(x[:8], _scripted([4, 1]), k=4, levels=10, early_stop=False)) == 1
+
+
+def test_unsupervised_hierarchy_groups_identities():
+    x, y = make_faces(3000, seed=5)
+    levels = build_hierarchy(x, lambda g, level: unsupervised_parents(g, 0.35), k=10, levels=5)
+    assert len(levels) >= 1
+    assert_coarsening(levels)
+    from agc_ray.metrics import pairwise
+
+    assert pairwise(y, levels[-1])[2] > 0.4

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from agc_ray.core.knn import knn_graph, knn_recall, l2_normalize
+from agc_ray.core.synthetic import make_faces
+
+
+def brute_knn(x, k):
+    x = l2_normalize(x)
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(s, idx, axis=1)
+
+
+def test_exact_matches_brute_force():
+    x, _ = make_faces(500, dim=32, seed=3)
+    nbr, sim = knn_graph(x, 7, method="exact")
+    ref_idx, ref_sim = brute_knn(x, 7)
+    assert nbr.shape == (500, 7) and nbr.dtype == np.int64 and sim.dtype == np.float32
+    np.testing.assert_allclose(sim, ref_sim, atol=1e-5)
+    assert (nbr == ref_idx).mean() > 0.99  # ties aside, identical neighbours
+    assert not (nbr == np.arange(500)[:, None]).any(), "self must be excluded"
+    assert (np.diff(sim, axis=1) <= 1e-6).all(), "sorted by decreasing similarity"
+
+
+def test_fewer_rows_than_k_pads():
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    nbr, sim = knn_graph(x, 10)
+    assert nbr.shape == (4, 10)
+    assert (nbr[:, :3] >= 0).all() and (nbr[:, 3:] == -1).all()
+    assert (sim[:, 3:] == 0).all()
+    for i in range(4):
+        assert sorted(nbr[i, :3]) == sorted(set(range(4)) - {i})
+
+
+def test_one_row():
+    nbr, sim = knn_graph(np.ones((1, 5), dtype=np.float32), 3)
+    assert (nbr == -1).all() and (sim == 0).all()
+
+
+def test_duplicates_exclude_self_once():
+    base = np.random.default_rng(1).standard_normal((20, 16)).astype(np.float32)
+    x = np.repeat(base, 3, axis=0)  # every vector three times
+    nbr, sim = knn_graph(x, 4, method="exact")
+    rows = np.arange(x.shape[0])[:, None]
+    assert not (nbr == rows).any()
+    # the two other copies are the nearest neighbours, at similarity 1
+    twins = (nbr[:, :2] // 3) == (rows // 3)
+    assert twins.all()
+    np.testing.assert_allclose(sim[:, :2], 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "ivf"])
+def test_deterministic(method):
+    x, _ = make_faces(3000, dim=32, seed=4)
+    a = knn_graph(x, 10, method=method, seed=5)
+    b = knn_graph(x, 10, method=method, seed=5)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_ivf_recall_is_measured():
+    x, _ = make_faces(5000, seed=6)
+    exact, _ = knn_graph(x, 10, method="exact")
+    approx, _ = knn_graph(x, 10, method="ivf")
+    assert knn_recall(x, exact) == pytest.approx(1.0)
+    r = knn_recall(x, approx)
+    assert 0.8 < r <= 1.0
+
+
+def test_bad_method():
+    with pytest.raises(ValueError, match="knn method must be one of"):
+        knn_graph(np.ones((3, 2), dtype=np.float32), 2, method="lsh")
