@@ -134,3 +134,13 @@ def test_predict_errors(trained):
     assert issubclass(NotFittedError, ValueError)
     with pytest.raises(ValueError, match="X has 8 features, but HiLander was fitted with 256 features"):
         trained.predict(np.ones((4, 8)))
+
+
+def test_gat_conv_and_focal_loss_train_and_predict(faces_split):
+    x_train, y_train, x_test, y_test = faces_split
+    model = HiLander(conv="gat", focal_gamma=2.0, conn_edges="denser", epochs=2, self_training=False)
+    model.fit(x_train[:2000], y_train[:2000])
+    levels = model.predict_hierarchy(x_test[:2000])
+    assert_coarsening(levels)
+    assert np.isfinite([h["loss_conn"] for h in model.history_]).all()
+    assert pairwise(y_test[:2000], levels[-1])[2] > 0.3

@@ -111,6 +111,8 @@ class HiLander(ClusterMixin, BaseEstimator):
         model_: the trained :class:`~agc_ray.core.lander.Lander` (None when unsupervised).
         n_features_in_: embedding dimension seen in ``fit``.
         history_: per-epoch training losses and times.
+        stats_: per-level counts and timings of the last ``predict_hierarchy`` (kNN, model
+            inference, decode).
     """
 
     def __init__(
@@ -237,7 +239,7 @@ class HiLander(ClusterMixin, BaseEstimator):
         return self
 
     def _own_levels(self, X, y):
-        collected = []
+        collected, self._inference_seconds = [], []
         build_hierarchy(
             X, self._decode_level, k=self.k, levels=self.train_levels, early_stop=False, labels=y,
             knn=lambda feats: knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False),
@@ -248,7 +250,9 @@ class HiLander(ClusterMixin, BaseEstimator):
     def _decode_level(self, g, level):
         if self.unsupervised:
             return unsupervised_parents(g, self.tau)
+        t0 = time.perf_counter()
         p, density = score_level(self.model_, g, device=self._torch_device())
+        self._inference_seconds.append(time.perf_counter() - t0)
         return decode(p, density, g.nbr, g.sim, tau=self.tau, mode=self.decode)
 
     def predict_hierarchy(self, X) -> list[np.ndarray]:
@@ -261,14 +265,19 @@ class HiLander(ClusterMixin, BaseEstimator):
                 f"X has {X.shape[1]} features, but HiLander was fitted with {self.n_features_in_} features"
             )
         torch.manual_seed(self.seed)
-        return build_hierarchy(
+        self.stats_, self._inference_seconds = [], []
+        levels = build_hierarchy(
             X,
             self._decode_level,
             k=self.k,
             levels=self.levels,
             early_stop=self.early_stop,
             knn=lambda feats: knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False),
+            stats=self.stats_,
         )
+        for level_stats, seconds in zip(self.stats_, self._inference_seconds):
+            level_stats["inference_seconds"] = seconds
+        return levels
 
     def predict(self, X) -> np.ndarray:
         """The final (coarsest) level's (N,) int64 labels."""

@@ -162,6 +162,7 @@ def build_hierarchy(
     knn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     on_level: Callable[[int, LevelGraph], None] | None = None,
     first_graph: tuple[np.ndarray, np.ndarray] | None = None,
+    stats: list[dict] | None = None,
 ) -> list[np.ndarray]:
     """Run decode-and-aggregate level after level; return every level's labels of the original rows.
 
@@ -176,6 +177,8 @@ def build_hierarchy(
         knn: ``knn(unit_features) -> (nbr, sim)``; default exact/IVF by size with this k.
         on_level: called with each level's graph before it is decoded (training collects them).
         first_graph: a precomputed level-0 kNN graph (nbr, sim).
+        stats: if given, one dict per decoded level is appended: nodes, edges, clusters and the
+            seconds spent on its kNN graph and its decode.
 
     Stop rules, checked after a level is kept: the level limit; a level that added no edge (not kept);
     the early-stop ratio; fewer than k + 1 nodes left for the next level's kNN graph.
@@ -189,6 +192,7 @@ def build_hierarchy(
     knn = knn or (lambda feats: knn_graph(feats, k, normalize=False))
     t0 = time.perf_counter()
     nbr, sim = first_graph if first_graph is not None else knn(x)
+    knn_seconds = time.perf_counter() - t0
     g = LevelGraph(
         x_id=x, x_sum=x, size=np.ones(n, dtype=np.int64), nbr=nbr, sim=sim,
         peak_row=np.arange(n, dtype=np.int64), labels=None if labels is None else np.asarray(labels),
@@ -203,12 +207,16 @@ def build_hierarchy(
             on_level(level, g)
         parent = select_parents_checked(decode_level(g, level), g.n)
         n_edges = int((parent >= 0).sum())
+        if stats is not None:
+            stats.append({"level": level, "nodes": g.n, "edges": n_edges, "knn_seconds": knn_seconds})
         if n_edges == 0:
             log.info("level %d: no edge added, stop", level)
             break
         comp, peaks = forest_components(parent)
         node_of_row = comp[node_of_row]
         out.append(node_of_row)
+        if stats is not None:
+            stats[-1].update(clusters=int(peaks.size), decode_seconds=time.perf_counter() - t0)
         log.info(
             "level %d: %d nodes -> %d clusters (%d edges), %.1fs",
             level, g.n, peaks.size, n_edges, time.perf_counter() - t0,
@@ -222,6 +230,7 @@ def build_hierarchy(
         t0 = time.perf_counter()
         x_id, x_sum, size, peak_row, sup_labels = aggregate(g, comp, peaks)
         nbr, sim = knn(x_id)
+        knn_seconds = time.perf_counter() - t0
         g = LevelGraph(x_id=x_id, x_sum=x_sum, size=size, nbr=nbr, sim=sim, peak_row=peak_row, labels=sup_labels)
         log.info("level %d kNN graph: %d nodes, %.1fs", level + 1, g.n, time.perf_counter() - t0)
     if not out:

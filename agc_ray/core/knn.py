@@ -170,30 +170,24 @@ def knn_recall(
 ) -> float:
     """Recall of a kNN graph against exact search, on a seeded sample of rows.
 
-    Ties are counted generously: a returned neighbour counts when its similarity is at least the
-    exact k-th similarity (duplicates make index identity ambiguous).
+    A returned neighbour counts as a hit when its similarity (recomputed here) reaches the exact k-th
+    best similarity: ties and duplicate vectors make index identity ambiguous, similarity is not.
     """
     import faiss
 
     x = l2_normalize(x) if normalize else np.ascontiguousarray(x, dtype=np.float32)
     n, k = nbr.shape
+    n_true = min(k, n - 1)
+    if n_true <= 0:
+        return 1.0
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     exact_sim, exact_idx = index.search(x[rows], k + 1)
-    kth = np.empty(rows.size, dtype=np.float32)
-    hits = 0
-    total = 0
-    for_rows = nbr[rows]
-    valid = for_rows >= 0
-    # similarity of returned neighbours, recomputed (independent of the index's own numbers)
-    got = np.einsum("qd,qkd->qk", x[rows], x[np.where(valid, for_rows, 0)])
-    is_self = exact_idx == rows[:, None]
-    n_true = np.minimum(k, n - 1)
-    # k-th best similarity among non-self exact results
-    masked = np.where(is_self, -np.inf, exact_sim)
-    masked.sort(axis=1)
-    kth = masked[:, ::-1][:, n_true - 1] if n_true > 0 else np.full(rows.size, np.inf)
+    exact_sim = np.where(exact_idx == rows[:, None], -np.inf, exact_sim)  # drop the self match
+    kth = -np.sort(-exact_sim, axis=1)[:, n_true - 1]
+    found = nbr[rows]
+    valid = found >= 0
+    got = np.einsum("qd,qkd->qk", x[rows], x[np.where(valid, found, 0)])
     hits = int(((got >= kth[:, None] - 1e-5) & valid).sum())
-    total = int(rows.size * n_true)
-    return 1.0 if total == 0 else hits / total
+    return hits / (rows.size * n_true)

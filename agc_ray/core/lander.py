@@ -41,13 +41,23 @@ def node_inputs(x_id: torch.Tensor, x_mean: torch.Tensor, nbr: torch.Tensor, sim
     Shapes:
         x_id, x_mean (N, D); nbr, sim (N, k); rows (M,) -> raw (M, 4D), rel (M, 2k).
     """
-    nb, s = nbr[rows], sim[rows]
-    w = aggregation_weights(s, nb >= 0)
+    nb = nbr[rows]
+    w = aggregation_weights(sim[rows], nb >= 0)
     agg_id = weighted_neighbor_mean(x_id, nb, w)
     agg_mean = agg_id if x_mean is x_id else weighted_neighbor_mean(x_mean, nb, w)
     raw = torch.cat([x_id[rows], x_mean[rows], agg_id, agg_mean], dim=1)
-    rel = torch.cat([s, weighted_neighbor_mean(sim, nb, w)], dim=1)
-    return raw, rel
+    return raw, relational_profile(nbr, sim, rows, w)
+
+
+def relational_profile(nbr: torch.Tensor, sim: torch.Tensor, rows: torch.Tensor, weights=None) -> torch.Tensor:
+    """``[s_i || sum_j a_ij s_j]``: a node's sorted neighbour similarities and its neighbours' mean profile.
+
+    Shapes:
+        nbr, sim (N, k); rows (M,) -> (M, 2k).
+    """
+    nb, s = nbr[rows], sim[rows]
+    weights = aggregation_weights(s, nb >= 0) if weights is None else weights
+    return torch.cat([s, weighted_neighbor_mean(sim, nb, weights)], dim=1)
 
 
 class LanderConv(nn.Module):
@@ -84,14 +94,15 @@ class LanderConv(nn.Module):
 
 
 class GATLanderConv(nn.Module):
-    """GAT option: attention over the kNN neighbours (PyG ``GATConv``), similarity as edge attribute.
+    """GAT option: attention over the kNN neighbours (PyG ``GATConv``) with the similarity as an edge
+    attribute (the reference's GAT ignores it), plus the node's own input and relational profile.
 
     Shapes:
         u_src (S, in_channels), u_dst (M, in_channels), edge_index (2, E) with rows (src, dst),
-        edge_sim (E,) -> (M, out_channels).
+        edge_sim (E,), rel (M, 2 rel_channels) -> (M, out_channels).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, heads: int = 4):
+    def __init__(self, in_channels: int, out_channels: int, rel_channels: int, heads: int = 4, dropout: float = 0.0):
         super().__init__()
         from torch_geometric.nn import GATConv
 
@@ -99,13 +110,17 @@ class GATLanderConv(nn.Module):
             raise ValueError(f"GATLanderConv: out_channels ({out_channels}) must be divisible by heads ({heads})")
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.dropout = dropout
         self.gat = GATConv(in_channels, out_channels // heads, heads=heads, edge_dim=1, add_self_loops=False)
         self.lin_self = nn.Linear(in_channels, out_channels)
+        self.lin_rel = nn.Linear(2 * rel_channels, out_channels, bias=False)
         self.norm = nn.LayerNorm(out_channels)
 
-    def forward(self, u_src, u_dst, edge_index, edge_sim):
+    def forward(self, u_src, u_dst, edge_index, edge_sim, rel):
+        u_src = F.dropout(u_src, self.dropout, self.training)
+        u_dst = F.dropout(u_dst, self.dropout, self.training)
         h = self.gat((u_src, u_dst), edge_index, edge_attr=edge_sim[:, None])
-        return F.relu(self.norm(h + self.lin_self(u_dst)))
+        return F.relu(self.norm(h + self.lin_self(u_dst) + self.lin_rel(rel)))
 
 
 class EdgeHead(nn.Module):
@@ -198,7 +213,7 @@ class Lander(nn.Module):
         if conv == "lander":
             self.conv = LanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
         else:
-            self.conv = GATLanderConv(2 * in_features, hidden_channels)
+            self.conv = GATLanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
         self.edge_head = EdgeHead(hidden_channels, edge_channels)
         # Input standardisation (fitted on the training graphs by `fit_normalization`): similarities
         # vary by a few hundredths, which an unscaled first layer learns from slowly.
@@ -234,7 +249,8 @@ class Lander(nn.Module):
         dst_pos = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(valid.sum(dim=1))
         u_src = torch.cat([x_id[src_nodes], x_mean[src_nodes]], dim=1)
         u_dst = torch.cat([x_id[rows], x_mean[rows]], dim=1)
-        return self.conv(u_src, u_dst, torch.stack([src_pos, dst_pos]), s[valid])
+        rel = (relational_profile(nbr, sim, rows) - self.rel_mean) / self.rel_std
+        return self.conv(u_src, u_dst, torch.stack([src_pos, dst_pos]), s[valid], rel)
 
     def edge_logits(self, h: torch.Tensor, seeds: torch.Tensor, nbr_local: torch.Tensor, f: torch.Tensor):
         """Logits of the edges of ``seeds`` given node embeddings ``h`` of the batch's nodes.
