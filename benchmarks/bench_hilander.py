@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=0, help="0: HiLander's default")
     ap.add_argument("--skip-gbdt", action="store_true")
-    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help="model directory: reused when it holds a saved model, else trained and saved there")
     ap.add_argument("--phase", choices=("all", "cluster"), default="all", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -110,15 +110,19 @@ def main():
         print(json.dumps(cluster(args)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        args.model = str(Path(tmp) / "model")
-        result = {"train": train(args)}
+        args.model = args.model or str(Path(tmp) / "model")
+        if (Path(args.model) / "config.json").is_file():
+            result = {"train": {"reused_model": args.model}}
+        else:
+            result = {"train": train(args)}
         cmd = [sys.executable, __file__, "--phase", "cluster", "--model", args.model, "--n", str(args.n),
                "--dim", str(args.dim)] + (["--skip-gbdt"] if args.skip_gbdt else [])
         proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
         result["cluster"] = json.loads(proc.stdout.strip().splitlines()[-1])
     c = result["cluster"]
-    print(f"\nHi-LANDER on {c['n']} x {c['dim']} (trained on {result['train']['n_train']} rows in "
-          f"{result['train']['fit_seconds']}s): clustering {c['cluster_seconds']}s, peak RSS "
+    t = result["train"]
+    trained = f"trained on {t['n_train']} rows in {t['fit_seconds']}s" if "n_train" in t else f"model {t['reused_model']}"
+    print(f"\nHi-LANDER on {c['n']} x {c['dim']} ({trained}): clustering {c['cluster_seconds']}s, peak RSS "
           f"{c['cluster_peak_rss_mb']} MB (target {c['rss_target_mb']} MB), kNN recall {c['knn_recall']}")
     print(f"{'level':>5} {'nodes':>9} {'clusters':>9} {'kNN s':>7} {'infer s':>8} {'decode s':>8} {'Fp':>6} {'Fb':>6} {'NMI':>6}")
     for lv in c["levels"]:

@@ -38,14 +38,20 @@ def node_inputs(x_id: torch.Tensor, x_mean: torch.Tensor, nbr: torch.Tensor, sim
     The neighbour mean is over inputs, so it is parameter-free: a batch needs its rows and their
     direct neighbours only, gathered here in chunks.
 
+    At level 0 (``x_mean is x_id``) the two halves are equal and raw is returned without the
+    duplicate, ``[x_i || sum_j a_ij x_j]`` (M, 2D); :class:`LanderConv` folds its weights to match,
+    which halves the cost of the largest level.
+
     Shapes:
-        x_id, x_mean (N, D); nbr, sim (N, k); rows (M,) -> raw (M, 4D), rel (M, 2k).
+        x_id, x_mean (N, D); nbr, sim (N, k); rows (M,) -> raw (M, 4D) or (M, 2D), rel (M, 2k).
     """
     nb = nbr[rows]
     w = aggregation_weights(sim[rows], nb >= 0)
     agg_id = weighted_neighbor_mean(x_id, nb, w)
-    agg_mean = agg_id if x_mean is x_id else weighted_neighbor_mean(x_mean, nb, w)
-    raw = torch.cat([x_id[rows], x_mean[rows], agg_id, agg_mean], dim=1)
+    if x_mean is x_id:
+        raw = torch.cat([x_id[rows], agg_id], dim=1)
+    else:
+        raw = torch.cat([x_id[rows], x_mean[rows], agg_id, weighted_neighbor_mean(x_mean, nb, w)], dim=1)
     return raw, relational_profile(nbr, sim, rows, w)
 
 
@@ -70,7 +76,8 @@ class LanderConv(nn.Module):
         dropout: dropout on the raw-feature input (regularises identity-specific features).
 
     Shapes:
-        raw (M, 2 in_channels), rel (M, 2 rel_channels) from :func:`node_inputs` -> (M, out_channels).
+        raw (M, 2 in_channels) or at level 0 (M, in_channels), rel (M, 2 rel_channels) from
+        :func:`node_inputs` -> (M, out_channels).
     """
 
     def __init__(self, in_channels: int, out_channels: int, rel_channels: int, dropout: float = 0.0):
@@ -90,7 +97,15 @@ class LanderConv(nn.Module):
 
     def forward(self, raw: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
         raw = F.dropout(raw, self.dropout, self.training)
-        return F.relu(self.norm(self.lin(raw) + self.lin_rel(rel)))
+        if raw.shape[1] == self.in_channels:
+            # level 0: raw is [x || agg x] and u = [x || x]; fold the weights of the equal halves
+            d = self.in_channels // 2
+            w = self.lin.weight
+            folded = torch.cat([w[:, :d] + w[:, d : 2 * d], w[:, 2 * d : 3 * d] + w[:, 3 * d :]], dim=1)
+            out = F.linear(raw, folded, self.lin.bias)
+        else:
+            out = self.lin(raw)
+        return F.relu(self.norm(out + self.lin_rel(rel)))
 
 
 class GATLanderConv(nn.Module):

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from agc_ray.core.graph import EDGE_FEATURES, edge_features
+from agc_ray.core.knn import knn_graph
+from agc_ray.core.lander import Lander, connectivity_loss, ground_truth_density, predicted_density
+from agc_ray.core.synthetic import make_faces
+
+
+def test_level0_weight_folding_matches_full_input():
+    x, _ = make_faces(400, dim=16, seed=0)
+    nbr, sim = (torch.from_numpy(a) for a in knn_graph(x, 5))
+    model = Lander(16, 5).eval()
+    xt = torch.from_numpy(x)
+    rows = torch.arange(400)
+    folded = model.embed(xt, xt, nbr, sim, rows)  # x_mean is x_id: level-0 fast path
+    full = model.embed(xt, xt.clone(), nbr, sim, rows)  # same values, general path
+    torch.testing.assert_close(folded, full, atol=1e-5, rtol=1e-5)
+    assert folded.shape == (400, model.conv.out_channels)
+
+
+def test_densities_known_answer():
+    nbr = torch.tensor([[1, 2], [0, -1], [0, 1]])
+    sim = torch.tensor([[0.8, 0.4], [0.8, 0.0], [0.4, 0.1]])
+    p = torch.tensor([[1.0, 0.0], [0.75, 0.3], [0.5, 0.5]])
+    d = predicted_density(p, sim, nbr >= 0)
+    # padded edge excluded from the mean; p = 0.5 contributes nothing
+    torch.testing.assert_close(d, torch.tensor([(0.8 - 0.4) / 2, 0.8 * 0.5, 0.0]))
+    labels = np.array([0, 0, 1])
+    gt = ground_truth_density(labels, nbr, sim)
+    torch.testing.assert_close(gt, torch.tensor([(0.8 - 0.4) / 2, 0.8, (-0.4 - 0.1) / 2]))
+
+
+def test_edge_features_known_answer():
+    # 0 <-> 1 mutual; 2 lists 0 but 0 does not list 2
+    nbr = np.array([[1, 3], [0, 3], [0, 1], [0, 1]])
+    sim = np.array([[0.9, 0.5], [0.9, 0.6], [0.7, 0.2], [0.5, 0.6]], dtype=np.float32)
+    f = edge_features(nbr, sim).numpy()
+    col = {name: i for i, name in enumerate(EDGE_FEATURES)}
+    assert f.shape == (4, 2, len(EDGE_FEATURES))
+    assert f[0, 0, col["mutual"]] == 1 and f[2, 0, col["mutual"]] == 0
+    # N(0) = {1, 3}, N(1) = {0, 3}: shared {3} -> 1 / k
+    assert f[0, 0, col["shared"]] == pytest.approx(0.5)
+    np.testing.assert_allclose(f[..., col["sim"]], sim)
+    np.testing.assert_allclose(f[..., col["sim_of_means"]], sim)  # level 0
+
+
+def test_connectivity_loss_masks_and_balances():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    target = torch.tensor([[True, False, True], [False, True, False]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    plain = connectivity_loss(logits, target, mask, balance=False)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    torch.testing.assert_close(plain, bce(logits[mask], target[mask].float()))
+    balanced = connectivity_loss(logits, target, mask, balance=True)
+    pos = bce(torch.tensor([2.0]), torch.tensor([1.0]))
+    neg = bce(torch.tensor([-1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(balanced, 0.5 * pos + 0.5 * neg)
+    focal = connectivity_loss(logits, target, mask, balance=False, focal_gamma=2.0)
+    assert 0 < focal < plain
+    assert connectivity_loss(logits, target, torch.zeros_like(mask)) == 0
+
+
+def test_gradients_reach_every_parameter():
+    x, y = make_faces(300, dim=16, seed=1)
+    nbr, sim = knn_graph(x, 5)
+    model = Lander(16, 5)
+    xt = torch.from_numpy(x)
+    rows = torch.arange(300)
+    h = model.embed(xt, xt, torch.from_numpy(nbr), torch.from_numpy(sim), rows)
+    logits = model.edge_logits(h, rows, torch.from_numpy(nbr).clamp_min(0), edge_features(nbr, sim))
+    logits.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    # the x_mean halves of the conv weight get gradients through the folded level-0 weights too
+    assert missing == []

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from agc_ray.core.synthetic import make_faces
+
+
+def test_shapes_norms_and_determinism():
+    x, y = make_faces(3000, dim=64, seed=7)
+    assert x.shape == (3000, 64) and x.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    x2, y2 = make_faces(3000, dim=64, seed=7)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    x3, _ = make_faces(3000, dim=64, seed=8)
+    assert not np.allclose(x, x3)
+
+
+def test_structure_long_tail_and_distractors():
+    x, y = make_faces(20000, seed=0, distractor_fraction=0.05)
+    sizes = np.bincount(y)
+    assert (sizes == 1).sum() >= 1000  # distractor singletons
+    members = sizes[sizes > 1]
+    assert members.max() > 5 * np.median(members)  # long tail
+    assert not np.all(np.diff(y) >= 0), "rows are shuffled"
+    # same-identity pairs are more similar than random pairs
+    i = np.flatnonzero(y == np.argmax(sizes))
+    same = (x[i] @ x[i].T)[np.triu_indices(i.size, 1)].mean()
+    rand = (x[:500] @ x[500:1000].T).mean()
+    assert same > rand + 0.2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        make_faces(0)
+    with pytest.raises(ValueError, match="dim must be >= 2"):
+        make_faces(10, dim=1)
