@@ -12,5 +12,19 @@ from agc_ray.metrics.clustering import (
     nmi,
     pairwise,
 )
+from agc_ray.metrics.graph import acc, conductance, f1, label_metrics, modularity, structure_metrics
 
-__all__ = ["ari", "bcubed", "contingency", "evaluate", "nmi", "pairwise"]
+__all__ = [
+    "acc",
+    "ari",
+    "bcubed",
+    "conductance",
+    "contingency",
+    "evaluate",
+    "f1",
+    "label_metrics",
+    "modularity",
+    "nmi",
+    "pairwise",
+    "structure_metrics",
+]

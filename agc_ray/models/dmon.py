@@ -1,0 +1,52 @@
+"""DMoN: a GNN encoder trained end to end with the spectral-modularity cluster head."""
+
+from __future__ import annotations
+
+import torch
+
+from agc_ray.clusters.dmon import DMoNClusterHead
+from agc_ray.data.validation import check_n_clusters
+from agc_ray.models.base import ClusteringModel
+
+
+class DMoN(ClusteringModel):
+    r"""Deep Modularity Networks from `"Graph Clustering with Graph Neural Networks"
+    <https://arxiv.org/abs/2006.16904>`_ (Tsitsulin et al., JMLR 2023): ``encoder`` followed by a
+    :class:`~agc_ray.clusters.DMoNClusterHead`, trained jointly on the head's loss.
+
+    ``cluster_head`` is a plain attribute: replace it with any
+    :class:`~agc_ray.clusters.BaseClusterHead` (its ``forward`` gets only the arguments it names).
+
+    Args:
+        encoder (torch.nn.Module): called as ``encoder(x, edge_index)``, returns (N, n_features).
+        n_features (int): the encoder's output dimension.
+        n_clusters (int): number of clusters K.
+        lam (float, optional): weight of the collapse regularisation. (default: ``1.0``)
+        dropout (float, optional): dropout on the assignment logits. (default: ``0.0``)
+
+    Shapes:
+        - **input:** ``data`` with x :math:`(|\mathcal{V}|, F_{in})` and edge_index
+          :math:`(2, |\mathcal{E}|)`
+        - **output:** ``forward``: scalar loss; ``infer_full``: :math:`(|\mathcal{V}|,)`
+    """
+
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        n_features: int,
+        n_clusters: int,
+        lam: float = 1.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.n_clusters = check_n_clusters(n_clusters, owner="DMoN")
+        self.n_features = n_features
+        self.lam = lam
+        self.dropout = dropout
+        self.encoder = encoder
+        self.cluster_head = DMoNClusterHead(n_clusters, n_features, lam=lam, dropout=dropout)
+
+    def reset_parameters(self):
+        for module in (self.encoder, self.cluster_head):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
