@@ -17,7 +17,7 @@ from agc_ray.core.hierarchy import LevelGraph, select_parents
 from agc_ray.core.lander import Lander, predicted_density
 
 DECODE_MODES = ("prob", "sim")
-_CHUNK = 16384
+_CHUNK = 4096
 
 
 @torch.no_grad()

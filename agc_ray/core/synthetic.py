@@ -3,7 +3,7 @@
 - identities with long-tailed sizes (log-normal, like web face collections);
 - look-alike groups: identities drawn around a shared group centre, so their samples interleave
   in the kNN graph (the failure mode of similarity thresholds);
-- varied spread: each identity has its own noise scale and one to three "pose" modes, so a single
+- varied spread: each identity has its own noise scale and one to four "pose" modes, so a single
   threshold either chains look-alikes or splits loose identities;
 - distractor singletons: samples that belong to no identity.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_CHUNK = 65536
+_CHUNK = 16384
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -31,11 +31,13 @@ def make_faces(
     mean_identity_size: float = 20.0,
     size_sigma: float = 1.0,
     group_size: int = 6,
-    look_alike: float = 0.8,
-    spread: tuple[float, float] = (1.0, 2.0),
-    max_modes: int = 3,
-    mode_spread: float = 0.8,
+    look_alike: float = 0.9,
+    spread: tuple[float, float] = (0.4, 0.8),
+    max_modes: int = 4,
+    mode_spread: float = 1.0,
     distractor_fraction: float = 0.05,
+    nuisance_dim: int = 32,
+    isotropic: float = 0.3,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate an (n_samples, dim) face-like embedding table and its identity labels.
@@ -51,6 +53,10 @@ def make_faces(
         max_modes: maximum number of pose modes per identity.
         mode_spread: noise scale of mode centres around the identity centre.
         distractor_fraction: share of rows that are singletons of no identity.
+        nuisance_dim: dimension of the shared nuisance subspace (pose, light, age) in which most of
+            each sample's deviation from its mode lies; real embeddings vary in few directions,
+            which is what makes approximate kNN search work on them.
+        isotropic: share (as a norm ratio) of the deviation that is isotropic noise instead.
         seed: random seed.
 
     Returns:
@@ -88,6 +94,10 @@ def make_faces(
     mode_noise = rng.standard_normal((mode_id.size, dim), dtype=np.float32) * (mode_spread / np.sqrt(dim))
     mode_centres = _unit(id_centres[mode_id] + mode_noise.astype(np.float32))
     id_spread = rng.uniform(spread[0], spread[1], size=n_ids).astype(np.float32)
+    r = max(1, min(nuisance_dim, dim))
+    nuisance = _unit(rng.standard_normal((r, dim), dtype=np.float32)) / np.float32(np.sqrt(r))
+    w_struct = np.float32(np.sqrt(max(0.0, 1.0 - isotropic**2)))
+    w_iso = np.float32(isotropic / np.sqrt(dim))
 
     # Per-row assignment, shuffled so that labels are not sorted.
     row_id = np.concatenate([np.repeat(np.arange(n_ids), sizes), -1 - np.arange(n_distractors)])
@@ -103,10 +113,12 @@ def make_faces(
         stop = min(start + _CHUNK, n_samples)
         ids, modes = row_id[start:stop], row_mode[start:stop]
         noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        coef = rng.standard_normal((stop - start, r), dtype=np.float32)
         is_member = ids >= 0
         block = noise  # distractors: uniform directions
-        scale = id_spread[ids[is_member]][:, None] / np.sqrt(dim)
-        block[is_member] = mode_centres[modes[is_member]] + noise[is_member] * scale
+        member_ids = ids[is_member]
+        deviation = coef[is_member] @ (w_struct * nuisance) + noise[is_member] * w_iso
+        block[is_member] = mode_centres[modes[is_member]] + deviation * id_spread[member_ids][:, None]
         x[start:stop] = _unit(block)
 
     # Labels: identities keep their index, distractors get fresh labels after them.
