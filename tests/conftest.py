@@ -4,11 +4,19 @@ import pytest
 from agc_ray.core.synthetic import make_faces
 
 
+#: A regime where 4000 training rows hold enough identities (~190) to learn from in seconds: small
+#: identities, isotropic spread. The benchmark uses the defaults (MS-Celeb-like identity sizes).
+SMALL_REGIME = dict(
+    mean_identity_size=20, distractor_fraction=0.05, spread=(1.0, 2.0), look_alike=0.8, mode_spread=0.8,
+    max_modes=3, isotropic=1.0,
+)
+
+
 @pytest.fixture(scope="session")
 def faces_split():
     """A small labelled train split and a test split with different seeds (other identities)."""
-    x_train, y_train = make_faces(4000, seed=1)
-    x_test, y_test = make_faces(4000, seed=2)
+    x_train, y_train = make_faces(4000, seed=1, **SMALL_REGIME)
+    x_test, y_test = make_faces(4000, seed=2, **SMALL_REGIME)
     return x_train, y_train, x_test, y_test
 
 

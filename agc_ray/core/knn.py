@@ -131,49 +131,6 @@ def search(index, queries: np.ndarray, k: int, query_offset: int | None = 0) -> 
     return nbr, sim
 
 
-def refine_knn(
-    x: np.ndarray, nbr: np.ndarray, sim: np.ndarray, *, rounds: int = 1, chunk: int = 2048
-) -> tuple[np.ndarray, np.ndarray]:
-    """Improve an approximate kNN graph with neighbours of neighbours (one NN-descent step a round).
-
-    Each row's candidates are its neighbours and their neighbours (k + k^2, self and duplicates
-    dropped); exact similarities are computed and the best k kept. A neighbour of a neighbour is
-    likely a neighbour, so this recovers most of what the approximate index missed, at O(N k^2 D)
-    per round, deterministically (ties broken by index).
-
-    Shapes:
-        x (N, D) unit rows; nbr, sim (N, k) -> (N, k), (N, k).
-    """
-    import torch
-
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    n, k = nbr.shape
-    for _ in range(rounds):
-        cur = torch.from_numpy(nbr)
-        out_nbr = np.empty_like(nbr)
-        out_sim = np.empty_like(sim)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            rows = torch.arange(start, stop)
-            direct = cur[start:stop]
-            second = cur[direct.clamp_min(0)].reshape(stop - start, k * k)
-            second = torch.where((direct < 0).repeat_interleave(k, dim=1), -1, second)
-            cand, _ = torch.sort(torch.cat([direct, second], dim=1), dim=1)
-            dup = torch.zeros_like(cand, dtype=torch.bool)
-            dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
-            bad = dup | (cand < 0) | (cand == rows[:, None])
-            s = torch.einsum("cd,cmd->cm", xt[start:stop], xt[cand.clamp_min(0)])
-            s = torch.where(bad, torch.tensor(-np.inf), s)
-            # top-k by similarity; candidates are sorted by index, so a stable sort breaks ties by index
-            order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
-            best_s = s.gather(1, order)
-            best_i = torch.where(torch.isinf(best_s), -1, cand.gather(1, order))
-            out_nbr[start:stop] = best_i.numpy()
-            out_sim[start:stop] = torch.where(torch.isinf(best_s), 0.0, best_s).numpy()
-        nbr, sim = out_nbr, out_sim
-    return nbr, sim
-
-
 def knn_graph(
     x: np.ndarray,
     k: int,

@@ -1,6 +1,6 @@
 """Synthetic face-like embeddings with the structure that makes face clustering hard.
 
-- identities with long-tailed sizes (log-normal, like web face collections);
+- identities with long-tailed sizes (log-normal, mean 60 like MS-Celeb-1M part1_test's 68);
 - look-alike groups: identities drawn around a shared group centre, so their samples interleave
   in the kNN graph (the failure mode of similarity thresholds);
 - varied spread: each identity has its own noise scale and one to four "pose" modes, so a single
@@ -28,14 +28,14 @@ def make_faces(
     n_samples: int,
     dim: int = 256,
     *,
-    mean_identity_size: float = 20.0,
+    mean_identity_size: float = 60.0,
     size_sigma: float = 1.0,
     group_size: int = 6,
     look_alike: float = 0.9,
     spread: tuple[float, float] = (0.4, 0.8),
     max_modes: int = 4,
     mode_spread: float = 1.0,
-    distractor_fraction: float = 0.05,
+    distractor_fraction: float = 0.02,
     nuisance_dim: int = 32,
     isotropic: float = 0.3,
     seed: int = 0,
