@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from agc_ray.core.graph import mean_valid
+from agc_ray.core.graph import edge_features, mean_valid
 from agc_ray.core.knn import knn_graph, l2_normalize
 
 log = logging.getLogger("agc_ray")
@@ -56,9 +56,8 @@ class LevelGraph:
         """True at level 0, where every node is one original row."""
         return self.x_sum is self.x_id
 
-    def edge_features(self):
-        from agc_ray.core.graph import edge_features
-
+    def edge_features(self) -> torch.Tensor:
+        """(n, k, F) structural edge features of this level (see :func:`agc_ray.core.graph.edge_features`)."""
         if self.is_base:
             return edge_features(self.nbr, self.sim)
         return edge_features(self.nbr, self.sim, self.x_mean, self.size)
@@ -205,7 +204,7 @@ def build_hierarchy(
         t0 = time.perf_counter()
         if on_level is not None:
             on_level(level, g)
-        parent = select_parents_checked(decode_level(g, level), g.n)
+        parent = _check_parents(decode_level(g, level), g.n)
         n_edges = int((parent >= 0).sum())
         if stats is not None:
             stats.append({"level": level, "nodes": g.n, "edges": n_edges, "knn_seconds": knn_seconds})
@@ -238,7 +237,7 @@ def build_hierarchy(
     return [canonical_labels(lab) for lab in out]
 
 
-def select_parents_checked(parent: np.ndarray, n: int) -> np.ndarray:
+def _check_parents(parent: np.ndarray, n: int) -> np.ndarray:
     parent = np.asarray(parent, dtype=np.int64)
     if parent.shape != (n,):
         raise ValueError(f"decode_level returned shape {parent.shape}, expected ({n},)")
