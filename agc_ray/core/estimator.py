@@ -164,7 +164,8 @@ class HiLander(ClusterMixin, BaseEstimator):
         self.self_training = self_training
 
     # -- validation ---------------------------------------------------------------------------
-    def _validate_params(self):
+    def validate_params(self) -> None:
+        """Check every hyper-parameter (ValueError naming the parameter, the value and the range)."""
         _check_param("k", self.k, int, 1)
         _check_param("levels", self.levels, int, 1)
         _check_param("epochs", self.epochs, int, 1)
@@ -200,7 +201,7 @@ class HiLander(ClusterMixin, BaseEstimator):
     # -- fit / predict ---------------------------------------------------------------------------
     def fit(self, X, y=None):
         """Train LANDER on labelled embeddings X (N, D) with integer classes y (N,). Returns self."""
-        self._validate_params()
+        self.validate_params()
         X = check_features(X, min_rows=2)
         if self.unsupervised:
             self.n_features_in_ = X.shape[1]
@@ -228,7 +229,7 @@ class HiLander(ClusterMixin, BaseEstimator):
             # Higher levels at inference are built from the model's own (imperfect) merges, which the
             # ground-truth hierarchy never shows: add the model's own levels of the training data.
             self.model_ = model.cpu().eval()
-            own = self._own_levels(X, y)
+            own = self.own_levels(X, y)
             log.info("self-training: %d more level graphs (%s nodes)", len(own), [g.n for g in own])
             self.history_ += train_lander(
                 model, graphs + own, epochs=self.epochs - first, refit_normalization=False, **train_kwargs
@@ -238,7 +239,9 @@ class HiLander(ClusterMixin, BaseEstimator):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def _own_levels(self, X, y):
+    def own_levels(self, X, y) -> list:
+        """Training graphs of the higher levels this model builds from labelled X (labels carried by
+        peaks): what the second half of ``fit`` adds to the ground-truth hierarchy."""
         collected, self._inference_seconds = [], []
         build_hierarchy(
             X, self._decode_level, k=self.k, levels=self.train_levels, early_stop=False, labels=y,
@@ -257,7 +260,7 @@ class HiLander(ClusterMixin, BaseEstimator):
 
     def predict_hierarchy(self, X) -> list[np.ndarray]:
         """Cluster X (N, D): every level's (N,) int64 labels, finest first, each coarsening the last."""
-        self._validate_params()
+        self.validate_params()
         self._check_fitted()
         X = check_features(X)
         if getattr(self, "n_features_in_", None) is not None and X.shape[1] != self.n_features_in_:

@@ -71,15 +71,20 @@ def to_train_graph(g: LevelGraph, k: int, level: int) -> TrainGraph:
 
 
 def ground_truth_graphs(
-    x: np.ndarray, y: np.ndarray, settings: tuple[tuple[int, int], ...], *, knn_method: str = "auto", seed: int = 0
+    x: np.ndarray, y: np.ndarray, settings: tuple[tuple[int, int], ...], *, knn_method: str = "auto", seed: int = 0,
+    first_graph: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[TrainGraph]:
     """Level graphs of the ground-truth hierarchies for several (k, levels) settings.
 
     The level-0 kNN search runs once at the largest k; smaller k take its first columns.
+    ``first_graph``: a precomputed level-0 graph (nbr, sim) of at least the largest k (e.g. from the
+    distributed sharded kNN); the search is then skipped.
     """
     k_max = max(k for k, _ in settings)
     t0 = time.perf_counter()
-    nbr0, sim0 = knn_graph(x, k_max, method=knn_method, seed=seed)
+    if first_graph is not None and first_graph[0].shape[1] < k_max:
+        raise ValueError(f"first_graph has {first_graph[0].shape[1]} neighbours per row, k={k_max} needed")
+    nbr0, sim0 = first_graph if first_graph is not None else knn_graph(x, k_max, method=knn_method, seed=seed)
     log.info("training kNN graph: %d rows, k=%d, %.1fs", x.shape[0], k_max, time.perf_counter() - t0)
     graphs: list[TrainGraph] = []
     for k, levels in settings:
@@ -118,6 +123,17 @@ def batch_loss(
     d_hat = predicted_density(torch.sigmoid(logits), g.sim[seeds], valid)
     den = torch.nn.functional.mse_loss(d_hat, g.density[seeds])
     return conn, den
+
+
+def epoch_batches(graphs: list[TrainGraph], batch_size: int, gen: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """One epoch's batches ``[(graph_index, seeds)]``: each graph's nodes permuted and cut into
+    batches, the batches of all graphs shuffled together (draws from ``gen`` in a fixed order)."""
+    batches = []
+    for gi, g in enumerate(graphs):
+        perm = torch.randperm(g.n, generator=gen)
+        batches.extend((gi, perm[i : i + batch_size]) for i in range(0, g.n, batch_size))
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
 
 
 def fit_normalization(model: Lander, graphs: list[TrainGraph], gen: torch.Generator, sample: int = 20000) -> None:
@@ -164,19 +180,14 @@ def train_lander(
     for epoch in range(epochs):
         model.train()
         t0 = time.perf_counter()
-        batches = []
-        for gi, g in enumerate(graphs):
-            perm = torch.randperm(g.n, generator=gen)
-            batches.extend((gi, perm[i : i + batch_size]) for i in range(0, g.n, batch_size))
-        order = torch.randperm(len(batches), generator=gen).tolist()
+        batches = epoch_batches(graphs, batch_size, gen)
         sums = {"conn": 0.0, "den": 0.0}
-        iterator = order
+        iterator = batches
         if progress:
             from tqdm import tqdm
 
-            iterator = tqdm(order, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        for bi in iterator:
-            gi, seeds = batches[bi]
+            iterator = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+        for gi, seeds in iterator:
             seeds = seeds.to(device)
             conn, den = batch_loss(
                 model, graphs[gi], seeds, balance=balance, focal_gamma=focal_gamma, all_edges=all_edges
@@ -190,8 +201,8 @@ def train_lander(
             sums["den"] += den.item()
         rec = {
             "epoch": epoch + 1,
-            "loss_conn": sums["conn"] / len(order),
-            "loss_den": sums["den"] / len(order),
+            "loss_conn": sums["conn"] / len(batches),
+            "loss_den": sums["den"] / len(batches),
             "seconds": time.perf_counter() - t0,
         }
         history.append(rec)
