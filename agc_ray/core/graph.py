@@ -62,46 +62,52 @@ def weighted_neighbor_mean(x: torch.Tensor, nbr: torch.Tensor, weights: torch.Te
     return out
 
 
-def edge_features(nbr: np.ndarray, sim: np.ndarray, x_mean=None, size=None) -> torch.Tensor:
-    """Per-edge structural features (see :data:`EDGE_FEATURES`), (N, k, F) float32.
+def edge_features(
+    nbr: np.ndarray, sim: np.ndarray, x_mean=None, size=None, *, start: int = 0, stop: int | None = None,
+    mean_sim: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-edge structural features (see :data:`EDGE_FEATURES`) of rows ``start:stop``, (M, k, F) float32.
 
     ``x_mean`` (N, D) unit member means and ``size`` (N,) member counts describe super-nodes; leave
-    them None at level 0 (every node its own only member).
+    them None at level 0 (every node its own only member). A caller that asks for many row ranges
+    passes ``mean_sim`` (:func:`mean_valid` of the whole graph's similarities) to compute it once.
 
-    Cost: O(N k^2) for mutual-ness, O(N k^3) elementwise for shared neighbours (k = 10: 1000
-    comparisons a node) and O(N k D) for the mean similarities, in chunks of rows.
+    Cost: O(k^2) for mutual-ness, O(k^3) elementwise for shared neighbours (k = 10: 1000 comparisons)
+    and O(k D) for the mean similarities, per row, in chunks of rows.
     """
     nbr_t = torch.as_tensor(nbr)
     sim_t = torch.as_tensor(sim, dtype=torch.float32)
     n, k = nbr_t.shape
+    stop = n if stop is None else min(stop, n)
     valid = nbr_t >= 0
-    mean_sim = mean_valid(sim_t, valid)  # (N,)
-    out = torch.zeros((n, k, N_EDGE_FEATURES), dtype=torch.float32)
-    rank = (torch.arange(k, dtype=torch.float32) / max(k, 1)).expand(n, k)
+    if mean_sim is None:
+        mean_sim = mean_valid(sim_t, valid)  # (N,)
+    out = torch.zeros((stop - start, k, N_EDGE_FEATURES), dtype=torch.float32)
+    rank = torch.arange(k, dtype=torch.float32) / max(k, 1)
     # Padded neighbours point at node 0 in gathers; their features are zeroed at the end.
     safe = nbr_t.clamp_min(0)
     xm = None if x_mean is None else torch.as_tensor(x_mean)
     log_size = None if size is None else torch.log(torch.as_tensor(size, dtype=torch.float32))
-    for start in range(0, n, _CHUNK):
-        stop = min(start + _CHUNK, n)
-        rows = torch.arange(start, stop)
-        nb = safe[start:stop]  # (c, k)
+    for lo in range(start, stop, _CHUNK):
+        hi = min(lo + _CHUNK, stop)
+        rows = torch.arange(lo, hi)
+        nb = safe[lo:hi]  # (c, k)
         nb_nb = nbr_t[nb]  # (c, k, k): neighbours of each neighbour (-1 padded)
         mutual = (nb_nb == rows[:, None, None]).any(dim=2)
-        mine = torch.where(valid[start:stop], nbr_t[start:stop], -2)  # -2 never equals -1 padding
+        mine = torch.where(valid[lo:hi], nbr_t[lo:hi], -2)  # -2 never equals -1 padding
         shared = (nb_nb[:, :, :, None] == mine[:, None, None, :]).any(dim=3).sum(dim=2)
-        s = sim_t[start:stop]
-        block = out[start:stop]
+        s = sim_t[lo:hi]
+        block = out[lo - start : hi - start]
         block[..., 0] = s
-        block[..., 1] = rank[start:stop]
-        block[..., 2] = s - mean_sim[start:stop, None]
+        block[..., 1] = rank
+        block[..., 2] = s - mean_sim[lo:hi, None]
         block[..., 3] = s - mean_sim[nb]
         block[..., 4] = mutual.float()
         block[..., 5] = shared.float() / k
-        block[..., 6] = mean_sim[nb] - mean_sim[start:stop, None]
-        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[start:stop], xm[nb])
+        block[..., 6] = mean_sim[nb] - mean_sim[lo:hi, None]
+        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[lo:hi], xm[nb])
         if log_size is not None:
-            block[..., 8] = log_size[start:stop, None]
+            block[..., 8] = log_size[lo:hi, None]
             block[..., 9] = log_size[nb]
-    out[~valid] = 0.0
+    out[~valid[start:stop]] = 0.0
     return out

@@ -56,11 +56,12 @@ class LevelGraph:
         """True at level 0, where every node is one original row."""
         return self.x_sum is self.x_id
 
-    def edge_features(self) -> torch.Tensor:
-        """(n, k, F) structural edge features of this level (see :func:`agc_ray.core.graph.edge_features`)."""
+    def edge_features(self, **rows) -> torch.Tensor:
+        """Structural edge features of this level, (n, k, F) or of ``start:stop`` rows (see
+        :func:`agc_ray.core.graph.edge_features` for the keyword arguments)."""
         if self.is_base:
-            return edge_features(self.nbr, self.sim)
-        return edge_features(self.nbr, self.sim, self.x_mean, self.size)
+            return edge_features(self.nbr, self.sim, **rows)
+        return edge_features(self.nbr, self.sim, self.x_mean, self.size, **rows)
 
     @property
     def x_mean(self) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from agc_ray.core.graph import mean_valid
 from agc_ray.core.hierarchy import LevelGraph, select_parents
 from agc_ray.core.lander import Lander, predicted_density
 
@@ -26,11 +27,11 @@ def node_projections(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor |
     x_id, x_mean = torch.as_tensor(x_id), torch.as_tensor(x_mean)
     nbr, sim = torch.as_tensor(nbr), torch.as_tensor(sim)
     rows = torch.arange(nbr.shape[0], device=nbr.device) if rows is None else torch.as_tensor(rows, device=nbr.device)
-    out = [
-        model.edge_head.project(model.embed(x_id, x_mean, nbr, sim, rows[start : start + _CHUNK]))
-        for start in range(0, rows.shape[0], _CHUNK)
-    ]
-    return torch.cat(out) if out else torch.empty((0, 3 * model.edge_head.hidden_channels))
+    out = torch.empty((rows.shape[0], 3 * model.edge_head.hidden_channels), device=nbr.device)
+    for start in range(0, rows.shape[0], _CHUNK):  # filled in place: no list of chunks plus a copy
+        h = model.embed(x_id, x_mean, nbr, sim, rows[start : start + _CHUNK])
+        out[start : start + _CHUNK] = model.edge_head.project(h)
+    return out
 
 
 @torch.no_grad()
@@ -40,7 +41,8 @@ def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows) 
     Args:
         proj_of: tensor (or callable) giving the projections of neighbour ids (global ids).
         proj_rows: (M, 3E) projections of the rows; nbr_rows (M, k) neighbour ids (-1 padded);
-        feats_rows (M, k, F) edge features.
+        feats_rows: (M, k, F) edge features, or a callable ``(start, stop) -> (stop - start, k, F)``
+            that computes them per chunk (so that they are never held for all rows).
 
     Returns:
         (M, k) float32 probabilities, 0 on padded edges.
@@ -51,7 +53,8 @@ def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows) 
         stop = start + _CHUNK
         nb = nbr_rows[start:stop]
         proj_j = proj_of(nb.clamp_min(0)) if callable(proj_of) else proj_of[nb.clamp_min(0)]
-        logits = model.edge_head(proj_j, proj_rows[start:stop], model.normalize_features(feats_rows[start:stop]))
+        f = feats_rows(start, min(stop, nbr_rows.shape[0])) if callable(feats_rows) else feats_rows[start:stop]
+        logits = model.edge_head(proj_j, proj_rows[start:stop], model.normalize_features(f))
         out[start:stop] = torch.sigmoid(logits)
     out[nbr_rows < 0] = 0.0
     return out
@@ -65,7 +68,8 @@ def score_level(model: Lander, g: LevelGraph, device: torch.device | str = "cpu"
     x_id = torch.as_tensor(g.x_id).to(device)
     x_mean = x_id if g.x_mean is g.x_id else torch.as_tensor(g.x_mean).to(device)
     proj = node_projections(model, x_id, x_mean, nbr.to(device), sim.to(device))
-    feats = g.edge_features().to(device)
+    mean_sim = mean_valid(sim, nbr >= 0)
+    feats = lambda start, stop: g.edge_features(start=start, stop=stop, mean_sim=mean_sim).to(device)  # noqa: E731
     p = edge_probabilities(model, proj, proj, nbr.to(device), feats).cpu()
     return p, predicted_density(p, sim, nbr >= 0)
 
