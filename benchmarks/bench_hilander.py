@@ -81,6 +81,8 @@ def cluster(args) -> dict:
         "rss_target_mb": round(3 * x.nbytes / 2**20 + 1024),
         "levels": [st | metrics(y, lv) for st, lv in zip(est.stats_, levels)],
     }
+    if args.skip_baselines:
+        return out
     # level-0 graph again, once, for recall and the baselines (same method as the model used)
     t0 = time.perf_counter()
     nbr, sim = knn_graph(x, est.k, method=est.knn, seed=est.seed)
@@ -105,7 +107,8 @@ def main():
     ap.add_argument("--n-train", type=int, default=100_000, help="train split rows")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=0, help="0: HiLander's default")
-    ap.add_argument("--skip-gbdt", action="store_true")
+    ap.add_argument("--skip-gbdt", action="store_true", help="no gradient-boosted edge-classifier baseline")
+    ap.add_argument("--skip-baselines", action="store_true", help="clustering figures only (no recall, no baselines)")
     ap.add_argument("--model", help="model directory: reused when it holds a saved model, else trained and saved there")
     ap.add_argument("--phase", choices=("all", "cluster"), default="all", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -120,14 +123,15 @@ def main():
         else:
             result = {"train": train(args)}
         cmd = [sys.executable, __file__, "--phase", "cluster", "--model", args.model, "--n", str(args.n),
-               "--dim", str(args.dim)] + (["--skip-gbdt"] if args.skip_gbdt else [])
+               "--dim", str(args.dim)] + (["--skip-gbdt"] if args.skip_gbdt else []) + (
+               ["--skip-baselines"] if args.skip_baselines else [])
         proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
         result["cluster"] = json.loads(proc.stdout.strip().splitlines()[-1])
     c = result["cluster"]
     t = result["train"]
     trained = f"trained on {t['n_train']} rows in {t['fit_seconds']}s" if "n_train" in t else f"model {t['reused_model']}"
     print(f"\nHi-LANDER on {c['n']} x {c['dim']} ({trained}): clustering {c['cluster_seconds']}s, peak RSS "
-          f"{c['cluster_peak_rss_mb']} MB (target {c['rss_target_mb']} MB), kNN recall {c['knn_recall']}")
+          f"{c['cluster_peak_rss_mb']} MB (target {c['rss_target_mb']} MB), kNN recall {c.get('knn_recall')}")
     print(f"{'level':>5} {'nodes':>9} {'clusters':>9} {'kNN s':>7} {'infer s':>8} {'decode s':>8} {'Fp':>6} {'Fb':>6} {'NMI':>6}")
     for lv in c["levels"]:
         print(f"{lv['level']:>5} {lv['nodes']:>9} {lv['clusters']:>9} {lv['knn_seconds']:>7.1f} "
@@ -137,7 +141,7 @@ def main():
             b = c[name]
             print(f"{name:>28}: Fp {b['fp']:.3f} Fb {b['fb']:.3f} NMI {b['nmi']:.3f} clusters {b['n_clusters']}")
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"hilander_{c['n']}.json"
+    path = RESULTS / f"hilander_{c['n']}{'_cluster_only' if args.skip_baselines else ''}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 

@@ -72,3 +72,13 @@ def test_ivf_recall_is_measured():
 def test_bad_method():
     with pytest.raises(ValueError, match="knn method must be one of"):
         knn_graph(np.ones((3, 2), dtype=np.float32), 2, method="lsh")
+
+
+def test_unit_rows_copies_only_when_needed():
+    from agc_ray.core.knn import unit_rows
+
+    x, _ = make_faces(50, dim=8, seed=0)
+    assert unit_rows(x) is x  # already unit float32: no copy
+    y = 3 * x
+    z = unit_rows(y)
+    assert z is not y and np.allclose(np.linalg.norm(z, axis=1), 1) and np.allclose(y, 3 * x)

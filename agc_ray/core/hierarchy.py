@@ -20,7 +20,7 @@ import torch
 from scipy.sparse.csgraph import connected_components
 
 from agc_ray.core.graph import edge_features, mean_valid
-from agc_ray.core.knn import knn_graph, l2_normalize
+from agc_ray.core.knn import knn_graph, l2_normalize, unit_rows
 
 log = logging.getLogger("agc_ray")
 
@@ -187,7 +187,7 @@ def build_hierarchy(
         list of (N,) int64 label arrays, finest first, each a coarsening of the one before; at least
         one level (all singletons when nothing links).
     """
-    x = l2_normalize(x)
+    x = unit_rows(x)
     n = x.shape[0]
     knn = knn or (lambda feats: knn_graph(feats, k, normalize=False))
     t0 = time.perf_counter()
