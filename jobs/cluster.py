@@ -1,27 +1,170 @@
-"""Cluster an embedding table with Hi-LANDER.
+"""Cluster a Parquet table of embeddings with Hi-LANDER on Ray; write every hierarchy level as Parquet.
 
-With no arguments, runs the embedded demo: a synthetic labelled split trains a small model, a split of
-other identities is clustered, every level is written as Parquet under agc_output/demo, and a summary
-is printed.
+With no arguments, runs the embedded demo on a local Ray instance: a synthetic labelled split trains a
+small model, a synthetic table of other identities is written as Parquet and clustered by the job,
+and a summary and the output path are printed.
+
+Input (--input): a Parquet file, a directory of them or a glob, local or s3:// (endpoint and
+credentials from the usual AWS environment variables). Columns: id (int64 or string, unique), embedding
+(list, fixed-size list or fixed_shape_tensor of numbers), optional label (int: metrics per level).
+
+Output (--output, local or s3://):
+  assignments/level=L/*.parquet  id, cluster_id               one row per input row and level
+  clusters/level=L/*.parquet     cluster_id, size, peak_id, parent_cluster_id (null at the top level)
+  manifest.json                  written last: parameters, timings, per-level counts and metrics
+
+Results are staged beside the output and committed at the end; an existing non-empty output is refused
+unless --overwrite. Exit codes: 0 success, 2 bad input or parameters (one line on stderr), 1 other
+failures.
+
+Examples:
+  python jobs/cluster.py
+  python jobs/cluster.py --input s3://bucket/emb/ --output s3://bucket/clusters/ --model my_model
+  ray job submit --working-dir . -- python jobs/cluster.py --config job.yaml --num-shards 8
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error on stderr and exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="jobs/cluster.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    io_ = p.add_argument_group("input and output")
+    io_.add_argument("--config", metavar="FILE.yaml",
+                     help="YAML mapping of any of the options below (keys with - or _); flags win")
+    io_.add_argument("--input", help="Parquet file, directory or glob, local or s3://")
+    io_.add_argument("--output", help="output directory or s3:// prefix")
+    io_.add_argument("--overwrite", action="store_true", default=None,
+                     help="replace an existing non-empty output (at the commit only)")
+    io_.add_argument("--id-column", help="id column (default: id)")
+    io_.add_argument("--embedding-column", help="embedding column (default: embedding)")
+    io_.add_argument("--label-column", help="integer class column for per-level metrics (default: label, if present)")
+    m = p.add_argument_group("model and parameters (default: the model's own values)")
+    m.add_argument("--model", metavar="DIR", help="directory written by HiLander.save or the training job")
+    m.add_argument("--unsupervised", action="store_true", default=None,
+                   help="no model: similarity density and similarity decode")
+    m.add_argument("--k", type=int, help="neighbours per node (must match the model's; default 10 unsupervised)")
+    m.add_argument("--tau", type=float, help="decode threshold on p_ij (prob) or s_ij (sim)")
+    m.add_argument("--max-levels", type=int, help="maximum number of hierarchy levels")
+    m.add_argument("--knn", choices=("auto", "exact", "ivf"),
+                   help="kNN search: exact (flat), ivf (approximate, recall reported), auto (exact up to 20K nodes)")
+    m.add_argument("--decode", choices=("prob", "sim"), help="decode on edge probabilities or similarities")
+    m.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
+                   help="disable the early-stop rule (E_prev / E < k)")
+    m.add_argument("--seed", type=int, help="seed of the IVF training sample")
+    m.add_argument("--num-shards", type=int, help="node shards (default 0: one per CPU of the Ray cluster)")
+    r = p.add_argument_group("Ray")
+    r.add_argument("--num-cpus", type=int,
+                   help="CPUs of the local Ray instance started when not inside `ray job submit` (default: all)")
+    d = p.add_argument_group("demo (used when neither --input nor --config is given)")
+    d.add_argument("--demo-rows", type=int, default=20_000, help="rows of each synthetic split (default: %(default)s)")
+    d.add_argument("--epochs", type=int, default=4, help="training epochs of the demo model (default: %(default)s)")
+    d.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+JOB_KEYS = ("input", "output", "overwrite", "id_column", "embedding_column", "label_column", "model",
+            "unsupervised", "k", "tau", "max_levels", "knn", "decode", "early_stop", "seed", "num_shards")
+
+
+def load_config(path: str) -> dict:
+    """The YAML file as a dict of option names (dashes turned into underscores)."""
+    import yaml
+
+    from agc_ray.distributed.errors import InputError
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise InputError(f"config file not found: {path}") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"config {path} must be a mapping of option names to values")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name == "no_early_stop":
+            name, value = "early_stop", not value
+        if name not in JOB_KEYS + ("num_cpus",):
+            raise InputError(f"unknown option {key!r} in config {path}")
+        out[name] = value
+    return out
+
+
+def job_config(args: argparse.Namespace):
+    """Merge the YAML config and the flags (flags win) into a JobConfig."""
+    from agc_ray.distributed.job import JobConfig
+
+    values = load_config(args.config) if args.config else {}
+    for name in JOB_KEYS + ("num_cpus",):
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
+    args.num_cpus = values.pop("num_cpus", None)
+    cfg = JobConfig(**{k: v for k, v in values.items() if v is not None})
+    if cfg.num_shards is None:
+        cfg.num_shards = 0
+    return cfg
+
+
+def init_ray(num_cpus: int | None = None):
+    """Attach to the cluster of ``ray job submit`` (RAY_ADDRESS), else start a private local instance."""
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 logging_level=logging.WARNING)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="agc_output/demo", help="output directory (default: %(default)s)")
-    parser.add_argument("--demo-rows", type=int, default=20_000, help="rows of each synthetic split")
-    parser.add_argument("--epochs", type=int, default=4, help="training epochs of the demo model")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from agc_ray.demo import run_demo
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2, one line already printed)
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    from agc_ray.distributed.errors import InputError
 
-    run_demo(args.output, n_train=args.demo_rows, n_test=args.demo_rows, epochs=args.epochs)
+    try:
+        if args.input is None and args.config is None and args.output is None and args.model is None:
+            init_ray(args.num_cpus)
+            from agc_ray.distributed.demo import run_demo
+
+            run_demo(n_rows=args.demo_rows, epochs=args.epochs)
+            return 0
+        cfg = job_config(args)
+        from agc_ray.distributed.job import run_job, validate_config
+
+        validate_config(cfg)  # before starting Ray: bad parameters fail fast
+        init_ray(args.num_cpus)
+        manifest = run_job(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"clustered {manifest['input']['rows']} rows into levels {manifest['cluster_counts']} -> {cfg.output}")
     return 0
 
 

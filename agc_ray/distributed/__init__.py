@@ -1,0 +1,15 @@
+"""The Ray layer: runs the Ray-free core (:mod:`agc_ray.core`) over shards of a Parquet table.
+
+- :mod:`~agc_ray.distributed.io`: input resolution and validation (local, globs, ``s3://``), the Ray
+  Data read into row shards, output writing and the atomic commit.
+- :mod:`~agc_ray.distributed.knn`: a faiss index sharded across Ray actors, top-k merge.
+- :mod:`~agc_ray.distributed.level`: per-shard LANDER inference and decode, local and global
+  union-find, aggregation into the next level.
+- :mod:`~agc_ray.distributed.job`: :class:`JobConfig` and :func:`run_job`, the level loop.
+
+Imports point one way: ``distributed -> core``.
+"""
+
+from agc_ray.distributed.errors import InputError
+
+__all__ = ["InputError"]

@@ -1,0 +1,475 @@
+"""The distributed clustering job: :class:`JobConfig` and :func:`run_job`.
+
+``run_job`` validates everything it can before any output is written (parameters, model, output
+location, input footers, then every row while Ray Data reads the table), then runs the level loop of
+:func:`agc_ray.core.hierarchy.build_hierarchy` over node shards (see :mod:`agc_ray.distributed.level`),
+writes each level under a staging prefix as soon as it is known and commits at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import numbers
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from agc_ray.distributed import io
+from agc_ray.distributed import level as lv
+from agc_ray.distributed.errors import InputError
+from agc_ray.distributed.knn import JOB_METHODS, ShardIndex, default_nprobe, ivf_sample_rows, job_method, search_shard, train_centroids
+from agc_ray.distributed.remote import lazy_remote
+
+log = logging.getLogger("agc_ray")
+
+
+@dataclass
+class JobConfig:
+    """Parameters of one job run (the command line's flags; None means: the model's value or the default).
+
+    Attributes:
+        input: Parquet file, directory or glob, local or ``s3://``.
+        output: output directory or ``s3://`` prefix.
+        model: directory written by ``HiLander.save`` (or the training job); exclusive with unsupervised.
+        unsupervised: cluster without a model (similarity density, 'sim' decode).
+        id_column, embedding_column: input column names.
+        label_column: integer class column; metrics per level in the manifest. None: ``label`` if the
+            table has it.
+        k, tau, max_levels, knn, decode, early_stop, seed: the core's parameters (k must match the model's).
+        num_shards: node shards (0: one per CPU of the cluster).
+        overwrite: replace an existing non-empty output.
+        knn_recall_sample: rows whose neighbours are checked against exact search (approximate kNN only).
+    """
+
+    input: str | None = None
+    output: str | None = None
+    model: str | None = None
+    unsupervised: bool = False
+    id_column: str = "id"
+    embedding_column: str = "embedding"
+    label_column: str | None = None
+    k: int | None = None
+    tau: float | None = None
+    max_levels: int | None = None
+    knn: str | None = None
+    decode: str | None = None
+    early_stop: bool | None = None
+    seed: int | None = None
+    num_shards: int = 0
+    overwrite: bool = False
+    knn_recall_sample: int = 1000
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check(name, value, kind, low=None, high=None, options=None):
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return
+    if options is not None:
+        if value not in options:
+            raise InputError(f"invalid {flag} {value!r}: expected one of {', '.join(map(str, options))}")
+        return
+    ok = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
+    if not ok or isinstance(value, bool):
+        raise InputError(f"invalid {flag} {value!r}: expected {'an integer' if kind is int else 'a number'}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InputError(f"invalid {flag} {value!r}: must be {bounds}")
+
+
+def validate_config(cfg: JobConfig) -> None:
+    """Parameter checks that need no data (InputError with the flag, the value and what is expected)."""
+    if not cfg.input:
+        raise InputError("missing --input (a Parquet file, directory or glob, local or s3://)")
+    if not cfg.output:
+        raise InputError("missing --output (a directory or s3:// prefix)")
+    if cfg.model and cfg.unsupervised:
+        raise InputError("--model and --unsupervised are exclusive")
+    if not cfg.model and not cfg.unsupervised:
+        raise InputError("pass --model DIR (a saved HiLander) or --unsupervised")
+    _check("k", cfg.k, int, 1)
+    _check("max_levels", cfg.max_levels, int, 1)
+    _check("num_shards", cfg.num_shards, int, 0)
+    _check("seed", cfg.seed, int)
+    _check("knn", cfg.knn, None, options=JOB_METHODS)
+    _check("decode", cfg.decode, None, options=("prob", "sim"))
+    _check("tau", cfg.tau, float, -1.0, 1.0)
+    _check("knn_recall_sample", cfg.knn_recall_sample, int, 0)
+    if cfg.tau is not None and cfg.tau < 0 and (cfg.decode or "prob") == "prob" and not cfg.unsupervised:
+        raise InputError(f"invalid --tau {cfg.tau!r}: must be in [0, 1] with --decode prob")
+
+
+def load_estimator(cfg: JobConfig):
+    """The :class:`~agc_ray.HiLander` whose parameters the job runs with (model loaded, flags applied)."""
+    from agc_ray import HiLander
+
+    if cfg.model:
+        try:
+            est = HiLander.load(cfg.model)
+        except (ValueError, OSError, RuntimeError, KeyError, TypeError) as e:
+            raise InputError(f"cannot load model {cfg.model}: {io._one_line(e)}") from e
+        if cfg.k is not None and cfg.k != est.k:
+            raise InputError(f"invalid --k {cfg.k}: the model {cfg.model} was trained with k={est.k} (its inputs are k-specific)")
+    else:
+        est = HiLander(unsupervised=True, decode="sim", k=cfg.k if cfg.k is not None else 10)
+    overrides = {"tau": cfg.tau, "levels": cfg.max_levels, "knn": cfg.knn, "decode": cfg.decode,
+                 "early_stop": cfg.early_stop, "seed": cfg.seed}
+    est.set_params(**{key: val for key, val in overrides.items() if val is not None})
+    if est.knn not in JOB_METHODS:
+        est.set_params(knn="auto")
+    try:
+        est.validate_params()
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    return est
+
+
+def _versions() -> dict:
+    import faiss
+    import pyarrow
+    import ray
+    import torch
+
+    from agc_ray import __version__
+
+    return {"agc_ray": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "faiss": getattr(faiss, "__version__", "?"), "pyarrow": pyarrow.__version__, "numpy": np.__version__}
+
+
+# -- remote helpers of the driver loop ------------------------------------------------------------------
+@lazy_remote(num_cpus=0.5)
+def _write_assignments(fs, path: str, ids, labels):
+    import pyarrow as pa
+
+    return io.write_table(fs, path, pa.table({"id": ids, "cluster_id": pa.array(labels, pa.int64())}))
+
+
+@lazy_remote(num_cpus=0.5)
+def _write_clusters(fs, path: str, level: dict, parent_comp, *ids):
+    import pyarrow as pa
+
+    peak_ids = pa.concat_arrays(list(ids)).take(pa.array(level["peak_row"]))
+    c = level["peaks"].size
+    parent = pa.nulls(c, pa.int64()) if parent_comp is None else pa.array(parent_comp, pa.int64())
+    table = pa.table({"cluster_id": pa.array(np.arange(c, dtype=np.int64)), "size": pa.array(level["size"]),
+                      "peak_id": peak_ids, "parent_cluster_id": parent})
+    return io.write_table(fs, path, table)
+
+
+@lazy_remote(num_cpus=0.5)
+def _evaluate(n_shards: int, *parts):
+    from agc_ray.metrics import evaluate
+
+    return evaluate(np.concatenate(parts[:n_shards]), np.concatenate(parts[n_shards:]))
+
+
+@lazy_remote(num_cpus=0.5)
+def _gather(offsets, refs: list, rows):
+    return lv.gather_rows(refs, offsets, rows)
+
+
+_train_centroids = lazy_remote(train_centroids, num_cpus=1)
+_search_shard = lazy_remote(search_shard, num_cpus=0.5, num_returns=2)
+
+
+@lazy_remote(num_cpus=0.5)
+def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
+    """Share of the sampled rows' neighbours whose similarity reaches the exact k-th best (as core.knn_recall)."""
+    nbr, sim = graph
+    n_true = min(k, int(nbr.shape[0]) - 1)
+    if n_true <= 0:
+        return 1.0
+    exact_sim = np.where(exact_nbr == sample_rows[:, None], -np.inf, exact_sim)  # drop the self match
+    kth = -np.sort(-exact_sim, axis=1)[:, n_true - 1]
+    found_sim = sim[sample_rows]
+    valid = nbr[sample_rows] >= 0
+    return float(((found_sim >= kth[:, None] - 1e-5) & valid).sum() / (sample_rows.size * n_true))
+
+
+# -- the job -------------------------------------------------------------------------------------------
+class _Level:
+    """Node shards of one level: offsets and object refs of x_id, x_sum (None at level 0), size, peak_row."""
+
+    def __init__(self, offsets, x_id, x_sum=None, size=None, peak_row=None):
+        self.offsets, self.x_id, self.x_sum, self.size, self.peak_row = offsets, x_id, x_sum, size, peak_row
+
+    @property
+    def n(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shards(self) -> int:
+        return len(self.x_id)
+
+    def refs(self) -> dict:
+        out = {"x_id": self.x_id}
+        if self.x_sum is not None:
+            out.update(x_sum=self.x_sum, size=self.size)
+        return out
+
+
+class Job:
+    """One run: holds the cluster-side state (actors, refs) of :func:`run_job`."""
+
+    def __init__(self, cfg: JobConfig, est, num_shards: int):
+        self.cfg, self.est, self.num_shards = cfg, est, num_shards
+        self.timings: dict[str, float] = {}
+        self.actors = []
+
+    def _time(self, stage: str, t0: float) -> float:
+        dt = time.perf_counter() - t0
+        self.timings[stage] = self.timings.get(stage, 0.0) + dt
+        return dt
+
+    def index_actors(self, level: _Level, method: str, centroids, nprobe: int):
+        """One :class:`ShardIndex` actor per node shard (restartable; the previous level's are killed)."""
+        import ray
+
+        self.close()
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+        cls = ray.remote(ShardIndex).options(
+            num_cpus=min(0.5, cpus / (4 * level.shards)), scheduling_strategy="SPREAD",
+            num_gpus=min(1.0, gpus / level.shards) if gpus else 0,  # GPU actors when the cluster has GPUs
+            max_restarts=3, max_task_retries=3,
+        )
+        self.actors = [cls.remote(x, int(level.offsets[s]), method, centroids, nprobe) for s, x in enumerate(level.x_id)]
+        ray.get([a.ready.remote() for a in self.actors])
+        return self.actors
+
+    def knn(self, level: _Level, level_no: int, stats: dict):
+        """The level's kNN graph as one object ``(nbr, sim)``, searched over the sharded index."""
+        import ray
+
+        t0 = time.perf_counter()
+        k, n, seed = self.est.k, level.n, self.est.seed
+        method = job_method(self.est.knn, n)
+        centroids, nprobe = None, 0
+        if method == "ivf":
+            from agc_ray.core.knn import _ivf_nlist
+
+            rows = ivf_sample_rows(n, _ivf_nlist(n), seed)
+            sample = _gather.remote(level.offsets, level.x_id, rows if rows is not None else np.arange(n))
+            centroids = _train_centroids.remote(sample, n, seed)
+            nprobe = default_nprobe(n)
+        actors = self.index_actors(level, method, centroids, nprobe)
+        results = [_search_shard.remote(x, int(level.offsets[s]), actors, k) for s, x in enumerate(level.x_id)]
+        graph, _ = lv.concat_graph.remote(level.shards, *[r[0] for r in results], *[r[1] for r in results])
+        ray.wait([graph], fetch_local=False)
+        stats.update(knn_method=method, knn_seconds=self._time("knn", t0))
+        if method != "exact" and level_no == 0 and self.cfg.knn_recall_sample > 0:
+            stats["knn_recall"] = self.recall(level, graph, actors)
+        log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, n, level.shards, method, stats["knn_seconds"])
+        return graph
+
+    def recall(self, level: _Level, graph, actors) -> float:
+        import ray
+
+        rng = np.random.default_rng(self.est.seed)
+        rows = np.sort(rng.choice(level.n, size=min(self.cfg.knn_recall_sample, level.n), replace=False))
+        queries = _gather.remote(level.offsets, level.x_id, rows)
+        exact_nbr, exact_sim = _search_shard_exact.remote(queries, actors, self.est.k)
+        return ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, self.est.k))
+
+    def decode(self, level: _Level, graph, model_ref, level_no: int, stats: dict):
+        """Stages 1-4 of :mod:`agc_ray.distributed.level`: the level's clusters (one object) and counts."""
+        import ray
+
+        t0 = time.perf_counter()
+        offs = level.offsets
+        if self.est.unsupervised:
+            p = [None] * level.shards
+            density = [lv.similarity_densities.remote(s, offs, graph) for s in range(level.shards)]
+        else:
+            stage1 = [lv.shard_projections.remote(model_ref, s, offs, graph, level.refs()) for s in range(level.shards)]
+            proj = [r[0] for r in stage1]
+            stage2 = [lv.shard_probabilities.remote(model_ref, s, offs, graph, proj, stage1[s][1])
+                      for s in range(level.shards)]
+            p, density = [r[0] for r in stage2], [r[1] for r in stage2]
+        ray.wait(density, num_returns=len(density), fetch_local=False)
+        stats["score_seconds"] = self._time("score", t0)
+        t0 = time.perf_counter()
+        mode = "sim" if self.est.unsupervised else self.est.decode
+        decoded = [lv.shard_decode.remote(s, offs, graph, p[s], self.est.tau, mode, *density) for s in range(level.shards)]
+        sizes = level.size if level.size is not None else [None] * level.shards
+        peak_rows = level.peak_row if level.peak_row is not None else [None] * level.shards
+        result, counts = lv.global_components.remote(
+            level.shards, *[d[0] for d in decoded], *[d[1] for d in decoded], *sizes, *peak_rows
+        )
+        counts = ray.get(counts)
+        stats.update(edges=counts["edges"], clusters=counts["clusters"], decode_seconds=self._time("decode", t0))
+        return result, counts
+
+    def aggregate(self, level: _Level, result, clusters: int) -> _Level:
+        """Next level's node shards from this level's clusters."""
+        import ray
+
+        t0 = time.perf_counter()
+        bounds = io.shard_bounds(clusters, self.num_shards)
+        x_sum = level.x_sum if level.x_sum is not None else level.x_id
+        n_next = bounds.size - 1
+        parts = [lv.split_members.options(num_returns=n_next).remote(s, level.offsets, result, x_sum[s], bounds)
+                 for s in range(level.shards)]
+        if n_next == 1:
+            parts = [[p] for p in parts]
+        built = [lv.assemble_next.remote(t, bounds, result, level.offsets, level.x_id, *[p[t] for p in parts])
+                 for t in range(n_next)]
+        nxt = _Level(bounds, [b[0] for b in built], [b[1] for b in built], [b[2] for b in built], [b[3] for b in built])
+        ray.wait(nxt.peak_row, num_returns=len(nxt.peak_row), fetch_local=False)
+        self._time("aggregate", t0)
+        return nxt
+
+    def close(self):
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def _search_shard_exact(queries, actors, k):
+    from agc_ray.distributed.knn import MergedIndex
+
+    sim, idx = MergedIndex(actors, exact=True).search(queries, k + 1)
+    return idx, sim  # the sample's own rows are in the results; the recall uses the k-th best of k + 1
+
+
+def default_num_shards() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def run_job(cfg: JobConfig) -> dict:
+    """Run the clustering job (Ray must be initialised). Returns the manifest.
+
+    Raises:
+        InputError: bad input, parameters or output location; nothing has been written.
+    """
+    t_start = time.perf_counter()
+    validate_config(cfg)
+    est = load_estimator(cfg)
+    output = io.Output(cfg.output, cfg.overwrite)
+    output.check()
+    t0 = time.perf_counter()
+    fs, files = io.resolve_input(cfg.input)
+    schema = io.check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column, default_label="label")
+    _check_dim(est, schema.dim, cfg)
+    num_shards = cfg.num_shards or default_num_shards()
+    log.info("input: %d rows in %d file(s), %d shards", schema.rows, len(files), num_shards)
+    rows = io.read_shards(fs, schema, num_shards)
+    _check_dim(est, rows.dim, cfg)
+    timings = {"read_seconds": time.perf_counter() - t0}
+    log.info("read + validate: %d rows, dimension %d, %.1fs", rows.n, rows.dim, timings["read_seconds"])
+
+    job = Job(cfg, est, num_shards)
+    try:
+        manifest = _run_levels(job, cfg, est, output, fs, files, schema, rows, timings)
+        job.close()
+        t0 = time.perf_counter()
+        manifest["timings"]["total_seconds"] = time.perf_counter() - t_start
+        output.commit(manifest)
+    except BaseException:
+        job.close()
+        output.abort()
+        raise
+    log.info("committed %s (%.1fs)", cfg.output, time.perf_counter() - t0)
+    return manifest
+
+
+def _check_dim(est, dim, cfg):
+    n_in = getattr(est, "n_features_in_", None)
+    if dim is not None and n_in is not None and not est.unsupervised and dim != n_in:
+        raise InputError(f"model {cfg.model} expects {n_in}-dimensional embeddings, the table's are {dim}-dimensional")
+
+
+def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, rows, timings) -> dict:
+    import ray
+    import torch
+
+    torch.manual_seed(est.seed)
+    model_ref = None if est.unsupervised else ray.put(est.model_.cpu().eval())
+    level = _Level(rows.offsets, rows.x)
+    node_of_row = None
+    kept: list[dict] = []  # per level: result ref, row labels refs, stats
+    writes = []
+    prev_edges = None
+    for level_no in range(est.levels):
+        stats = {"level": level_no, "nodes": level.n}
+        graph = job.knn(level, level_no, stats)
+        result, counts = job.decode(level, graph, model_ref, level_no, stats)
+        n_edges = counts["edges"]
+        if n_edges == 0 and level_no > 0:
+            log.info("level %d: no edge added, stop", level_no)
+            break
+        if node_of_row is None:
+            labels = [lv.relabel.remote(np.arange(rows.offsets[s], rows.offsets[s + 1]), result) for s in range(len(rows.x))]
+        else:
+            labels = [lv.relabel.remote(nr, result) for nr in node_of_row]
+        node_of_row = labels
+        t0 = time.perf_counter()
+        for s, (ids, lab) in enumerate(zip(rows.ids, labels)):
+            path = output.staged("assignments", f"level={level_no}", f"part-{s:05d}.parquet")
+            writes.append(_write_assignments.remote(output.fs, path, ids, lab))
+        job._time("write", t0)
+        kept.append({"result": result, "labels": labels, "stats": stats})
+        log.info("level %d: %d nodes -> %d clusters (%d edges), score %.1fs, decode %.1fs",
+                 level_no, level.n, counts["clusters"], n_edges, stats["score_seconds"], stats["decode_seconds"])
+        if n_edges == 0:
+            log.info("level 0: no edge added, every row is its own cluster")
+            break
+        if est.early_stop and prev_edges is not None and prev_edges / n_edges < est.k:
+            log.info("level %d: early stop (E_prev / E = %.2f < k = %d)", level_no, prev_edges / n_edges, est.k)
+            break
+        prev_edges = n_edges
+        if level_no + 1 >= est.levels or counts["clusters"] <= est.k:
+            break
+        level = job.aggregate(level, result, counts["clusters"])
+
+    t0 = time.perf_counter()
+    for i, entry in enumerate(kept):
+        parent = kept[i + 1]["result"] if i + 1 < len(kept) else None
+        path = output.staged("clusters", f"level={i}", "part-00000.parquet")
+        writes.append(_write_clusters.remote(output.fs, path, entry["result"], _comp_of(parent), *rows.ids))
+    metrics = None
+    if rows.labels is not None:
+        metrics = ray.get([_evaluate.remote(len(rows.labels), *rows.labels, *e["labels"]) for e in kept])
+    ray.get(writes)
+    job._time("write", t0)
+    levels_out = []
+    for i, entry in enumerate(kept):
+        item = dict(entry["stats"])
+        if metrics is not None:
+            item["metrics"] = metrics[i]
+        levels_out.append(item)
+    return {
+        "status": "succeeded",
+        "input": {"path": cfg.input, "files": len(files), "rows": rows.n, "dimension": rows.dim,
+                  "id_column": schema.id_column, "embedding_column": schema.embedding_column,
+                  "label_column": schema.label_column},
+        "output": cfg.output,
+        "parameters": {"k": est.k, "tau": est.tau, "max_levels": est.levels, "knn": est.knn, "decode": est.decode,
+                       "early_stop": est.early_stop, "seed": est.seed, "num_shards": job.num_shards,
+                       "unsupervised": est.unsupervised},
+        "model": None if est.unsupervised else {"path": cfg.model, "params": est.get_params(),
+                                                "n_features_in": est.n_features_in_},
+        "versions": _versions(),
+        "timings": timings | {f"{k}_seconds": v for k, v in job.timings.items()},
+        "levels": levels_out,
+        "cluster_counts": [e["stats"]["clusters"] for e in kept],
+    }
+
+
+@lazy_remote(num_cpus=0.5)
+def _comp_only(result):
+    return result["comp"]
+
+
+def _comp_of(result):
+    return None if result is None else _comp_only.remote(result)

@@ -1,0 +1,327 @@
+"""One hierarchy level over node shards: LANDER inference, decode, union-find, aggregation.
+
+A level's nodes are cut into contiguous shards (``offsets``); each shard's arrays (identity features,
+member-feature sums, sizes, peak rows) are objects in Ray's object store, and so are the level's
+kNN graph arrays ``(nbr, sim)`` (n, k), which are small. Stages, each one Ray task per shard:
+
+1. :func:`shard_projections`: gathers the features of the shard's neighbours (its halo) from their
+   owners, computes LANDER's node projections and the shard's edge features.
+2. :func:`shard_probabilities`: gathers the halo's projections; edge probabilities and densities.
+3. :func:`shard_decode`: each node keeps its best denser edge; a local union-find (connected
+   components of the intra-shard edges) reduces the shard to its local roots.
+4. :func:`global_components`: union-find over the cross-shard edges of the local roots gives the
+   level's clusters, numbered by their first node (as :func:`agc_ray.core.hierarchy.forest_components`).
+5. :func:`split_members` / :func:`assemble_next`: aggregation into the next level's node shards (peak
+   identity feature, member sums added in node order, exactly like :func:`agc_ray.core.hierarchy.aggregate`).
+
+All arithmetic is the core's, row for row, so the result equals the single-process hierarchy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agc_ray.distributed.remote import lazy_remote
+
+_FEATURE_CHUNK = 8192
+
+
+def _torch_single_thread():
+    """torch, with one thread (tasks share the CPUs) and no warning about read-only object-store arrays."""
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    return torch
+
+
+def gather_rows(refs: list, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows (global ids, any order) of an array sharded as ``refs`` over ``offsets``, in ``rows`` order."""
+    import ray
+
+    rows = np.asarray(rows, dtype=np.int64)
+    owner = np.searchsorted(offsets, rows, side="right") - 1
+    out = None
+    for o in np.unique(owner):
+        part = ray.get(refs[int(o)])
+        sel = owner == o
+        block = part[rows[sel] - offsets[o]]
+        if out is None:
+            out = np.empty((rows.size,) + part.shape[1:], dtype=part.dtype)
+        out[sel] = block
+    if out is None:
+        first = ray.get(refs[0])
+        out = np.empty((0,) + first.shape[1:], dtype=first.dtype)
+    return out
+
+
+class LocalGraph:
+    """A shard's rows plus its halo in a local index space: own rows first, then halo rows (sorted)."""
+
+    def __init__(self, nbr: np.ndarray, lo: int, hi: int):
+        nb = nbr[lo:hi]
+        real = nb[nb >= 0]
+        halo = np.unique(real[(real < lo) | (real >= hi)])
+        self.lo, self.hi, self.halo = lo, hi, halo
+        self.n_own = hi - lo
+        self.nodes = np.concatenate([np.arange(lo, hi, dtype=np.int64), halo])
+        self.nbr_own = self.to_local(nb)
+
+    def to_local(self, g: np.ndarray) -> np.ndarray:
+        """Map global ids (own or halo; -1 stays -1) to local ids."""
+        own = (g >= self.lo) & (g < self.hi)
+        pos = np.searchsorted(self.halo, np.where(g >= 0, g, 0))
+        local = np.where(own, g - self.lo, self.n_own + pos)
+        return np.where(g >= 0, local, -1).astype(np.int64)
+
+
+def _local_features(lg: LocalGraph, s: int, offsets, x_id_refs, x_sum_refs, size_refs):
+    """(x_id, x_mean, size) of the shard's local nodes; x_mean is x_id at level 0."""
+    import ray
+
+    from agc_ray.core.knn import l2_normalize
+
+    torch = _torch_single_thread()
+    x_id = np.concatenate([ray.get(x_id_refs[s]), gather_rows(x_id_refs, offsets, lg.halo)])
+    x_id_t = torch.from_numpy(np.ascontiguousarray(x_id))
+    if x_sum_refs is None:
+        return x_id_t, x_id_t, None
+    x_sum = np.concatenate([ray.get(x_sum_refs[s]), gather_rows(x_sum_refs, offsets, lg.halo)])
+    size = np.concatenate([ray.get(size_refs[s]), gather_rows(size_refs, offsets, lg.halo)])
+    return x_id_t, torch.from_numpy(l2_normalize(x_sum)), size
+
+
+def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None):
+    """:func:`agc_ray.core.graph.edge_features` of the shard's own rows only, (n_s, k, F).
+
+    Same arithmetic as the core function, row for row; ``nbr``/``sim`` are the level's global arrays
+    (neighbours' neighbour lists are needed), ``x_mean_loc``/``size_loc`` are local (own + halo).
+    """
+    from agc_ray.core.graph import N_EDGE_FEATURES, mean_valid
+
+    torch = _torch_single_thread()
+    nbr_t = torch.as_tensor(nbr)
+    sim_t = torch.as_tensor(sim, dtype=torch.float32)
+    k = nbr_t.shape[1]
+    nodes = torch.from_numpy(lg.nodes)
+    mean_sim = mean_valid(sim_t[nodes], nbr_t[nodes] >= 0)  # local ids
+    n = lg.n_own
+    out = torch.zeros((n, k, N_EDGE_FEATURES), dtype=torch.float32)
+    own_nbr = nbr_t[lg.lo:lg.hi]
+    valid = own_nbr >= 0
+    safe = own_nbr.clamp_min(0)
+    safe_loc = torch.from_numpy(lg.to_local(safe.numpy()))
+    rank = (torch.arange(k, dtype=torch.float32) / max(k, 1)).expand(n, k)
+    xm = None if x_mean_loc is None else x_mean_loc
+    log_size = None if size_loc is None else torch.log(torch.as_tensor(size_loc, dtype=torch.float32))
+    for start in range(0, n, _FEATURE_CHUNK):
+        stop = min(start + _FEATURE_CHUNK, n)
+        rows = torch.arange(lg.lo + start, lg.lo + stop)
+        nb, nb_loc = safe[start:stop], safe_loc[start:stop]
+        nb_nb = nbr_t[nb]
+        mutual = (nb_nb == rows[:, None, None]).any(dim=2)
+        mine = torch.where(valid[start:stop], own_nbr[start:stop], -2)
+        shared = (nb_nb[:, :, :, None] == mine[:, None, None, :]).any(dim=3).sum(dim=2)
+        s = sim_t[lg.lo + start:lg.lo + stop]
+        block = out[start:stop]
+        block[..., 0] = s
+        block[..., 1] = rank[start:stop]
+        block[..., 2] = s - mean_sim[start:stop, None]
+        block[..., 3] = s - mean_sim[nb_loc]
+        block[..., 4] = mutual.float()
+        block[..., 5] = shared.float() / k
+        block[..., 6] = mean_sim[nb_loc] - mean_sim[start:stop, None]
+        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[start:stop], xm[nb_loc])
+        if log_size is not None:
+            block[..., 8] = log_size[start:stop, None]
+            block[..., 9] = log_size[nb_loc]
+    out[~valid] = 0.0
+    return out
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def shard_projections(model, s: int, offsets, graph, refs: dict):
+    """Stage 1: ``(proj (n_s, 3E), edge features (n_s, k, F))`` of shard ``s``."""
+    from agc_ray.core.inference import node_projections
+
+    torch = _torch_single_thread()
+    nbr, sim = graph
+    lg = LocalGraph(nbr, int(offsets[s]), int(offsets[s + 1]))
+    x_id, x_mean, size = _local_features(lg, s, offsets, refs["x_id"], refs.get("x_sum"), refs.get("size"))
+    nbr_loc = torch.full((lg.nodes.size, nbr.shape[1]), -1, dtype=torch.int64)
+    nbr_loc[: lg.n_own] = torch.from_numpy(lg.nbr_own)
+    sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
+    model.eval()
+    proj = node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(lg.n_own))
+    base = refs.get("x_sum") is None
+    feats = shard_edge_features(nbr, sim, lg, None if base else x_mean, size)
+    return proj.numpy(), feats.numpy()
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def shard_probabilities(model, s: int, offsets, graph, proj_refs: list, feats):
+    """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``."""
+    import ray
+
+    from agc_ray.core.inference import edge_probabilities
+    from agc_ray.core.lander import predicted_density
+
+    torch = _torch_single_thread()
+    nbr, sim = graph
+    lg = LocalGraph(nbr, int(offsets[s]), int(offsets[s + 1]))
+    proj = np.concatenate([ray.get(proj_refs[s]), gather_rows(proj_refs, offsets, lg.halo)])
+    proj_t = torch.from_numpy(proj)
+    nbr_rows = torch.from_numpy(lg.nbr_own)
+    model.eval()
+    p = edge_probabilities(model, proj_t, proj_t[: lg.n_own], nbr_rows, torch.from_numpy(feats))
+    sim_rows = torch.from_numpy(np.ascontiguousarray(sim[lg.lo:lg.hi]))
+    density = predicted_density(p, sim_rows, torch.from_numpy(nbr[lg.lo:lg.hi]) >= 0)
+    return p.numpy(), density.numpy()
+
+
+@lazy_remote(num_cpus=0.5)
+def similarity_densities(s: int, offsets, graph):
+    """Unsupervised density of shard ``s`` (mean similarity to valid neighbours), (n_s,)."""
+    from agc_ray.core.hierarchy import similarity_density
+
+    nbr, sim = graph
+    lo, hi = int(offsets[s]), int(offsets[s + 1])
+    return similarity_density(nbr[lo:hi], sim[lo:hi]).numpy()
+
+
+def select_parents_rows(score, nbr_rows, density, density_rows, threshold):
+    """:func:`agc_ray.core.hierarchy.select_parents` for a block of rows with global neighbour ids.
+
+    Shapes:
+        score, nbr_rows (m, k); density (n,) global; density_rows (m,) -> parent (m,) int64.
+    """
+    torch = _torch_single_thread()
+    score = torch.as_tensor(score)
+    nbr = torch.as_tensor(nbr_rows)
+    density = torch.as_tensor(density)
+    valid = nbr >= 0
+    cand = valid & (density[nbr.clamp_min(0)] > torch.as_tensor(density_rows)[:, None])
+    if threshold is not None:
+        cand &= score > threshold
+    masked = torch.where(cand, score.to(torch.float64), torch.tensor(-np.inf, dtype=torch.float64))
+    best = masked.argmax(dim=1)
+    parent = torch.where(cand.any(dim=1), nbr.gather(1, best[:, None]).squeeze(1), torch.tensor(-1))
+    return parent.numpy().astype(np.int64)
+
+
+def local_roots(parent: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Local union-find: each node's local root (global id), following intra-shard edges only.
+
+    The forest restricted to a shard is a forest too; every local tree has exactly one node whose
+    parent is outside the shard (or none): its root.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    n = hi - lo
+    local = (parent >= lo) & (parent < hi)
+    child = np.flatnonzero(local)
+    graph = sp.csr_matrix((np.ones(child.size, dtype=np.int8), (child, parent[child] - lo)), shape=(n, n))
+    _, comp = connected_components(graph, directed=True, connection="weak")
+    tops = np.flatnonzero(~local)
+    root_of_comp = np.empty(tops.size, dtype=np.int64)
+    root_of_comp[comp[tops]] = tops + lo
+    return root_of_comp[comp]
+
+
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities):
+    """Stage 3: ``(parent (n_s,), local root (n_s,))`` of shard ``s``; densities are all shards'."""
+    nbr, sim = graph
+    lo, hi = int(offsets[s]), int(offsets[s + 1])
+    density = np.concatenate(densities)
+    score = sim[lo:hi] if mode == "sim" or p is None else p
+    parent = select_parents_rows(score, nbr[lo:hi], density, density[lo:hi], tau)
+    return parent, local_roots(parent, lo, hi)
+
+
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def global_components(n_shards: int, *parts):
+    """Stage 4: union-find over the cross-shard edges of the local roots.
+
+    ``parts`` are n_shards parents, n_shards local roots, n_shards sizes and n_shards peak rows (sizes
+    and peak rows may be None at level 0).
+
+    Returns:
+        ``({comp, peaks, size, peak_row}, {edges, clusters})``: comp (n,) cluster of each node numbered
+        by first node; peaks (C,) root node of each cluster; size (C,) original rows per cluster;
+        peak_row (C,) original row of each cluster's peak; and the counts.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    from agc_ray.core.hierarchy import canonical_labels
+
+    parent = np.concatenate(parts[:n_shards])
+    root = np.concatenate(parts[n_shards:2 * n_shards])
+    sizes, peak_rows = parts[2 * n_shards:3 * n_shards], parts[3 * n_shards:]
+    n = parent.size
+    tops = np.flatnonzero(root == np.arange(n))
+    cross = tops[parent[tops] >= 0]
+    u = np.searchsorted(tops, cross)
+    v = np.searchsorted(tops, root[parent[cross]])
+    graph = sp.csr_matrix((np.ones(u.size, dtype=np.int8), (u, v)), shape=(tops.size, tops.size))
+    _, top_comp = connected_components(graph, directed=True, connection="weak")
+    comp = canonical_labels(top_comp[np.searchsorted(tops, root)])
+    roots = np.flatnonzero(parent < 0)
+    peaks = np.empty(roots.size, dtype=np.int64)
+    peaks[comp[roots]] = roots
+    size = np.ones(n, dtype=np.int64) if sizes[0] is None else np.concatenate(sizes)
+    peak_row = np.arange(n, dtype=np.int64) if peak_rows[0] is None else np.concatenate(peak_rows)
+    cluster_size = np.bincount(comp, weights=size, minlength=peaks.size).astype(np.int64)
+    level = {"comp": comp, "peaks": peaks, "size": cluster_size, "peak_row": peak_row[peaks]}
+    return level, {"edges": int((parent >= 0).sum()), "clusters": int(peaks.size)}
+
+
+@lazy_remote(num_cpus=0.5)
+def split_members(s: int, offsets, level: dict, x_sum, bounds):
+    """Aggregation, step 1: shard ``s``'s member rows grouped by next-level shard.
+
+    Returns one ``(cluster index within t, x_sum rows)`` per next shard t (rows in node order), as
+    separate objects (call with ``num_returns`` = number of next shards) so that each next shard
+    fetches only its own part.
+    """
+    lo, hi = int(offsets[s]), int(offsets[s + 1])
+    comp = level["comp"][lo:hi]
+    t = np.searchsorted(bounds, comp, side="right") - 1
+    parts = tuple((comp[t == j] - bounds[j], x_sum[t == j]) for j in range(len(bounds) - 1))
+    return parts if len(parts) > 1 else parts[0]
+
+
+@lazy_remote(num_cpus=0.5, num_returns=4)
+def assemble_next(t: int, bounds, level: dict, offsets, x_id_refs: list, *parts):
+    """Aggregation, step 2: next-level shard ``t``: ``(x_id, x_sum, size, peak_row)``.
+
+    ``parts``: every old shard's part for ``t`` from :func:`split_members`, in shard order.
+
+    The member sums are added in node order with ``index_add_``, as :func:`agc_ray.core.hierarchy.aggregate`.
+    """
+    torch = _torch_single_thread()
+    c0, c1 = int(bounds[t]), int(bounds[t + 1])
+    idx = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([p[1] for p in parts])
+    x_sum = torch.zeros((c1 - c0, rows.shape[1]), dtype=torch.float32)
+    x_sum.index_add_(0, torch.from_numpy(idx), torch.from_numpy(np.ascontiguousarray(rows)))
+    x_id = gather_rows(x_id_refs, offsets, level["peaks"][c0:c1])
+    return x_id, x_sum.numpy(), level["size"][c0:c1].copy(), level["peak_row"][c0:c1].copy()
+
+
+@lazy_remote(num_cpus=0.5)
+def relabel(node_of_row, level: dict):
+    """Rows' clusters at this level: ``comp[node_of_row]``."""
+    return level["comp"][node_of_row]
+
+
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def concat_graph(n_shards: int, *parts):
+    """The level's (n, k) ``(nbr, sim)`` from the shards' search results (as one object) and its stats."""
+    nbr = np.concatenate(parts[:n_shards])
+    sim = np.concatenate(parts[n_shards:])
+    return (nbr, sim), {"rows": int(nbr.shape[0])}

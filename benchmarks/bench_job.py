@@ -1,0 +1,187 @@
+"""Benchmark: the distributed job on local Ray vs single-process ``HiLander`` on the same table.
+
+    python benchmarks/bench_job.py --n 100000
+    python benchmarks/bench_job.py --n 1000000 --model my_model     # reuse a saved model
+
+Steps: a synthetic n x 256 table (make_faces, seed 2) written as Parquet; a model trained on another
+split (or --model); then, each in its own child process so that memory is measured separately,
+(1) ``HiLander.predict_hierarchy`` in one process and (2) the job (``run_job``) on a local Ray instance.
+Reported: wall time per stage, peak memory (PSS summed over the child's process tree, Ray's workers
+and object store included), the job / single-process ratio, whether every level's partition is
+identical, and Fp / Fb / NMI per level. JSON goes to benchmarks/results/job_<n>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree_pss(pid: int) -> int:
+    """PSS (bytes) of a process and all its descendants (RSS where PSS is unavailable)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+            total += getattr(info, "pss", info.rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def run_child(args: list[str]) -> dict:
+    """Run this script in a child role; sample its process tree's memory; return its JSON and peak."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_pss(proc.pid))
+            done.wait(1.0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, _ = proc.communicate()
+    done.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args[:2]} failed with exit code {proc.returncode}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_memory_gb"] = peak[0] / 2**30
+    return result
+
+
+def role_single(work: Path, knn: str) -> dict:
+    import numpy as np
+
+    from agc_ray import HiLander
+
+    x = np.load(work / "x.npy", mmap_mode="r")
+    est = HiLander.load(work / "model")
+    est.set_params(knn=knn)
+    t0 = time.perf_counter()
+    levels = est.predict_hierarchy(np.asarray(x))
+    wall = time.perf_counter() - t0
+    np.save(work / "single_levels.npy", np.stack(levels))
+    stages = {"knn_seconds": sum(s.get("knn_seconds", 0.0) for s in est.stats_),
+              "inference_seconds": sum(s.get("inference_seconds", 0.0) for s in est.stats_)}
+    stages["decode_aggregate_seconds"] = wall - stages["knn_seconds"] - stages["inference_seconds"]
+    return {"wall_seconds": wall, "stages": stages, "levels": est.stats_}
+
+
+def role_job(work: Path, knn: str, num_cpus: int, num_shards: int) -> dict:
+    import numpy as np
+    import ray
+
+    from agc_ray.distributed.job import JobConfig, run_job
+
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    init_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    manifest = run_job(JobConfig(input=str(work / "table"), output=str(work / "job_out"), model=str(work / "model"),
+                                 knn=knn, num_shards=num_shards, overwrite=True))
+    wall = time.perf_counter() - t0
+    import pyarrow.dataset as pds
+
+    ds = pds.dataset(str(work / "job_out" / "assignments"), format="parquet", partitioning="hive").to_table()
+    levels = []
+    for level in range(len(manifest["levels"])):
+        part = ds.filter(pds.field("level") == level)
+        order = np.argsort(part.column("id").to_numpy())
+        levels.append(part.column("cluster_id").to_numpy()[order])
+    np.save(work / "job_levels.npy", np.stack(levels))
+    ray.shutdown()
+    return {"wall_seconds": wall, "ray_init_seconds": init_seconds, "stages": manifest["timings"],
+            "levels": manifest["levels"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000, help="rows of the clustered table (default: %(default)s)")
+    p.add_argument("--train-rows", type=int, default=50_000, help="rows of the training split")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--model", help="reuse a saved model directory instead of training one")
+    p.add_argument("--knn", default="auto", choices=("auto", "exact", "ivf"))
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--num-shards", type=int, default=0, help="node shards (0: one per CPU)")
+    p.add_argument("--work", default=None, help="scratch directory (default: agc_output/bench_job_<n>)")
+    p.add_argument("--role", choices=("single", "job"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    work = Path(args.work or ROOT / "agc_output" / f"bench_job_{args.n}")
+    if args.role == "single":
+        print(json.dumps(role_single(work, args.knn), default=float))
+        return
+    if args.role == "job":
+        print(json.dumps(role_job(work, args.knn, args.num_cpus, args.num_shards), default=float))
+        return
+
+    import numpy as np
+
+    from agc_ray import HiLander
+    from agc_ray.core.synthetic import make_faces
+    from agc_ray.distributed.demo import write_table
+    from agc_ray.metrics import evaluate
+
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    x, y = make_faces(args.n, seed=2)
+    np.save(work / "x.npy", x)
+    write_table(work / "table", x, y, files=16)
+    del x
+    prep = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if args.model:
+        HiLander.load(args.model).save(work / "model")
+    else:
+        xt, yt = make_faces(args.train_rows, seed=1)
+        HiLander(epochs=args.epochs).fit(xt, yt).save(work / "model")
+    train = time.perf_counter() - t0
+    common = ["--n", str(args.n), "--work", str(work), "--knn", args.knn]
+    single = run_child([*common, "--role", "single"])
+    job = run_child([*common, "--role", "job", "--num-cpus", str(args.num_cpus), "--num-shards", str(args.num_shards)])
+    a, b = np.load(work / "single_levels.npy"), np.load(work / "job_levels.npy")
+    identical = a.shape == b.shape and bool((a == b).all())
+    metrics = {"single": [evaluate(y, lv) for lv in a], "job": [evaluate(y, lv) for lv in b]}
+    result = {
+        "n": args.n, "knn": args.knn, "num_cpus": args.num_cpus, "prepare_seconds": prep, "train_seconds": train,
+        "single": single, "job": job, "identical_partitions": identical,
+        "time_ratio_job_over_single": job["wall_seconds"] / single["wall_seconds"],
+        "memory_ratio_job_over_single": job["peak_memory_gb"] / max(single["peak_memory_gb"], 1e-9),
+        "metrics": metrics,
+    }
+    out = ROOT / "benchmarks" / "results" / f"job_{args.n}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    print(f"\n{args.n} rows, knn={args.knn}, {args.num_cpus} CPUs")
+    print(f"{'':>8} {'wall s':>8} {'peak GB':>8}  stages")
+    for name, r in (("single", single), ("job", job)):
+        stages = " ".join(f"{k.replace('_seconds', '')}={v:.1f}" for k, v in r["stages"].items())
+        print(f"{name:>8} {r['wall_seconds']:>8.1f} {r['peak_memory_gb']:>8.2f}  {stages}")
+    print(f"job / single: time {result['time_ratio_job_over_single']:.2f}x, memory "
+          f"{result['memory_ratio_job_over_single']:.2f}x; identical partitions: {identical}")
+    for lv, (ms, mj) in enumerate(zip(metrics["single"], metrics["job"])):
+        print(f"level {lv}: single Fp {ms['fp']:.3f} clusters {ms['n_clusters']}, job Fp {mj['fp']:.3f} "
+              f"clusters {mj['n_clusters']}")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Train a Hi-LANDER model on a labelled embedding table with Ray Train (DDP over N workers).
+
+  python jobs/train.py --input TABLE --output MODEL_DIR [--num-workers N] [--use-gpu] [--epochs E]
+                       [--config FILE.yaml] [...]
+  ray job submit --working-dir . -- python jobs/train.py --input s3://bucket/table --output model ...
+
+TABLE: a Parquet file, directory or glob, local or s3:// (credentials and endpoint from the usual AWS
+environment), with an id, an embedding (list / fixed-size list / fixed_shape_tensor of floats) and an
+integer label column. MODEL_DIR is written in the HiLander.save format (loads with HiLander.load and
+jobs/cluster.py --model MODEL_DIR) with a "training" block in config.json: data fingerprint, epochs,
+per-epoch loss and validation Fp / Fb / NMI.
+
+Checkpoints go to --storage-path (default MODEL_DIR.checkpoints; local or s3://) under --run-name
+(default: a hash of input, output and model parameters) after every --checkpoint-every epochs. A lost
+worker restarts the worker group from the latest checkpoint (up to --max-failures times); --resume
+continues an interrupted run from its latest checkpoint.
+
+--config FILE.yaml gives any of the options below as keys (dashes or underscores); flags win.
+Exit codes: 0 done, 2 bad input or parameters (one line on stderr, nothing written), 1 training failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+_HELP = {
+    "input": "input table: Parquet file, directory or glob, local or s3:// (required)",
+    "output": "output model directory, local (required)",
+    "id_column": "id column (int64 or string, unique)",
+    "embedding_column": "embedding column (list of floats, one dimension)",
+    "label_column": "integer class label column",
+    "num_workers": "Ray Train workers (DDP ranks)",
+    "use_gpu": "one GPU per worker, NCCL backend (default: CPU, gloo)",
+    "cpus_per_worker": "CPUs reserved per worker (fractional allowed); torch threads = max(1, floor)",
+    "storage_path": "checkpoint storage, local or s3:// (default: OUTPUT.checkpoints)",
+    "run_name": "run name under the storage path (default: hash of input, output and parameters)",
+    "checkpoint_every": "checkpoint every N epochs (and after the last)",
+    "keep_checkpoints": "checkpoints kept",
+    "max_failures": "worker-group restarts from the latest checkpoint before failing (-1: no limit)",
+    "resume": "continue the run's latest checkpoint (an interrupted run)",
+    "overwrite": "replace an existing non-empty output directory",
+    "val_fraction": "fraction of classes held out for validation (0: none)",
+    "epochs": "training epochs",
+    "k": "neighbours per node",
+    "tau": "decode threshold used for validation clustering and saved with the model",
+    "levels": "maximum hierarchy levels when clustering",
+    "seed": "seed of the split, weights, batch order and dropout",
+    "knn": "kNN method: auto, exact, ivf, hnsw",
+    "decode": "decode mode: prob or sim",
+    "early_stop": "early-stop rule when clustering",
+    "conv": "graph conv: lander or gat",
+    "hidden_channels": "node embedding size",
+    "edge_channels": "edge MLP width",
+    "dropout": "dropout on the raw-feature input",
+    "batch_size": "global batch of seed nodes per step (each worker takes 1/N)",
+    "lr": "peak learning rate (AdamW, one-cycle cosine)",
+    "weight_decay": "AdamW weight decay",
+    "train_levels": "ground-truth hierarchy levels used for training",
+    "conn_edges": "linkage loss on 'all' edges or 'denser' ones",
+    "balance": "class-balanced linkage loss",
+    "focal_gamma": "focal loss gamma (0: plain BCE)",
+    "self_training": "second half of the epochs also on the model's own levels",
+}
+_GROUPS = {
+    "input/output": ("input", "output", "id_column", "embedding_column", "label_column", "overwrite"),
+    "distribution": ("num_workers", "use_gpu", "cpus_per_worker", "storage_path", "run_name", "checkpoint_every",
+                     "keep_checkpoints", "max_failures", "resume"),
+}
+
+
+def build_parser():
+    from agc_ray.distributed.train import TrainJobConfig, config_fields
+
+    defaults = TrainJobConfig()
+    parser = argparse.ArgumentParser(
+        prog="jobs/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags win)")
+    parser.add_argument("--num-cpus", type=float, default=None,
+                        help="logical CPUs of the local Ray instance started outside `ray job submit`")
+    groups = {name: parser.add_argument_group(name) for name in (*_GROUPS, "model and optimiser")}
+    for name, f in config_fields().items():
+        group = next((groups[g] for g, names in _GROUPS.items() if name in names), groups["model and optimiser"])
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        help_text = f"{_HELP.get(name, '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            group.add_argument(flag, type=kind, default=default, help=help_text, metavar=name.upper())
+    return parser
+
+
+class _BadInput(Exception):
+    pass
+
+
+def load_yaml(path: str, known: set[str]) -> dict:
+    import yaml
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as e:
+        raise _BadInput(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise _BadInput(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise _BadInput(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise _BadInput(f"--config {path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def parse_config(argv):
+    """(TrainJobConfig, num_cpus) from flags over YAML over defaults."""
+    from agc_ray.distributed.train import TrainJobConfig, config_fields
+
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_yaml(known.config, set(config_fields())))
+    args = parser.parse_args(argv)
+    values = {name: getattr(args, name) for name in config_fields()}
+    return TrainJobConfig(**values), args.num_cpus
+
+
+def connect_ray(num_cpus):
+    """Attach inside ``ray job submit`` (RAY_ADDRESS set) or to this process's session; else start one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        cfg, num_cpus = parse_config(argv)
+    except _BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from agc_ray.distributed.train import InputError, run_training
+
+    try:
+        cfg.validate()  # parameter errors before any Ray start-up
+        connect_ray(num_cpus)
+        summary = run_training(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - training failures: one summary line, log has the rest
+        logging.getLogger("agc_ray").exception("training failed")
+        print(f"error: training failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              f"rerun with --resume to continue from the latest checkpoint", file=sys.stderr)
+        return 1
+    m = summary["metrics"]
+    print(
+        f"trained {summary['epochs']} epochs on {summary['train_rows']} rows with {summary['num_workers']} worker(s): "
+        f"loss {m.get('loss_conn', float('nan')):.4f}/{m.get('loss_den', float('nan')):.4f}, "
+        f"val Fp {m.get('val_fp', float('nan')):.4f} Fb {m.get('val_fb', float('nan')):.4f} "
+        f"NMI {m.get('val_nmi', float('nan')):.4f}; model: {summary['output']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""jobs/cluster.py: flags, YAML config, the demo, and every bad input (exit code 2, one line, nothing written)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from _job_fixtures import job_data, job_model, job_table, ray_session, read_levels, s3_endpoint  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("cluster_cli", ROOT / "jobs" / "cluster.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cli = _load_cli()
+
+
+def _vectors(n, d=8, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _fsl(x):
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+
+
+def _write(path, **cols):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def _table(n=20, d=8, seed=0, start=0):
+    return {"id": pa.array(np.arange(start, start + n, dtype=np.int64)), "embedding": _fsl(_vectors(n, d, seed))}
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    """name -> (input path, expected words in the error line)."""
+    cases = {}
+    cases["missing_path"] = (tmp / "nope", "not found")
+    bad = tmp / "notparquet" / "a.parquet"
+    bad.parent.mkdir()
+    bad.write_text("this is not parquet")
+    cases["not_parquet"] = (bad, "not a readable Parquet file")
+    _write(tmp / "schemas" / "a.parquet", **_table())
+    _write(tmp / "schemas" / "b.parquet", **_table(start=20), extra=pa.array(np.zeros(20)))
+    cases["different_schemas"] = (tmp / "schemas", "different schemas")
+    _write(tmp / "empty" / "a.parquet", id=pa.array([], pa.int64()), embedding=pa.array([], pa.list_(pa.float32(), 8)))
+    cases["zero_rows"] = (tmp / "empty", "zero rows")
+    t = _table()
+    _write(tmp / "noid.parquet", key=t["id"], embedding=t["embedding"])
+    cases["missing_id"] = (tmp / "noid.parquet", "columns found: ['key', 'embedding']")
+    _write(tmp / "noemb.parquet", id=t["id"], vec=t["embedding"])
+    cases["missing_embedding"] = (tmp / "noemb.parquet", "embedding column 'embedding' not found")
+    _write(tmp / "strings.parquet", id=t["id"], embedding=pa.array([["a", "b"]] * 20))
+    cases["non_numeric"] = (tmp / "strings.parquet", "of numbers")
+    ragged = [list(v) for v in _vectors(20)]
+    ragged[7] = ragged[7][:5]
+    _write(tmp / "ragged.parquet", id=t["id"], embedding=pa.array(ragged, pa.list_(pa.float32())))
+    cases["ragged"] = (tmp / "ragged.parquet", "ragged embedding dimensions: id 0 has 8, id 7 has 5")
+    x = _vectors(20)
+    x[3, 2] = np.nan
+    _write(tmp / "nan.parquet", id=t["id"], embedding=_fsl(x))
+    cases["nan"] = (tmp / "nan.parquet", "NaN or Inf in 1 row(s) of a block (example id 3)")
+    x = _vectors(20)
+    x[5] = 0
+    _write(tmp / "zero.parquet", id=t["id"], embedding=_fsl(x))
+    cases["all_zero"] = (tmp / "zero.parquet", "all zeros in 1 row(s) of a block (example id 5)")
+    _write(tmp / "nullid.parquet", id=pa.array([None] + list(range(1, 20)), pa.int64()), embedding=t["embedding"])
+    cases["null_id"] = (tmp / "nullid.parquet", "null value")
+    _write(tmp / "dups" / "a.parquet", **_table())
+    _write(tmp / "dups" / "b.parquet", **_table(start=19, seed=1))
+    cases["duplicate_id"] = (tmp / "dups", "duplicate values (example id 19")
+    _write(tmp / "nulllabel.parquet", **t, label=pa.array([1] * 19 + [None], pa.int64()))
+    cases["null_label"] = (tmp / "nulllabel.parquet", "label column 'label' has 1 null value(s) (example id 19)")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    return _bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+def _run_cli(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    return rc, lines
+
+
+def _assert_nothing_written(out: Path):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+CASES = ["missing_path", "not_parquet", "different_schemas", "zero_rows", "missing_id", "missing_embedding",
+         "non_numeric", "ragged", "nan", "all_zero", "null_id", "duplicate_id", "null_label"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exit_2(ray_session, bad_inputs, tmp_path, capsys, case):
+    path, words = bad_inputs[case]
+    out = tmp_path / "out"
+    rc, lines = _run_cli(["--input", path, "--output", out, "--unsupervised"], capsys)
+    assert rc == 2
+    assert len(lines) == 1, lines
+    assert words in lines[0]
+    _assert_nothing_written(out)
+
+
+def test_model_dimension_mismatch(ray_session, bad_inputs, tmp_path, job_model, capsys):
+    path, _ = bad_inputs["null_label"]  # any 8-d table
+    _write(tmp_path / "ok.parquet", **_table())
+    out = tmp_path / "out"
+    rc, lines = _run_cli(["--input", tmp_path / "ok.parquet", "--output", out, "--model", job_model], capsys)
+    assert rc == 2 and "expects 256-dimensional embeddings, the table's are 8-dimensional" in lines[0]
+    _assert_nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--k", "0"], "invalid --k 0"),
+        (["--tau", "2"], "invalid --tau 2.0"),
+        (["--max-levels", "0"], "invalid --max-levels 0"),
+        (["--num-shards", "-1"], "invalid --num-shards -1"),
+        (["--knn", "bogus"], "invalid choice: 'bogus'"),
+        (["--k", "abc"], "invalid int value: 'abc'"),
+        (["--model", "MODEL"], "--model and --unsupervised are exclusive"),
+    ],
+)
+def test_invalid_parameters(ray_session, tmp_path, job_model, capsys, flags, words):
+    _write(tmp_path / "ok.parquet", **_table())
+    out = tmp_path / "out"
+    flags = [str(job_model) if f == "MODEL" else f for f in flags]
+    rc, lines = _run_cli(["--input", tmp_path / "ok.parquet", "--output", out, "--unsupervised", *flags], capsys)
+    assert rc == 2 and len(lines) == 1 and words in lines[0], lines
+    _assert_nothing_written(out)
+
+
+def test_k_must_match_model(ray_session, job_table, tmp_path, job_model, capsys):
+    out = tmp_path / "out"
+    rc, lines = _run_cli(["--input", job_table, "--output", out, "--model", job_model, "--k", "5"], capsys)
+    assert rc == 2 and "trained with k=10" in lines[0]
+    _assert_nothing_written(out)
+
+
+def test_output_exists_without_overwrite(ray_session, tmp_path, capsys):
+    _write(tmp_path / "ok.parquet", **_table())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep")
+    rc, lines = _run_cli(["--input", tmp_path / "ok.parquet", "--output", out, "--unsupervised"], capsys)
+    assert rc == 2 and "exists and is not empty (pass --overwrite" in lines[0]
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_config_file_and_flags_win(ray_session, job_table, tmp_path, job_model, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"input: {job_table}\noutput: {tmp_path / 'ignored'}\nmodel: {job_model}\nmax-levels: 1\nnum_shards: 2\n"
+    )
+    out = tmp_path / "out"
+    rc = cli.main(["--config", str(config), "--output", str(out)])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["max_levels"] == 1 and manifest["parameters"]["num_shards"] == 2
+    assert len(read_levels(out)) == 1
+    assert not (tmp_path / "ignored").exists()
+    config.write_text("bogus_option: 1\n")
+    rc, lines = _run_cli(["--config", config], capsys)
+    assert rc == 2 and "unknown option 'bogus_option'" in lines[0]
+
+
+def test_help_documents_every_option(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--input", "--output", "--model", "--unsupervised", "--k", "--tau", "--max-levels", "--knn",
+                 "--num-shards", "--seed", "--config", "--overwrite", "--id-column", "--embedding-column",
+                 "--label-column", "assignments/level=L", "manifest.json"):
+        assert flag in text
+
+
+def test_demo_runs(ray_session, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--demo-rows", "1500", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "agc_ray demo" in out and "output:" in out
+    manifest = json.loads((tmp_path / "agc_output" / "demo" / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["input"]["rows"] == 1500

@@ -1,0 +1,38 @@
+"""A worker node removed mid-job (``ray.cluster_utils.Cluster``): the output is still identical.
+
+The cluster runs in a subprocess (tests/_multinode_job.py) so that it does not disturb the session's
+local Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _job_fixtures import job_data, job_model, job_table, read_levels, reference_levels  # noqa: F401
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.slow
+def test_node_removed_mid_job(job_table, job_model, job_data, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(HERE / "_multinode_job.py"), str(job_table), str(out), str(job_model)],
+                          env=env, capture_output=True, text=True, timeout=540)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert "error" not in result, result
+    assert result["removed"] and result["nodes_alive"] == 2
+    ref = reference_levels(job_model, job_data[0], knn="exact", levels=2)
+    got = read_levels(out)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,72 @@
+"""The job with input and output on s3:// (moto's server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from _job_fixtures import job_data, job_model, job_table, ray_session, read_levels, s3_endpoint  # noqa: F401
+from test_job_cli import _run_cli
+
+from agc_ray.distributed.errors import InputError
+from agc_ray.distributed.job import JobConfig, run_job
+
+
+@pytest.fixture(scope="module")
+def bucket(ray_session, s3_endpoint, job_table):
+    """Bucket 'agc' with the test table under table/ (3 files)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="agc")
+    fs, _ = pafs.FileSystem.from_uri("s3://agc")
+    for f in sorted(Path(job_table).iterdir()):
+        pafs.copy_files(str(f), f"agc/table/{f.name}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return fs
+
+
+def _s3_levels(fs, prefix, tmp_path):
+    local = tmp_path / "download"
+    pafs.copy_files(prefix, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return read_levels(local), json.loads((local / "manifest.json").read_text())
+
+
+def test_s3_in_and_out_equals_local(bucket, tmp_path, job_table, job_model):
+    local = run_job(JobConfig(input=str(job_table), output=str(tmp_path / "local"), model=str(job_model),
+                              knn="exact", num_shards=2, max_levels=2))
+    manifest = run_job(JobConfig(input="s3://agc/table/*.parquet", output="s3://agc/out/run", model=str(job_model),
+                                 knn="exact", num_shards=3, max_levels=2))
+    assert manifest["cluster_counts"] == local["cluster_counts"]
+    got, saved = _s3_levels(bucket, "agc/out/run", tmp_path)
+    for a, b in zip(got, read_levels(tmp_path / "local")):
+        np.testing.assert_array_equal(a, b)
+    assert saved["status"] == "succeeded"
+    # an existing output is refused without overwrite, replaced with it; no staging prefix is left
+    with pytest.raises(InputError, match="exists and is not empty"):
+        run_job(JobConfig(input="s3://agc/table/", output="s3://agc/out/run", unsupervised=True))
+    run_job(JobConfig(input="s3://agc/table/", output="s3://agc/out/run", unsupervised=True, max_levels=1,
+                      overwrite=True))
+    keys = [i.path for i in bucket.get_file_info(pafs.FileSelector("agc/out", recursive=True))
+            if i.type == pafs.FileType.File]
+    assert all(k.startswith("agc/out/run/") for k in keys), keys
+    assert not any("level=1" in k for k in keys)  # the old output's second level is gone
+    _, saved = _s3_levels(bucket, "agc/out/run", tmp_path / "again")
+    assert saved["parameters"]["unsupervised"] is True
+
+
+@pytest.mark.parametrize(
+    "uri, words",
+    [("s3://no-such-bucket/table/", "not found"), ("s3://agc/missing/", "not found")],
+)
+def test_unreadable_s3_input(bucket, tmp_path, capsys, uri, words):
+    out = tmp_path / "out"
+    rc, lines = _run_cli(["--input", uri, "--output", out, "--unsupervised"], capsys)
+    assert rc == 2 and len(lines) == 1 and words in lines[0], lines
+    assert not out.exists()
+
+
+def test_missing_output_bucket(bucket, capsys):
+    rc, lines = _run_cli(["--input", "s3://agc/table/", "--output", "s3://no-such-bucket/out", "--unsupervised"], capsys)
+    assert rc == 2 and "does not exist" in lines[0], lines

@@ -1,0 +1,110 @@
+"""``ray job submit --working-dir . -- python jobs/cluster.py ...`` against a ``ray start --head`` cluster
+that this test starts on its own ports and temp dir, and stops by its own process ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _job_fixtures import free_port, job_data, job_model, job_table, read_levels, reference_levels  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _own_processes(temp_dir: str):
+    """Processes of the cluster rooted in ``temp_dir``: those naming it, and all their descendants."""
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or ()):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            for child in p.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _stop_cluster(temp_dir: str):
+    import psutil
+
+    procs = _own_processes(temp_dir)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def head_cluster():
+    """A one-node cluster from ``ray start --head`` (auth disabled), its dashboard address and env."""
+    temp_dir = tempfile.mkdtemp(prefix="agcray", dir="/tmp")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    dash = free_port()
+    ports = [
+        "--port", str(free_port()), "--dashboard-port", str(dash), "--node-manager-port", str(free_port()),
+        "--object-manager-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+        "--min-worker-port", "23000", "--max-worker-port", "23999",
+    ]
+    cmd = [RAY, "start", "--head", "--num-cpus", "2", "--temp-dir", temp_dir, "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--disable-usage-stats", *ports]
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit(head_cluster, job_table, job_model, job_data, tmp_path):
+    address, env = head_cluster
+    out = tmp_path / "out"
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "jobs/cluster.py", "--input", str(job_table), "--output", str(out), "--model", str(job_model),
+           "--knn", "exact", "--num-shards", "2", "--max-levels", "2"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "clustered 2500 rows" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded"
+    ref = reference_levels(job_model, job_data[0], knn="exact", levels=2)
+    for a, b in zip(read_levels(out), ref):
+        np.testing.assert_array_equal(a, b)
+    # a failing entrypoint (bad input: exit code 2) makes `ray job submit` fail
+    bad = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "jobs/cluster.py",
+         "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o2"), "--unsupervised"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode != 0
+    assert "input path not found" in bad.stdout + bad.stderr
+    print(f"ray job submit round trip: {time.time() - t0:.0f}s")

@@ -1,0 +1,84 @@
+"""Ray-free pieces of the distributed training job: batch split, class split, schedule, fingerprint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agc_ray.distributed.train import (
+    InputError,
+    TrainJobConfig,
+    _phases,
+    data_fingerprint,
+    epoch_batches,
+    rank_share,
+    split_by_class,
+)
+
+
+class _G:
+    def __init__(self, n):
+        self.n = n
+
+
+def test_epoch_batches_are_identical_per_seed_and_epoch_and_cover_every_node():
+    graphs = [_G(1000), _G(130)]
+    a, b = epoch_batches(graphs, 256, seed=3, epoch=1), epoch_batches(graphs, 256, seed=3, epoch=1)
+    assert [(gi, s.tolist()) for gi, s in a] == [(gi, s.tolist()) for gi, s in b]
+    assert [gi for gi, _ in a] != [gi for gi, _ in epoch_batches(graphs, 256, seed=3, epoch=2)] or not torch.equal(
+        a[0][1], epoch_batches(graphs, 256, seed=3, epoch=2)[0][1])
+    for gi, g in enumerate(graphs):
+        seen = torch.cat([s for i, s in a if i == gi])
+        assert sorted(seen.tolist()) == list(range(g.n))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_shares_partition_the_global_batch(world):
+    seeds = torch.randperm(101)
+    shares = [rank_share(seeds, r, world) for r in range(world)]
+    assert all(w == 1.0 for _, w in shares)
+    assert torch.equal(torch.cat([s for s, _ in shares]), seeds)
+
+
+def test_rank_share_of_a_batch_smaller_than_the_world_has_zero_weight():
+    mine, weight = rank_share(torch.tensor([7]), 1, 2)
+    assert weight == 0.0 and mine.tolist() == [7]
+
+
+def test_split_by_class_holds_out_whole_classes():
+    y = np.repeat(np.arange(50), 4)
+    val = split_by_class(y, 0.2, seed=0)
+    assert np.unique(y[val]).size == 10
+    assert not set(y[val]) & set(y[~val])
+    assert (val == split_by_class(y, 0.2, seed=0)).all()
+    assert not split_by_class(y, 0.0, seed=0).any()
+
+
+def test_phases_follow_the_core_schedule():
+    assert [(p.start, p.stop) for p in _phases(6, True)] == [(0, 3), (3, 6)]
+    assert [(p.start, p.stop) for p in _phases(3, True)] == [(0, 1), (1, 3)]
+    assert [(p.start, p.stop) for p in _phases(1, True)] == [(0, 1)]
+    assert [(p.start, p.stop) for p in _phases(4, False)] == [(0, 4)]
+
+
+def test_fingerprint_depends_on_every_column():
+    ids, x, y = np.arange(5), np.ones((5, 3), np.float32), np.zeros(5, np.int64)
+    base = data_fingerprint(ids, x, y)
+    assert base == data_fingerprint(ids.copy(), x.copy(), y.copy())
+    assert base != data_fingerprint(ids + 1, x, y)
+    assert base != data_fingerprint(ids, x * 2, y)
+    assert base != data_fingerprint(ids, x, y + 1)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("epochs", 0, "--epochs must be"),
+    ("num_workers", 0, "--num-workers must be"),
+    ("val_fraction", 0.95, "--val-fraction must be"),
+    ("conv", "gcn", "--conv must be one of"),
+    ("output", "s3://bucket/model", "--output must be a local directory"),
+])
+def test_config_validation_names_the_flag(field, value, message):
+    cfg = TrainJobConfig(**{"input": "t.parquet", "output": "m", field: value})
+    with pytest.raises(InputError, match=message):
+        cfg.validate()
