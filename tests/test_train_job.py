@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,40 +37,16 @@ def _load_job():
 job = _load_job()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _job_fixtures import ray_session, s3_endpoint  # noqa: E402,F401  (shared session fixtures)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Moto S3 server + one local Ray instance (env set first: Ray's workers inherit it)."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def cluster(s3_endpoint, ray_session):
+    """The session's moto S3 server and local Ray instance (shared with the clustering-job tests)."""
     import boto3
-    import ray
 
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="ckpt")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    yield {"endpoint": env["AWS_ENDPOINT_URL"]}
-    ray.shutdown()
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="ckpt")
+    yield {"endpoint": s3_endpoint}
 
 
 def write_table(path, x, y, ids=None, *, label=True, embedding=None):
@@ -225,7 +200,7 @@ def test_worker_failure_resumes_from_last_checkpoint(two_workers_with_failure):
 
 def test_model_dir_loads_and_clusters(two_workers_with_failure, data):
     from agc_ray import HiLander
-    from agc_ray.core.knn import l2_normalize
+    from agc_ray.core.knn import unit_rows
     from agc_ray.distributed.train import data_fingerprint
     from agc_ray.metrics import evaluate
 
@@ -235,7 +210,7 @@ def test_model_dir_loads_and_clusters(two_workers_with_failure, data):
     assert training["epochs"] == 3 and training["num_workers"] == 2 and training["backend"] == "gloo"
     assert {"val_fp", "val_fb", "val_nmi", "loss_conn"} <= set(training["metrics"])
     ids = np.arange(data["x"].shape[0], dtype=np.int64)  # sorted ids; rows were written in reverse
-    x = l2_normalize(data["x"][::-1])  # the job fingerprints the rows it trains on (normalised)
+    x = unit_rows(np.ascontiguousarray(data["x"][::-1]))  # the rows the job trains on (unit rows kept as they are)
     assert training["data_fingerprint"] == data_fingerprint(ids, x, data["y"][::-1].copy())
     model = HiLander.load(out)
     assert model.k == 5 and model.n_features_in_ == DIM
