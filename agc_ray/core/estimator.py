@@ -45,15 +45,22 @@ def check_features(X, *, name: str = "X", min_rows: int = 1) -> np.ndarray:
     if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
         raise ValueError(f"{name} must be real numbers, got dtype {X.dtype}")
     X = np.ascontiguousarray(X, dtype=np.float32)
-    finite = np.isfinite(X).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ValueError(f"{name} contains NaN or Inf in {bad.size} rows (first at row {bad[0]})")
-    zero = ~X.any(axis=1)
-    if zero.any():
-        bad = np.flatnonzero(zero)
-        raise ValueError(f"{name} has {bad.size} all-zero rows (first at row {bad[0]}): cosine similarity is undefined")
+    nonfinite, zero = invalid_rows(X)
+    if nonfinite.size:
+        raise ValueError(f"{name} contains NaN or Inf in {nonfinite.size} rows (first at row {nonfinite[0]})")
+    if zero.size:
+        raise ValueError(f"{name} has {zero.size} all-zero rows (first at row {zero[0]}): cosine similarity is undefined")
     return X
+
+
+def invalid_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of an (N, D) matrix that cannot be embeddings: (rows with NaN/Inf, all-zero rows).
+
+    Callers phrase the error their way (a row number here, an example id in the job's input checks).
+    """
+    nonfinite = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    zero = np.flatnonzero(~X.any(axis=1))
+    return nonfinite, zero
 
 
 def check_labels(y, n_rows: int) -> np.ndarray:

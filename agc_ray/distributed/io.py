@@ -232,14 +232,15 @@ def prepare_block(table: pa.Table, *, id_column: str, embedding_column: str, lab
         raise InputError(f"id column {id_column!r} has {ids.null_count} null value(s) (first at block row {bad})")
     id_list = _IdView(ids)
     x = embedding_matrix(table.column(embedding_column), id_list, embedding_column, dim)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise InputError(f"embedding has NaN or Inf in {bad.size} row(s) of a block (example id {id_list[int(bad[0])]})")
-    zero = ~x.any(axis=1)
-    if zero.any():
-        bad = np.flatnonzero(zero)
-        raise InputError(f"embedding is all zeros in {bad.size} row(s) of a block (example id {id_list[int(bad[0])]})")
+    from agc_ray.core.estimator import invalid_rows  # lazy: torch is imported by the workers only
+
+    nonfinite, zero = invalid_rows(x)
+    if nonfinite.size:
+        raise InputError(
+            f"embedding has NaN or Inf in {nonfinite.size} row(s) of a block (example id {id_list[int(nonfinite[0])]})"
+        )
+    if zero.size:
+        raise InputError(f"embedding is all zeros in {zero.size} row(s) of a block (example id {id_list[int(zero[0])]})")
     # raw float32 values; normalised per shard once the whole table is known (see read_shards)
     cols = {"id": ids, "x": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(x))}
     if label_column is not None:
