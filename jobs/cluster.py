@@ -83,28 +83,12 @@ JOB_KEYS = ("input", "output", "overwrite", "id_column", "embedding_column", "la
 
 
 def load_config(path: str) -> dict:
-    """The YAML file as a dict of option names (dashes turned into underscores)."""
-    import yaml
+    """The YAML file as a dict of option names (``no-early-stop: true`` becomes ``early_stop: False``)."""
+    from agc_ray.distributed.config import load_options
 
-    from agc_ray.distributed.errors import InputError
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise InputError(f"config file not found: {path}") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"config {path} must be a mapping of option names to values")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name == "no_early_stop":
-            name, value = "early_stop", not value
-        if name not in JOB_KEYS + ("num_cpus",):
-            raise InputError(f"unknown option {key!r} in config {path}")
-        out[name] = value
+    out = load_options(path, JOB_KEYS + ("num_cpus", "no_early_stop"))
+    if "no_early_stop" in out:
+        out["early_stop"] = not out.pop("no_early_stop")
     return out
 
 

@@ -95,33 +95,9 @@ def build_parser():
     return parser
 
 
-class _BadInput(Exception):
-    pass
-
-
-def load_yaml(path: str, known: set[str]) -> dict:
-    import yaml
-
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except OSError as e:
-        raise _BadInput(f"--config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise _BadInput(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise _BadInput(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise _BadInput(f"--config {path}: unknown option {key!r}")
-        out[name] = value
-    return out
-
-
 def parse_config(argv):
     """(TrainJobConfig, num_cpus) from flags over YAML over defaults."""
+    from agc_ray.distributed.config import load_options
     from agc_ray.distributed.train import TrainJobConfig, config_fields
 
     parser = build_parser()
@@ -129,7 +105,7 @@ def parse_config(argv):
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**load_yaml(known.config, set(config_fields())))
+        parser.set_defaults(**load_options(known.config, set(config_fields())))
     args = parser.parse_args(argv)
     values = {name: getattr(args, name) for name in config_fields()}
     return TrainJobConfig(**values), args.num_cpus
@@ -149,13 +125,15 @@ def connect_ray(num_cpus):
 
 def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from agc_ray.distributed.errors import InputError
+
     try:
         cfg, num_cpus = parse_config(argv)
-    except _BadInput as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from agc_ray.distributed.train import InputError, run_training
+    from agc_ray.distributed.train import run_training
 
     try:
         cfg.validate()  # parameter errors before any Ray start-up
