@@ -12,6 +12,7 @@ Output (--output, local or s3://):
   assignments/level=L/*.parquet  id, cluster_id               one row per input row and level
   clusters/level=L/*.parquet     cluster_id, size, peak_id, parent_cluster_id (null at the top level)
   manifest.json                  written last: parameters, timings, per-level counts and metrics
+                                 (and churn per level with --previous)
 
 Results are staged beside the output and committed at the end; an existing non-empty output is refused
 unless --overwrite. Exit codes: 0 success, 2 bad input or parameters (one line on stderr), 1 other
@@ -20,6 +21,8 @@ failures.
 Examples:
   python jobs/cluster.py
   python jobs/cluster.py --input s3://bucket/emb/ --output s3://bucket/clusters/ --model my_model
+  python jobs/cluster.py --input s3://bucket/emb/ --output s3://bucket/clusters/2026-11-23 \
+      --previous s3://bucket/clusters/2026-11-22 --model my_model
   ray job submit --working-dir . -- python jobs/cluster.py --config job.yaml --num-shards 8
 """
 
@@ -51,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--output", help="output directory or s3:// prefix")
     io_.add_argument("--overwrite", action="store_true", default=None,
                      help="replace an existing non-empty output (at the commit only)")
+    io_.add_argument("--previous", metavar="OUTPUT",
+                     help="a completed earlier output (local or s3://): keep its cluster ids for the clusters that "
+                          "continue earlier ones, fresh never-reused ids for the rest; churn per level in the manifest "
+                          "(may equal --output with --overwrite)")
     io_.add_argument("--id-column", help="id column (default: id)")
     io_.add_argument("--embedding-column", help="embedding column (default: embedding)")
     io_.add_argument("--label-column", help="integer class column for per-level metrics (default: label, if present)")
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-JOB_KEYS = ("input", "output", "overwrite", "id_column", "embedding_column", "label_column", "model",
+JOB_KEYS = ("input", "output", "overwrite", "previous", "id_column", "embedding_column", "label_column", "model",
             "unsupervised", "k", "tau", "max_levels", "knn", "decode", "early_stop", "seed", "num_shards")
 
 

@@ -115,9 +115,9 @@ def test_bad_fit_input(X, y, message):
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"k": 0}, "k must be in"),
+        ({"k": 0}, "k must be >= 1"),
         ({"tau": 1.5}, "tau must be in"),
-        ({"levels": 0}, "levels must be in"),
+        ({"levels": 0}, "levels must be >= 1"),
         ({"device": "tpu"}, "device must be one of"),
         ({"knn": "lsh"}, "knn must be one of"),
         ({"epochs": 2.5}, "epochs must be an integer"),

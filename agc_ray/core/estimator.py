@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import numbers
 import os
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from agc_ray.core.inference import DECODE_MODES, decode, score_level
 from agc_ray.core.knn import METHODS, knn_graph
 from agc_ray.core.lander import Lander
 from agc_ray.core.train import ground_truth_graphs, to_train_graph, train_lander
+from agc_ray.core.validation import check_param
 
 log = logging.getLogger("agc_ray")
 
@@ -77,15 +77,7 @@ def check_labels(y, n_rows: int) -> np.ndarray:
 
 
 def _check_param(name, value, kind, low=None, high=None, options=None):
-    if options is not None:
-        if value not in options:
-            raise ValueError(f"HiLander: {name} must be one of {options}, got {value!r}")
-        return
-    ok_type = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
-    if not ok_type or isinstance(value, bool):
-        raise ValueError(f"HiLander: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"HiLander: {name} must be in [{low}, {high}], got {value!r}")
+    check_param(f"HiLander: {name}", value, kind, low, high, options)
 
 
 class HiLander(ClusterMixin, BaseEstimator):

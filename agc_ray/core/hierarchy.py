@@ -151,6 +151,22 @@ def similarity_density(nbr, sim) -> torch.Tensor:
 LevelDecoder = Callable[[LevelGraph, int], np.ndarray]
 
 
+def stop_reason(level: int, n_edges: int, prev_edges: int | None, clusters: int, *, k: int, levels: int,
+                early_stop: bool) -> str | None:
+    """Why the hierarchy stops after a decoded level with ``n_edges > 0`` edges (None: go on).
+
+    The rules of :func:`build_hierarchy`: the early-stop ratio ``E_prev / E < k``, the level budget,
+    and too few clusters (<= k) for the next level's kNN graph.
+    """
+    if early_stop and prev_edges is not None and prev_edges / n_edges < k:
+        return f"early stop (E_prev / E = {prev_edges / n_edges:.2f} < k = {k})"
+    if level + 1 >= levels:
+        return f"maximum of {levels} levels reached"
+    if clusters <= k:
+        return f"{clusters} clusters left, too few for a {k}-NN graph"
+    return None
+
+
 def build_hierarchy(
     x: np.ndarray,
     decode_level: LevelDecoder,
@@ -221,12 +237,11 @@ def build_hierarchy(
             "level %d: %d nodes -> %d clusters (%d edges), %.1fs",
             level, g.n, peaks.size, n_edges, time.perf_counter() - t0,
         )
-        if early_stop and prev_edges is not None and prev_edges / n_edges < k:
-            log.info("level %d: early stop (E_prev / E = %.2f < k = %d)", level, prev_edges / n_edges, k)
+        reason = stop_reason(level, n_edges, prev_edges, int(peaks.size), k=k, levels=levels, early_stop=early_stop)
+        if reason:
+            log.info("level %d: stop: %s", level, reason)
             break
         prev_edges = n_edges
-        if level + 1 >= levels or peaks.size <= k:
-            break
         t0 = time.perf_counter()
         x_id, x_sum, size, peak_row, sup_labels = aggregate(g, comp, peaks)
         nbr, sim = knn(x_id)

@@ -8,7 +8,8 @@ in the object store (the driver never holds embeddings).
 Writing: everything goes under a staging prefix next to the output; :func:`commit` replaces the output
 at the very end (a directory rename locally; on S3, where there is no rename, the old manifest is
 removed first, the files are copied and ``manifest.json`` is written last, so a reader that requires
-the manifest never sees a half-written output).
+the manifest never sees a half-written output; a commit cut short by a crash is finished by the next
+run on that output, from the complete staging prefix that a ``_COMMITTING`` marker names).
 """
 
 from __future__ import annotations
@@ -382,11 +383,14 @@ class Output:
         self.run_id = uuid.uuid4().hex[:12]
         parent, name = posixpath.split(self.path)
         self.staging = posixpath.join(parent, f".{name}.staging-{self.run_id}")
+        self.committing = False
 
     def check(self) -> None:
         """Refuse an existing non-empty output unless ``overwrite`` (InputError)."""
         if self.fs.type_name == "s3" and "/" not in self.path:
             raise InputError(f"output {self.uri} must be a prefix inside a bucket (s3://bucket/prefix)")
+        if self.fs.type_name != "local":
+            self.recover()
         try:
             info = self.fs.get_file_info(self.path)
             if info.type == pafs.FileType.File:
@@ -434,27 +438,69 @@ class Output:
             shutil.rmtree(old, ignore_errors=True)
 
     def _commit_copy(self) -> None:
-        # Object stores have no rename: invalidate the old output (manifest first), copy the data,
-        # write the manifest last.
+        # Object stores have no rename. The commit point is manifest.json: a `_COMMITTING` marker naming
+        # the (complete) staging prefix is written first, then the old manifest is removed, the new files
+        # are copied over the old ones (stale old files removed), the manifest is copied last and the
+        # marker and staging are removed. A crash in between leaves no manifest, the old files until
+        # they are replaced, and the marker; the next run on this output finishes the commit first
+        # (:meth:`recover`), so the result of a finished run is never lost.
         fs = self.fs
-        manifest = posixpath.join(self.path, "manifest.json")
-        if fs.get_file_info(manifest).type == pafs.FileType.File:
-            fs.delete_file(manifest)
-        if fs.get_file_info(self.path).type == pafs.FileType.Directory:
-            fs.delete_dir_contents(self.path, missing_dir_ok=True)
-        staged = [i.path for i in fs.get_file_info(pafs.FileSelector(self.staging, recursive=True))
-                  if i.type == pafs.FileType.File]
-        for src in sorted(staged, key=lambda p: p.endswith("/manifest.json")):
-            fs.copy_file(src, posixpath.join(self.path, posixpath.relpath(src, self.staging)))
+        fs.create_dir(self.path, recursive=True)
+        with fs.open_output_stream(posixpath.join(self.path, COMMIT_MARKER)) as f:
+            f.write(json.dumps({"staging": self.staging, "run_id": self.run_id}).encode())
+        self.committing = True  # from here on the staging prefix is what a recovery copies: keep it
+        _copy_over(fs, self.staging, self.path)
+        self.committing = False
         self.abort()
 
+    def recover(self) -> None:
+        """Finish a commit that a crash interrupted (object stores), or drop a stale marker."""
+        marker = posixpath.join(self.path, COMMIT_MARKER)
+        try:
+            if self.fs.get_file_info(marker).type != pafs.FileType.File:
+                return
+            with self.fs.open_input_stream(marker) as f:
+                staging = json.loads(f.read())["staging"]
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"cannot read the commit marker {display(self.fs, marker)}: {_one_line(e)}") from e
+        if self.fs.get_file_info(posixpath.join(staging, "manifest.json")).type == pafs.FileType.File:
+            log.warning("output %s: finishing the commit that an earlier run started (%s)", self.uri,
+                        display(self.fs, staging))
+            _copy_over(self.fs, staging, self.path)
+            self.fs.delete_dir(staging)
+        else:
+            self.fs.delete_file(marker)
+
     def abort(self) -> None:
-        """Remove the staging prefix (best effort)."""
+        """Remove the staging prefix (best effort), unless an interrupted commit still needs it."""
+        if self.committing:
+            log.error("commit of %s interrupted: the next run on this output finishes it from %s",
+                      self.uri, display(self.fs, self.staging))
+            return
         try:
             if self.fs.get_file_info(self.staging).type != pafs.FileType.NotFound:
                 self.fs.delete_dir(self.staging)
         except OSError as e:  # pragma: no cover - best effort
             log.warning("could not remove staging %s: %s", display(self.fs, self.staging), e)
+
+
+COMMIT_MARKER = "_COMMITTING"
+
+
+def _copy_over(fs, staging: str, path: str) -> None:
+    """Replace the files under ``path`` with those under ``staging``; manifest.json last, then the marker goes."""
+    manifest = posixpath.join(path, "manifest.json")
+    if fs.get_file_info(manifest).type == pafs.FileType.File:
+        fs.delete_file(manifest)
+    staged = sorted(posixpath.relpath(i.path, staging) for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True))
+                    if i.type == pafs.FileType.File)
+    old = [posixpath.relpath(i.path, path) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+           if i.type == pafs.FileType.File]
+    for rel in sorted(set(old) - set(staged) - {COMMIT_MARKER}):
+        fs.delete_file(posixpath.join(path, rel))
+    for rel in sorted(staged, key=lambda r: r == "manifest.json"):
+        fs.copy_file(posixpath.join(staging, rel), posixpath.join(path, rel))
+    fs.delete_file(posixpath.join(path, COMMIT_MARKER))
 
 
 def write_table(fs, path: str, table: pa.Table) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import time
 from dataclasses import dataclass
 
@@ -19,8 +18,12 @@ import numpy as np
 from agc_ray.distributed import io
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.errors import InputError
-from agc_ray.distributed.knn import JOB_METHODS, ShardIndex, default_nprobe, ivf_sample_rows, job_method, search_shard, train_centroids
+from agc_ray.core.hierarchy import stop_reason
+from agc_ray.core.validation import check_param
+from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_train_rows
+from agc_ray.distributed.knn import JOB_METHODS, ShardIndex, job_method, search_shard
 from agc_ray.distributed.remote import lazy_remote
+from agc_ray.distributed.stable import stable_id_maps
 
 log = logging.getLogger("agc_ray")
 
@@ -41,6 +44,8 @@ class JobConfig:
         num_shards: node shards (0: one per CPU of the cluster).
         overwrite: replace an existing non-empty output.
         knn_recall_sample: rows whose neighbours are checked against exact search (approximate kNN only).
+        previous: a completed earlier output (local or ``s3://``) whose cluster ids this run keeps for
+            the clusters that continue earlier ones (see :mod:`agc_ray.core.stable_ids`).
     """
 
     input: str | None = None
@@ -60,6 +65,7 @@ class JobConfig:
     num_shards: int = 0
     overwrite: bool = False
     knn_recall_sample: int = 1000
+    previous: str | None = None
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -67,19 +73,8 @@ class JobConfig:
 
 
 def _check(name, value, kind, low=None, high=None, options=None):
-    flag = "--" + name.replace("_", "-")
-    if value is None:
-        return
-    if options is not None:
-        if value not in options:
-            raise InputError(f"invalid {flag} {value!r}: expected one of {', '.join(map(str, options))}")
-        return
-    ok = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
-    if not ok or isinstance(value, bool):
-        raise InputError(f"invalid {flag} {value!r}: expected {'an integer' if kind is int else 'a number'}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InputError(f"invalid {flag} {value!r}: must be {bounds}")
+    if value is not None:
+        check_param("--" + name.replace("_", "-"), value, kind, low, high, options, error=InputError)
 
 
 def validate_config(cfg: JobConfig) -> None:
@@ -101,7 +96,7 @@ def validate_config(cfg: JobConfig) -> None:
     _check("tau", cfg.tau, float, -1.0, 1.0)
     _check("knn_recall_sample", cfg.knn_recall_sample, int, 0)
     if cfg.tau is not None and cfg.tau < 0 and (cfg.decode or "prob") == "prob" and not cfg.unsupervised:
-        raise InputError(f"invalid --tau {cfg.tau!r}: must be in [0, 1] with --decode prob")
+        raise InputError(f"--tau must be in [0, 1] with --decode prob, got {cfg.tau!r}")
 
 
 def load_estimator(cfg: JobConfig):
@@ -143,20 +138,25 @@ def _versions() -> dict:
 
 # -- remote helpers of the driver loop ------------------------------------------------------------------
 @lazy_remote(num_cpus=0.5)
-def _write_assignments(fs, path: str, ids, labels):
+def _write_assignments(fs, path: str, ids, labels, id_map=None):
     import pyarrow as pa
 
+    if id_map is not None:
+        labels = id_map[labels]
     return io.write_table(fs, path, pa.table({"id": ids, "cluster_id": pa.array(labels, pa.int64())}))
 
 
 @lazy_remote(num_cpus=0.5)
-def _write_clusters(fs, path: str, level: dict, parent_comp, *ids):
+def _write_clusters(fs, path: str, level: dict, parent_comp, id_map, parent_map, *ids):
     import pyarrow as pa
 
     peak_ids = pa.concat_arrays(list(ids)).take(pa.array(level["peak_row"]))
     c = level["peaks"].size
+    cluster_id = np.arange(c, dtype=np.int64) if id_map is None else id_map
+    if parent_comp is not None and parent_map is not None:
+        parent_comp = parent_map[parent_comp]
     parent = pa.nulls(c, pa.int64()) if parent_comp is None else pa.array(parent_comp, pa.int64())
-    table = pa.table({"cluster_id": pa.array(np.arange(c, dtype=np.int64)), "size": pa.array(level["size"]),
+    table = pa.table({"cluster_id": pa.array(cluster_id), "size": pa.array(level["size"]),
                       "peak_id": peak_ids, "parent_cluster_id": parent})
     return io.write_table(fs, path, table)
 
@@ -173,7 +173,7 @@ def _gather(offsets, refs: list, rows):
     return lv.gather_rows(refs, offsets, rows)
 
 
-_train_centroids = lazy_remote(train_centroids, num_cpus=1)
+_train_centroids = lazy_remote(ivf_centroids, num_cpus=1)
 _search_shard = lazy_remote(search_shard, num_cpus=0.5, num_returns=2)
 
 
@@ -251,12 +251,10 @@ class Job:
         method = job_method(self.est.knn, n)
         centroids, nprobe = None, 0
         if method == "ivf":
-            from agc_ray.core.knn import _ivf_nlist
-
-            rows = ivf_sample_rows(n, _ivf_nlist(n), seed)
+            rows = ivf_train_rows(n, seed)
             sample = _gather.remote(level.offsets, level.x_id, rows if rows is not None else np.arange(n))
             centroids = _train_centroids.remote(sample, n, seed)
-            nprobe = default_nprobe(n)
+            nprobe = IVF_NPROBE
         actors = self.index_actors(level, method, centroids, nprobe)
         results = [_search_shard.remote(x, int(level.offsets[s]), actors, k) for s, x in enumerate(level.x_id)]
         graph, _ = lv.concat_graph.remote(level.shards, *[r[0] for r in results], *[r[1] for r in results])
@@ -363,6 +361,11 @@ def run_job(cfg: JobConfig) -> dict:
     _check_dim(est, schema.dim, cfg)
     num_shards = cfg.num_shards or default_num_shards()
     log.info("input: %d rows in %d file(s), %d shards", schema.rows, len(files), num_shards)
+    previous = None
+    if cfg.previous:
+        from agc_ray.distributed.stable import open_previous
+
+        previous = open_previous(cfg.previous, schema.schema.field(schema.id_column).type)
     rows = io.read_shards(fs, schema, num_shards)
     _check_dim(est, rows.dim, cfg)
     timings = {"read_seconds": time.perf_counter() - t0}
@@ -370,10 +373,11 @@ def run_job(cfg: JobConfig) -> dict:
 
     job = Job(cfg, est, num_shards)
     try:
-        manifest = _run_levels(job, cfg, est, output, fs, files, schema, rows, timings)
+        manifest = _run_levels(job, cfg, est, output, fs, files, schema, rows, timings, previous)
         job.close()
         t0 = time.perf_counter()
         manifest["timings"]["total_seconds"] = time.perf_counter() - t_start
+        _write_report(output, manifest)
         output.commit(manifest)
     except BaseException:
         job.close()
@@ -383,13 +387,23 @@ def run_job(cfg: JobConfig) -> dict:
     return manifest
 
 
+def _write_report(output, manifest: dict) -> None:
+    """report.html into staging, committed with the rest; a report failure never fails a finished job."""
+    from agc_ray.report import write_report
+
+    try:
+        write_report(output.fs, output.staging, manifest)
+    except Exception as e:  # noqa: BLE001 - the clustering result matters more than its report
+        log.warning("report.html not written: %s", io._one_line(e))
+
+
 def _check_dim(est, dim, cfg):
     n_in = getattr(est, "n_features_in_", None)
     if dim is not None and n_in is not None and not est.unsupervised and dim != n_in:
         raise InputError(f"model {cfg.model} expects {n_in}-dimensional embeddings, the table's are {dim}-dimensional")
 
 
-def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, rows, timings) -> dict:
+def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, rows, timings, previous=None) -> dict:
     import ray
     import torch
 
@@ -399,44 +413,56 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
     node_of_row = None
     kept: list[dict] = []  # per level: result ref, row labels refs, stats
     writes = []
-    prev_edges = None
+    prev_edges, stop = None, None
     for level_no in range(est.levels):
         stats = {"level": level_no, "nodes": level.n}
         graph = job.knn(level, level_no, stats)
         result, counts = job.decode(level, graph, model_ref, level_no, stats)
         n_edges = counts["edges"]
         if n_edges == 0 and level_no > 0:
-            log.info("level %d: no edge added, stop", level_no)
+            stop = "no edge added"
+            log.info("level %d: stop: %s", level_no, stop)
             break
         if node_of_row is None:
             labels = [lv.relabel.remote(np.arange(rows.offsets[s], rows.offsets[s + 1]), result) for s in range(len(rows.x))]
         else:
             labels = [lv.relabel.remote(nr, result) for nr in node_of_row]
         node_of_row = labels
-        t0 = time.perf_counter()
-        for s, (ids, lab) in enumerate(zip(rows.ids, labels)):
-            path = output.staged("assignments", f"level={level_no}", f"part-{s:05d}.parquet")
-            writes.append(_write_assignments.remote(output.fs, path, ids, lab))
-        job._time("write", t0)
+        if previous is None:  # ids are final: write now (with --previous they wait for the matching)
+            t0 = time.perf_counter()
+            writes += _assignment_writes(output, level_no, rows.ids, labels, None)
+            job._time("write", t0)
         kept.append({"result": result, "labels": labels, "stats": stats})
         log.info("level %d: %d nodes -> %d clusters (%d edges), score %.1fs, decode %.1fs",
                  level_no, level.n, counts["clusters"], n_edges, stats["score_seconds"], stats["decode_seconds"])
         if n_edges == 0:
-            log.info("level 0: no edge added, every row is its own cluster")
+            stop = "no edge added at level 0: every row is its own cluster"
+            log.info(stop)
             break
-        if est.early_stop and prev_edges is not None and prev_edges / n_edges < est.k:
-            log.info("level %d: early stop (E_prev / E = %.2f < k = %d)", level_no, prev_edges / n_edges, est.k)
+        stop = stop_reason(level_no, n_edges, prev_edges, counts["clusters"], k=est.k, levels=est.levels,
+                           early_stop=est.early_stop)
+        if stop:
+            log.info("level %d: stop: %s", level_no, stop)
             break
         prev_edges = n_edges
-        if level_no + 1 >= est.levels or counts["clusters"] <= est.k:
-            break
         level = job.aggregate(level, result, counts["clusters"])
 
     t0 = time.perf_counter()
+    id_maps, id_info = stable_id_maps(previous, rows.ids, [e["labels"] for e in kept],
+                                      [e["stats"]["clusters"] for e in kept], job.num_shards)
+    if previous is not None:
+        job._time("stable_ids", t0)
+        log.info("stable ids against %s: %s", previous.uri, ", ".join(
+            f"level {i}: {d['churn']['kept']} kept, {d['churn']['new']} new" for i, d in enumerate(id_info) if d["churn"]))
+        t0 = time.perf_counter()
+        for i, entry in enumerate(kept):
+            writes += _assignment_writes(output, i, rows.ids, entry["labels"], id_maps[i])
     for i, entry in enumerate(kept):
         parent = kept[i + 1]["result"] if i + 1 < len(kept) else None
+        parent_map = id_maps[i + 1] if i + 1 < len(kept) else None
         path = output.staged("clusters", f"level={i}", "part-00000.parquet")
-        writes.append(_write_clusters.remote(output.fs, path, entry["result"], _comp_of(parent), *rows.ids))
+        writes.append(_write_clusters.remote(output.fs, path, entry["result"], _comp_of(parent), id_maps[i],
+                                             parent_map, *rows.ids))
     metrics = None
     if rows.labels is not None:
         metrics = ray.get([_evaluate.remote(len(rows.labels), *rows.labels, *e["labels"]) for e in kept])
@@ -444,7 +470,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
     job._time("write", t0)
     levels_out = []
     for i, entry in enumerate(kept):
-        item = dict(entry["stats"])
+        item = dict(entry["stats"]) | {k: v for k, v in id_info[i].items() if v is not None}
         if metrics is not None:
             item["metrics"] = metrics[i]
         levels_out.append(item)
@@ -454,6 +480,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
                   "id_column": schema.id_column, "embedding_column": schema.embedding_column,
                   "label_column": schema.label_column},
         "output": cfg.output,
+        "previous": None if previous is None else {"path": previous.uri, "levels": previous.levels},
         "parameters": {"k": est.k, "tau": est.tau, "max_levels": est.levels, "knn": est.knn, "decode": est.decode,
                        "early_stop": est.early_stop, "seed": est.seed, "num_shards": job.num_shards,
                        "unsupervised": est.unsupervised},
@@ -463,7 +490,13 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         "timings": timings | {f"{k}_seconds": v for k, v in job.timings.items()},
         "levels": levels_out,
         "cluster_counts": [e["stats"]["clusters"] for e in kept],
+        "stop_reason": stop,
     }
+
+
+def _assignment_writes(output, level_no: int, ids: list, labels: list, id_map) -> list:
+    return [_write_assignments.remote(output.fs, output.staged("assignments", f"level={level_no}", f"part-{s:05d}.parquet"),
+                                      i, lab, id_map) for s, (i, lab) in enumerate(zip(ids, labels))]
 
 
 @lazy_remote(num_cpus=0.5)

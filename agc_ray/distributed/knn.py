@@ -6,7 +6,8 @@ to the lower shard) and :func:`agc_ray.core.knn.search` removes the self match e
 index. With ``exact`` search the graph therefore equals a single ``IndexFlatIP``'s.
 
 ``ivf``: the coarse quantizer is trained once, on the same seeded sample of rows that
-:func:`agc_ray.core.knn.build_index` would use, and shared by all shards; each shard probes the same
+:func:`agc_ray.core.knn.build_index` uses (:func:`~agc_ray.core.knn.ivf_train_rows`,
+:func:`~agc_ray.core.knn.ivf_centroids`), and shared by all shards; each shard probes the same
 cells, so the merged result equals a single IVF index with that quantizer, whatever the shard count.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agc_ray.core.knn import _ivf_nlist, resolve_method, search
+from agc_ray.core.knn import ivf_index, resolve_method, search, to_gpu
 
 JOB_METHODS = ("auto", "exact", "ivf")
 
@@ -37,18 +38,9 @@ class ShardIndex:
         import faiss
 
         d = x.shape[1]
-        self.quantizer = None  # an IVF index does not own its quantizer: keep it alive here
-        if method == "exact":
-            index = faiss.IndexFlatIP(d)
-        else:
-            self.quantizer = faiss.IndexFlatIP(d)
-            self.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
-            index = faiss.IndexIVFFlat(self.quantizer, d, centroids.shape[0], faiss.METRIC_INNER_PRODUCT)
-            index.is_trained = True
-            index.nprobe = nprobe
+        index = faiss.IndexFlatIP(d) if method == "exact" else ivf_index(centroids, nprobe)
         if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # a GPU actor with faiss-gpu
-            self.gpu_resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self.gpu_resources, 0, index)
+            index = to_gpu(index)
         index.add(np.ascontiguousarray(x, dtype=np.float32))
         self.index, self.offset, self.x = index, int(offset), x
 
@@ -103,37 +95,6 @@ def merge_topk(sims: list[np.ndarray], ids: list[np.ndarray], kk: int) -> tuple[
 def search_shard(x_q: np.ndarray, offset: int, actors, k: int, exact: bool = False):
     """kNN graph rows of one query shard (self excluded): ``(nbr, sim)`` of shape (n_s, k)."""
     return search(MergedIndex(actors, exact), x_q, k, query_offset=offset)
-
-
-def train_centroids(sample: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """IVF centroids for n rows, trained exactly as :func:`agc_ray.core.knn.build_index` does."""
-    import faiss
-
-    d = sample.shape[1]
-    nlist = _ivf_nlist(n)
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = seed
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return index.quantizer.reconstruct_n(0, nlist)
-
-
-def ivf_sample_rows(n: int, nlist: int, seed: int) -> np.ndarray | None:
-    """Global rows of the IVF training sample (None: all rows), as in the core."""
-    n_train = min(n, 64 * nlist)
-    if n_train >= n:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
-
-
-#: IVF cells probed per query: must equal the default of :func:`agc_ray.core.knn.build_index` (16), so
-#: that the sharded graph equals the single-process one (tests/test_distributed_job.py checks it).
-IVF_NPROBE = 16
-
-
-def default_nprobe(n: int) -> int:
-    """IVF cells probed per query for n rows (the core's default)."""
-    return IVF_NPROBE
 
 
 def job_method(method: str, n: int) -> str:

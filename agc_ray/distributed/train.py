@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
+from agc_ray.core.validation import check_param
 from agc_ray.distributed.errors import InputError, find_input_error  # shared with the clustering job
 
 log = logging.getLogger("agc_ray")
@@ -140,11 +141,7 @@ class TrainJobConfig:
 
 
 def _check_number(name, value, kind, low=None, high=None):
-    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool):
-        raise InputError(f"--{name.replace('_', '-')} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise InputError(f"--{name.replace('_', '-')} must be in [{low}, {high if high is not None else 'inf'}], got {value!r}")
+    check_param("--" + name.replace("_", "-"), value, kind, low, high, error=InputError)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,27 @@
+"""Parameter checks shared by the estimator and the jobs (one message format everywhere)."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def check_param(name: str, value, kind=None, low=None, high=None, options=None, *, error=ValueError) -> None:
+    """Raise ``error("{name} must be ..., got {value!r}")`` unless ``value`` fits.
+
+    Args:
+        name: how the parameter is named in the message (``"HiLander: k"``, ``"--max-levels"``).
+        kind: ``int`` or ``float`` (any real number; bools are refused for both); unused with options.
+        low, high: inclusive bounds (None: unbounded).
+        options: the allowed values, instead of kind and bounds.
+        error: the exception type (a ValueError subclass, e.g. the jobs' InputError).
+    """
+    if options is not None:
+        if value not in options:
+            raise error(f"{name} must be one of {', '.join(map(str, options))}, got {value!r}")
+        return
+    ok = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
+    if not ok or isinstance(value, bool):
+        raise error(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+        raise error(f"{name} must be {bounds}, got {value!r}")
