@@ -188,21 +188,20 @@ def test_failure_before_commit_keeps_previous_output(ray_session, tmp_path, job_
 @pytest.mark.parametrize("method", ["exact", "ivf"])
 def test_sharded_knn_graph_equals_single_index(ray_session, job_data, method):
     """The graph of the sharded index (3 shards, top-k merge) equals the core's single-index graph."""
-    from agc_ray import HiLander
     from agc_ray.core.knn import knn_graph, l2_normalize
     from agc_ray.distributed.io import shard_bounds
-    from agc_ray.distributed.job import Job, _Level
+    from agc_ray.distributed.knn import sharded_knn_graph
 
     x = l2_normalize(job_data[0])
     nbr, sim = knn_graph(x, 10, method=method, seed=0, normalize=False)
     offsets = shard_bounds(x.shape[0], 3)
-    level = _Level(offsets, [ray_session.put(x[offsets[s]:offsets[s + 1]]) for s in range(3)])
-    job = Job(JobConfig(input="-", output="-"), HiLander(knn=method), 3)
-    stats = {}
+    refs = [ray_session.put(x[offsets[s]:offsets[s + 1]]) for s in range(3)]
+    graph, stats, actors = sharded_knn_graph(refs, offsets, 10, method, 0, recall_sample=1000)
     try:
-        got_nbr, got_sim = ray_session.get(job.knn(level, 0, stats))
+        got_nbr, got_sim = ray_session.get(graph)
     finally:
-        job.close()
+        for a in actors:
+            ray_session.kill(a)
     assert stats["knn_method"] == method
     np.testing.assert_array_equal(got_nbr, nbr)
     # exact search goes through BLAS, whose blocking differs with the index size: similarities may

@@ -73,6 +73,7 @@ def test_five_percent_new_rows_keep_almost_every_id(runs):
         assert len(fresh) == churn["clusters"] - churn["kept"]
         assert min(fresh, default=10**9) >= out["A"]["levels"][level]["next_cluster_id"]
         assert out["C"]["levels"][level]["next_cluster_id"] == out["A"]["levels"][level]["next_cluster_id"] + len(fresh)
+        assert out["C"]["next_cluster_ids"][level] == out["C"]["levels"][level]["next_cluster_id"]
         assert set(np.unique(c[level])) == set(cid)
 
 
@@ -102,4 +103,39 @@ def test_bad_previous(ray_session, runs, job_model, job_data, tmp_path):
     write_table(tmp_path / "str", x[:300], ids=np.array([f"face-{i}" for i in range(300)]), files=1)
     with pytest.raises(InputError, match="int64 ids, this input has string ids"):
         _run(tmp_path / "str", tmp_path / "o2", job_model, previous=str(root / "A"))
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    import shutil
+
+    shutil.copytree(root / "A", tmp_path / "broken")
+    shutil.rmtree(tmp_path / "broken" / "clusters" / "level=1")
+    with pytest.raises(InputError, match="lacks clusters/level=1"):
+        _run(root / "t95", tmp_path / "o3", job_model, previous=str(tmp_path / "broken"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_counters_survive_a_run_with_fewer_levels(ray_session, runs, job_model, tmp_path):
+    """A level missing from one run keeps its counter: the next run's fresh ids there are not reused."""
+    root, out, _, _ = runs
+    a_counters = out["A"]["next_cluster_ids"]
+    assert len(a_counters) >= 2
+    one = _run(root / "t95", tmp_path / "one", job_model, previous=str(root / "A"), max_levels=1)
+    assert len(one["levels"]) == 1
+    assert one["next_cluster_ids"][1:] == a_counters[1:]  # carried for the levels this run did not reach
+    again = _run(root / "t95", tmp_path / "again", job_model, previous=str(tmp_path / "one"))
+    churn = again["levels"][1]["churn"]
+    assert churn["previous_clusters"] == 0 and churn["new"] == churn["clusters"] > 0  # every cluster is new
+    cid = _clusters(tmp_path / "again", 1).column("cluster_id").to_numpy()
+    assert cid.min() >= a_counters[1]  # not reusing run A's level-1 ids for other clusters
+    assert again["next_cluster_ids"][1] == a_counters[1] + cid.size
+
+
+def test_previous_on_s3(ray_session, s3_endpoint, runs, job_model, tmp_path):
+    import boto3
+    import pyarrow.fs as pafs
+
+    root, out, _, _ = runs
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="prev")
+    fs, _ = pafs.FileSystem.from_uri("s3://prev")
+    pafs.copy_files(str(root / "A"), "prev/A", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    manifest = _run(root / "t95", "s3://prev/B", job_model, previous="s3://prev/A")
+    assert [lv["churn"]["changed_row_share"] for lv in manifest["levels"]] == [0.0] * len(manifest["levels"])
+    assert [lv["churn"]["kept"] for lv in manifest["levels"]] == out["A"]["cluster_counts"]

@@ -108,3 +108,22 @@ def test_ray_job_submit(head_cluster, job_table, job_model, job_data, tmp_path):
     assert bad.returncode != 0
     assert "input path not found" in bad.stdout + bad.stderr
     print(f"ray job submit round trip: {time.time() - t0:.0f}s")
+
+
+def test_ray_job_submit_train(head_cluster, job_table, job_data, tmp_path):
+    """The training job through `ray job submit`; its model dir clusters through jobs/cluster.py."""
+    address, env = head_cluster
+    model = tmp_path / "model"
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "jobs/train.py", "--input", str(job_table), "--output", str(model), "--num-workers", "1",
+           "--cpus-per-worker", "0.5", "--epochs", "2", "--batch-size", "256", "--k", "5", "--train-levels", "2",
+           "--hidden-channels", "32", "--edge-channels", "32", "--storage-path", str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = json.loads((model / "config.json").read_text())
+    assert config["training"]["epochs"] == 2 and config["training"]["num_workers"] == 1
+    assert len(config["training"]["history"]) == 2
+    from agc_ray import HiLander
+
+    labels = HiLander.load(model).set_params(knn="exact").predict(job_data[0])
+    assert labels.shape == (len(job_data[0]),) and 1 < labels.max() + 1 < len(job_data[0])

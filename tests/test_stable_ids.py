@@ -33,26 +33,37 @@ def test_same_partition_keeps_every_id():
     assert nxt == 71  # nothing issued
 
 
-def test_split_majority_keeps_the_id_minority_gets_a_fresh_one():
+def test_split_keeps_the_id_on_its_largest_part():
     old = np.array([9] * 10)
-    new = np.array([0] * 6 + [1] * 4)
+    new = np.array([0] * 4 + [1] * 3 + [2] * 3)  # 40 / 30 / 30
     id_map, churn, nxt = _match(new, old, next_id=10)
-    assert id_map[0] == 9 and id_map[1] == 10 and nxt == 11
-    assert (churn["kept"], churn["new"], churn["split"], churn["gone"]) == (1, 1, 0, 0)
-    assert churn["changed_rows"] == 4
+    np.testing.assert_array_equal(id_map, [9, 10, 11])
+    assert nxt == 12
+    assert (churn["kept"], churn["new"], churn["split"], churn["gone"]) == (1, 2, 0, 0)
+    assert churn["changed_rows"] == 6
 
 
-def test_even_split_and_merge_get_fresh_ids():
-    # old 0 splits evenly into new 0 and 1: neither holds a majority of it.
-    # old 1 and 2 (5 rows each) merge into new 2: neither holds a majority of it.
-    old = np.array([0] * 4 + [1] * 5 + [2] * 5)
-    new = np.array([0, 0, 1, 1] + [2] * 10)
-    id_map, churn, nxt = _match(new, old, next_id=3)
-    np.testing.assert_array_equal(id_map, [3, 4, 5])
-    assert (churn["kept"], churn["split"], churn["merged"], churn["new"], churn["gone"]) == (0, 1, 1, 2, 2)
+def test_ties_and_merges_are_one_to_one_and_deterministic():
+    # old 0 splits evenly into new 0 and 1: the tie goes to new 0.
+    # old 1 and 2 (5 rows each) merge into new 2: the tie goes to old 1, which continues.
+    # old 3 (2 rows) joins new 3 as a minority of old 4 (3 rows): old 3 is gone, new 3 continues old 4.
+    old = np.array([0] * 4 + [1] * 5 + [2] * 5 + [3] * 2 + [4] * 3)
+    new = np.array([0, 0, 1, 1] + [2] * 10 + [3] * 5)
+    id_map, churn, nxt = _match(new, old, next_id=5)
+    np.testing.assert_array_equal(id_map, [0, 5, 1, 4])
+    assert (churn["kept"], churn["split"], churn["merged"], churn["new"], churn["gone"]) == (3, 0, 0, 1, 2)
     assert churn["previous_clusters"] == churn["kept"] + churn["split"] + churn["gone"]
     assert churn["clusters"] == churn["kept"] + churn["merged"] + churn["new"]
-    assert churn["changed_row_share"] == 1.0
+    assert nxt == 6
+
+
+def test_split_and_merge_without_continuation():
+    # old 0 and old 1 each split in two; new 1 takes the smaller halves of both: merged, not kept
+    old = np.array([0] * 6 + [1] * 6)
+    new = np.array([0] * 4 + [1] * 2 + [1] * 2 + [2] * 4)
+    id_map, churn, _ = _match(new, old, next_id=2)
+    np.testing.assert_array_equal(id_map, [0, 2, 1])
+    assert (churn["kept"], churn["merged"], churn["new"], churn["split"], churn["gone"]) == (2, 1, 0, 0, 0)
 
 
 def test_fresh_ids_never_reuse_retired_ids():

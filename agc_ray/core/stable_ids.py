@@ -1,10 +1,12 @@
 """Stable cluster ids across runs: match this run's clusters to a previous run's by shared rows.
 
-A new cluster *continues* an earlier one when each holds a strict majority of the other's shared
-rows (rows present in both runs). That relation is one-to-one by construction, needs no tie-breaking
-and is stable under small changes: rerunning on the same input keeps every id; adding a few rows
-keeps almost every id. Every other new cluster gets a fresh id from a counter that only grows across
-runs (``next_id``), so an id is never reused for a different cluster.
+A new cluster *continues* an earlier one when they are each other's maximum overlap: of all earlier
+clusters, the earlier one shares the most rows (rows present in both runs) with the new one, and of
+all new clusters, the new one shares the most with the earlier one (ties go to the smaller id). That
+relation is one-to-one by construction and stable under small changes: rerunning on the same input
+keeps every id; adding a few rows keeps almost every id; a split keeps the id on its largest part.
+Every other new cluster gets a fresh id from a counter that only grows across runs (``next_id``), so
+an id is never reused for a different cluster.
 
 Churn, per level (the two sides each add up):
 
@@ -44,6 +46,16 @@ def pair_counts(new: np.ndarray, old: np.ndarray, count: np.ndarray | None = Non
     return new[start], old[start], np.add.reduceat(count, start)
 
 
+def _best_of(group: np.ndarray, other: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """(P,) bool: the pair is its group's largest count (ties: the smallest ``other``)."""
+    best = np.zeros(group.size, bool)
+    if group.size:
+        order = np.lexsort((other, -count, group))
+        first = np.r_[True, group[order][1:] != group[order][:-1]]
+        best[order[first]] = True
+    return best
+
+
 def match_clusters(new: np.ndarray, old: np.ndarray, count: np.ndarray, n_clusters: int,
                    previous_ids: np.ndarray, next_id: int) -> tuple[np.ndarray, dict, int]:
     """Stable ids for this run's clusters ``0 .. n_clusters - 1``.
@@ -62,11 +74,9 @@ def match_clusters(new: np.ndarray, old: np.ndarray, count: np.ndarray, n_cluste
     previous_ids = np.unique(np.asarray(previous_ids, dtype=np.int64))
     next_id = max(int(next_id), int(previous_ids[-1]) + 1 if previous_ids.size else 0)
     old_idx = np.searchsorted(previous_ids, old)
-    if old.size and (old_idx.max() >= previous_ids.size or np.any(previous_ids[old_idx] != old)):
+    if old.size and (old_idx.max() >= previous_ids.size or np.any(previous_ids[np.minimum(old_idx, previous_ids.size - 1)] != old)):
         raise ValueError("previous assignments name a cluster id missing from the previous clusters table")
-    new_total = np.bincount(new, weights=count, minlength=n_clusters)
-    old_total = np.bincount(old_idx, weights=count, minlength=previous_ids.size)
-    keep = (2 * count > new_total[new]) & (2 * count > old_total[old_idx])
+    keep = _best_of(new, old_idx, count) & _best_of(old_idx, new, count)
 
     id_map = np.full(n_clusters, -1, dtype=np.int64)
     id_map[new[keep]] = old[keep]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -20,8 +21,8 @@ def check_param(name: str, value, kind=None, low=None, high=None, options=None, 
             raise error(f"{name} must be one of {', '.join(map(str, options))}, got {value!r}")
         return
     ok = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
-    if not ok or isinstance(value, bool):
-        raise error(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not ok or isinstance(value, bool) or (kind is not int and not math.isfinite(value)):
+        raise error(f"{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
         raise error(f"{name} must be {bounds}, got {value!r}")

@@ -389,7 +389,9 @@ class Output:
         """Refuse an existing non-empty output unless ``overwrite`` (InputError)."""
         if self.fs.type_name == "s3" and "/" not in self.path:
             raise InputError(f"output {self.uri} must be a prefix inside a bucket (s3://bucket/prefix)")
-        if self.fs.type_name != "local":
+        if self.fs.type_name == "local":
+            self._restore_local()
+        else:
             self.recover()
         try:
             info = self.fs.get_file_info(self.path)
@@ -456,20 +458,41 @@ class Output:
     def recover(self) -> None:
         """Finish a commit that a crash interrupted (object stores), or drop a stale marker."""
         marker = posixpath.join(self.path, COMMIT_MARKER)
+        parent, name = posixpath.split(self.path)
         try:
             if self.fs.get_file_info(marker).type != pafs.FileType.File:
                 return
             with self.fs.open_input_stream(marker) as f:
                 staging = json.loads(f.read())["staging"]
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"cannot read the commit marker {display(self.fs, marker)}: {_one_line(e)}") from e
-        if self.fs.get_file_info(posixpath.join(staging, "manifest.json")).type == pafs.FileType.File:
-            log.warning("output %s: finishing the commit that an earlier run started (%s)", self.uri,
-                        display(self.fs, staging))
-            _copy_over(self.fs, staging, self.path)
-            self.fs.delete_dir(staging)
-        else:
-            self.fs.delete_file(marker)
+            if not (isinstance(staging, str) and staging.startswith(posixpath.join(parent, f".{name}.staging-"))):
+                raise ValueError(f"it names {staging!r}, not a staging prefix of this output")
+            if self.fs.get_file_info(posixpath.join(staging, "manifest.json")).type == pafs.FileType.File:
+                log.warning("output %s: finishing the commit that an earlier run started (%s)", self.uri,
+                            display(self.fs, staging))
+                _copy_over(self.fs, staging, self.path)
+                self.fs.delete_dir(staging)
+            else:
+                log.warning("output %s: an interrupted commit left no staging to finish it from; the output "
+                            "has no manifest.json and is replaced by this run", self.uri)
+                self.fs.delete_file(marker)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"cannot recover the interrupted commit of {self.uri} ({COMMIT_MARKER}): {_one_line(e)}") from e
+
+    def _restore_local(self) -> None:
+        """Undo a kill between the two renames of a local commit (the previous output put back)."""
+        import glob
+        import os
+        import shutil
+
+        olds = sorted(glob.glob(os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.old-*")))
+        if not olds:
+            return
+        if not os.path.lexists(self.path) and len(olds) == 1:
+            log.warning("output %s: restoring the previous output that an interrupted commit moved aside", self.uri)
+            os.replace(olds[0], self.path)
+        elif os.path.lexists(self.path):  # the commit finished; only the clean-up was cut short
+            for old in olds:
+                shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         """Remove the staging prefix (best effort), unless an interrupted commit still needs it."""

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agc_ray.core.hierarchy import stop_reason
+from agc_ray.core.validation import check_param
 from agc_ray.distributed import io
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.errors import InputError
-from agc_ray.core.hierarchy import stop_reason
-from agc_ray.core.validation import check_param
-from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_train_rows
-from agc_ray.distributed.knn import JOB_METHODS, ShardIndex, job_method, search_shard
+from agc_ray.distributed.knn import JOB_METHODS, sharded_knn_graph
 from agc_ray.distributed.remote import lazy_remote
 from agc_ray.distributed.stable import stable_id_maps
 
@@ -168,29 +167,6 @@ def _evaluate(n_shards: int, *parts):
     return evaluate(np.concatenate(parts[:n_shards]), np.concatenate(parts[n_shards:]))
 
 
-@lazy_remote(num_cpus=0.5)
-def _gather(offsets, refs: list, rows):
-    return lv.gather_rows(refs, offsets, rows)
-
-
-_train_centroids = lazy_remote(ivf_centroids, num_cpus=1)
-_search_shard = lazy_remote(search_shard, num_cpus=0.5, num_returns=2)
-
-
-@lazy_remote(num_cpus=0.5)
-def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
-    """Share of the sampled rows' neighbours whose similarity reaches the exact k-th best (as core.knn_recall)."""
-    nbr, sim = graph
-    n_true = min(k, int(nbr.shape[0]) - 1)
-    if n_true <= 0:
-        return 1.0
-    exact_sim = np.where(exact_nbr == sample_rows[:, None], -np.inf, exact_sim)  # drop the self match
-    kth = -np.sort(-exact_sim, axis=1)[:, n_true - 1]
-    found_sim = sim[sample_rows]
-    valid = nbr[sample_rows] >= 0
-    return float(((found_sim >= kth[:, None] - 1e-5) & valid).sum() / (sample_rows.size * n_true))
-
-
 # -- the job -------------------------------------------------------------------------------------------
 class _Level:
     """Node shards of one level: offsets and object refs of x_id, x_sum (None at level 0), size, peak_row."""
@@ -226,53 +202,18 @@ class Job:
         self.timings[stage] = self.timings.get(stage, 0.0) + dt
         return dt
 
-    def index_actors(self, level: _Level, method: str, centroids, nprobe: int):
-        """One :class:`ShardIndex` actor per node shard (restartable; the previous level's are killed)."""
-        import ray
-
-        self.close()
-        resources = ray.cluster_resources()
-        cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-        cls = ray.remote(ShardIndex).options(
-            num_cpus=min(0.5, cpus / (4 * level.shards)), scheduling_strategy="SPREAD",
-            num_gpus=min(1.0, gpus / level.shards) if gpus else 0,  # GPU actors when the cluster has GPUs
-            max_restarts=3, max_task_retries=3,
-        )
-        self.actors = [cls.remote(x, int(level.offsets[s]), method, centroids, nprobe) for s, x in enumerate(level.x_id)]
-        ray.get([a.ready.remote() for a in self.actors])
-        return self.actors
-
     def knn(self, level: _Level, level_no: int, stats: dict):
         """The level's kNN graph as one object ``(nbr, sim)``, searched over the sharded index."""
-        import ray
-
         t0 = time.perf_counter()
-        k, n, seed = self.est.k, level.n, self.est.seed
-        method = job_method(self.est.knn, n)
-        centroids, nprobe = None, 0
-        if method == "ivf":
-            rows = ivf_train_rows(n, seed)
-            sample = _gather.remote(level.offsets, level.x_id, rows if rows is not None else np.arange(n))
-            centroids = _train_centroids.remote(sample, n, seed)
-            nprobe = IVF_NPROBE
-        actors = self.index_actors(level, method, centroids, nprobe)
-        results = [_search_shard.remote(x, int(level.offsets[s]), actors, k) for s, x in enumerate(level.x_id)]
-        graph, _ = lv.concat_graph.remote(level.shards, *[r[0] for r in results], *[r[1] for r in results])
-        ray.wait([graph], fetch_local=False)
-        stats.update(knn_method=method, knn_seconds=self._time("knn", t0))
-        if method != "exact" and level_no == 0 and self.cfg.knn_recall_sample > 0:
-            stats["knn_recall"] = self.recall(level, graph, actors)
-        log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, n, level.shards, method, stats["knn_seconds"])
+        self.close()  # the previous level's index actors
+        graph, info, self.actors = sharded_knn_graph(
+            level.x_id, level.offsets, self.est.k, self.est.knn, self.est.seed,
+            recall_sample=self.cfg.knn_recall_sample if level_no == 0 else 0,
+        )
+        stats.update(info, knn_seconds=self._time("knn", t0))
+        log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, level.n, level.shards, info["knn_method"],
+                 stats["knn_seconds"])
         return graph
-
-    def recall(self, level: _Level, graph, actors) -> float:
-        import ray
-
-        rng = np.random.default_rng(self.est.seed)
-        rows = np.sort(rng.choice(level.n, size=min(self.cfg.knn_recall_sample, level.n), replace=False))
-        queries = _gather.remote(level.offsets, level.x_id, rows)
-        exact_nbr, exact_sim = _search_shard_exact.remote(queries, actors, self.est.k)
-        return ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, self.est.k))
 
     def decode(self, level: _Level, graph, model_ref, level_no: int, stats: dict):
         """Stages 1-4 of :mod:`agc_ray.distributed.level`: the level's clusters (one object) and counts."""
@@ -328,14 +269,6 @@ class Job:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
-
-
-@lazy_remote(num_cpus=0.5, num_returns=2)
-def _search_shard_exact(queries, actors, k):
-    from agc_ray.distributed.knn import MergedIndex
-
-    sim, idx = MergedIndex(actors, exact=True).search(queries, k + 1)
-    return idx, sim  # the sample's own rows are in the results; the recall uses the k-th best of k + 1
 
 
 def default_num_shards() -> int:
@@ -448,12 +381,12 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         level = job.aggregate(level, result, counts["clusters"])
 
     t0 = time.perf_counter()
-    id_maps, id_info = stable_id_maps(previous, rows.ids, [e["labels"] for e in kept],
-                                      [e["stats"]["clusters"] for e in kept], job.num_shards)
+    id_maps, id_info, counters = stable_id_maps(previous, rows.ids, [e["labels"] for e in kept],
+                                                [e["stats"]["clusters"] for e in kept], job.num_shards)
     if previous is not None:
         job._time("stable_ids", t0)
         log.info("stable ids against %s: %s", previous.uri, ", ".join(
-            f"level {i}: {d['churn']['kept']} kept, {d['churn']['new']} new" for i, d in enumerate(id_info) if d["churn"]))
+            f"level {i}: {d['churn']['kept']} kept, {d['churn']['new']} new" for i, d in enumerate(id_info)))
         t0 = time.perf_counter()
         for i, entry in enumerate(kept):
             writes += _assignment_writes(output, i, rows.ids, entry["labels"], id_maps[i])
@@ -491,6 +424,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         "levels": levels_out,
         "cluster_counts": [e["stats"]["clusters"] for e in kept],
         "stop_reason": stop,
+        "next_cluster_ids": counters,
     }
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from agc_ray.core.knn import ivf_index, resolve_method, search, to_gpu
+from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_index, ivf_train_rows, resolve_method, search, to_gpu
+from agc_ray.distributed import level as lv
+from agc_ray.distributed.remote import lazy_remote
 
 JOB_METHODS = ("auto", "exact", "ivf")
 
@@ -48,11 +50,16 @@ class ShardIndex:
         """Rows indexed (a call to wait for the constructor)."""
         return self.index.ntotal
 
-    def search(self, queries: np.ndarray, kk: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(sim, global ids)`` of the kk best rows of this shard for each query (-1 padded)."""
+    def search(self, queries: np.ndarray, kk: int, exact: bool = False, assign=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(sim, global ids)`` of the kk best rows of this shard for each query (-1 padded).
+
+        ``assign``: the queries' coarse IVF cells ``(Dq, Iq)`` (n, nprobe), computed once for all shards.
+        """
         import faiss
 
-        if exact and not isinstance(self.index, (faiss.IndexFlatIP, getattr(faiss, "GpuIndexFlatIP", ()))):
+        if assign is not None and not exact and isinstance(self.index, faiss.IndexIVF):
+            sim, idx = self.index.search_preassigned(queries, kk, assign[1], assign[0])
+        elif exact and not isinstance(self.index, (faiss.IndexFlatIP, getattr(faiss, "GpuIndexFlatIP", ()))):
             flat = faiss.IndexFlatIP(self.x.shape[1])
             flat.add(np.ascontiguousarray(self.x, dtype=np.float32))
             sim, idx = flat.search(queries, kk)
@@ -64,15 +71,25 @@ class ShardIndex:
 class MergedIndex:
     """Looks like a faiss index to :func:`agc_ray.core.knn.search`; searches every shard actor."""
 
-    def __init__(self, actors, exact: bool = False):
+    def __init__(self, actors, exact: bool = False, centroids: np.ndarray | None = None, nprobe: int = 0):
         self.actors = actors
         self.exact = exact
+        self.quantizer, self.nprobe = None, nprobe
+        if centroids is not None and not exact:
+            # The coarse quantisation (queries x nlist inner products) is the same for every shard:
+            # done once here instead of once per shard.
+            import faiss
+
+            self.quantizer = faiss.IndexFlatIP(centroids.shape[1])
+            self.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
 
     def search(self, queries: np.ndarray, kk: int):
         import ray
 
-        qref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-        parts = ray.get([a.search.remote(qref, kk, self.exact) for a in self.actors])
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        qref = ray.put(queries)
+        assign = None if self.quantizer is None else ray.put(self.quantizer.search(queries, self.nprobe))
+        parts = ray.get([a.search.remote(qref, kk, self.exact, assign) for a in self.actors])
         return merge_topk([p[0] for p in parts], [p[1] for p in parts], kk)
 
 
@@ -92,11 +109,96 @@ def merge_topk(sims: list[np.ndarray], ids: list[np.ndarray], kk: int) -> tuple[
     return out_sim, out_idx
 
 
-def search_shard(x_q: np.ndarray, offset: int, actors, k: int, exact: bool = False):
+def search_shard(x_q: np.ndarray, offset: int, actors, k: int, exact: bool = False, centroids=None, nprobe: int = 0):
     """kNN graph rows of one query shard (self excluded): ``(nbr, sim)`` of shape (n_s, k)."""
-    return search(MergedIndex(actors, exact), x_q, k, query_offset=offset)
+    return search(MergedIndex(actors, exact, centroids, nprobe), x_q, k, query_offset=offset)
 
 
-def job_method(method: str, n: int) -> str:
-    """The search method for a level of n nodes (the core's 'auto' rule)."""
-    return resolve_method(method, n)
+# -- the sharded search, as Ray tasks and actors ----------------------------------------------------
+def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, nprobe: int) -> list:
+    """One :class:`ShardIndex` actor per node shard (GPU actors when the cluster has GPUs; restartable)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0)
+    shards = len(x_refs)
+    # num_cpus=0: the actors compute only while the search tasks (which hold CPUs) wait on them, and
+    # they stay alive after the kNN stage (Ray may need them to reconstruct a lost graph object):
+    # reserving CPUs would starve the scoring tasks of the level.
+    cls = ray.remote(ShardIndex).options(
+        num_cpus=0, scheduling_strategy="SPREAD",
+        num_gpus=min(1.0, gpus / shards) if gpus else 0,
+        max_restarts=3, max_task_retries=3,
+    )
+    actors = [cls.remote(x, int(offsets[s]), method, centroids, nprobe) for s, x in enumerate(x_refs)]
+    ray.get([a.ready.remote() for a in actors])
+    return actors
+
+
+def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
+                      recall_sample: int = 0) -> tuple:
+    """kNN graph of rows sharded over the object store, searched over an index sharded across actors.
+
+    Args:
+        x_refs: refs to each shard's (n_s, D) unit float32 rows; shard s holds rows offsets[s]:offsets[s+1].
+        k: neighbours per row (self excluded).
+        method: 'auto', 'exact' or 'ivf' (the core's rule and IVF settings).
+        seed: seed of the IVF training sample and k-means.
+        recall_sample: rows whose neighbours are checked against exact search (approximate search only).
+
+    Returns:
+        ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_recall"]}``,
+        and the index actors (the caller kills them once the graph is no longer needed: Ray may need
+        them to reconstruct a lost graph object).
+    """
+    import ray
+
+    n = int(offsets[-1])
+    method = resolve_method(method, n)
+    centroids, nprobe = None, 0
+    if method == "ivf":
+        rows = ivf_train_rows(n, seed)
+        sample = _gather.remote(offsets, x_refs, rows if rows is not None else np.arange(n))
+        centroids = _train_centroids.remote(sample, n, seed)
+        nprobe = IVF_NPROBE
+    actors = index_actors(x_refs, offsets, method, centroids, nprobe)
+    results = [_search_shard.remote(x, int(offsets[s]), actors, k, False, centroids, nprobe) for s, x in enumerate(x_refs)]
+    graph, _ = lv.concat_graph.remote(len(x_refs), *[r[0] for r in results], *[r[1] for r in results])
+    ray.wait([graph], fetch_local=False)
+    info = {"knn_method": method}
+    if method != "exact" and recall_sample > 0:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, size=min(recall_sample, n), replace=False))
+        queries = _gather.remote(offsets, x_refs, rows)
+        exact_nbr, exact_sim = _search_shard_exact.remote(queries, actors, k)
+        info["knn_recall"] = ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, k))
+    return graph, info, actors
+
+
+@lazy_remote(num_cpus=0.5)
+def _gather(offsets, refs: list, rows):
+    return lv.gather_rows(refs, offsets, rows)
+
+
+_train_centroids = lazy_remote(ivf_centroids, num_cpus=1)
+_search_shard = lazy_remote(search_shard, num_cpus=0.5, num_returns=2)
+
+
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def _search_shard_exact(queries, actors, k):
+    sim, idx = MergedIndex(actors, exact=True).search(queries, k + 1)
+    return idx, sim  # the sample's own rows are in the results; the recall uses the k-th best of k + 1
+
+
+@lazy_remote(num_cpus=0.5)
+def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
+    """Share of the sampled rows' neighbours whose similarity reaches the exact k-th best (as core.knn_recall)."""
+    nbr, sim = graph
+    n_true = min(k, int(nbr.shape[0]) - 1)
+    if n_true <= 0:
+        return 1.0
+    exact_sim = np.where(exact_nbr == sample_rows[:, None], -np.inf, exact_sim)  # drop the self match
+    kth = -np.sort(-exact_sim, axis=1)[:, n_true - 1]
+    found_sim = sim[sample_rows]
+    valid = nbr[sample_rows] >= 0
+    return float(((found_sim >= kth[:, None] - 1e-5) & valid).sum() / (sample_rows.size * n_true))

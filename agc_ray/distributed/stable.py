@@ -1,10 +1,13 @@
 """``--previous``: keep cluster ids stable across scheduled runs (see :mod:`agc_ray.core.stable_ids`).
 
-The overlap counts are one Ray Data hash join of this run's assignments with the previous run's, on
-``(id, level)`` for all levels at once, each joined block reduced to partial ``(level, new, old)``
-counts by a pyarrow group-by; one task per level sums the partials and matches the clusters
-(vectorised, in :func:`agc_ray.core.stable_ids.match_clusters`). The driver only sees the per-level
-churn counts.
+The overlap counts are Ray Data operations over the shared ids: one hash join of this run's
+assignments with the previous run's on ``(id, level)`` for all levels at once, then one group-by
+``(level, new, old)`` counting the shared rows of every pair of clusters. The distinct pairs (about
+one per cluster) are split by level and one task per level matches the clusters (vectorised, in
+:func:`agc_ray.core.stable_ids.match_clusters`). The driver only sees the per-level churn counts.
+
+Counters: the manifest keeps ``next_cluster_ids``, per level the first id never issued at that level
+in this chain of runs (levels that a run does not reach keep their counter), so ids are never reused.
 """
 
 from __future__ import annotations
@@ -35,36 +38,61 @@ class PreviousOutput:
     manifest: dict
     levels: int
 
-    def next_ids(self) -> list[int | None]:
-        """Per level, the first id never issued (None when the manifest predates the counter)."""
-        return [lv.get("next_cluster_id") for lv in self.manifest.get("levels", [])]
+    def counters(self) -> list[int]:
+        """Per level, the first id never issued (older manifests: the level's cluster count)."""
+        saved = self.manifest.get("next_cluster_ids")
+        if isinstance(saved, list) and all(isinstance(c, int) for c in saved):
+            return saved
+        return [int(lv.get("next_cluster_id", lv.get("clusters", 0))) for lv in self.manifest["levels"]]
 
 
 def open_previous(uri: str, id_type: pa.DataType) -> PreviousOutput:
-    """Check that ``uri`` is a completed output whose ids have ``id_type``'s kind (InputError)."""
+    """Check that ``uri`` is a completed output whose ids can be matched with ``id_type`` (InputError)."""
     fs, path = io.filesystem_for(uri)
     manifest_path = posixpath.join(path, "manifest.json")
     try:
         with fs.open_input_stream(manifest_path) as f:
             manifest = json.loads(f.read())
     except FileNotFoundError:
-        raise InputError(f"--previous {uri} is not a completed output (no manifest.json)") from None
+        hint = ""
+        if _exists(fs, posixpath.join(path, io.COMMIT_MARKER)):
+            hint = " (its commit was interrupted: any run with --output on it finishes the commit)"
+        raise InputError(f"--previous {uri} is not a completed output (no manifest.json){hint}") from None
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read --previous {uri}/manifest.json: {io._one_line(e)}") from e
-    if manifest.get("status") != "succeeded" or not manifest.get("levels"):
-        raise InputError(f"--previous {uri} is not a completed output (status {manifest.get('status')!r})")
+    if not isinstance(manifest, dict) or manifest.get("status") != "succeeded" or not isinstance(manifest.get("levels"), list) \
+            or not manifest["levels"]:
+        status = manifest.get("status") if isinstance(manifest, dict) else None
+        raise InputError(f"--previous {uri} is not a completed output (status {status!r})")
     levels = len(manifest["levels"])
-    first = posixpath.join(path, "assignments", "level=0")
+    prev_type = None
     try:
-        files = [i.path for i in fs.get_file_info(pafs.FileSelector(first)) if i.path.endswith(".parquet")]
-        prev_type = _parquet_schema(fs, files[0]).field("id").type if files else None
+        for lvl in range(levels):
+            for part in ("assignments", "clusters"):
+                d = posixpath.join(path, part, f"level={lvl}")
+                files = [i.path for i in fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
+                         if i.path.endswith(".parquet")]
+                if not files:
+                    raise InputError(f"--previous {uri} lacks {part}/level={lvl}/*.parquet (its manifest has {levels} levels)")
+                if part == "assignments" and lvl == 0:
+                    prev_type = _parquet_schema(fs, files[0]).field("id").type
     except (OSError, KeyError, ValueError) as e:
-        raise InputError(f"cannot read --previous {uri}/assignments: {io._one_line(e)}") from e
-    if prev_type is None:
-        raise InputError(f"--previous {uri} has no assignments/level=0/*.parquet")
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot read --previous {uri}: {io._one_line(e)}") from e
+    for t, whose in ((prev_type, f"--previous {uri} has"), (id_type, "this input has")):
+        if pa.types.is_uint64(t):
+            raise InputError(f"{whose} uint64 ids: cast them to int64 or string to match runs")
     if _id_kind(prev_type) != _id_kind(id_type):
         raise InputError(f"--previous {uri} has {prev_type} ids, this input has {id_type} ids")
     return PreviousOutput(uri, fs, path, manifest, levels)
+
+
+def _exists(fs, path: str) -> bool:
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError:
+        return False
 
 
 def _parquet_schema(fs, path: str) -> pa.Schema:
@@ -102,49 +130,57 @@ def _previous_block(table: pa.Table, levels: int) -> pa.Table:
                      "old": table.column("cluster_id").cast(pa.int64())})
 
 
-def _partial_counts(table: pa.Table) -> pa.Table:
-    counts = table.group_by(["level", "new", "old"]).aggregate([([], "count_all")])
-    return counts.rename_columns({"count_all": "count"}) if "count_all" in counts.column_names else counts
-
-
-@lazy_remote(num_cpus=0.5, num_returns=2)
-def _match_level(level: int, n_clusters: int, fs, clusters_dir: str, next_id, *partials):
-    """(id_map, info) of one level from the partial counts of every joined block."""
+@lazy_remote(num_cpus=0.5)
+def _split_levels(levels: int, table: pa.Table):
+    """One block of distinct pairs, split by level (``levels`` returns)."""
     import pyarrow.compute as pc
+
+    parts = [table.filter(pc.equal(table.column("level"), lvl)) for lvl in range(levels)]
+    return parts if levels > 1 else parts[0]
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def _match_level(n_clusters: int, fs, clusters_dir: str | None, next_id: int, *pairs):
+    """(id_map, info) of one level from its distinct ``(new, old, count)`` pairs."""
     import pyarrow.dataset as pads
 
-    from agc_ray.core.stable_ids import match_clusters, pair_counts
+    from agc_ray.core.stable_ids import match_clusters
 
-    parts = [t.filter(pc.equal(t.column("level"), level)) for t in partials if t.num_rows]
-    if parts:
-        t = pa.concat_tables(parts)
-        pairs = pair_counts(t.column("new").to_numpy(), t.column("old").to_numpy(), t.column("count").to_numpy())
-    else:
-        pairs = (np.empty(0, np.int64),) * 3
+    parts = [t for t in pairs if t.num_rows]
+    t = pa.concat_tables(parts) if parts else None
+    col = (lambda name: t.column(name).to_numpy()) if t is not None else (lambda name: np.empty(0, np.int64))
     previous_ids = np.empty(0, np.int64)
-    if fs is not None:
+    if clusters_dir is not None:
         previous_ids = pads.dataset(clusters_dir, filesystem=fs, format="parquet").to_table(
             columns=["cluster_id"]).column("cluster_id").to_numpy()
-    id_map, churn, nxt = match_clusters(*pairs, n_clusters, previous_ids, next_id or 0)
-    return id_map, {"churn": churn if fs is not None else None, "next_cluster_id": nxt}
+    try:
+        id_map, churn, nxt = match_clusters(col("new"), col("old"), col("count"), n_clusters, previous_ids, next_id)
+    except ValueError as e:  # an inconsistent previous output
+        raise InputError(f"--previous {clusters_dir}: {e}") from None
+    return id_map, {"churn": churn, "next_cluster_id": nxt}
 
 
 def stable_id_maps(previous: PreviousOutput | None, ids: list, labels: list[list], n_clusters: list[int],
-                   num_partitions: int) -> tuple[list, list[dict]]:
-    """Per level, a ref to the (C,) stable-id map of this run's clusters, and the level's churn info.
+                   num_partitions: int) -> tuple[list, list[dict], list[int]]:
+    """Per level, a ref to the (C,) stable-id map of this run's clusters and the level's churn info.
 
     Args:
         previous: the earlier output, or None (ids 0 .. C - 1, counters started).
         ids: refs to each row shard's id array.
         labels: per level, refs to each row shard's cluster labels (0 .. C - 1).
         n_clusters: clusters per level.
-        num_partitions: partitions of the hash join.
+        num_partitions: partitions of the hash join and the group-by.
+
+    Returns:
+        ``(maps, infos, counters)``: maps (None without ``previous``), infos (``churn``,
+        ``next_cluster_id``), and the chain's ``next_cluster_ids`` for the manifest.
     """
     import ray
 
     if previous is None:
-        return [None] * len(labels), [{"next_cluster_id": int(c)} for c in n_clusters]
+        return [None] * len(labels), [{"next_cluster_id": int(c)} for c in n_clusters], [int(c) for c in n_clusters]
     shared = min(previous.levels, len(labels))
+    counters = previous.counters()
     left = ray.data.from_arrow_refs([
         _long_table.remote(ids[s], *[labels[lvl][s] for lvl in range(shared)]) for s in range(len(ids))
     ])
@@ -153,16 +189,22 @@ def stable_id_maps(previous: PreviousOutput | None, ids: list, labels: list[list
         base, filesystem=previous.fs,
         partitioning=ray.data.datasource.Partitioning("hive", base_dir=base, field_types={"level": int}),
     ).map_batches(_previous_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"levels": shared})
-    joined = left.join(right, join_type="inner", num_partitions=max(1, num_partitions), on=("id", "level"))
-    partials = joined.map_batches(_partial_counts, batch_format="pyarrow", batch_size=None).to_arrow_refs()
-    next_ids = previous.next_ids()
+    parts = max(1, num_partitions)
+    pairs = (left.join(right, join_type="inner", num_partitions=parts, on=("id", "level"))
+             .groupby(["level", "new", "old"], num_partitions=parts).count()
+             .rename_columns({"count()": "count"}))
+    by_level = [_split_levels.options(num_returns=shared).remote(shared, block) if shared > 1
+                else [_split_levels.remote(1, block)] for block in pairs.to_arrow_refs()]
     maps, infos = [], []
     for lvl, c in enumerate(n_clusters):
+        next_id = counters[lvl] if lvl < len(counters) else 0
         if lvl < shared:
             clusters_dir = posixpath.join(previous.path, "clusters", f"level={lvl}")
-            m, info = _match_level.remote(lvl, int(c), previous.fs, clusters_dir, next_ids[lvl], *partials)
-        else:  # a level the previous run did not reach: fresh ids from 0
-            m, info = _match_level.remote(lvl, int(c), None, "", 0)
+            m, info = _match_level.remote(int(c), previous.fs, clusters_dir, next_id, *[b[lvl] for b in by_level])
+        else:  # a level the previous run did not reach: every cluster is new
+            m, info = _match_level.remote(int(c), None, None, next_id)
         maps.append(m)
         infos.append(info)
-    return maps, ray.get(infos)
+    infos = ray.get(infos)
+    new_counters = [info["next_cluster_id"] for info in infos] + counters[len(infos):]
+    return maps, infos, new_counters

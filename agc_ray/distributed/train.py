@@ -4,10 +4,12 @@ The job (``jobs/train.py``) is :func:`run_training` over a :class:`TrainJobConfi
 
 1. :func:`inspect_table` checks the Parquet files' footers in the driver (path, schemas, columns,
    types, row count) without reading any data; :func:`read_table` reads them with Ray Data.
-2. :func:`prepare_data` runs as one Ray task on the table's blocks (never in the driver): it validates
-   the rows, sorts them by id (so that block order does not matter), fingerprints them, holds out a
-   validation split of whole classes and builds the ground-truth level graphs of both splits with the
-   core (:func:`agc_ray.core.train.ground_truth_graphs`). The arrays stay in Ray's object store; every
+2. :func:`prepare_data`, as Ray tasks on the table's blocks (never in the driver): :func:`split_rows`
+   validates the rows, sorts them by id (so that block order does not matter), fingerprints them and
+   holds out a validation split of whole classes; each split's level-0 kNN graph is searched over the
+   clustering job's sharded faiss index (:func:`agc_ray.distributed.knn.sharded_knn_graph`: identical
+   to a single index with exact search); :func:`build_graphs` builds the ground-truth level graphs
+   with the core (:func:`agc_ray.core.train.ground_truth_graphs`). The arrays stay in Ray's object store; every
    training worker maps them read-only.
 3. :func:`train_loop_per_worker` runs under ``TorchTrainer`` (gloo on CPU, NCCL on GPU). The core's
    training schedule is kept (AdamW + one-cycle cosine per phase, the second half of the epochs with
@@ -256,14 +258,12 @@ def graph_from_arrays(d: dict, device="cpu"):
     return g.to(device) if str(device) != "cpu" else g
 
 
-def prepare_data(cfg: TrainJobConfig, *tables) -> dict:
-    """Validate the rows, split them and build the ground-truth level graphs (runs as a Ray task).
+def split_rows(cfg: TrainJobConfig, *tables) -> dict:
+    """Validate the rows, sort them by id, fingerprint them and hold out whole classes (a Ray task).
 
-    Returns a dict of numpy arrays and small metadata: ``train_graphs`` / ``val_graphs`` (lists of
-    :func:`graph_arrays`), ``x_train``, ``y_train``, ``x_val``, ``y_val``, ``fingerprint``, counts.
+    Returns a dict of numpy arrays and small metadata: ``x_train``, ``y_train``, ``x_val``, ``y_val``
+    (None without validation), ``fingerprint``, counts, ``prepare_seconds``.
     """
-    from agc_ray.core.train import ground_truth_graphs
-
     t0 = time.perf_counter()
     ids, x, y = table_arrays(list(tables))
     fingerprint = data_fingerprint(ids, x, y)
@@ -285,30 +285,71 @@ def prepare_data(cfg: TrainJobConfig, *tables) -> dict:
             f"the validation split ({n_val} rows, {np.unique(y[val]).size} classes) needs more than "
             f"--k {cfg.k} rows and 2 classes; raise --val-fraction or set it to 0"
         )
-    settings = ((cfg.k, cfg.train_levels),)
-    x_train, y_train = np.ascontiguousarray(x[~val]), y[~val]
-    train_graphs = ground_truth_graphs(x_train, y_train, settings, knn_method=cfg.knn, seed=cfg.seed)
     out = {
-        "fingerprint": fingerprint,
-        "n_rows": int(x.shape[0]),
-        "n_train": n_train,
-        "n_val": n_val,
-        "dim": int(x.shape[1]),
-        "n_classes": int(np.unique(y).size),
-        "x_train": x_train,
-        "y_train": y_train,
-        "train_graphs": [graph_arrays(g) for g in train_graphs],
-        "x_val": None,
-        "y_val": None,
-        "val_graphs": [],
+        "fingerprint": fingerprint, "n_rows": int(x.shape[0]), "n_train": n_train, "n_val": n_val,
+        "dim": int(x.shape[1]), "n_classes": int(np.unique(y).size),
+        "x_train": np.ascontiguousarray(x[~val]), "y_train": y[~val], "x_val": None, "y_val": None,
     }
     if n_val:
-        x_val, y_val = np.ascontiguousarray(x[val]), y[val]
-        out.update(x_val=x_val, y_val=y_val, val_graphs=[
-            graph_arrays(g) for g in ground_truth_graphs(x_val, y_val, settings, knn_method=cfg.knn, seed=cfg.seed)
-        ])
+        out.update(x_val=np.ascontiguousarray(x[val]), y_val=y[val])
     out["prepare_seconds"] = time.perf_counter() - t0
     return out
+
+
+def row_shards(data: dict, split: str, bounds: np.ndarray) -> list[np.ndarray]:
+    """``data[split]`` cut into the contiguous row shards of ``bounds`` (a Ray task with len(bounds) - 1 returns)."""
+    x = data[split]
+    parts = [x[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return parts if len(parts) > 1 else parts[0]
+
+
+def build_graphs(cfg: TrainJobConfig, data: dict, train_graph, val_graph) -> dict:
+    """``data`` plus the ground-truth level graphs of both splits (a Ray task).
+
+    ``train_graph`` / ``val_graph``: the splits' level-0 kNN graphs (nbr, sim) from the sharded search
+    (None: the core searches itself); higher levels are built by the core.
+    """
+    from agc_ray.core.train import ground_truth_graphs
+
+    t0 = time.perf_counter()
+    settings = ((cfg.k, cfg.train_levels),)
+    out = dict(data)
+    out["train_graphs"] = [graph_arrays(g) for g in ground_truth_graphs(
+        data["x_train"], data["y_train"], settings, knn_method=cfg.knn, seed=cfg.seed, first_graph=train_graph)]
+    out["val_graphs"] = [] if not data["n_val"] else [graph_arrays(g) for g in ground_truth_graphs(
+        data["x_val"], data["y_val"], settings, knn_method=cfg.knn, seed=cfg.seed, first_graph=val_graph)]
+    out["prepare_seconds"] = data["prepare_seconds"] + time.perf_counter() - t0
+    return out
+
+
+def prepare_data(cfg: TrainJobConfig, table_refs: list, num_shards: int):
+    """Ref to the training data dict (:func:`split_rows` + :func:`build_graphs`), with the level-0 kNN
+    graphs of both splits searched over the clustering job's sharded index (never in the driver)."""
+    import ray
+
+    from agc_ray.distributed.io import shard_bounds
+    from agc_ray.distributed.knn import sharded_knn_graph
+
+    cpus = min(1.0, cfg.cpus_per_worker)
+    data = ray.remote(split_rows).options(num_cpus=cpus, max_retries=0).remote(cfg, *table_refs)
+    summary = ray.get(ray.remote(_data_summary).options(num_cpus=0).remote(data))
+    graphs, actors = {}, []
+    for split, n in (("x_train", summary["n_train"]), ("x_val", summary["n_val"])):
+        if not n:
+            graphs[split] = None
+            continue
+        bounds = shard_bounds(n, num_shards)
+        shards = ray.remote(row_shards).options(num_cpus=cpus, num_returns=bounds.size - 1).remote(data, split, bounds)
+        graphs[split], info, new_actors = sharded_knn_graph(
+            shards if isinstance(shards, list) else [shards], bounds, cfg.k, cfg.knn, cfg.seed)
+        actors += new_actors
+        log.info("%s: %d rows, level-0 kNN over %d index shards (%s)", split, n, bounds.size - 1, info["knn_method"])
+    task = ray.remote(build_graphs).options(num_cpus=cpus, max_retries=0)
+    out = task.remote(cfg, data, graphs["x_train"], graphs["x_val"])
+    ray.wait([out], fetch_local=False)
+    for a in actors:
+        ray.kill(a)
+    return out, summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,7 +503,7 @@ def _maybe_inject_fault(fault: dict | None, epoch_done: int, rank: int) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function (one process per rank). See the module docstring.
 
-    ``config``: ``params`` (HiLander parameters), ``data`` (ObjectRef of :func:`prepare_data`'s
+    ``config``: ``params`` (HiLander parameters), ``data`` (ObjectRef of :func:`build_graphs`'s
     output), ``threads``, ``checkpoint_every``, ``fingerprint``, optional ``fault``.
     """
     import ray
@@ -715,11 +756,9 @@ def run_training(cfg: TrainJobConfig, *, fault: dict | None = None) -> dict:
     log.info("input %s: %d files, %d rows", cfg.input, len(schema.files), schema.rows)
 
     t0 = time.perf_counter()
-    task = ray.remote(prepare_data).options(num_cpus=min(1.0, cfg.cpus_per_worker), max_retries=0)
     try:
         refs = read_table(fs, schema, cfg).to_arrow_refs()
-        data_ref = task.remote(cfg, *refs)
-        summary = ray.get(ray.remote(_data_summary).options(num_cpus=0).remote(data_ref))
+        data_ref, summary = prepare_data(cfg, refs, max(1, int(ray.cluster_resources().get("CPU", 1))))
     except Exception as e:  # Ray wraps InputErrors raised in Ray Data UDFs and tasks
         cause = find_input_error(e)
         if cause is not None:
@@ -799,7 +838,7 @@ def _one_line_message(err: BaseException) -> str:
 
 
 def _data_summary(data: dict) -> dict:
-    """The small fields of :func:`prepare_data`'s output (the driver never fetches the arrays)."""
+    """The small fields of the training data dict (the driver never fetches the arrays)."""
     return {k: v for k, v in data.items() if not isinstance(v, (np.ndarray, list)) and v is not None}
 
 
