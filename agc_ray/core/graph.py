@@ -64,13 +64,15 @@ def weighted_neighbor_mean(x: torch.Tensor, nbr: torch.Tensor, weights: torch.Te
 
 def edge_features(
     nbr: np.ndarray, sim: np.ndarray, x_mean=None, size=None, *, start: int = 0, stop: int | None = None,
-    mean_sim: torch.Tensor | None = None,
+    mean_sim: torch.Tensor | None = None, to_local=None,
 ) -> torch.Tensor:
     """Per-edge structural features (see :data:`EDGE_FEATURES`) of rows ``start:stop``, (M, k, F) float32.
 
     ``x_mean`` (N, D) unit member means and ``size`` (N,) member counts describe super-nodes; leave
     them None at level 0 (every node its own only member). A caller that asks for many row ranges
     passes ``mean_sim`` (:func:`mean_valid` of the whole graph's similarities) to compute it once.
+    ``to_local``: maps global node ids (a tensor) to the rows of ``x_mean``, ``size`` and ``mean_sim``
+    when those hold only some nodes (a shard and its halo); None: they are indexed by global id.
 
     Cost: O(k^2) for mutual-ness, O(k^3) elementwise for shared neighbours (k = 10: 1000 comparisons)
     and O(k D) for the mean similarities, per row, in chunks of rows.
@@ -88,10 +90,12 @@ def edge_features(
     safe = nbr_t.clamp_min(0)
     xm = None if x_mean is None else torch.as_tensor(x_mean)
     log_size = None if size is None else torch.log(torch.as_tensor(size, dtype=torch.float32))
+    node = (lambda ids: ids) if to_local is None else to_local
     for lo in range(start, stop, _CHUNK):
         hi = min(lo + _CHUNK, stop)
         rows = torch.arange(lo, hi)
         nb = safe[lo:hi]  # (c, k)
+        me, nb_node = node(rows), node(nb)  # rows of the per-node arrays
         nb_nb = nbr_t[nb]  # (c, k, k): neighbours of each neighbour (-1 padded)
         mutual = (nb_nb == rows[:, None, None]).any(dim=2)
         mine = torch.where(valid[lo:hi], nbr_t[lo:hi], -2)  # -2 never equals -1 padding
@@ -100,14 +104,14 @@ def edge_features(
         block = out[lo - start : hi - start]
         block[..., 0] = s
         block[..., 1] = rank
-        block[..., 2] = s - mean_sim[lo:hi, None]
-        block[..., 3] = s - mean_sim[nb]
+        block[..., 2] = s - mean_sim[me, None]
+        block[..., 3] = s - mean_sim[nb_node]
         block[..., 4] = mutual.float()
         block[..., 5] = shared.float() / k
-        block[..., 6] = mean_sim[nb] - mean_sim[lo:hi, None]
-        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[lo:hi], xm[nb])
+        block[..., 6] = mean_sim[nb_node] - mean_sim[me, None]
+        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[me], xm[nb_node])
         if log_size is not None:
-            block[..., 8] = log_size[lo:hi, None]
-            block[..., 9] = log_size[nb]
+            block[..., 8] = log_size[me, None]
+            block[..., 9] = log_size[nb_node]
     out[~valid[start:stop]] = 0.0
     return out

@@ -23,8 +23,6 @@ import numpy as np
 
 from agc_ray.distributed.remote import lazy_remote
 
-_FEATURE_CHUNK = 8192
-
 
 def _torch_single_thread():
     """torch, with one thread (tasks share the CPUs) and no warning about read-only object-store arrays."""
@@ -96,49 +94,17 @@ def _local_features(lg: LocalGraph, s: int, offsets, x_id_refs, x_sum_refs, size
 def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None):
     """:func:`agc_ray.core.graph.edge_features` of the shard's own rows only, (n_s, k, F).
 
-    Same arithmetic as the core function, row for row; ``nbr``/``sim`` are the level's global arrays
-    (neighbours' neighbour lists are needed), ``x_mean_loc``/``size_loc`` are local (own + halo).
+    ``nbr``/``sim`` are the level's global arrays (neighbours' neighbour lists are needed);
+    ``x_mean_loc``/``size_loc`` and the mean similarities are local (own rows, then the halo).
     """
-    from agc_ray.core.graph import N_EDGE_FEATURES, mean_valid
+    from agc_ray.core.graph import edge_features, mean_valid
 
     torch = _torch_single_thread()
     nbr_t = torch.as_tensor(nbr)
-    sim_t = torch.as_tensor(sim, dtype=torch.float32)
-    k = nbr_t.shape[1]
     nodes = torch.from_numpy(lg.nodes)
-    mean_sim = mean_valid(sim_t[nodes], nbr_t[nodes] >= 0)  # local ids
-    n = lg.n_own
-    out = torch.zeros((n, k, N_EDGE_FEATURES), dtype=torch.float32)
-    own_nbr = nbr_t[lg.lo:lg.hi]
-    valid = own_nbr >= 0
-    safe = own_nbr.clamp_min(0)
-    safe_loc = torch.from_numpy(lg.to_local(safe.numpy()))
-    rank = (torch.arange(k, dtype=torch.float32) / max(k, 1)).expand(n, k)
-    xm = None if x_mean_loc is None else x_mean_loc
-    log_size = None if size_loc is None else torch.log(torch.as_tensor(size_loc, dtype=torch.float32))
-    for start in range(0, n, _FEATURE_CHUNK):
-        stop = min(start + _FEATURE_CHUNK, n)
-        rows = torch.arange(lg.lo + start, lg.lo + stop)
-        nb, nb_loc = safe[start:stop], safe_loc[start:stop]
-        nb_nb = nbr_t[nb]
-        mutual = (nb_nb == rows[:, None, None]).any(dim=2)
-        mine = torch.where(valid[start:stop], own_nbr[start:stop], -2)
-        shared = (nb_nb[:, :, :, None] == mine[:, None, None, :]).any(dim=3).sum(dim=2)
-        s = sim_t[lg.lo + start:lg.lo + stop]
-        block = out[start:stop]
-        block[..., 0] = s
-        block[..., 1] = rank[start:stop]
-        block[..., 2] = s - mean_sim[start:stop, None]
-        block[..., 3] = s - mean_sim[nb_loc]
-        block[..., 4] = mutual.float()
-        block[..., 5] = shared.float() / k
-        block[..., 6] = mean_sim[nb_loc] - mean_sim[start:stop, None]
-        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[start:stop], xm[nb_loc])
-        if log_size is not None:
-            block[..., 8] = log_size[start:stop, None]
-            block[..., 9] = log_size[nb_loc]
-    out[~valid] = 0.0
-    return out
+    mean_sim = mean_valid(torch.as_tensor(sim, dtype=torch.float32)[nodes], nbr_t[nodes] >= 0)
+    return edge_features(nbr, sim, x_mean_loc, size_loc, start=lg.lo, stop=lg.hi, mean_sim=mean_sim,
+                         to_local=lambda ids: torch.from_numpy(lg.to_local(ids.numpy())))
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
