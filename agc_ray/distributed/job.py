@@ -3,7 +3,8 @@
 ``run_job`` validates everything it can before any output is written (parameters, model, output
 location, input footers, then every row while Ray Data reads the table), then runs the level loop of
 :func:`agc_ray.core.hierarchy.build_hierarchy` over node shards (see :mod:`agc_ray.distributed.level`),
-writes each level under a staging prefix as soon as it is known and commits at the end.
+writes each level under a staging prefix as soon as it is known (with ``--previous``, once the
+stable ids are matched; see :mod:`agc_ray.distributed.stable`), writes report.html and commits at the end.
 """
 
 from __future__ import annotations
