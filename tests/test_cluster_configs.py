@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shlex
 import tomllib
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster_configs"
@@ -508,13 +509,8 @@ def test_ray_pods_can_reach_s3(label):
 # --------------------------------------------------------------------------------------------------
 # Job commands: repo paths and flags
 # --------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
 def job_module(script: str):
-    path = ROOT / script
-    spec = importlib.util.spec_from_file_location(f"_agc_job_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(script)
 
 
 def check_command(argv: list[str], *, complete: bool) -> None:

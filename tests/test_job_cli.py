@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,18 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _job_fixtures import job_data, job_model, job_table, ray_session, read_levels, s3_endpoint  # noqa: F401
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("cluster_cli", ROOT / "jobs" / "cluster.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _scripts import load_script
 
 
-cli = _load_cli()
+cli = load_script("jobs/cluster.py")
 
 
 def _vectors(n, d=8, seed=0):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 import re
 import shutil
@@ -18,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from _job_fixtures import s3_endpoint  # noqa: F401
+from _scripts import load_script
 
 from agc_ray.report import largest_clusters, read_clusters, render_report, write_report
 
@@ -25,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("report_cli", ROOT / "jobs" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cli = _load_cli()
+cli = load_script("jobs/report.py")
 
 # level 0: 12 clusters over 100 rows; level 1: 4 clusters (parents of level 0); level 2: 2 clusters (top)
 SIZES = {

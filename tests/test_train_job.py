@@ -9,7 +9,6 @@ S3, a run interrupted after epoch 1 followed by ``--resume``. Training is determ
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,17 +26,10 @@ SMALL = ["--k", "5", "--train-levels", "2", "--hidden-channels", "32", "--edge-c
          "--batch-size", "256", "--epochs", "3", "--cpus-per-worker", "1"]
 
 
-def _load_job():
-    spec = importlib.util.spec_from_file_location("agc_train_job", ROOT / "jobs" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-job = _load_job()
-
-
 from _job_fixtures import ray_session, s3_endpoint  # noqa: E402,F401  (shared session fixtures)
+from _scripts import load_script  # noqa: E402
+
+job = load_script("jobs/train.py")
 
 
 @pytest.fixture(scope="module")
