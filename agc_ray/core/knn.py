@@ -52,7 +52,8 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return l2_normalize(x)
 
 
-def _use_gpu(device: str) -> bool:
+def use_gpu(device: str) -> bool:
+    """Whether faiss searches on GPU for ``device`` ('auto': when faiss-gpu sees one; 'cuda': required)."""
     if device == "cpu":
         return False
     import faiss
@@ -120,7 +121,7 @@ def build_index(x: np.ndarray, method: str, *, seed: int = 0, nprobe: int | None
         index.hnsw.efSearch = 96
     else:
         raise ValueError(f"knn method must be one of {METHODS}, got {method!r}")
-    if method != "hnsw" and _use_gpu(device):
+    if method != "hnsw" and use_gpu(device):
         index = to_gpu(index)
     index.add(x)
     return index

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_index, ivf_train_rows, resolve_method, search, to_gpu
+from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_index, ivf_train_rows, resolve_method, search, to_gpu, use_gpu
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.remote import lazy_remote
 
@@ -41,7 +41,7 @@ class ShardIndex:
 
         d = x.shape[1]
         index = faiss.IndexFlatIP(d) if method == "exact" else ivf_index(centroids, nprobe)
-        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # a GPU actor with faiss-gpu
+        if use_gpu("auto"):  # a GPU actor with faiss-gpu
             index = to_gpu(index)
         index.add(np.ascontiguousarray(x, dtype=np.float32))
         self.index, self.offset, self.x = index, int(offset), x
