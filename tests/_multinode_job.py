@@ -1,6 +1,8 @@
 """Helper script of test_job_multinode.py: run the job on a 3-node ``ray.cluster_utils.Cluster`` and
-remove a worker node as soon as level 0's kNN graph is done (its scoring tasks and index actors are
-then running). Usage: python _multinode_job.py INPUT OUTPUT MODEL. Prints the manifest as JSON."""
+remove a worker node as soon as the job logs a line containing TRIGGER (default "level 0 kNN": the
+kNN graph is done, its scoring tasks and index actors are then running; "read + validate": the
+index actors are being built and searched). Usage: python _multinode_job.py INPUT OUTPUT MODEL [TRIGGER].
+Prints the manifest as JSON."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -16,22 +19,22 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 
 class _Trigger(logging.Handler):
-    def __init__(self, event):
+    def __init__(self, event, text):
         super().__init__()
-        self.event = event
+        self.event, self.text = event, text
 
     def emit(self, record):
-        if "level 0 kNN" in record.getMessage():
+        if self.text in record.getMessage():
             self.event.set()
 
 
-def main(input_, output, model):
+def main(input_, output, model, trigger="level 0 kNN"):
     import ray
     from ray.cluster_utils import Cluster
 
     from agc_ray.distributed.job import JobConfig, run_job
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     cluster.add_node(num_cpus=2)
     victim = cluster.add_node(num_cpus=2)
     try:
@@ -39,7 +42,10 @@ def main(input_, output, model):
         cluster.wait_for_nodes()
         ray.data.DataContext.get_current().enable_progress_bars = False
         event = threading.Event()
-        logging.getLogger("agc_ray").addHandler(_Trigger(event))
+        logging.getLogger("agc_ray").addHandler(_Trigger(event, trigger))
+        shown = logging.StreamHandler(sys.stderr)  # the job's stage lines, for a failing test's output
+        shown.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logging.getLogger("agc_ray").addHandler(shown)
         logging.getLogger("agc_ray").setLevel(logging.INFO)
         result = {}
 
@@ -53,11 +59,12 @@ def main(input_, output, model):
 
         thread = threading.Thread(target=run)
         thread.start()
-        event.wait(timeout=300)
+        event.wait(timeout=200)
         removed = "error" not in result
         if removed:
+            print(f"{time.strftime('%H:%M:%S')} removing a worker node", file=sys.stderr, flush=True)
             cluster.remove_node(victim)
-        thread.join(timeout=480)
+        thread.join(timeout=300)
         out = {"removed": removed, "nodes_alive": sum(n["Alive"] for n in ray.nodes())} | result
         print("RESULT " + json.dumps(out, default=str))
     finally:
@@ -66,4 +73,4 @@ def main(input_, output, model):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

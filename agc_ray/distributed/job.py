@@ -183,11 +183,9 @@ class _Level:
     def shards(self) -> int:
         return len(self.x_id)
 
-    def refs(self) -> dict:
-        out = {"x_id": self.x_id}
-        if self.x_sum is not None:
-            out.update(x_sum=self.x_sum, size=self.size)
-        return out
+    def arrays(self) -> list[list]:
+        """The sharded arrays that scoring reads: ``[x_id]`` at level 0, ``[x_id, x_sum, size]`` above."""
+        return [self.x_id] if self.x_sum is None else [self.x_id, self.x_sum, self.size]
 
 
 class Job:
@@ -226,9 +224,13 @@ class Job:
             p = [None] * level.shards
             density = [lv.similarity_densities.remote(s, offs, graph) for s in range(level.shards)]
         else:
-            stage1 = [lv.shard_projections.remote(model_ref, s, offs, graph, level.refs()) for s in range(level.shards)]
+            owners = ray.get(lv.halo_owners.remote(offs, graph))
+            stage1 = [lv.shard_projections.remote(model_ref, s, offs, graph, owners[s],
+                                                  *lv.shard_inputs(level.arrays(), s, owners[s]))
+                      for s in range(level.shards)]
             proj = [r[0] for r in stage1]
-            stage2 = [lv.shard_probabilities.remote(model_ref, s, offs, graph, proj, stage1[s][1])
+            stage2 = [lv.shard_probabilities.remote(model_ref, s, offs, graph, stage1[s][1], owners[s],
+                                                    *lv.shard_inputs([proj], s, owners[s]))
                       for s in range(level.shards)]
             p, density = [r[0] for r in stage2], [r[1] for r in stage2]
         ray.wait(density, num_returns=len(density), fetch_local=False)
@@ -253,11 +255,12 @@ class Job:
         bounds = io.shard_bounds(clusters, self.num_shards)
         x_sum = level.x_sum if level.x_sum is not None else level.x_id
         n_next = bounds.size - 1
-        parts = [lv.split_members.options(num_returns=n_next).remote(s, level.offsets, result, x_sum[s], bounds)
+        parts = [lv.split_members.options(num_returns=n_next).remote(s, level.offsets, result, x_sum[s],
+                                                                    level.x_id[s], bounds)
                  for s in range(level.shards)]
         if n_next == 1:
             parts = [[p] for p in parts]
-        built = [lv.assemble_next.remote(t, bounds, result, level.offsets, level.x_id, *[p[t] for p in parts])
+        built = [lv.assemble_next.remote(t, bounds, result, *[p[t] for p in parts])
                  for t in range(n_next)]
         nxt = _Level(bounds, [b[0] for b in built], [b[1] for b in built], [b[2] for b in built], [b[3] for b in built])
         ray.wait(nxt.peak_row, num_returns=len(nxt.peak_row), fetch_local=False)

@@ -158,7 +158,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     centroids, nprobe = None, 0
     if method == "ivf":
         rows = ivf_train_rows(n, seed)
-        sample = _gather.remote(offsets, x_refs, rows if rows is not None else np.arange(n))
+        sample = _gather.remote(offsets, rows if rows is not None else np.arange(n), *x_refs)
         centroids = _train_centroids.remote(sample, n, seed)
         nprobe = IVF_NPROBE
     actors = index_actors(x_refs, offsets, method, centroids, nprobe)
@@ -169,15 +169,16 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     if method != "exact" and recall_sample > 0:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(recall_sample, n), replace=False))
-        queries = _gather.remote(offsets, x_refs, rows)
+        queries = _gather.remote(offsets, rows, *x_refs)
         exact_nbr, exact_sim = _search_shard_exact.remote(queries, actors, k)
         info["knn_recall"] = ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, k))
     return graph, info, actors
 
 
 @lazy_remote(num_cpus=0.5)
-def _gather(offsets, refs: list, rows):
-    return lv.gather_rows(refs, offsets, rows)
+def _gather(offsets, rows, *parts):
+    """Rows of the sharded table; the parts are direct arguments (see :func:`agc_ray.distributed.level.shard_inputs`)."""
+    return lv.gather_rows(dict(enumerate(parts)), offsets, rows)
 
 
 _train_centroids = lazy_remote(ivf_centroids, num_cpus=1)

@@ -4,7 +4,7 @@ A level's nodes are cut into contiguous shards (``offsets``); each shard's array
 member-feature sums, sizes, peak rows) are objects in Ray's object store, and so are the level's
 kNN graph arrays ``(nbr, sim)`` (n, k), which are small. Stages, each one Ray task per shard:
 
-1. :func:`shard_projections`: gathers the features of the shard's neighbours (its halo) from their
+1. :func:`shard_projections`: takes the features of the shard's neighbours (its halo) from their
    owners, computes LANDER's node projections and the shard's edge features.
 2. :func:`shard_probabilities`: gathers the halo's projections; edge probabilities and densities.
 3. :func:`shard_decode`: each node keeps its best denser edge; a local union-find (connected
@@ -14,7 +14,9 @@ kNN graph arrays ``(nbr, sim)`` (n, k), which are small. Stages, each one Ray ta
 5. :func:`split_members` / :func:`assemble_next`: aggregation into the next level's node shards (peak
    identity feature, member sums added in node order, exactly like :func:`agc_ray.core.hierarchy.aggregate`).
 
-All arithmetic is the core's, row for row, so the result equals the single-process hierarchy.
+All arithmetic is the core's, row for row, so the result equals the single-process hierarchy. Tasks
+receive every shard part they read as a direct argument (:func:`shard_inputs`), so that Ray can
+rebuild parts lost with a node before the tasks that need them hold a CPU.
 """
 
 from __future__ import annotations
@@ -35,24 +37,56 @@ def _torch_single_thread():
     return torch
 
 
-def gather_rows(refs: list, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Rows (global ids, any order) of an array sharded as ``refs`` over ``offsets``, in ``rows`` order."""
-    import ray
+def gather_rows(parts: dict, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows (global ids, any order) of an array sharded over ``offsets``, in ``rows`` order.
 
+    ``parts`` maps shard index -> that shard's array; it must hold every shard that ``rows`` touch.
+    """
     rows = np.asarray(rows, dtype=np.int64)
+    like = next(iter(parts.values()))
+    out = np.empty((rows.size,) + like.shape[1:], dtype=like.dtype)
     owner = np.searchsorted(offsets, rows, side="right") - 1
-    out = None
     for o in np.unique(owner):
-        part = ray.get(refs[int(o)])
         sel = owner == o
-        block = part[rows[sel] - offsets[o]]
-        if out is None:
-            out = np.empty((rows.size,) + part.shape[1:], dtype=part.dtype)
-        out[sel] = block
-    if out is None:
-        first = ray.get(refs[0])
-        out = np.empty((0,) + first.shape[1:], dtype=first.dtype)
+        out[sel] = parts[int(o)][rows[sel] - offsets[o]]
     return out
+
+
+@lazy_remote(num_cpus=0.5)
+def halo_owners(offsets: np.ndarray, graph) -> list[list[int]]:
+    """For each shard, the other shards that own rows of its halo (its neighbours outside itself)."""
+    nbr, _ = graph
+    shards = offsets.size - 1
+    owners = []
+    for s in range(shards):
+        nb = nbr[offsets[s]:offsets[s + 1]]
+        owner = np.searchsorted(offsets, nb[nb >= 0], side="right") - 1
+        seen = np.bincount(owner, minlength=shards) > 0
+        seen[s] = False
+        owners.append([int(o) for o in np.flatnonzero(seen)])
+    return owners
+
+
+def shard_inputs(arrays: list[list], s: int, owners: list[int]) -> list:
+    """Task arguments for shard ``s``: for each sharded array (a list of refs), shard s's part, then the
+    parts of its halo owners.
+
+    They are direct task arguments, never fetched with ``ray.get`` inside the task: Ray resolves them
+    before the task takes its CPU, so that after a node loss the tasks that rebuild a lost part can
+    run. A task blocked in ``ray.get`` holds its CPU (measured with Ray 2.60: a 3-CPU cluster hung with
+    every CPU held by tasks waiting for parts whose reconstruction needed a CPU).
+    """
+    return [refs[o] for refs in arrays for o in (s, *owners)]
+
+
+def with_halo(parts: tuple, i: int, owners: list[int], offsets: np.ndarray, halo: np.ndarray) -> np.ndarray:
+    """Array ``i`` of :func:`shard_inputs`'s ``parts``: the shard's own rows followed by its halo rows."""
+    m = 1 + len(owners)
+    own = parts[i * m]
+    if halo.size == 0:
+        return np.ascontiguousarray(own)
+    by_owner = dict(zip(owners, parts[i * m + 1:(i + 1) * m]))
+    return np.concatenate([own, gather_rows(by_owner, offsets, halo)])
 
 
 class LocalGraph:
@@ -75,19 +109,16 @@ class LocalGraph:
         return np.where(g >= 0, local, -1).astype(np.int64)
 
 
-def _local_features(lg: LocalGraph, s: int, offsets, x_id_refs, x_sum_refs, size_refs):
+def _local_features(lg: LocalGraph, offsets, owners, parts, aggregated: bool):
     """(x_id, x_mean, size) of the shard's local nodes; x_mean is x_id at level 0."""
-    import ray
-
     from agc_ray.core.knn import l2_normalize
 
     torch = _torch_single_thread()
-    x_id = np.concatenate([ray.get(x_id_refs[s]), gather_rows(x_id_refs, offsets, lg.halo)])
-    x_id_t = torch.from_numpy(np.ascontiguousarray(x_id))
-    if x_sum_refs is None:
+    x_id_t = torch.from_numpy(with_halo(parts, 0, owners, offsets, lg.halo))
+    if not aggregated:
         return x_id_t, x_id_t, None
-    x_sum = np.concatenate([ray.get(x_sum_refs[s]), gather_rows(x_sum_refs, offsets, lg.halo)])
-    size = np.concatenate([ray.get(size_refs[s]), gather_rows(size_refs, offsets, lg.halo)])
+    x_sum = with_halo(parts, 1, owners, offsets, lg.halo)
+    size = with_halo(parts, 2, owners, offsets, lg.halo)
     return x_id_t, torch.from_numpy(l2_normalize(x_sum)), size
 
 
@@ -108,36 +139,37 @@ def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
-def shard_projections(model, s: int, offsets, graph, refs: dict):
-    """Stage 1: ``(proj (n_s, 3E), edge features (n_s, k, F))`` of shard ``s``."""
+def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts):
+    """Stage 1: ``(proj (n_s, 3E), edge features (n_s, k, F))`` of shard ``s``.
+
+    ``parts``: :func:`shard_inputs` of ``[x_id]`` (level 0) or ``[x_id, x_sum, size]``.
+    """
     from agc_ray.core.inference import node_projections
 
     torch = _torch_single_thread()
     nbr, sim = graph
     lg = LocalGraph(nbr, int(offsets[s]), int(offsets[s + 1]))
-    x_id, x_mean, size = _local_features(lg, s, offsets, refs["x_id"], refs.get("x_sum"), refs.get("size"))
+    aggregated = len(parts) > 1 + len(owners)
+    x_id, x_mean, size = _local_features(lg, offsets, owners, parts, aggregated)
     nbr_loc = torch.full((lg.nodes.size, nbr.shape[1]), -1, dtype=torch.int64)
     nbr_loc[: lg.n_own] = torch.from_numpy(lg.nbr_own)
     sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
     model.eval()
     proj = node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(lg.n_own))
-    base = refs.get("x_sum") is None
-    feats = shard_edge_features(nbr, sim, lg, None if base else x_mean, size)
+    feats = shard_edge_features(nbr, sim, lg, x_mean if aggregated else None, size)
     return proj.numpy(), feats.numpy()
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
-def shard_probabilities(model, s: int, offsets, graph, proj_refs: list, feats):
-    """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``."""
-    import ray
-
+def shard_probabilities(model, s: int, offsets, graph, feats, owners: list[int], *proj_parts):
+    """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``; ``proj_parts``: :func:`shard_inputs` of ``[proj]``."""
     from agc_ray.core.inference import edge_probabilities
     from agc_ray.core.lander import predicted_density
 
     torch = _torch_single_thread()
     nbr, sim = graph
     lg = LocalGraph(nbr, int(offsets[s]), int(offsets[s + 1]))
-    proj = np.concatenate([ray.get(proj_refs[s]), gather_rows(proj_refs, offsets, lg.halo)])
+    proj = with_halo(proj_parts, 0, owners, offsets, lg.halo)
     proj_t = torch.from_numpy(proj)
     nbr_rows = torch.from_numpy(lg.nbr_own)
     model.eval()
@@ -247,22 +279,27 @@ def global_components(n_shards: int, *parts):
 
 
 @lazy_remote(num_cpus=0.5)
-def split_members(s: int, offsets, level: dict, x_sum, bounds):
-    """Aggregation, step 1: shard ``s``'s member rows grouped by next-level shard.
+def split_members(s: int, offsets, level: dict, x_sum, x_id, bounds):
+    """Aggregation, step 1: shard ``s``'s contribution to each next-level shard t.
 
-    Returns one ``(cluster index within t, x_sum rows)`` per next shard t (rows in node order), as
-    separate objects (call with ``num_returns`` = number of next shards) so that each next shard
-    fetches only its own part.
+    Returns one ``(cluster index within t, x_sum rows, peak cluster index within t, peak x_id rows)``
+    per next shard t (member rows in node order; the peaks are the clusters whose peak node is in
+    shard s), as separate objects (call with ``num_returns`` = number of next shards) so that each
+    next shard fetches only its own part.
     """
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     comp = level["comp"][lo:hi]
     t = np.searchsorted(bounds, comp, side="right") - 1
-    parts = tuple((comp[t == j] - bounds[j], x_sum[t == j]) for j in range(len(bounds) - 1))
+    is_peak = level["peaks"][comp] == np.arange(lo, hi)
+    parts = tuple(
+        (comp[t == j] - bounds[j], x_sum[t == j], comp[is_peak & (t == j)] - bounds[j], x_id[is_peak & (t == j)])
+        for j in range(len(bounds) - 1)
+    )
     return parts if len(parts) > 1 else parts[0]
 
 
 @lazy_remote(num_cpus=0.5, num_returns=4)
-def assemble_next(t: int, bounds, level: dict, offsets, x_id_refs: list, *parts):
+def assemble_next(t: int, bounds, level: dict, *parts):
     """Aggregation, step 2: next-level shard ``t``: ``(x_id, x_sum, size, peak_row)``.
 
     ``parts``: every old shard's part for ``t`` from :func:`split_members`, in shard order.
@@ -275,7 +312,9 @@ def assemble_next(t: int, bounds, level: dict, offsets, x_id_refs: list, *parts)
     rows = np.concatenate([p[1] for p in parts])
     x_sum = torch.zeros((c1 - c0, rows.shape[1]), dtype=torch.float32)
     x_sum.index_add_(0, torch.from_numpy(idx), torch.from_numpy(np.ascontiguousarray(rows)))
-    x_id = gather_rows(x_id_refs, offsets, level["peaks"][c0:c1])
+    x_id = np.empty((c1 - c0, parts[0][3].shape[1]), dtype=parts[0][3].dtype)
+    for p in parts:  # every cluster has exactly one peak, in exactly one old shard
+        x_id[p[2]] = p[3]
     return x_id, x_sum.numpy(), level["size"][c0:c1].copy(), level["peak_row"][c0:c1].copy()
 
 
