@@ -82,3 +82,33 @@ def test_unit_rows_copies_only_when_needed():
     y = 3 * x
     z = unit_rows(y)
     assert z is not y and np.allclose(np.linalg.norm(z, axis=1), 1) and np.allclose(y, 3 * x)
+
+
+@pytest.mark.parametrize("n,size", [(10, 3), (100, 90), (100, 200), (1_000_000, 5000)])
+def test_sample_rows_distinct_sorted_seeded(n, size):
+    from agc_ray.core.knn import sample_rows
+
+    rows = sample_rows(n, size, seed=3)
+    assert rows.size == min(n, size)
+    assert rows.min() >= 0 and rows.max() < n
+    assert (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(rows, sample_rows(n, size, seed=3))
+
+
+def test_sample_rows_uniform_and_small():
+    """Every row equally likely; memory follows the sample, not n (no arange(n) at n = 10^8)."""
+    import tracemalloc
+
+    from agc_ray.core.knn import sample_rows
+
+    counts = np.zeros(500)
+    for seed in range(2000):
+        counts[sample_rows(500, 10, seed)] += 1
+    expected = 2000 * 10 / 500
+    assert abs(counts.mean() - expected) < 1e-9
+    assert counts.std() < 1.5 * np.sqrt(expected)  # binomial spread; a biased sampler piles up rows
+    tracemalloc.start()
+    rows = sample_rows(10**8, 100_000, seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rows.size == 100_000 and peak < 50 * 2**20

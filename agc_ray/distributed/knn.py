@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_index, ivf_train_rows, resolve_method, search, to_gpu, use_gpu
+from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_index, ivf_train_rows, resolve_method, sample_rows, search, to_gpu, use_gpu
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.remote import lazy_remote
 
@@ -167,8 +167,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     ray.wait([graph], fetch_local=False)
     info = {"knn_method": method}
     if method != "exact" and recall_sample > 0:
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n, size=min(recall_sample, n), replace=False))
+        rows = sample_rows(n, recall_sample, seed)
         queries = _gather.remote(offsets, rows, *x_refs)
         exact_nbr, exact_sim = _search_shard_exact.remote(queries, actors, k)
         info["knn_recall"] = ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, k))
