@@ -6,7 +6,8 @@ kNN graph arrays ``(nbr, sim)`` (n, k), which are small. Stages, each one Ray ta
 
 1. :func:`shard_projections`: takes the features of the shard's neighbours (its halo) from their
    owners, computes LANDER's node projections and the shard's edge features.
-2. :func:`shard_probabilities`: gathers the halo's projections; edge probabilities and densities.
+2. :func:`shard_probabilities`: edge probabilities (neighbours' projections read from their owners' parts
+   chunk by chunk) and densities.
 3. :func:`shard_decode`: each node keeps its best denser edge; a local union-find (connected
    components of the intra-shard edges) reduces the shard to its local roots.
 4. :func:`global_components`: union-find over the cross-shard edges of the local roots gives the
