@@ -74,7 +74,7 @@ def shard_inputs(arrays: list[list], s: int, owners: list[int]) -> list:
 
     They are direct task arguments, never fetched with ``ray.get`` inside the task: Ray resolves them
     before the task takes its CPU, so that after a node loss the tasks that rebuild a lost part can
-    run. A task blocked in ``ray.get`` holds its CPU (measured with Ray 2.60: a 3-CPU cluster hung with
+    run. A task blocked in ``ray.get`` can hold its CPU (seen with Ray 2.60: a 3-CPU cluster hung with
     every CPU held by tasks waiting for parts whose reconstruction needed a CPU).
     """
     return [refs[o] for refs in arrays for o in (s, *owners)]
