@@ -38,6 +38,11 @@ def _torch_single_thread():
     return torch
 
 
+def shard_of(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Index of the shard (contiguous ranges cut at ``offsets``) that holds each of ``rows``."""
+    return np.searchsorted(offsets, rows, side="right") - 1
+
+
 def gather_rows(parts: dict, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Rows (global ids, any order) of an array sharded over ``offsets``, in ``rows`` order.
 
@@ -46,7 +51,7 @@ def gather_rows(parts: dict, offsets: np.ndarray, rows: np.ndarray) -> np.ndarra
     rows = np.asarray(rows, dtype=np.int64)
     like = next(iter(parts.values()))
     out = np.empty((rows.size,) + like.shape[1:], dtype=like.dtype)
-    owner = np.searchsorted(offsets, rows, side="right") - 1
+    owner = shard_of(offsets, rows)
     for o in np.unique(owner):
         sel = owner == o
         out[sel] = parts[int(o)][rows[sel] - offsets[o]]
@@ -61,7 +66,7 @@ def halo_owners(offsets: np.ndarray, graph) -> list[list[int]]:
     owners = []
     for s in range(shards):
         nb = nbr[offsets[s]:offsets[s + 1]]
-        owner = np.searchsorted(offsets, nb[nb >= 0], side="right") - 1
+        owner = shard_of(offsets, nb[nb >= 0])
         seen = np.bincount(owner, minlength=shards) > 0
         seen[s] = False
         owners.append([int(o) for o in np.flatnonzero(seen)])
@@ -80,14 +85,18 @@ def shard_inputs(arrays: list[list], s: int, owners: list[int]) -> list:
     return [refs[o] for refs in arrays for o in (s, *owners)]
 
 
-def with_halo(parts: tuple, i: int, owners: list[int], offsets: np.ndarray, halo: np.ndarray) -> np.ndarray:
-    """Array ``i`` of :func:`shard_inputs`'s ``parts``: the shard's own rows followed by its halo rows."""
+def parts_by_shard(parts: tuple, i: int, s: int, owners: list[int]) -> dict:
+    """Array ``i`` of :func:`shard_inputs`'s ``parts`` as ``{shard: part}`` (shard ``s`` and its halo owners)."""
     m = 1 + len(owners)
-    own = parts[i * m]
+    return dict(zip((s, *owners), parts[i * m:(i + 1) * m]))
+
+
+def with_halo(parts: tuple, i: int, s: int, owners: list[int], offsets: np.ndarray, halo: np.ndarray) -> np.ndarray:
+    """Array ``i`` of :func:`shard_inputs`'s ``parts``: shard ``s``'s own rows followed by its halo rows."""
+    by_shard = parts_by_shard(parts, i, s, owners)
     if halo.size == 0:
-        return np.ascontiguousarray(own)
-    by_owner = dict(zip(owners, parts[i * m + 1:(i + 1) * m]))
-    return np.concatenate([own, gather_rows(by_owner, offsets, halo)])
+        return np.ascontiguousarray(by_shard[s])
+    return np.concatenate([by_shard[s], gather_rows(by_shard, offsets, halo)])
 
 
 class LocalGraph:
@@ -110,16 +119,16 @@ class LocalGraph:
         return np.where(g >= 0, local, -1).astype(np.int64)
 
 
-def _local_features(lg: LocalGraph, offsets, owners, parts, aggregated: bool):
+def _local_features(lg: LocalGraph, s: int, offsets, owners, parts, aggregated: bool):
     """(x_id, x_mean, size) of the shard's local nodes; x_mean is x_id at level 0."""
     from agc_ray.core.knn import l2_normalize
 
     torch = _torch_single_thread()
-    x_id_t = torch.from_numpy(with_halo(parts, 0, owners, offsets, lg.halo))
+    x_id_t = torch.from_numpy(with_halo(parts, 0, s, owners, offsets, lg.halo))
     if not aggregated:
         return x_id_t, x_id_t, None
-    x_sum = with_halo(parts, 1, owners, offsets, lg.halo)
-    size = with_halo(parts, 2, owners, offsets, lg.halo)
+    x_sum = with_halo(parts, 1, s, owners, offsets, lg.halo)
+    size = with_halo(parts, 2, s, owners, offsets, lg.halo)
     return x_id_t, torch.from_numpy(l2_normalize(x_sum)), size
 
 
@@ -151,7 +160,7 @@ def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts):
     nbr, sim = graph
     lg = LocalGraph(nbr, int(offsets[s]), int(offsets[s + 1]))
     aggregated = len(parts) > 1 + len(owners)
-    x_id, x_mean, size = _local_features(lg, offsets, owners, parts, aggregated)
+    x_id, x_mean, size = _local_features(lg, s, offsets, owners, parts, aggregated)
     nbr_loc = torch.full((lg.nodes.size, nbr.shape[1]), -1, dtype=torch.int64)
     nbr_loc[: lg.n_own] = torch.from_numpy(lg.nbr_own)
     sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
@@ -174,18 +183,18 @@ def shard_probabilities(model, s: int, offsets, graph, feats, owners: list[int],
     torch = _torch_single_thread()
     nbr, sim = graph
     lo, hi = int(offsets[s]), int(offsets[s + 1])
-    by_owner = dict(zip((s, *owners), proj_parts))
+    by_shard = parts_by_shard(proj_parts, 0, s, owners)
     readable = np.zeros(offsets.size - 1, dtype=bool)
-    readable[list(by_owner)] = True
+    readable[list(by_shard)] = True
 
     def proj_of(ids):  # clamped global ids; padded edges arrive as row 0 and get p = 0 anyway
         flat = ids.reshape(-1).numpy()
-        flat = np.where(readable[np.searchsorted(offsets, flat, side="right") - 1], flat, lo)
-        return torch.from_numpy(gather_rows(by_owner, offsets, flat)).reshape(*ids.shape, -1)
+        flat = np.where(readable[shard_of(offsets, flat)], flat, lo)
+        return torch.from_numpy(gather_rows(by_shard, offsets, flat)).reshape(*ids.shape, -1)
 
     nbr_rows = torch.from_numpy(np.ascontiguousarray(nbr[lo:hi]))
     model.eval()
-    p = edge_probabilities(model, proj_of, torch.from_numpy(proj_parts[0]), nbr_rows, torch.from_numpy(feats))
+    p = edge_probabilities(model, proj_of, torch.from_numpy(by_shard[s]), nbr_rows, torch.from_numpy(feats))
     sim_rows = torch.from_numpy(np.ascontiguousarray(sim[lo:hi]))
     density = predicted_density(p, sim_rows, nbr_rows >= 0)
     return p.numpy(), density.numpy()
@@ -301,7 +310,7 @@ def split_members(s: int, offsets, level: dict, x_sum, x_id, bounds):
     """
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     comp = level["comp"][lo:hi]
-    t = np.searchsorted(bounds, comp, side="right") - 1
+    t = shard_of(bounds, comp)
     is_peak = level["peaks"][comp] == np.arange(lo, hi)
     parts = tuple(
         (comp[t == j] - bounds[j], x_sum[t == j], comp[is_peak & (t == j)] - bounds[j], x_id[is_peak & (t == j)])
