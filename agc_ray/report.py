@@ -456,7 +456,7 @@ def _levels_section(levels: list[dict], cluster_sizes: dict, has_metrics: bool) 
     sub = '<br><span class="muted">{}</span>'.format
     header = ["level", "nodes", "clusters", "edges", "nodes per" + sub("cluster"),
               "singletons" + sub("% clusters"), "singletons" + sub("% rows"), "median" + sub("size"),
-              "p90" + sub("size"), "max" + sub("size"), "largest" + sub("% rows"), "kNN"]
+              "p90" + sub("size"), "max" + sub("size"), "largest" + sub("% rows"), "kNN", "tau"]
     if has_metrics:
         header += ["Fp", "Fb", "NMI"]
     rows, missing = [], []
@@ -471,14 +471,15 @@ def _levels_section(levels: list[dict], cluster_sizes: dict, has_metrics: bool) 
         row = [_int(no), _int(nodes), _int(clusters), _int(lv.get("edges")), ratio,
                _pct(st.get("singleton_share")), _pct(st.get("singleton_rows_share")),
                _num(st.get("median"), 1), _num(st.get("p90"), 1), _int(st.get("max")), _pct(largest),
-               _knn_cell(lv)]
+               _knn_cell(lv), _num(lv.get("tau"), 3)]
         if has_metrics:
             m = lv.get("metrics") if isinstance(lv.get("metrics"), dict) else {}
             row += [_metric(m.get("fp")), _metric(m.get("fb")), _metric(m.get("nmi"))]
         rows.append(row)
     note = ('<p class="note">nodes: what the level clusters (input rows at level 0, the previous level\'s clusters '
             "above); edges: the edges the decode kept; sizes in input rows; kNN recall (approximate search only): "
-            "share of the true k nearest neighbours found, on a sample of level 0.</p>")
+            "share of the true k nearest neighbours found, on a sample of level 0; tau: the level's decode threshold "
+            "(its source under Parameters).</p>")
     if missing:
         note += f'<p class="note">no cluster table for level(s) {_e(", ".join(map(str, missing)))}: size columns left empty.</p>'
     return f"<section><h2>Levels</h2>{_table(header, rows)}{note}</section>"

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--unsupervised", action="store_true", default=None,
                    help="no model: similarity density and similarity decode")
     m.add_argument("--k", type=int, help="neighbours per node (must match the model's; default 10 unsupervised)")
-    m.add_argument("--tau", type=float, help="decode threshold on p_ij (prob) or s_ij (sim)")
+    m.add_argument("--tau", type=float, help="decode threshold on p_ij (prob) or s_ij (sim) at every level "
+                   "(default: the model's, per level when chosen on validation; unsupervised: derived from the table)")
     m.add_argument("--max-levels", type=int, help="maximum number of hierarchy levels")
     m.add_argument("--knn", choices=("auto", "exact", "ivf"),
                    help="kNN search: exact (flat), ivf (approximate, recall reported), auto (exact up to 20K nodes)")

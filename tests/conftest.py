@@ -25,7 +25,9 @@ def trained(faces_split):
     from agc_ray import HiLander
 
     x_train, y_train, _, _ = faces_split
-    return HiLander(epochs=4, seed=0).fit(x_train, y_train)
+    # lr 1e-3: at 4000 rows and 4 epochs the default 3e-3 lands anywhere between Fp 0.62 and 0.80
+    # depending on the seed (now that training is deterministic, always at the same one per seed).
+    return HiLander(epochs=4, seed=0, lr=1e-3).fit(x_train, y_train)
 
 
 def assert_coarsening(levels):

@@ -209,3 +209,19 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, method):
     np.testing.assert_allclose(got_sim, sim, rtol=0, atol=2e-6)
     if method == "ivf":
         assert 0.9 <= stats["knn_recall"] <= 1.0
+
+
+def test_unsupervised_adaptive_tau_equals_single_process(ray_session, tmp_path, job_table, job_data):
+    """No tau: the job derives the core's threshold from the same seeded row sample, for any sharding."""
+    from agc_ray import HiLander
+
+    est = HiLander(unsupervised=True, decode="sim", knn="exact")
+    ref = est.predict_hierarchy(job_data[0])
+    taus = [st["tau"] for st in est.stats_][: len(ref)]
+    manifest = _run(job_table, tmp_path / "a", unsupervised=True, knn="exact", num_shards=3)
+    got = read_levels(tmp_path / "a")
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+    assert manifest["parameters"]["tau_source"] == "adaptive"
+    assert manifest["parameters"]["tau"] == pytest.approx(taus)

@@ -25,8 +25,13 @@ def test_select_parents_known_answer():
     np.testing.assert_array_equal(select_parents(score, nbr, density), [2, 2, -1, 2])
     # threshold removes node 3's only candidate (0.6) and node 0's weaker one
     np.testing.assert_array_equal(select_parents(score, nbr, density, threshold=0.65), [2, 2, -1, -1])
-    # equal density is not denser (strict): no cycles possible
-    np.testing.assert_array_equal(select_parents(score, nbr, np.zeros(4)), [-1, -1, -1, -1])
+    # equal densities (duplicated rows) are ordered by id: the lower id is the denser, so duplicates
+    # join one tree and no cycle is possible
+    np.testing.assert_array_equal(select_parents(score, nbr, np.zeros(4)), [-1, 0, 0, 2])
+    parent = select_parents(score, nbr, np.zeros(4))
+    assert forest_components(parent)[1].tolist() == [0]
+    # a block of rows 2..3 with global ids, as a shard decodes it: the same parents as the whole graph
+    np.testing.assert_array_equal(select_parents(score[2:], nbr[2:], density, start=2), [-1, 2])
 
 
 def test_decode_modes():

@@ -96,7 +96,7 @@ def test_interrupted_s3_commit_is_finished_by_the_next_run(bucket, tmp_path, mon
     with pytest.raises(InputError, match="exists and is not empty"):  # the check recovers first
         run_job(JobConfig(input="s3://agc/table/", output=out, unsupervised=True))
     levels, manifest = _s3_levels(bucket, "agc/out/crash", tmp_path)
-    assert manifest["status"] == "succeeded" and manifest["parameters"]["tau"] == 0.5  # the interrupted run's result
+    assert manifest["status"] == "succeeded" and manifest["parameters"]["tau"] == [0.5]  # the interrupted run's result
     assert len(levels) == 1
     keys = [i.path for i in bucket.get_file_info(pafs.FileSelector("agc/out", recursive=True)) if i.type == pafs.FileType.File]
     assert not any("staging" in k or io.COMMIT_MARKER in k or "level=1" in k for k in keys if k.startswith("agc/out/")), keys

@@ -20,17 +20,25 @@ from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import NotFittedError
 
 from agc_ray import __version__
-from agc_ray.core.hierarchy import build_hierarchy, unsupervised_parents
+from agc_ray.core.calibration import holdout_classes, select_levels
+from agc_ray.core.hierarchy import (
+    adaptive_similarity_threshold, background_rows, build_hierarchy, unsupervised_parents,
+)
 from agc_ray.core.inference import DECODE_MODES, decode, score_level
 from agc_ray.core.knn import METHODS, knn_graph
 from agc_ray.core.lander import Lander
-from agc_ray.core.train import ground_truth_graphs, to_train_graph, train_lander
+from agc_ray.core.train import deterministic_training, ground_truth_graphs, to_train_graph, train_lander
 from agc_ray.core.validation import check_param
 
 log = logging.getLogger("agc_ray")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
+#: tau of a supervised model without a validation choice (fit with validation_fraction=0, or saved
+#: before tau was chosen on validation).
+DEFAULT_TAU = 0.9
+#: Level budget when neither the user nor the validation pass sets one.
+DEFAULT_LEVELS = 10
 
 
 def check_features(X, *, name: str = "X", min_rows: int = 1) -> np.ndarray:
@@ -85,8 +93,12 @@ class HiLander(ClusterMixin, BaseEstimator):
 
     Args:
         k: neighbours per node in every level's kNN graph (not counting the node).
-        tau: decode threshold on the edge probability ('prob') or similarity ('sim').
-        levels: maximum number of hierarchy levels.
+        tau: decode threshold on the edge probability ('prob') or similarity ('sim') at every level.
+            None (default): supervised, the per-level thresholds chosen on the validation identities
+            in ``fit`` (``taus_``); unsupervised, each level's threshold derived from its own kNN
+            similarities (:func:`~agc_ray.core.hierarchy.adaptive_similarity_threshold`).
+        levels: maximum number of hierarchy levels. None (default): the number chosen on validation
+            (``n_levels_``: the last level that still improved the held-out score), else 10.
         epochs: training epochs over all ground-truth level graphs.
         seed: seed of kNN training samples, weight init and batch order.
         device: 'auto' (CUDA when torch sees a GPU), 'cpu' or 'cuda'.
@@ -105,20 +117,25 @@ class HiLander(ClusterMixin, BaseEstimator):
         self_training: train the second half of the epochs also on the higher levels that the model
             itself builds from the training data (labels carried by peaks), which match what it sees
             at inference better than the ground-truth hierarchy does.
+        validation_fraction: share of the training classes (whole identities) held out of training
+            to choose each level's tau and the number of levels (0: no validation, tau 0.9).
 
     Attributes:
         model_: the trained :class:`~agc_ray.core.lander.Lander` (None when unsupervised).
         n_features_in_: embedding dimension seen in ``fit``.
         history_: per-epoch training losses and times.
+        taus_: per-level decode thresholds chosen on validation (None without validation).
+        n_levels_: number of levels chosen on validation (None without validation).
+        validation_: the validation pass: rows, per-level tau / Fp / Fb / clusters, seconds.
         stats_: per-level counts and timings of the last ``predict_hierarchy`` (kNN, model
-            inference, decode).
+            inference, decode, tau). ``predict_hierarchy`` sets it, nothing else.
     """
 
     def __init__(
         self,
         k: int = 10,
-        tau: float = 0.9,
-        levels: int = 10,
+        tau: float | None = None,
+        levels: int | None = None,
         epochs: int = 6,
         seed: int = 0,
         device: str = "auto",
@@ -138,6 +155,7 @@ class HiLander(ClusterMixin, BaseEstimator):
         balance: bool = True,
         focal_gamma: float = 0.0,
         self_training: bool = True,
+        validation_fraction: float = 0.0,
     ):
         self.k = k
         self.tau = tau
@@ -161,18 +179,21 @@ class HiLander(ClusterMixin, BaseEstimator):
         self.balance = balance
         self.focal_gamma = focal_gamma
         self.self_training = self_training
+        self.validation_fraction = validation_fraction
 
     # -- validation ---------------------------------------------------------------------------
     def validate_params(self) -> None:
         """Check every hyper-parameter (ValueError naming the parameter, the value and the range)."""
         _check_param("k", self.k, int, 1)
-        _check_param("levels", self.levels, int, 1)
+        if self.levels is not None:
+            _check_param("levels", self.levels, int, 1)
         _check_param("epochs", self.epochs, int, 1)
         _check_param("seed", self.seed, int)
         _check_param("device", self.device, None, options=("auto", "cpu", "cuda"))
         _check_param("knn", self.knn, None, options=METHODS)
         _check_param("decode", self.decode, None, options=DECODE_MODES)
-        _check_param("tau", self.tau, float, -1.0 if self.decode == "sim" or self.unsupervised else 0.0, 1.0)
+        if self.tau is not None:
+            _check_param("tau", self.tau, float, -1.0 if self.decode == "sim" or self.unsupervised else 0.0, 1.0)
         _check_param("conv", self.conv, None, options=("lander", "gat"))
         _check_param("hidden_channels", self.hidden_channels, int, 1)
         _check_param("edge_channels", self.edge_channels, int, 1)
@@ -183,6 +204,28 @@ class HiLander(ClusterMixin, BaseEstimator):
         _check_param("train_levels", self.train_levels, int, 1)
         _check_param("conn_edges", self.conn_edges, None, options=("all", "denser"))
         _check_param("focal_gamma", self.focal_gamma, float, 0.0)
+        _check_param("validation_fraction", self.validation_fraction, float, 0.0, 0.9)
+
+    # -- decode settings per level ------------------------------------------------------------------
+    def level_tau(self, level: int) -> float | None:
+        """Decode threshold of hierarchy level ``level``.
+
+        The user's ``tau`` when set; else the validation's choice for that level (the top one's above
+        it); else 0.9 for a model without validation; None in unsupervised mode, where each level
+        derives its threshold from its own similarities.
+        """
+        if self.tau is not None:
+            return float(self.tau)
+        taus = getattr(self, "taus_", None)
+        if taus:
+            return float(taus[min(level, len(taus) - 1)])
+        return None if self.unsupervised else DEFAULT_TAU
+
+    def max_levels(self) -> int:
+        """The level budget: the user's ``levels``, else the validation's ``n_levels_``, else 10."""
+        if self.levels is not None:
+            return int(self.levels)
+        return int(getattr(self, "n_levels_", None) or DEFAULT_LEVELS)
 
     def _torch_device(self) -> torch.device:
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -199,20 +242,39 @@ class HiLander(ClusterMixin, BaseEstimator):
 
     # -- fit / predict ---------------------------------------------------------------------------
     def fit(self, X, y=None):
-        """Train LANDER on labelled embeddings X (N, D) with integer classes y (N,). Returns self."""
+        """Train LANDER on labelled embeddings X (N, D) with integer classes y (N,). Returns self.
+
+        With ``validation_fraction`` > 0 a seeded share of the classes is held out of training and
+        used to choose each level's tau and the number of levels (``taus_``, ``n_levels_``).
+        """
         self.validate_params()
         X = check_features(X, min_rows=2)
+        self.n_features_in_ = X.shape[1]
+        self.taus_, self.n_levels_, self.validation_ = None, None, None
         if self.unsupervised:
-            self.n_features_in_ = X.shape[1]
             self.model_ = None
             self.history_ = []
             return self
         if y is None:
             raise ValueError("HiLander.fit needs labels y (or set unsupervised=True)")
         y = check_labels(y, X.shape[0])
+        t0 = time.perf_counter()
+        val = holdout_classes(y, self.validation_fraction, self.seed)
+        if val.any() and (np.unique(y[val]).size < 2 or val.sum() <= self.k or (~val).sum() <= self.k):
+            log.info("validation: too few classes or rows to hold out %.0f%%; training on all rows",
+                     100 * self.validation_fraction)
+            val[:] = False
+        x_train, y_train = (X[~val], y[~val]) if val.any() else (X, y)
+        with deterministic_training(self._torch_device()):
+            self._train(x_train, y_train)
+        if val.any():
+            self._validate(X[val], y[val], np.ones(int(val.sum()), dtype=bool))
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _train(self, X, y) -> None:
         torch.manual_seed(self.seed)
         device = self._torch_device()
-        t0 = time.perf_counter()
         graphs = ground_truth_graphs(X, y, ((self.k, self.train_levels),), knn_method=self.knn, seed=self.seed)
         model = Lander(
             X.shape[1], self.k, hidden_channels=self.hidden_channels, edge_channels=self.edge_channels,
@@ -234,28 +296,53 @@ class HiLander(ClusterMixin, BaseEstimator):
                 model, graphs + own, epochs=self.epochs - first, refit_normalization=False, **train_kwargs
             )
         self.model_ = model.cpu().eval()
-        self.n_features_in_ = X.shape[1]
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
+
+    def _validate(self, X, y, val) -> None:
+        """Choose ``taus_`` and ``n_levels_`` on the held-out classes ``val`` of X (see
+        :func:`agc_ray.core.calibration.select_levels`)."""
+        device = self._torch_device()
+        self.validation_ = select_levels(
+            X, y, val,
+            lambda g: score_level(self.model_, g, device=device),
+            lambda p, density, nbr, sim, tau: decode(p, density, nbr, sim, tau=tau, mode=self.decode),
+            k=self.k, max_levels=self.levels or DEFAULT_LEVELS, knn=self._knn,
+        )
+        self.taus_, self.n_levels_ = self.validation_["taus"], self.validation_["levels"]
+        log.info("validation (%d rows): tau per level %s, %d level(s), Fp %.4f Fb %.4f, %.1fs",
+                 int(val.sum()), self.taus_, self.n_levels_, self.validation_["scores"][-1]["fp"],
+                 self.validation_["scores"][-1]["fb"], self.validation_["seconds"])
+
+    def _knn(self, feats):
+        return knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False)
 
     def own_levels(self, X, y) -> list:
         """Training graphs of the higher levels this model builds from labelled X (labels carried by
         peaks): what the second half of ``fit`` adds to the ground-truth hierarchy."""
-        collected, self._inference_seconds = [], []
+        collected = []
         build_hierarchy(
-            X, self._decode_level, k=self.k, levels=self.train_levels, early_stop=False, labels=y,
-            knn=lambda feats: knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False),
+            X, lambda g, level: self.decode_level(g, level)[0], k=self.k, levels=self.train_levels,
+            early_stop=False, labels=y, knn=self._knn,
             on_level=lambda level, g: collected.append(to_train_graph(g, self.k, level)) if level > 0 else None,
         )
         return collected
 
-    def _decode_level(self, g, level):
+    def decode_level(self, g, level: int) -> tuple[np.ndarray, dict]:
+        """Parents of one level graph and what it took: ``(parent, {"tau", "inference_seconds"})``."""
+        tau = self.level_tau(level)
         if self.unsupervised:
-            return unsupervised_parents(g, self.tau)
+            if tau is None:
+                # Derived once, at level 0 where every node is a row; the levels above compare peaks
+                # on the same similarity scale, and re-deriving there (fewer, farther neighbours)
+                # lowered the threshold until look-alike clusters merged.
+                if level == 0 or self._adaptive_tau is None:
+                    self._adaptive_tau = adaptive_similarity_threshold(
+                        g.sim, g.x_id[background_rows(g.n, self.seed)], seed=self.seed)
+                tau = self._adaptive_tau
+            return unsupervised_parents(g, tau), {"tau": tau}
         t0 = time.perf_counter()
         p, density = score_level(self.model_, g, device=self._torch_device())
-        self._inference_seconds.append(time.perf_counter() - t0)
-        return decode(p, density, g.nbr, g.sim, tau=self.tau, mode=self.decode)
+        info = {"tau": tau, "inference_seconds": time.perf_counter() - t0}
+        return decode(p, density, g.nbr, g.sim, tau=tau, mode=self.decode), info
 
     def predict_hierarchy(self, X) -> list[np.ndarray]:
         """Cluster X (N, D): every level's (N,) int64 labels, finest first, each coarsening the last."""
@@ -267,25 +354,28 @@ class HiLander(ClusterMixin, BaseEstimator):
                 f"X has {X.shape[1]} features, but HiLander was fitted with {self.n_features_in_} features"
             )
         torch.manual_seed(self.seed)
-        self.stats_, self._inference_seconds = [], []
+        stats, infos = [], []
+        self._adaptive_tau = None
+
+        def decode_level(g, level):
+            parent, info = self.decode_level(g, level)
+            infos.append(info)
+            return parent
+
         levels = build_hierarchy(
-            X,
-            self._decode_level,
-            k=self.k,
-            levels=self.levels,
-            early_stop=self.early_stop,
-            knn=lambda feats: knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False),
-            stats=self.stats_,
+            X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=self._knn,
+            stats=stats,
         )
-        for level_stats, seconds in zip(self.stats_, self._inference_seconds):
-            level_stats["inference_seconds"] = seconds
+        for level_stats, info in zip(stats, infos):
+            level_stats.update(info)
+        self.stats_ = stats
         return levels
 
     def predict(self, X) -> np.ndarray:
-        """The final (coarsest) level's (N,) int64 labels."""
+        """The final (coarsest) level's (N,) int64 labels: the level chosen on validation by default."""
         return self.predict_hierarchy(X)[-1]
 
-    def fit_predict(self, X, y=None, **kwargs):
+    def fit_predict(self, X, y=None):
         return self.fit(X, y).predict(X)
 
     # -- persistence -----------------------------------------------------------------------------
@@ -301,6 +391,7 @@ class HiLander(ClusterMixin, BaseEstimator):
             "params": params,
             "n_features_in": getattr(self, "n_features_in_", None),
             "history": getattr(self, "history_", []),
+            "validation": getattr(self, "validation_", None),
         }
         tmp = path / (CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps(config, indent=2))
@@ -324,6 +415,10 @@ class HiLander(ClusterMixin, BaseEstimator):
         est = cls(**params)
         est.n_features_in_ = config.get("n_features_in")
         est.history_ = config.get("history", [])
+        # Directories saved before the validation pass have none: their params carry tau and levels.
+        est.validation_ = config.get("validation")
+        est.taus_ = est.validation_["taus"] if est.validation_ else None
+        est.n_levels_ = est.validation_["levels"] if est.validation_ else None
         est.model_ = None
         if not est.unsupervised:
             weights = path / WEIGHTS_FILE

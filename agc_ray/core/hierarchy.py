@@ -75,21 +75,30 @@ def select_parents(
     density: np.ndarray | torch.Tensor,
     threshold: float | None = None,
     allowed: np.ndarray | torch.Tensor | None = None,
+    *,
+    start: int = 0,
 ) -> np.ndarray:
     """Each node's one edge: the neighbour with the highest ``score`` among its candidates.
 
-    A candidate of node i is a valid neighbour j with ``density[j] > density[i]`` (strict, so the
-    edges form a forest), ``score[i, j] > threshold`` (when given) and ``allowed[i, j]`` (when given).
-    Ties go to the nearer neighbour (lower column).
+    A candidate of node i is a valid neighbour j that is denser, ``density[j] > density[i]``, or as
+    dense with a lower id (equal densities, as duplicated rows have, are ordered by id: a strict
+    total order, so the edges form a forest, and duplicates still join one tree), with
+    ``score[i, j] > threshold`` (when given) and ``allowed[i, j]`` (when given). Ties go to the nearer
+    neighbour (lower column).
+
+    ``score``, ``nbr`` and ``allowed`` may hold a block of rows ``start, start + 1, ...`` (global ids,
+    as a shard has them) while ``density`` covers every node.
 
     Shapes:
-        score, nbr, allowed (n, k); density (n,) -> parent (n,) int64, -1 for peaks (no candidate).
+        score, nbr, allowed (m, k); density (n,) -> parent (m,) int64, -1 for peaks (no candidate).
     """
     score = torch.as_tensor(score)
     nbr = torch.as_tensor(nbr)
     density = torch.as_tensor(density)
+    rows = torch.arange(start, start + nbr.shape[0])
     valid = nbr >= 0
-    cand = valid & (density[nbr.clamp_min(0)] > density[:, None])
+    d_nbr, d_row = density[nbr.clamp_min(0)], density[rows][:, None]
+    cand = valid & ((d_nbr > d_row) | ((d_nbr == d_row) & (nbr < rows[:, None])))
     if threshold is not None:
         cand &= score > threshold
     if allowed is not None:
@@ -267,6 +276,49 @@ def ground_truth_parents(g: LevelGraph) -> np.ndarray:
     density = ground_truth_density(g.labels, g.nbr, g.sim)
     same = g.labels[np.maximum(g.nbr, 0)] == g.labels[:, None]
     return select_parents(g.sim, g.nbr, density, allowed=same)
+
+
+#: Rows sampled (seeded, by global row index: the same for any sharding) and random pairs of them
+#: drawn to estimate a table's background similarity.
+BACKGROUND_ROWS = 4096
+BACKGROUND_PAIRS = 100_000
+
+
+def background_rows(n: int, seed: int) -> np.ndarray:
+    """The sorted row sample of :func:`adaptive_similarity_threshold` for an n-row table."""
+    from agc_ray.core.knn import sample_rows
+
+    return sample_rows(n, BACKGROUND_ROWS, seed)
+
+
+def background_similarity(x_sample: np.ndarray, *, seed: int = 0, spread: float = 3.0) -> float:
+    """What two unrelated rows of a table reach by chance: median + ``spread`` robust standard
+    deviations (1.4826 MAD) of the cosine similarity of random pairs of its unit rows (m, D).
+
+    Robust statistics because a few random pairs do share a cluster (1 in 40 with 40 clusters): a high
+    quantile lands among them, the median and MAD do not. O(pairs D).
+    """
+    m = x_sample.shape[0]
+    if m < 2:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, m, size=BACKGROUND_PAIRS)
+    b = (a + rng.integers(1, m, size=BACKGROUND_PAIRS)) % m  # never a row with itself
+    sims = np.einsum("ij,ij->i", x_sample[a], x_sample[b])
+    median = float(np.median(sims))
+    return median + spread * 1.4826 * float(np.median(np.abs(sims - median)))
+
+
+def adaptive_similarity_threshold(sim: np.ndarray, x_sample: np.ndarray, *, seed: int = 0) -> float:
+    """Label-free decode threshold: halfway between chance and a typical nearest neighbour.
+
+    ``sim`` (n, k) is the table's level-0 kNN similarities (column 0: each row's nearest neighbour)
+    and ``x_sample`` (m, D) its rows at :func:`background_rows`. Both ends are measured on the table,
+    so the threshold follows its scale (a table whose clusters sit at cosine 0.3 and one at 0.8 get
+    different thresholds) instead of a fixed constant.
+    """
+    nearest = np.asarray(sim)[:, 0] if sim.ndim == 2 and sim.shape[1] else np.zeros(1, dtype=np.float32)
+    return float((background_similarity(x_sample, seed=seed) + float(np.median(nearest))) / 2)
 
 
 def unsupervised_parents(g: LevelGraph, tau: float) -> np.ndarray:

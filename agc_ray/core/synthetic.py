@@ -5,6 +5,8 @@
   in the kNN graph (the failure mode of similarity thresholds);
 - varied spread: each identity has its own noise scale and one to four "pose" modes, so a single
   threshold either chains look-alikes or splits loose identities;
+- optional anisotropy: each identity scales its deviation differently along each nuisance direction
+  (wide in some, tight in others), so no single radius fits an identity;
 - distractor singletons: samples that belong to no identity.
 
 Rows come out L2-normalised, float32, in random order; labels are int64 (every distractor has its own
@@ -38,6 +40,7 @@ def make_faces(
     distractor_fraction: float = 0.02,
     nuisance_dim: int = 32,
     isotropic: float = 0.3,
+    anisotropy: float = 0.0,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate an (n_samples, dim) face-like embedding table and its identity labels.
@@ -57,6 +60,10 @@ def make_faces(
             each sample's deviation from its mode lies; real embeddings vary in few directions,
             which is what makes approximate kNN search work on them.
         isotropic: share (as a norm ratio) of the deviation that is isotropic noise instead.
+        anisotropy: log-normal sigma of each identity's own scale per nuisance direction (rescaled to
+            a mean square of 1, so the typical spread stays that of ``spread``); 0 (default): the same
+            scale in every direction. The scales come from a generator spawned off ``seed``, so every
+            other draw (sizes, centres, modes, noise) is the same as with ``anisotropy=0``.
         seed: random seed.
 
     Returns:
@@ -68,6 +75,8 @@ def make_faces(
         raise ValueError(f"make_faces: dim must be >= 2, got {dim}")
     if not 0.0 <= distractor_fraction <= 1.0:
         raise ValueError(f"make_faces: distractor_fraction must be in [0, 1], got {distractor_fraction}")
+    if anisotropy < 0.0:
+        raise ValueError(f"make_faces: anisotropy must be >= 0, got {anisotropy}")
     rng = np.random.default_rng(seed)
 
     n_distractors = int(round(n_samples * distractor_fraction))
@@ -98,6 +107,12 @@ def make_faces(
     nuisance = _unit(rng.standard_normal((r, dim), dtype=np.float32)) / np.float32(np.sqrt(r))
     w_struct = np.float32(np.sqrt(max(0.0, 1.0 - isotropic**2)))
     w_iso = np.float32(isotropic / np.sqrt(dim))
+    id_axes = None  # (n_ids, r) per-identity scale of each nuisance direction
+    if anisotropy > 0.0:
+        # A spawned child stream: spawning draws nothing from rng, so the rest of the output is unchanged.
+        axes_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+        id_axes = np.exp(anisotropy * axes_rng.standard_normal((n_ids, r)))
+        id_axes = (id_axes / np.sqrt(np.mean(id_axes**2, axis=1, keepdims=True))).astype(np.float32)
 
     # Per-row assignment, shuffled so that labels are not sorted.
     row_id = np.concatenate([np.repeat(np.arange(n_ids), sizes), -1 - np.arange(n_distractors)])
@@ -117,7 +132,8 @@ def make_faces(
         is_member = ids >= 0
         block = noise  # distractors: uniform directions
         member_ids = ids[is_member]
-        deviation = coef[is_member] @ (w_struct * nuisance) + noise[is_member] * w_iso
+        member_coef = coef[is_member] if id_axes is None else coef[is_member] * id_axes[member_ids]
+        deviation = member_coef @ (w_struct * nuisance) + noise[is_member] * w_iso
         block[is_member] = mode_centres[modes[is_member]] + deviation * id_spread[member_ids][:, None]
         x[start:stop] = _unit(block)
 

@@ -9,6 +9,7 @@ level graphs together. A batch needs its seeds and their direct neighbours only 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -22,6 +23,27 @@ from agc_ray.core.knn import knn_graph
 from agc_ray.core.lander import Lander, connectivity_loss, ground_truth_density, predicted_density
 
 log = logging.getLogger("agc_ray")
+
+
+@contextlib.contextmanager
+def deterministic_training(device: torch.device | str = "cpu"):
+    """Torch's deterministic CPU kernels for the duration (restored after); a no-op on CUDA.
+
+    The backward of the edge head's gathers (``proj[nbr]``) accumulates into shared rows from many
+    threads; the order of those float additions varied between runs, so two fits with one seed gave
+    different weights. The deterministic kernels cost nothing measurable here (20K rows, 2 epochs:
+    19-20 s either way). On CUDA, cuBLAS would also need CUBLAS_WORKSPACE_CONFIG set before start;
+    GPU training is left as fast as it is, reproducible to float tolerance only.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 @dataclass

@@ -195,6 +195,7 @@ class Job:
         self.cfg, self.est, self.num_shards = cfg, est, num_shards
         self.timings: dict[str, float] = {}
         self.actors = []
+        self.adaptive_tau = None
 
     def _time(self, stage: str, t0: float) -> float:
         dt = time.perf_counter() - t0
@@ -237,7 +238,9 @@ class Job:
         stats["score_seconds"] = self._time("score", t0)
         t0 = time.perf_counter()
         mode = "sim" if self.est.unsupervised else self.est.decode
-        decoded = [lv.shard_decode.remote(s, offs, graph, p[s], self.est.tau, mode, *density) for s in range(level.shards)]
+        tau = self.level_tau(level, graph, level_no)
+        stats["tau"] = tau
+        decoded = [lv.shard_decode.remote(s, offs, graph, p[s], tau, mode, *density) for s in range(level.shards)]
         sizes = level.size if level.size is not None else [None] * level.shards
         peak_rows = level.peak_row if level.peak_row is not None else [None] * level.shards
         result, counts = lv.global_components.remote(
@@ -246,6 +249,24 @@ class Job:
         counts = ray.get(counts)
         stats.update(edges=counts["edges"], clusters=counts["clusters"], decode_seconds=self._time("decode", t0))
         return result, counts
+
+    def level_tau(self, level: _Level, graph, level_no: int) -> float:
+        """The level's decode threshold: the estimator's (user / validation / default), or in
+        unsupervised mode without tau the core's adaptive one, derived once at level 0 from the same
+        seeded row sample as in a single process (so it does not depend on the shard count)."""
+        import ray
+
+        tau = self.est.level_tau(level_no)
+        if tau is not None:
+            return tau
+        if self.adaptive_tau is None:
+            from agc_ray.core.hierarchy import background_rows
+            from agc_ray.distributed.knn import _gather
+
+            sample = _gather.remote(level.offsets, background_rows(level.n, self.est.seed), *level.x_id)
+            self.adaptive_tau = ray.get(lv.adaptive_tau.remote(graph, sample, self.est.seed))
+            log.info("unsupervised: adaptive similarity threshold %.4f", self.adaptive_tau)
+        return self.adaptive_tau
 
     def aggregate(self, level: _Level, result, clusters: int) -> _Level:
         """Next level's node shards from this level's clusters."""
@@ -351,7 +372,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
     kept: list[dict] = []  # per level: result ref, row labels refs, stats
     writes = []
     prev_edges, stop = None, None
-    for level_no in range(est.levels):
+    for level_no in range(est.max_levels()):
         stats = {"level": level_no, "nodes": level.n}
         graph = job.knn(level, level_no, stats)
         result, counts = job.decode(level, graph, model_ref, level_no, stats)
@@ -376,7 +397,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
             stop = "no edge added at level 0: every row is its own cluster"
             log.info(stop)
             break
-        stop = stop_reason(level_no, n_edges, prev_edges, counts["clusters"], k=est.k, levels=est.levels,
+        stop = stop_reason(level_no, n_edges, prev_edges, counts["clusters"], k=est.k, levels=est.max_levels(),
                            early_stop=est.early_stop)
         if stop:
             log.info("level %d: stop: %s", level_no, stop)
@@ -418,11 +439,13 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
                   "label_column": schema.label_column},
         "output": cfg.output,
         "previous": None if previous is None else {"path": previous.uri, "levels": previous.levels},
-        "parameters": {"k": est.k, "tau": est.tau, "max_levels": est.levels, "knn": est.knn, "decode": est.decode,
+        "parameters": {"k": est.k, "tau": [e["stats"]["tau"] for e in kept], "tau_source": _tau_source(est),
+                       "max_levels": est.max_levels(), "knn": est.knn, "decode": est.decode,
                        "early_stop": est.early_stop, "seed": est.seed, "num_shards": job.num_shards,
                        "unsupervised": est.unsupervised},
         "model": None if est.unsupervised else {"path": cfg.model, "params": est.get_params(),
-                                                "n_features_in": est.n_features_in_},
+                                                "n_features_in": est.n_features_in_,
+                                                "validation": getattr(est, "validation_", None)},
         "versions": _versions(),
         "timings": timings | {f"{k}_seconds": v for k, v in job.timings.items()},
         "levels": levels_out,
@@ -430,6 +453,15 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         "stop_reason": stop,
         "next_cluster_ids": counters,
     }
+
+
+def _tau_source(est) -> str:
+    """Where the per-level taus of the manifest came from."""
+    if est.tau is not None:
+        return "user"
+    if getattr(est, "taus_", None):
+        return "validation"
+    return "adaptive" if est.unsupervised else "default"
 
 
 def _assignment_writes(output, level_no: int, ids: list, labels: list, id_map) -> list:

@@ -210,26 +210,6 @@ def similarity_densities(s: int, offsets, graph):
     return similarity_density(nbr[lo:hi], sim[lo:hi]).numpy()
 
 
-def select_parents_rows(score, nbr_rows, density, density_rows, threshold):
-    """:func:`agc_ray.core.hierarchy.select_parents` for a block of rows with global neighbour ids.
-
-    Shapes:
-        score, nbr_rows (m, k); density (n,) global; density_rows (m,) -> parent (m,) int64.
-    """
-    torch = _torch_single_thread()
-    score = torch.as_tensor(score)
-    nbr = torch.as_tensor(nbr_rows)
-    density = torch.as_tensor(density)
-    valid = nbr >= 0
-    cand = valid & (density[nbr.clamp_min(0)] > torch.as_tensor(density_rows)[:, None])
-    if threshold is not None:
-        cand &= score > threshold
-    masked = torch.where(cand, score.to(torch.float64), torch.tensor(-np.inf, dtype=torch.float64))
-    best = masked.argmax(dim=1)
-    parent = torch.where(cand.any(dim=1), nbr.gather(1, best[:, None]).squeeze(1), torch.tensor(-1))
-    return parent.numpy().astype(np.int64)
-
-
 def local_roots(parent: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Local union-find: each node's local root (global id), following intra-shard edges only.
 
@@ -250,6 +230,14 @@ def local_roots(parent: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return root_of_comp[comp]
 
 
+@lazy_remote(num_cpus=0.5)
+def adaptive_tau(graph, x_sample, seed: int) -> float:
+    """The core's label-free threshold of a level from its whole graph and its seeded row sample."""
+    from agc_ray.core.hierarchy import adaptive_similarity_threshold
+
+    return adaptive_similarity_threshold(graph[1], x_sample, seed=seed)
+
+
 @lazy_remote(num_cpus=0.5, num_returns=2)
 def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities):
     """Stage 3: ``(parent (n_s,), local root (n_s,))`` of shard ``s``; densities are all shards'."""
@@ -257,7 +245,10 @@ def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities):
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     density = np.concatenate(densities)
     score = sim[lo:hi] if mode == "sim" or p is None else p
-    parent = select_parents_rows(score, nbr[lo:hi], density, density[lo:hi], tau)
+    from agc_ray.core.hierarchy import select_parents
+
+    _torch_single_thread()
+    parent = select_parents(score, nbr[lo:hi], density, tau, start=lo)
     return parent, local_roots(parent, lo, hi)
 
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
+from agc_ray.core.calibration import holdout_classes as split_by_class  # one implementation: the core's
 from agc_ray.core.validation import check_param
 from agc_ray.distributed.errors import InputError, find_input_error  # shared with the clustering job
 
@@ -219,19 +220,6 @@ def data_fingerprint(ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> str:
     h.update(np.ascontiguousarray(y, dtype=np.int64).data)
     h.update(str(x.shape).encode())
     return h.hexdigest()
-
-
-def split_by_class(y: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean (N,) mask of the validation rows: a seeded ``val_fraction`` of the classes, whole.
-
-    Held-out *classes* (not rows) measure what clustering needs: generalising to unseen identities.
-    """
-    classes = np.unique(y)
-    n_val = int(round(val_fraction * classes.size))
-    if n_val == 0:
-        return np.zeros(y.shape[0], dtype=bool)
-    val_classes = np.random.default_rng(seed).choice(classes, size=n_val, replace=False)
-    return np.isin(y, val_classes)
 
 
 def graph_arrays(g) -> dict:
@@ -519,6 +507,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # a worker process of its own: reproducible weights for a seed, as in the core
+        torch.use_deterministic_algorithms(True)
     params = config["params"]
     seed, epochs, bs = params["seed"], params["epochs"], params["batch_size"]
     data = ray.get(config["data"])

@@ -1,0 +1,110 @@
+"""Decode thresholds and levels chosen on held-out identities; the adaptive unsupervised threshold;
+reproducible training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agc_ray import HiLander
+from agc_ray.core.calibration import TAU_GRID, holdout_classes
+from agc_ray.core.estimator import DEFAULT_LEVELS, DEFAULT_TAU
+from agc_ray.core.knn import knn_graph
+from agc_ray.metrics import pairwise
+
+
+@pytest.fixture(scope="module")
+def validated(faces_split):
+    x_train, y_train, _, _ = faces_split
+    return HiLander(epochs=2, seed=0, validation_fraction=0.25).fit(x_train, y_train)
+
+
+def test_validation_classes_are_disjoint_from_training(faces_split, validated):
+    _, y_train, _, _ = faces_split
+    val = holdout_classes(y_train, 0.25, seed=0)
+    assert 0 < val.sum() < y_train.size
+    assert np.intersect1d(y_train[val], y_train[~val]).size == 0  # whole classes held out
+    assert validated.validation_["rows"] == int(val.sum())
+    assert not holdout_classes(y_train, 0.0, seed=0).any()
+
+
+def test_validation_chooses_a_tau_per_level(faces_split, validated):
+    _, _, x_test, _ = faces_split
+    assert validated.n_levels_ == len(validated.taus_) >= 1
+    assert set(validated.taus_) <= set(TAU_GRID)
+    scores = [s["score"] for s in validated.validation_["scores"]]
+    assert scores == sorted(scores)  # every kept level improved the held-out score
+    levels = validated.predict_hierarchy(x_test)
+    assert len(levels) <= validated.n_levels_
+    assert [st["tau"] for st in validated.stats_][: len(levels)] == validated.taus_[: len(levels)]
+    assert validated.max_levels() == validated.n_levels_
+
+
+def test_chosen_tau_and_level_round_trip(tmp_path, faces_split, validated):
+    _, _, x_test, _ = faces_split
+    loaded = HiLander.load(validated.save(tmp_path / "m"))
+    assert loaded.taus_ == validated.taus_ and loaded.n_levels_ == validated.n_levels_
+    for a, b in zip(validated.predict_hierarchy(x_test), loaded.predict_hierarchy(x_test)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_user_tau_and_levels_override_the_chosen_ones(faces_split, validated):
+    _, _, x_test, _ = faces_split
+    est = HiLander(**validated.get_params()).set_params(tau=0.42, levels=3)
+    est.model_, est.n_features_in_ = validated.model_, validated.n_features_in_
+    est.taus_, est.n_levels_ = validated.taus_, validated.n_levels_
+    levels = est.predict_hierarchy(x_test)
+    assert est.level_tau(0) == est.level_tau(7) == 0.42 and est.max_levels() == 3
+    assert {st["tau"] for st in est.stats_} == {0.42} and len(levels) <= 3
+
+
+def test_model_directory_without_validation_still_loads(tmp_path, faces_split, trained):
+    """A directory saved before the validation pass: params carry tau 0.9 / levels 10, no validation block."""
+    _, _, x_test, _ = faces_split
+    path = trained.save(tmp_path / "old")
+    config = json.loads((path / "config.json").read_text())
+    config.pop("validation")
+    config["params"].pop("validation_fraction")
+    config["params"].update(tau=0.9, levels=10)
+    (path / "config.json").write_text(json.dumps(config))
+    old = HiLander.load(path)
+    assert old.taus_ is None and old.level_tau(0) == DEFAULT_TAU == 0.9 and old.max_levels() == DEFAULT_LEVELS
+    for a, b in zip(old.predict_hierarchy(x_test), trained.predict_hierarchy(x_test)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _blobs(n_clusters: int, size: int, dim: int, within: float, seed: int):
+    """Unit rows around random centres whose members' cosine to each other is about ``within``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.repeat(np.arange(n_clusters), size)
+    # centre weight c and noise of norm r: cos(member, member) ~ c^2 / (c^2 + r^2)
+    r = np.sqrt((1 - within) / within)
+    noise = rng.standard_normal((y.size, dim)) * (r / np.sqrt(dim))
+    x = centres[y] + noise
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+@pytest.mark.parametrize("within", [0.3, 0.8])
+def test_unsupervised_finds_clusters_at_any_scale_without_tau(within):
+    x, y = _blobs(40, 30, 256, within, seed=int(within * 10))
+    est = HiLander(unsupervised=True)
+    levels = est.predict_hierarchy(x)
+    tau = est.stats_[0]["tau"]
+    nearest = knn_graph(x, 10)[1][:, 0]
+    assert 0.0 < tau < np.median(nearest)  # between chance (~0 in 256 dimensions) and a nearest neighbour
+    assert pairwise(y, levels[0])[2] > 0.9
+    assert pairwise(y, levels[-1])[2] > 0.95  # level 1 joins what level 0 left apart
+    assert np.unique(levels[-1]).size <= 2 * 40
+
+
+def test_two_fits_with_one_seed_are_identical(faces_split):
+    x_train, y_train, x_test, _ = faces_split
+    fits = [HiLander(epochs=2, seed=5, batch_size=2048).fit(x_train, y_train) for _ in range(2)]
+    a, b = (f.model_.state_dict() for f in fits)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    for u, v in zip(*(f.predict_hierarchy(x_test) for f in fits)):
+        np.testing.assert_array_equal(u, v)
+    assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
