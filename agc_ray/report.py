@@ -415,6 +415,9 @@ def _header(manifest: dict, n_levels: int) -> str:
         ("levels", _int(n_levels)), ("clusters at level 0", _int(counts[0]) if counts else "—"),
         ("clusters at top level", _int(top)), ("total time", _secs(timings.get("total_seconds"))),
     ]
+    if _is_num(manifest.get("selected_level")):
+        sel = int(manifest["selected_level"])
+        cards.insert(3, ("selected level", f"{sel} ({_int(counts[sel])} clusters)" if sel < len(counts) else _int(sel)))
     cards_html = "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{_e(k)}</div></div>' for k, v in cards)
     ok = " ok" if status == "succeeded" else ""
     return (

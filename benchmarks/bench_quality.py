@@ -90,7 +90,8 @@ def predict_with_full(est, x, y) -> dict:
     t0 = time.perf_counter()
     levels = est.predict_hierarchy(x)
     seconds = time.perf_counter() - t0
-    out = {"returned": metrics(y, levels[-1]) | {"index": len(levels) - 1},
+    selected = getattr(est, "selected_level_", len(levels) - 1)  # what predict returns
+    out = {"returned": metrics(y, levels[selected]) | {"index": selected},
            "hierarchy": hierarchy_report(est, x, y, levels, seconds), "predict_seconds": round(seconds, 2)}
     if est.get_params()["levels"] == FULL_LEVELS:
         out["full"] = out["hierarchy"]  # the same call: predict is deterministic
@@ -204,10 +205,16 @@ def seed_run(data: dict, seed: int, epochs: int | None) -> dict:
     out["gbdt"] = {"tau": round(gb.tau_, 3), "fit_seconds": round(t1 - t0, 2),
                    "predict_seconds": round(time.perf_counter() - t1, 2)} | metrics(y, labels)
 
-    un = HiLander(unsupervised=True, seed=seed)
-    out["unsupervised"] = predict_with_full(un, x, y)
-    out["unsupervised"] |= fitted_choices(un)
+    out["unsupervised"] = unsupervised_run(x, y, seed)
     return out
+
+
+def unsupervised_run(x, y, seed: int) -> dict:
+    """The unsupervised mode with its defaults (no labels, no model, no tau)."""
+    from agc_ray import HiLander
+
+    un = HiLander(unsupervised=True, seed=seed)
+    return predict_with_full(un, x, y) | fitted_choices(un)
 
 
 def make_data(train: str, test: str, args) -> dict:
@@ -321,6 +328,8 @@ def main():
     ap.add_argument("--out", type=Path, default=RESULTS / f"quality_{datetime.date.today():%Y%m%d}.json")
     ap.add_argument("--fresh", action="store_true", help="ignore what --out already holds")
     ap.add_argument("--verbose", action="store_true", help="log training progress")
+    ap.add_argument("--redo-unsupervised", action="store_true",
+                    help="recompute the unsupervised figures of the seeds already held (after a change to that mode)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
 
@@ -346,9 +355,10 @@ def main():
             "train_regime": train, "test_regime": test, "train_kwargs": REGIMES[train], "test_kwargs": REGIMES[test],
             "n_test": args.n_test, "seeds": {}, "baselines": {}})
         todo = [s for s in seeds if str(s) not in rec["seeds"]]
+        redo = [s for s in seeds if str(s) in rec["seeds"]] if args.redo_unsupervised else []
         base_done = all(k in rec["baselines"] for k in ("oracle_threshold", "chinese_whispers")) and (
             args.skip_leiden or "leiden_cpm" in rec["baselines"] or "leiden_note" in rec["baselines"])
-        if todo or not base_done:
+        if todo or redo or not base_done:
             t0 = time.perf_counter()
             data = make_data(train, test, args)
             rec["n_true_clusters"] = int(np.unique(data["y_test"]).size)
@@ -358,6 +368,9 @@ def main():
                 baselines(data, rec["baselines"], args.skip_leiden)
                 save(result, args.out)
                 print(f"[{name}] baselines {time.perf_counter() - t0:.1f} s", flush=True)
+            for s in redo:
+                rec["seeds"][str(s)]["unsupervised"] = unsupervised_run(data["x_test"], data["y_test"], s)
+                save(result, args.out)
             for s in todo:
                 t0 = time.perf_counter()
                 rec["seeds"][str(s)] = seed_run(data, s, args.epochs)

@@ -92,12 +92,25 @@ def test_unsupervised_finds_clusters_at_any_scale_without_tau(within):
     x, y = _blobs(40, 30, 256, within, seed=int(within * 10))
     est = HiLander(unsupervised=True)
     levels = est.predict_hierarchy(x)
-    tau = est.stats_[0]["tau"]
+    taus = [st["tau"] for st in est.stats_][: len(levels)]
     nearest = knn_graph(x, 10)[1][:, 0]
-    assert 0.0 < tau < np.median(nearest)  # between chance (~0 in 256 dimensions) and a nearest neighbour
-    assert pairwise(y, levels[0])[2] > 0.9
-    assert pairwise(y, levels[-1])[2] > 0.95  # level 1 joins what level 0 left apart
-    assert np.unique(levels[-1]).size <= 2 * 40
+    assert 0.0 < taus[0] < np.median(nearest)  # between chance (~0 in 256 dimensions) and a nearest neighbour
+    selected = levels[est.selected_level_]
+    np.testing.assert_array_equal(est.predict(x), selected)
+    assert pairwise(y, selected)[2] > 0.95
+    assert np.unique(selected).size <= 2 * 40
+    # the levels above the selected one coarsen, at thresholds stepping down towards chance
+    counts = [np.unique(lv).size for lv in levels]
+    assert all(a > b for a, b in zip(counts, counts[1:]))
+    assert all(a >= b for a, b in zip(taus, taus[1:]))
+
+
+def test_adaptive_thresholds_follow_the_table_scale():
+    low = HiLander(unsupervised=True)
+    low.predict_hierarchy(_blobs(40, 30, 256, 0.3, seed=1)[0])
+    high = HiLander(unsupervised=True)
+    high.predict_hierarchy(_blobs(40, 30, 256, 0.8, seed=1)[0])
+    assert high.stats_[0]["tau"] > low.stats_[0]["tau"] + 0.1
 
 
 def test_two_fits_with_one_seed_are_identical(faces_split):

@@ -225,3 +225,4 @@ def test_unsupervised_adaptive_tau_equals_single_process(ray_session, tmp_path, 
         np.testing.assert_array_equal(a, b)
     assert manifest["parameters"]["tau_source"] == "adaptive"
     assert manifest["parameters"]["tau"] == pytest.approx(taus)
+    assert manifest["selected_level"] == est.selected_level_

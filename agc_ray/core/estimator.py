@@ -22,7 +22,7 @@ from sklearn.exceptions import NotFittedError
 from agc_ray import __version__
 from agc_ray.core.calibration import holdout_classes, select_levels
 from agc_ray.core.hierarchy import (
-    adaptive_similarity_threshold, background_rows, build_hierarchy, unsupervised_parents,
+    AdaptiveSchedule, adaptive_similarity_threshold, background_rows, build_hierarchy, unsupervised_parents,
 )
 from agc_ray.core.inference import DECODE_MODES, decode, score_level
 from agc_ray.core.knn import METHODS, knn_graph
@@ -129,6 +129,7 @@ class HiLander(ClusterMixin, BaseEstimator):
         validation_: the validation pass: rows, per-level tau / Fp / Fb / clusters, seconds.
         stats_: per-level counts and timings of the last ``predict_hierarchy`` (kNN, model
             inference, decode, tau). ``predict_hierarchy`` sets it, nothing else.
+        selected_level_: the level of the last ``predict_hierarchy`` that ``predict`` returns.
     """
 
     def __init__(
@@ -330,15 +331,19 @@ class HiLander(ClusterMixin, BaseEstimator):
         """Parents of one level graph and what it took: ``(parent, {"tau", "inference_seconds"})``."""
         tau = self.level_tau(level)
         if self.unsupervised:
-            if tau is None:
-                # Derived once, at level 0 where every node is a row; the levels above compare peaks
-                # on the same similarity scale, and re-deriving there (fewer, farther neighbours)
-                # lowered the threshold until look-alike clusters merged.
-                if level == 0 or self._adaptive_tau is None:
-                    self._adaptive_tau = adaptive_similarity_threshold(
-                        g.sim, g.x_id[background_rows(g.n, self.seed)], seed=self.seed)
-                tau = self._adaptive_tau
-            return unsupervised_parents(g, tau), {"tau": tau}
+            if tau is not None:
+                return unsupervised_parents(g, tau), {"tau": tau}
+            # Level 0's rows fix the table's scale once; the levels above decode peaks on that scale
+            # (re-deriving tau_0 from a level of peaks, whose neighbours are other clusters, merged
+            # look-alikes at once).
+            if level == 0 or self._schedule is None:
+                self._schedule = AdaptiveSchedule(*adaptive_similarity_threshold(
+                    g.sim, g.x_id[background_rows(g.n, self.seed)], seed=self.seed))
+            while True:
+                tau = self._schedule.tau()
+                parent = unsupervised_parents(g, tau)
+                if self._schedule.accept(level, g.n, int((parent >= 0).sum())):
+                    return parent, {"tau": tau}
         t0 = time.perf_counter()
         p, density = score_level(self.model_, g, device=self._torch_device())
         info = {"tau": tau, "inference_seconds": time.perf_counter() - t0}
@@ -355,7 +360,7 @@ class HiLander(ClusterMixin, BaseEstimator):
             )
         torch.manual_seed(self.seed)
         stats, infos = [], []
-        self._adaptive_tau = None
+        self._schedule = None
 
         def decode_level(g, level):
             parent, info = self.decode_level(g, level)
@@ -369,11 +374,18 @@ class HiLander(ClusterMixin, BaseEstimator):
         for level_stats, info in zip(stats, infos):
             level_stats.update(info)
         self.stats_ = stats
+        # Unsupervised with the adaptive thresholds: the last level at tau_0, the table's best guess;
+        # the levels above are coarser options. Otherwise the top level (validated depth, or user's).
+        adaptive = self.unsupervised and self.tau is None
+        self.selected_level_ = min(self._schedule.selected_level, len(levels) - 1) if adaptive else len(levels) - 1
         return levels
 
     def predict(self, X) -> np.ndarray:
-        """The final (coarsest) level's (N,) int64 labels: the level chosen on validation by default."""
-        return self.predict_hierarchy(X)[-1]
+        """The (N,) int64 labels of the selected level (``selected_level_``): the top level, which is
+        the depth chosen on validation when there was one; unsupervised without tau, the last level decoded
+        at the table's own threshold (see :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`)."""
+        levels = self.predict_hierarchy(X)
+        return levels[self.selected_level_]
 
     def fit_predict(self, X, y=None):
         return self.fit(X, y).predict(X)

@@ -309,16 +309,53 @@ def background_similarity(x_sample: np.ndarray, *, seed: int = 0, spread: float 
     return median + spread * 1.4826 * float(np.median(np.abs(sims - median)))
 
 
-def adaptive_similarity_threshold(sim: np.ndarray, x_sample: np.ndarray, *, seed: int = 0) -> float:
-    """Label-free decode threshold: halfway between chance and a typical nearest neighbour.
+#: Share of the gap between a level's threshold and chance that the next level keeps.
+ADAPTIVE_DECAY = 0.7
 
-    ``sim`` (n, k) is the table's level-0 kNN similarities (column 0: each row's nearest neighbour)
-    and ``x_sample`` (m, D) its rows at :func:`background_rows`. Both ends are measured on the table,
-    so the threshold follows its scale (a table whose clusters sit at cosine 0.3 and one at 0.8 get
-    different thresholds) instead of a fixed constant.
+
+def adaptive_similarity_threshold(sim: np.ndarray, x_sample: np.ndarray, *, seed: int = 0) -> tuple[float, float]:
+    """Label-free level-0 threshold of a table and its chance similarity: ``(tau_0, chance)``.
+
+    tau_0 lies halfway between chance (:func:`background_similarity` of ``x_sample``, the table's rows
+    at :func:`background_rows`) and a typical nearest neighbour (median of ``sim[:, 0]``, the level-0
+    kNN similarities). Both ends are measured on the table, so the threshold follows its scale (a
+    table whose clusters sit at cosine 0.3 and one at 0.8 get different thresholds) instead of a
+    fixed constant.
     """
     nearest = np.asarray(sim)[:, 0] if sim.ndim == 2 and sim.shape[1] else np.zeros(1, dtype=np.float32)
-    return float((background_similarity(x_sample, seed=seed) + float(np.median(nearest))) / 2)
+    chance = background_similarity(x_sample, seed=seed)
+    return float((chance + float(np.median(nearest))) / 2), chance
+
+
+class AdaptiveSchedule:
+    """Per-level thresholds of the label-free mode, from the table's ``(tau_0, chance)``.
+
+    Levels decode at tau_0 (the table's best label-free guess) for as long as that still merges at
+    least ``min_merge`` of a level's nodes; the last of them is the selected level. Every level above
+    closes ``1 - decay`` more of the gap to chance (tau_s = chance + (tau_0 - chance) decay^s, s = 1,
+    2, ...), so the hierarchy keeps coarsening, a choice of granularity, and never reaches chance.
+
+    Use: ``tau = schedule.tau()``, decode, then ``schedule.accept(level, nodes, edges)``; False means
+    "too few merges at tau_0: decode this level again at the next ``tau()``".
+    """
+
+    def __init__(self, tau_0: float, chance: float, *, decay: float = ADAPTIVE_DECAY, min_merge: float = 0.01):
+        self.tau_0, self.chance, self.decay, self.min_merge = float(tau_0), float(chance), decay, min_merge
+        self.step = 0
+        self.selected_level = 0
+
+    def tau(self) -> float:
+        return float(self.chance + (self.tau_0 - self.chance) * self.decay**self.step)
+
+    def accept(self, level: int, nodes: int, edges: int) -> bool:
+        if self.step == 0:
+            if edges >= max(1, self.min_merge * nodes):
+                self.selected_level = level
+                return True
+            self.step = 1
+            return False
+        self.step += 1  # the next level goes one step further
+        return True
 
 
 def unsupervised_parents(g: LevelGraph, tau: float) -> np.ndarray:

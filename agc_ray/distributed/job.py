@@ -195,7 +195,7 @@ class Job:
         self.cfg, self.est, self.num_shards = cfg, est, num_shards
         self.timings: dict[str, float] = {}
         self.actors = []
-        self.adaptive_tau = None
+        self.schedule = None  # unsupervised without tau: the adaptive thresholds
 
     def _time(self, stage: str, t0: float) -> float:
         dt = time.perf_counter() - t0
@@ -238,35 +238,40 @@ class Job:
         stats["score_seconds"] = self._time("score", t0)
         t0 = time.perf_counter()
         mode = "sim" if self.est.unsupervised else self.est.decode
-        tau = self.level_tau(level, graph, level_no)
-        stats["tau"] = tau
-        decoded = [lv.shard_decode.remote(s, offs, graph, p[s], tau, mode, *density) for s in range(level.shards)]
         sizes = level.size if level.size is not None else [None] * level.shards
         peak_rows = level.peak_row if level.peak_row is not None else [None] * level.shards
-        result, counts = lv.global_components.remote(
-            level.shards, *[d[0] for d in decoded], *[d[1] for d in decoded], *sizes, *peak_rows
-        )
-        counts = ray.get(counts)
-        stats.update(edges=counts["edges"], clusters=counts["clusters"], decode_seconds=self._time("decode", t0))
+        while True:  # twice at most: the adaptive schedule may step down once (see AdaptiveSchedule)
+            tau = self.level_tau(level, graph, level_no)
+            decoded = [lv.shard_decode.remote(s, offs, graph, p[s], tau, mode, *density) for s in range(level.shards)]
+            result, counts = lv.global_components.remote(
+                level.shards, *[d[0] for d in decoded], *[d[1] for d in decoded], *sizes, *peak_rows
+            )
+            counts = ray.get(counts)
+            if self.schedule is None or self.schedule.accept(level_no, level.n, counts["edges"]):
+                break
+        stats.update(tau=tau, edges=counts["edges"], clusters=counts["clusters"],
+                     decode_seconds=self._time("decode", t0))
         return result, counts
 
     def level_tau(self, level: _Level, graph, level_no: int) -> float:
         """The level's decode threshold: the estimator's (user / validation / default), or in
-        unsupervised mode without tau the core's adaptive one, derived once at level 0 from the same
-        seeded row sample as in a single process (so it does not depend on the shard count)."""
+        unsupervised mode without tau the core's :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`,
+        set up at level 0 from the same seeded row sample as in a single process (so it does not
+        depend on the shard count)."""
         import ray
 
         tau = self.est.level_tau(level_no)
         if tau is not None:
             return tau
-        if self.adaptive_tau is None:
-            from agc_ray.core.hierarchy import background_rows
+        if self.schedule is None:
+            from agc_ray.core.hierarchy import AdaptiveSchedule, background_rows
             from agc_ray.distributed.knn import _gather
 
             sample = _gather.remote(level.offsets, background_rows(level.n, self.est.seed), *level.x_id)
-            self.adaptive_tau = ray.get(lv.adaptive_tau.remote(graph, sample, self.est.seed))
-            log.info("unsupervised: adaptive similarity threshold %.4f", self.adaptive_tau)
-        return self.adaptive_tau
+            tau_0, chance = ray.get(lv.adaptive_tau.remote(graph, sample, self.est.seed))
+            self.schedule = AdaptiveSchedule(tau_0, chance)
+            log.info("unsupervised: adaptive similarity threshold %.4f (chance %.4f)", tau_0, chance)
+        return self.schedule.tau()
 
     def aggregate(self, level: _Level, result, clusters: int) -> _Level:
         """Next level's node shards from this level's clusters."""
@@ -450,6 +455,8 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         "timings": timings | {f"{k}_seconds": v for k, v in job.timings.items()},
         "levels": levels_out,
         "cluster_counts": [e["stats"]["clusters"] for e in kept],
+        "selected_level": (len(kept) - 1 if job.schedule is None
+                           else min(job.schedule.selected_level, len(kept) - 1)),
         "stop_reason": stop,
         "next_cluster_ids": counters,
     }

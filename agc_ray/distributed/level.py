@@ -231,8 +231,8 @@ def local_roots(parent: np.ndarray, lo: int, hi: int) -> np.ndarray:
 
 
 @lazy_remote(num_cpus=0.5)
-def adaptive_tau(graph, x_sample, seed: int) -> float:
-    """The core's label-free threshold of a level from its whole graph and its seeded row sample."""
+def adaptive_tau(graph, x_sample, seed: int) -> tuple[float, float]:
+    """The core's label-free ``(tau_0, chance)`` of a table from its level-0 graph and seeded row sample."""
     from agc_ray.core.hierarchy import adaptive_similarity_threshold
 
     return adaptive_similarity_threshold(graph[1], x_sample, seed=seed)
