@@ -50,9 +50,8 @@ def clustering_score(y: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def select_levels(
-    x: np.ndarray,
-    y: np.ndarray,
-    scored_rows: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
     score_level: Callable[[LevelGraph], tuple],
     decode: Callable[..., np.ndarray],
     *,
@@ -66,11 +65,9 @@ def select_levels(
     """Per-level tau and the number of levels that maximise the validation score, greedily.
 
     Args:
-        x, y: (N, D) labelled rows and their (N,) classes: the held-out ones and the training ones.
-        scored_rows: (N,) bool, the held-out rows, on which alone the clusterings are scored. The
-            hierarchy runs over all N rows so that the held-out rows meet as many confusable
-            neighbours as in a table of the training table's size: on a held-out split alone (a
-            fifth of the rows) kNN lists are cleaner, and the taus chosen there over-merged at test.
+        x_val, y_val: (N, D) held-out rows and their (N,) classes. (Running the hierarchy over the
+            training rows too, as confusers, scored only on these, was worse: the model recognises
+            its training identities, so held-out rows still clustered as in a small table.)
         score_level: ``score_level(graph) -> (p, density)`` of one level graph (the model's scores).
         decode: ``decode(p, density, nbr, sim, tau=...) -> parent`` (the estimator's decode mode).
         k, max_levels, knn: the hierarchy's settings (as in :func:`build_hierarchy`).
@@ -81,10 +78,9 @@ def select_levels(
     "rows": N, "seconds": s}`` with L = len(taus) >= 1.
     """
     t0 = time.perf_counter()
-    n = x.shape[0]
-    y_val = y[scored_rows]
+    n = x_val.shape[0]
     node_of_row = np.arange(n, dtype=np.int64)
-    best_so_far = clustering_score(y_val, node_of_row[scored_rows])["score"]  # all singletons
+    best_so_far = clustering_score(y_val, node_of_row)["score"]  # all singletons
     chosen: list[dict] = []
 
     def decode_level(g: LevelGraph, level: int) -> np.ndarray:
@@ -97,7 +93,7 @@ def select_levels(
                 continue
             comp, peaks = forest_components(parent)
             rows = comp[node_of_row]
-            s = clustering_score(y_val, rows[scored_rows])
+            s = clustering_score(y_val, rows)
             tried.append((s | {"tau": tau, "clusters": int(peaks.size)}, parent, rows))
         best = None
         if tried:
@@ -118,8 +114,8 @@ def select_levels(
                  best[0]["fp"], best[0]["fb"], best[0]["clusters"])
         return best[1]
 
-    build_hierarchy(x, decode_level, k=k, levels=max_levels, early_stop=False, knn=knn)
+    build_hierarchy(x_val, decode_level, k=k, levels=max_levels, early_stop=False, knn=knn)
     if not chosen:  # nothing links at any tau: keep the most conservative threshold
         chosen.append({"level": 0, "tau": grid[-1], "fp": 0.0, "fb": 0.0, "score": 0.0, "clusters": n})
-    return {"taus": [c["tau"] for c in chosen], "levels": len(chosen), "scores": chosen, "rows": int(scored_rows.sum()),
+    return {"taus": [c["tau"] for c in chosen], "levels": len(chosen), "scores": chosen, "rows": int(n),
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -95,8 +95,8 @@ class HiLander(ClusterMixin, BaseEstimator):
         k: neighbours per node in every level's kNN graph (not counting the node).
         tau: decode threshold on the edge probability ('prob') or similarity ('sim') at every level.
             None (default): supervised, the per-level thresholds chosen on the validation identities
-            in ``fit`` (``taus_``); unsupervised, each level's threshold derived from its own kNN
-            similarities (:func:`~agc_ray.core.hierarchy.adaptive_similarity_threshold`).
+            in ``fit`` (``taus_``) or 0.9 without validation; unsupervised, the table's own
+            thresholds (:class:`~agc_ray.core.hierarchy.AdaptiveSchedule`, set up at level 0).
         levels: maximum number of hierarchy levels. None (default): the number chosen on validation
             (``n_levels_``: the last level that still improved the held-out score), else 10.
         epochs: training epochs over all ground-truth level graphs.
@@ -269,7 +269,7 @@ class HiLander(ClusterMixin, BaseEstimator):
         with deterministic_training(self._torch_device()):
             self._train(x_train, y_train)
         if val.any():
-            self._validate(X[val], y[val], np.ones(int(val.sum()), dtype=bool))
+            self._validate(X[val], y[val])
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -298,19 +298,19 @@ class HiLander(ClusterMixin, BaseEstimator):
             )
         self.model_ = model.cpu().eval()
 
-    def _validate(self, X, y, val) -> None:
-        """Choose ``taus_`` and ``n_levels_`` on the held-out classes ``val`` of X (see
+    def _validate(self, x_val, y_val) -> None:
+        """Choose ``taus_`` and ``n_levels_`` on held-out classes (see
         :func:`agc_ray.core.calibration.select_levels`)."""
         device = self._torch_device()
         self.validation_ = select_levels(
-            X, y, val,
+            x_val, y_val,
             lambda g: score_level(self.model_, g, device=device),
             lambda p, density, nbr, sim, tau: decode(p, density, nbr, sim, tau=tau, mode=self.decode),
             k=self.k, max_levels=self.levels or DEFAULT_LEVELS, knn=self._knn,
         )
         self.taus_, self.n_levels_ = self.validation_["taus"], self.validation_["levels"]
         log.info("validation (%d rows): tau per level %s, %d level(s), Fp %.4f Fb %.4f, %.1fs",
-                 int(val.sum()), self.taus_, self.n_levels_, self.validation_["scores"][-1]["fp"],
+                 x_val.shape[0], self.taus_, self.n_levels_, self.validation_["scores"][-1]["fp"],
                  self.validation_["scores"][-1]["fb"], self.validation_["seconds"])
 
     def _knn(self, feats):
