@@ -168,16 +168,16 @@ def test_existing_output_refused_then_replaced(ray_session, tmp_path, job_table,
 
 
 def test_failure_before_commit_keeps_previous_output(ray_session, tmp_path, job_table, job_model, monkeypatch):
-    from agc_ray.distributed import io
+    from agc_ray.distributed import commit
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.json").write_text('{"status": "previous"}')
 
-    def crash(self):
+    def crash(*args):
         raise RuntimeError("simulated crash during the commit")
 
-    monkeypatch.setattr(io.Output, "_commit_local", crash)
+    monkeypatch.setattr(commit, "replace_local_dir", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(job_table, out, job_model, max_levels=1, overwrite=True)
     assert json.loads((out / "manifest.json").read_text()) == {"status": "previous"}

@@ -1,14 +1,19 @@
-"""The output's commit recovery (no Ray): local renames undone, S3 markers checked."""
+"""The output's commit (no Ray): recovery (local renames undone, S3 markers checked) and conflict detection.
+
+Two runs on one output are two :class:`io.Output` objects that both ``check()`` before either commits:
+the interleaving that overlapping scheduled runs produce, made deterministic.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.fs as pafs
 import pytest
 from _job_fixtures import s3_endpoint  # noqa: F401
 
-from agc_ray.distributed import io
+from agc_ray.distributed import commit, io
 from agc_ray.distributed.errors import InputError
 
 
@@ -27,7 +32,9 @@ def test_local_leftover_after_a_finished_commit_is_removed(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "manifest.json").write_text("{}")
     (tmp_path / ".out.old-0123456789ab").mkdir()
-    io.Output(str(tmp_path / "out"), overwrite=True).check()
+    run = io.Output(str(tmp_path / "out"), overwrite=True)
+    run.check()
+    run.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -41,6 +48,7 @@ def bucket(s3_endpoint):
 
 
 def _put(fs, path, text):
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
 
@@ -59,3 +67,120 @@ def test_s3_marker_without_staging_is_dropped(bucket):
     with pytest.raises(InputError, match="exists and is not empty"):
         io.Output("s3://commit/run2", overwrite=False).check()
     assert bucket.get_file_info("commit/run2/" + io.COMMIT_MARKER).type == pafs.FileType.NotFound
+
+
+# -- conflicts ------------------------------------------------------------------------------------
+def _stage(run: io.Output, text: str) -> None:
+    _put(run.fs, run.staged("assignments", "level=0", "part-00000.parquet"), text)
+
+
+def _commit(run: io.Output, text: str, require=()) -> None:
+    _stage(run, text)
+    run.commit({"status": "succeeded", "run": run.run_info(), "text": text}, require)
+
+
+def _files(fs, path) -> dict:
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    out = {}
+    for i in infos:
+        if i.type == pafs.FileType.File:
+            with fs.open_input_stream(i.path) as f:
+                out[i.path[len(path):]] = f.read()
+    return out
+
+
+def _overlap(uri: str, overwrite: bool):
+    """Two runs that both saw the output as it was; the first commits. Returns (winner, loser, error)."""
+    first, second = io.Output(uri, overwrite), io.Output(uri, overwrite)
+    first.check()
+    second.check()
+    _commit(first, "first")
+    with pytest.raises(commit.OutputConflict) as err:
+        try:
+            _commit(second, "second")
+        except BaseException:
+            second.abort()
+            raise
+    return first, second, str(err.value)
+
+
+def _conflict_cases(root: str, fs, path_of):
+    """Fresh output, then both runs with --overwrite over an existing output: exactly the winner's stays."""
+    for case, overwrite in (("fresh", False), ("existing", True)):
+        uri = f"{root}/{case}"
+        if overwrite:
+            old = io.Output(uri, False)
+            old.check()
+            _commit(old, "old")
+        winner, loser, message = _overlap(uri, overwrite)
+        assert winner.run_id in message and winner.started in message and "not committed" in message
+        assert _files(fs, path_of(uri)) == {"/assignments/level=0/part-00000.parquet": b"first",
+                                            "/manifest.json": _files(fs, path_of(uri))["/manifest.json"]}
+        manifest = json.loads(_files(fs, path_of(uri))["/manifest.json"])
+        assert manifest["run"]["id"] == winner.run_id and manifest["text"] == "first"
+        assert fs.get_file_info(loser.staging).type == pafs.FileType.NotFound
+
+
+def test_local_overlapping_runs_exactly_one_commits(tmp_path):
+    _conflict_cases(str(tmp_path), pafs.LocalFileSystem(), lambda uri: uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "fresh"]  # no staging, no old copies
+
+
+def test_s3_overlapping_runs_exactly_one_commits(bucket):
+    _conflict_cases("s3://commit/conflict", bucket, lambda uri: uri[len("s3://"):])
+    left = [i.path for i in bucket.get_file_info(pafs.FileSelector("commit/conflict", recursive=True))]
+    assert not [p for p in left if ".staging-" in p or io.COMMIT_MARKER in p]
+
+
+def test_s3_commit_in_flight_is_a_conflict(bucket):
+    run = io.Output("s3://commit/inflight", overwrite=True)
+    run.check()
+    # another run holds the commit marker (it is copying its files now)
+    _put(bucket, "commit/inflight/" + io.COMMIT_MARKER,
+         json.dumps({"staging": "commit/.inflight.staging-other", "run_id": "other", "started": "2026-01-01T00:00:00Z"}))
+    with pytest.raises(commit.OutputConflict, match="being committed by run other"):
+        _commit(run, "mine")
+    run.abort()
+    assert bucket.get_file_info("commit/inflight/manifest.json").type == pafs.FileType.NotFound
+
+
+def test_previous_changed_meanwhile_is_a_conflict(tmp_path):
+    prev = io.Output(str(tmp_path / "prev"), False)
+    prev.check()
+    _commit(prev, "v1")
+    seen = commit.observe(pafs.LocalFileSystem(), str(tmp_path / "prev"))
+    assert seen.run_id == prev.run_id
+    run = io.Output(str(tmp_path / "out"), False)
+    run.check()
+    newer = io.Output(str(tmp_path / "prev"), True)  # the previous output is replaced meanwhile
+    newer.check()
+    _commit(newer, "v2")
+    require = ((pafs.LocalFileSystem(), str(tmp_path / "prev"), seen, "--previous prev"),)
+    with pytest.raises(commit.OutputConflict, match=f"--previous prev changed.*run {newer.run_id}"):
+        _commit(run, "mine", require)
+    run.abort()
+    assert not (tmp_path / "out").exists()
+
+
+def test_unchanged_output_commits_with_overwrite(tmp_path):
+    first = io.Output(str(tmp_path / "out"), False)
+    first.check()
+    _commit(first, "first")
+    second = io.Output(str(tmp_path / "out"), True)
+    second.check()
+    _commit(second, "second")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["run"]["id"] == second.run_id
+
+
+def test_dead_runs_staging_is_removed_and_live_runs_kept(tmp_path):
+    dead = tmp_path / ".out.staging-deadbeef0000"
+    (dead / "assignments").mkdir(parents=True)  # a killed run's: nobody holds it
+    live = io.Output(str(tmp_path / "out"), False)
+    live.check()  # holds its staging while it runs
+    other = io.Output(str(tmp_path / "out"), False)
+    other.check()
+    assert not dead.exists()
+    assert os.path.isdir(live.staging) and os.path.isdir(other.staging)
+    live.abort()
+    other.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

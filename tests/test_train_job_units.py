@@ -82,3 +82,27 @@ def test_config_validation_names_the_flag(field, value, message):
     cfg = TrainJobConfig(**{"input": "t.parquet", "output": "m", field: value})
     with pytest.raises(InputError, match=message):
         cfg.validate()
+
+
+def test_model_dir_replaced_meanwhile_is_a_conflict(tmp_path):
+    from agc_ray.core.lander import Lander
+    from agc_ray.distributed.commit import OutputConflict
+    from agc_ray.distributed.train import check_output, write_model_dir
+
+    cfg = TrainJobConfig(input="unused", output=str(tmp_path / "model"), overwrite=True, hidden_channels=8)
+    model = Lander(4, cfg.k, hidden_channels=8, edge_channels=cfg.edge_channels, conv=cfg.conv, dropout=cfg.dropout)
+    state = {"model": model.state_dict(), "history": []}
+    (tmp_path / ".model.staging-0123456789ab").mkdir()  # a killed run's staging: removed by the next check
+    loser_saw, winner_saw = check_output(cfg), check_output(cfg)  # two runs start on an empty output
+    assert not (tmp_path / ".model.staging-0123456789ab").exists()
+    winner = {"run": {"id": "winner", "started": "2026-12-01T00:00:00Z"}}
+    write_model_dir(cfg, state, 4, winner, winner_saw)
+    with pytest.raises(OutputConflict, match=r"run winner \(started 2026-12-01T00:00:00Z\)"):
+        write_model_dir(cfg, state, 4, {"run": {"id": "loser", "started": "2026-12-01T00:00:01Z"}}, loser_saw)
+    import json
+
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["training"]["run"]["id"] == "winner"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a run that saw the winner's directory replaces it
+    write_model_dir(cfg, state, 4, {"run": {"id": "next", "started": "2026-12-01T00:00:02Z"}}, check_output(cfg))
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["training"]["run"]["id"] == "next"

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from agc_ray.distributed import commit as commit_
 from agc_ray.distributed.errors import InputError
 from agc_ray.distributed.remote import lazy_remote
 
@@ -374,25 +375,50 @@ _normalize = lazy_remote(_normalize_impl, num_cpus=0.5)
 
 # -- output ----------------------------------------------------------------------------------------------
 class Output:
-    """An output location with a staging prefix beside it and an atomic-as-possible commit."""
+    """An output location with a staging prefix beside it, an atomic-as-possible commit and conflict detection.
+
+    :meth:`check` (at the start) records the output's version; :meth:`commit` (at the end) replaces the
+    output only if it still has that version (and each ``require`` location too), else raises
+    :class:`~agc_ray.distributed.commit.OutputConflict`. See :mod:`agc_ray.distributed.commit`.
+    """
 
     def __init__(self, uri: str, overwrite: bool):
         self.uri = uri.rstrip("/")
         self.fs, self.path = filesystem_for(self.uri)
         self.overwrite = overwrite
         self.run_id = uuid.uuid4().hex[:12]
+        self.started = commit_.utc_now()
         parent, name = posixpath.split(self.path)
         self.staging = posixpath.join(parent, f".{name}.staging-{self.run_id}")
         self.committing = False
+        self.seen: commit_.Version | None = None
+        self._staging_lock = None
+
+    @property
+    def local(self) -> bool:
+        return self.fs.type_name == "local"
+
+    def run_info(self) -> dict:
+        """This run's identity, written into its manifest (what a losing run's conflict message names)."""
+        return {"id": self.run_id, "started": self.started}
 
     def check(self) -> None:
-        """Refuse an existing non-empty output unless ``overwrite`` (InputError)."""
+        """Refuse an existing non-empty output unless ``overwrite`` (InputError); record its version."""
         if self.fs.type_name == "s3" and "/" not in self.path:
             raise InputError(f"output {self.uri} must be a prefix inside a bucket (s3://bucket/prefix)")
-        if self.fs.type_name == "local":
-            self._restore_local()
+        if self.local:
+            with commit_.local_lock(self.path):
+                commit_.restore_local(self.path, "output")
+                parent, name = posixpath.split(self.path)
+                for dead in commit_.remove_dead_staging(posixpath.join(parent, f".{name}.staging-*")):
+                    log.info("removed the staging directory of a run that died: %s", dead)
+                self._staging_lock = commit_.StagingLock(self.staging)
+                self._check_existing()
         else:
             self.recover()
+            self._check_existing()
+
+    def _check_existing(self) -> None:
         try:
             info = self.fs.get_file_info(self.path)
             if info.type == pafs.FileType.File:
@@ -404,7 +430,10 @@ class Output:
                 bucket = self.path.split("/", 1)[0]
                 if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                     raise InputError(f"output bucket s3://{bucket} does not exist")
+            self.seen = commit_.observe(self.fs, self.path)
         except (OSError, ValueError) as e:
+            if isinstance(e, InputError):
+                raise
             raise InputError(f"cannot access output {self.uri}: {_one_line(e)}") from e
         if non_empty and not self.overwrite:
             raise InputError(f"output {self.uri} exists and is not empty (pass --overwrite to replace it)")
@@ -412,48 +441,70 @@ class Output:
     def staged(self, *parts: str) -> str:
         return posixpath.join(self.staging, *parts)
 
-    def commit(self, manifest: dict) -> None:
-        """Write the manifest into staging, then replace the output with the staging prefix."""
+    def commit(self, manifest: dict, require: tuple = ()) -> None:
+        """Write the manifest into staging, then replace the output with the staging prefix.
+
+        Args:
+            manifest: the run's manifest (JSON-serialisable).
+            require: ``(filesystem, path, version, what)`` of other locations that must still have the
+                version this run read (``--previous``); checked with the output's own version.
+
+        Raises:
+            OutputConflict: the output (or a ``require`` location) changed since :meth:`check`.
+        """
+        if self.seen is None:
+            raise RuntimeError("Output.check() must run before commit()")
         with self.fs.open_output_stream(self.staged("manifest.json")) as f:
             f.write(json.dumps(manifest, indent=2, default=str).encode())
-        if self.fs.type_name == "local":
-            self._commit_local()
+        if self.local:
+            with commit_.local_lock(self.path):
+                self._require_unchanged(require)
+                commit_.replace_local_dir(self.staging, self.path, self.run_id)
+            self._release_staging()
         else:
-            self._commit_copy()
+            self._commit_copy(require)
 
-    def _commit_local(self) -> None:
-        import os
-        import shutil
+    def _require_unchanged(self, require: tuple) -> None:
+        commit_.require_unchanged(self.seen, commit_.observe(self.fs, self.path), f"output {self.uri}")
+        for fs, path, seen, what in require:
+            commit_.require_unchanged(seen, commit_.observe(fs, path), what)
 
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        old = None
-        if os.path.lexists(self.path):
-            old = f"{os.path.dirname(self.path)}/.{os.path.basename(self.path)}.old-{self.run_id}"
-            os.replace(self.path, old)
-        try:
-            os.replace(self.staging, self.path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, self.path)  # put the previous output back
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _commit_copy(self) -> None:
+    def _commit_copy(self, require: tuple) -> None:
         # Object stores have no rename. The commit point is manifest.json: a `_COMMITTING` marker naming
-        # the (complete) staging prefix is written first, then the old manifest is removed, the new files
-        # are copied over the old ones (stale old files removed), the manifest is copied last and the
-        # marker and staging are removed. A crash in between leaves no manifest, the old files until
-        # they are replaced, and the marker; the next run on this output finishes the commit first
-        # (:meth:`recover`), so the result of a finished run is never lost.
+        # the (complete) staging prefix is created first, with a conditional write that fails if another
+        # run's marker is there (so one run commits at a time), the versions are checked, then the old
+        # manifest is removed, the new files are copied over the old ones (stale old files removed), the
+        # manifest is copied last and the marker and staging are removed. A crash in between leaves no
+        # manifest, the old files until they are replaced, and the marker; the next run on this output
+        # finishes the commit first (:meth:`recover`), so the result of a finished run is never lost.
         fs = self.fs
+        marker = posixpath.join(self.path, COMMIT_MARKER)
+        self._require_unchanged(require)  # the common conflict, found before touching the output
         fs.create_dir(self.path, recursive=True)
-        with fs.open_output_stream(posixpath.join(self.path, COMMIT_MARKER)) as f:
-            f.write(json.dumps({"staging": self.staging, "run_id": self.run_id}).encode())
+        doc = {"staging": self.staging, "run_id": self.run_id, "started": self.started}
+        if not commit_.create_if_absent(marker, json.dumps(doc).encode()):
+            raise commit_.OutputConflict(
+                f"output {self.uri} is being committed by {self._marker_owner(marker)} (its {COMMIT_MARKER} "
+                f"marker appeared after this run started); this run's result was not committed (rerun to work "
+                f"from the new output)"
+            )
+        try:
+            self._require_unchanged(require)
+        except commit_.OutputConflict:
+            fs.delete_file(marker)
+            raise
         self.committing = True  # from here on the staging prefix is what a recovery copies: keep it
         _copy_over(fs, self.staging, self.path)
         self.committing = False
         self.abort()
+
+    def _marker_owner(self, marker: str) -> str:
+        try:
+            with self.fs.open_input_stream(marker) as f:
+                doc = json.loads(f.read())
+            return f"run {doc.get('run_id')} (started {doc.get('started')})"
+        except (OSError, ValueError, AttributeError):
+            return "another run"
 
     def recover(self) -> None:
         """Finish a commit that a crash interrupted (object stores), or drop a stale marker."""
@@ -478,21 +529,10 @@ class Output:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"cannot recover the interrupted commit of {self.uri} ({COMMIT_MARKER}): {_one_line(e)}") from e
 
-    def _restore_local(self) -> None:
-        """Undo a kill between the two renames of a local commit (the previous output put back)."""
-        import glob
-        import os
-        import shutil
-
-        olds = sorted(glob.glob(os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.old-*")))
-        if not olds:
-            return
-        if not os.path.lexists(self.path) and len(olds) == 1:
-            log.warning("output %s: restoring the previous output that an interrupted commit moved aside", self.uri)
-            os.replace(olds[0], self.path)
-        elif os.path.lexists(self.path):  # the commit finished; only the clean-up was cut short
-            for old in olds:
-                shutil.rmtree(old, ignore_errors=True)
+    def _release_staging(self) -> None:
+        if self._staging_lock is not None:
+            self._staging_lock.release()
+            self._staging_lock = None
 
     def abort(self) -> None:
         """Remove the staging prefix (best effort), unless an interrupted commit still needs it."""
@@ -505,6 +545,8 @@ class Output:
                 self.fs.delete_dir(self.staging)
         except OSError as e:  # pragma: no cover - best effort
             log.warning("could not remove staging %s: %s", display(self.fs, self.staging), e)
+        finally:
+            self._release_staging()
 
 
 COMMIT_MARKER = "_COMMITTING"

@@ -317,33 +317,37 @@ def run_job(cfg: JobConfig) -> dict:
     validate_config(cfg)
     est = load_estimator(cfg)
     output = io.Output(cfg.output, cfg.overwrite)
-    output.check()
-    t0 = time.perf_counter()
-    fs, files = io.resolve_input(cfg.input)
-    schema = io.check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column, default_label="label")
-    _check_dim(est, schema.dim, cfg)
-    num_shards = cfg.num_shards or default_num_shards()
-    log.info("input: %d rows in %d file(s), %d shards", schema.rows, len(files), num_shards)
-    previous = None
-    if cfg.previous:
-        from agc_ray.distributed.stable import open_previous
-
-        previous = open_previous(cfg.previous, schema.schema.field(schema.id_column).type)
-    rows = io.read_shards(fs, schema, num_shards)
-    _check_dim(est, rows.dim, cfg)
-    timings = {"read_seconds": time.perf_counter() - t0}
-    log.info("read + validate: %d rows, dimension %d, %.1fs", rows.n, rows.dim, timings["read_seconds"])
-
-    job = Job(cfg, est, num_shards)
+    output.check()  # records the output's version; from here on a failure removes this run's staging
+    job = None
     try:
+        t0 = time.perf_counter()
+        fs, files = io.resolve_input(cfg.input)
+        schema = io.check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column, default_label="label")
+        _check_dim(est, schema.dim, cfg)
+        num_shards = cfg.num_shards or default_num_shards()
+        log.info("input: %d rows in %d file(s), %d shards", schema.rows, len(files), num_shards)
+        previous = None
+        if cfg.previous:
+            from agc_ray.distributed.stable import open_previous
+
+            previous = open_previous(cfg.previous, schema.schema.field(schema.id_column).type)
+        rows = io.read_shards(fs, schema, num_shards)
+        _check_dim(est, rows.dim, cfg)
+        timings = {"read_seconds": time.perf_counter() - t0}
+        log.info("read + validate: %d rows, dimension %d, %.1fs", rows.n, rows.dim, timings["read_seconds"])
+
+        job = Job(cfg, est, num_shards)
         manifest = _run_levels(job, cfg, est, output, fs, files, schema, rows, timings, previous)
         job.close()
         t0 = time.perf_counter()
         manifest["timings"]["total_seconds"] = time.perf_counter() - t_start
         _write_report(output, manifest)
-        output.commit(manifest)
+        # the output and the previous output must still be what this run saw when it started
+        require = () if previous is None else ((previous.fs, previous.path, previous.version, f"--previous {previous.uri}"),)
+        output.commit(manifest, require)
     except BaseException:
-        job.close()
+        if job is not None:
+            job.close()
         output.abort()
         raise
     log.info("committed %s (%.1fs)", cfg.output, time.perf_counter() - t0)
@@ -439,11 +443,13 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         levels_out.append(item)
     return {
         "status": "succeeded",
+        "run": output.run_info(),
         "input": {"path": cfg.input, "files": len(files), "rows": rows.n, "dimension": rows.dim,
                   "id_column": schema.id_column, "embedding_column": schema.embedding_column,
                   "label_column": schema.label_column},
         "output": cfg.output,
-        "previous": None if previous is None else {"path": previous.uri, "levels": previous.levels},
+        "previous": None if previous is None else {"path": previous.uri, "levels": previous.levels,
+                                                    "run_id": previous.version.run_id},
         "parameters": {"k": est.k, "tau": [e["stats"]["tau"] for e in kept], "tau_source": _tau_source(est),
                        "max_levels": est.max_levels(), "knn": est.knn, "decode": est.decode,
                        "early_stop": est.early_stop, "seed": est.seed, "num_shards": job.num_shards,

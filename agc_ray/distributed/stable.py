@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from agc_ray.distributed import io
+from agc_ray.distributed.commit import Version, version_of
 from agc_ray.distributed.errors import InputError
 from agc_ray.distributed.remote import lazy_remote
 
@@ -37,6 +38,7 @@ class PreviousOutput:
     path: str
     manifest: dict
     levels: int
+    version: Version  # what this run read; the commit requires it unchanged
 
     def counters(self) -> list[int]:
         """Per level, the first id never issued (older manifests: the level's cluster count)."""
@@ -52,7 +54,8 @@ def open_previous(uri: str, id_type: pa.DataType) -> PreviousOutput:
     manifest_path = posixpath.join(path, "manifest.json")
     try:
         with fs.open_input_stream(manifest_path) as f:
-            manifest = json.loads(f.read())
+            data = f.read()
+        manifest = json.loads(data)
     except FileNotFoundError:
         hint = ""
         if _exists(fs, posixpath.join(path, io.COMMIT_MARKER)):
@@ -85,7 +88,7 @@ def open_previous(uri: str, id_type: pa.DataType) -> PreviousOutput:
             raise InputError(f"{whose} uint64 ids: cast them to int64 or string to match runs")
     if _id_kind(prev_type) != _id_kind(id_type):
         raise InputError(f"--previous {uri} has {prev_type} ids, this input has {id_type} ids")
-    return PreviousOutput(uri, fs, path, manifest, levels)
+    return PreviousOutput(uri, fs, path, manifest, levels, version_of(data))
 
 
 def _exists(fs, path: str) -> bool:

@@ -43,10 +43,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
+import pyarrow.fs as pafs
 
 from agc_ray.core.calibration import holdout_classes as split_by_class  # one implementation: the core's
 from agc_ray.core.validation import check_param
+from agc_ray.distributed.commit import (
+    StagingLock, Version, local_lock, observe, remove_dead_staging, replace_local_dir, require_unchanged, restore_local,
+    utc_now,
+)
 from agc_ray.distributed.errors import InputError, find_input_error  # shared with the clustering job
 
 log = logging.getLogger("agc_ray")
@@ -663,8 +669,6 @@ def storage_location(cfg: TrainJobConfig) -> tuple[str, str]:
 
 
 def _run_has_checkpoints(storage: str, run_name: str) -> bool:
-    import pyarrow.fs as pafs
-
     try:
         fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
         info = fs.get_file_info(f"{root.rstrip('/')}/{run_name}/checkpoint_manager_snapshot.json")
@@ -673,20 +677,30 @@ def _run_has_checkpoints(storage: str, run_name: str) -> bool:
     return info.type == pafs.FileType.File
 
 
-def check_output(cfg: TrainJobConfig) -> None:
-    """Refuse an existing non-empty MODEL_DIR unless ``overwrite``."""
-    out = Path(cfg.output)
+def check_output(cfg: TrainJobConfig) -> Version:
+    """Refuse an existing non-empty MODEL_DIR unless ``overwrite``; return the version seen (its config.json).
+
+    A commit that a kill cut short between its two renames is undone first, and the staging
+    directories of dead runs are removed.
+    """
+    out = Path(cfg.output).absolute()
+    with local_lock(str(out)):
+        restore_local(str(out), "--output")
+        remove_dead_staging(str(out.parent / f".{out.name}.staging-*"))
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {cfg.output} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise InputError(f"--output {cfg.output} exists and is not empty; pass --overwrite to replace it")
+    return observe(pafs.LocalFileSystem(), str(out), "config.json")
 
 
-def write_model_dir(cfg: TrainJobConfig, state: dict, dim: int, training: dict) -> Path:
+def write_model_dir(cfg: TrainJobConfig, state: dict, dim: int, training: dict, seen: Version | None = None) -> Path:
     """Write MODEL_DIR atomically: ``HiLander.save`` into a sibling staging dir, then rename.
 
-    ``config.json`` gets a ``training`` block (fingerprint, epochs, metrics, resumes); weights are a
-    plain state dict (``weights_only=True`` loads them).
+    ``config.json`` gets a ``training`` block (fingerprint, epochs, metrics, resumes, this run's id);
+    weights are a plain state dict (``weights_only=True`` loads them). ``seen`` is the version that
+    :func:`check_output` returned: the directory is replaced only if it is still that version
+    (:class:`~agc_ray.distributed.commit.OutputConflict` otherwise; None: not checked).
     """
     from agc_ray.core.estimator import CONFIG_FILE, HiLander
     from agc_ray.core.lander import Lander
@@ -700,20 +714,20 @@ def write_model_dir(cfg: TrainJobConfig, state: dict, dim: int, training: dict) 
     est.model_, est.n_features_in_, est.history_ = model.eval(), dim, state["history"]
     out = Path(cfg.output).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
+    run_id = training.get("run", {}).get("id") or uuid.uuid4().hex[:12]
+    staging = out.parent / f".{out.name}.staging-{run_id}"
+    lock = StagingLock(str(staging))  # the next run removes it only once this process is gone
     try:
         est.save(staging)
         config = json.loads((staging / CONFIG_FILE).read_text())
         config["training"] = training
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with local_lock(str(out)):
+            if seen is not None:
+                require_unchanged(seen, observe(pafs.LocalFileSystem(), str(out), CONFIG_FILE), f"--output {cfg.output}")
+            replace_local_dir(str(staging), str(out), run_id)
     finally:
+        lock.release()
         shutil.rmtree(staging, ignore_errors=True)
     return out
 
@@ -731,7 +745,8 @@ def run_training(cfg: TrainJobConfig, *, fault: dict | None = None) -> dict:
 
     t_start = time.perf_counter()
     cfg.validate()
-    check_output(cfg)
+    run = {"id": uuid.uuid4().hex[:12], "started": utc_now()}
+    seen = check_output(cfg)
     check_cluster_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
     storage, run_name = storage_location(cfg)
     exists = _run_has_checkpoints(storage, run_name)
@@ -792,6 +807,7 @@ def run_training(cfg: TrainJobConfig, *, fault: dict | None = None) -> dict:
         raise RuntimeError(f"final checkpoint {result.checkpoint.path} is not this run's last epoch ({meta})")
     last = state["history"][-1]
     training = {
+        "run": run,
         "input": cfg.input,
         "data_fingerprint": summary["fingerprint"],
         "rows": summary["n_rows"],
@@ -811,7 +827,7 @@ def run_training(cfg: TrainJobConfig, *, fault: dict | None = None) -> dict:
         "fit_seconds": fit_seconds,
         "ray_version": ray.__version__,
     }
-    path = write_model_dir(cfg, state, summary["dim"], training)
+    path = write_model_dir(cfg, state, summary["dim"], training, seen)
     training["output"] = str(path)
     training["total_seconds"] = time.perf_counter() - t_start
     log.info("model written to %s (%.1fs in all)", path, training["total_seconds"])
