@@ -25,7 +25,7 @@ def test_local_commit_killed_between_renames_is_undone(tmp_path):
     with pytest.raises(InputError, match="exists and is not empty"):
         io.Output(str(tmp_path / "out"), overwrite=False).check()
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "succeeded"
-    assert not aside.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing aside, no staging of the refused run
 
 
 def test_local_leftover_after_a_finished_commit_is_removed(tmp_path):
@@ -184,3 +184,15 @@ def test_dead_runs_staging_is_removed_and_live_runs_kept(tmp_path):
     live.abort()
     other.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_s3_commit_removes_superseded_staging(bucket):
+    killed = io.Output("s3://commit/sched/out", overwrite=True)
+    killed.check()
+    _stage(killed, "killed")  # a run killed before its commit: nothing can tell it is dead
+    run = io.Output("s3://commit/sched/out", overwrite=True)
+    run.check()
+    _commit(run, "next")
+    left = [i.path for i in bucket.get_file_info(pafs.FileSelector("commit/sched", recursive=True))]
+    assert not [p for p in left if ".staging-" in p]
+    assert json.loads(_files(bucket, "commit/sched/out")["/manifest.json"])["run"]["id"] == run.run_id

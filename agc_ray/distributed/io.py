@@ -412,8 +412,8 @@ class Output:
                 parent, name = posixpath.split(self.path)
                 for dead in commit_.remove_dead_staging(posixpath.join(parent, f".{name}.staging-*")):
                     log.info("removed the staging directory of a run that died: %s", dead)
-                self._staging_lock = commit_.StagingLock(self.staging)
                 self._check_existing()
+                self._staging_lock = commit_.StagingLock(self.staging)  # claimed while this run lives
         else:
             self.recover()
             self._check_existing()
@@ -497,6 +497,24 @@ class Output:
         _copy_over(fs, self.staging, self.path)
         self.committing = False
         self.abort()
+        self._remove_superseded_staging()
+
+    def _remove_superseded_staging(self) -> None:
+        """After a commit on S3: remove other runs' staging prefixes of this output.
+
+        Object stores cannot tell a live run from a killed one, but neither matters here: every run
+        that staged before this commit saw an older version of the output, so it can only end in a
+        conflict (its staging is never committed), or it was killed (its staging is garbage).
+        """
+        parent, name = posixpath.split(self.path)
+        try:
+            for info in self.fs.get_file_info(pafs.FileSelector(parent, recursive=False)):
+                base = posixpath.basename(info.path)
+                if base.startswith(f".{name}.staging-") and info.path != self.staging:
+                    self.fs.delete_dir(info.path)
+                    log.info("removed the staging prefix of a superseded run: %s", display(self.fs, info.path))
+        except OSError as e:  # best effort: the commit is done
+            log.info("could not remove superseded staging prefixes of %s: %s", self.uri, _one_line(e))
 
     def _marker_owner(self, marker: str) -> str:
         try:
