@@ -3,8 +3,9 @@
 Each run clusters the table of the day with ``--previous OUT --output OUT --overwrite`` (the
 documented nightly set-up) against one long-lived local Ray cluster, as ``ray job submit`` would. Between
 runs the table changes by a few percent: rows removed, rows of new identities added, rows moved to
-another identity. ``--kills`` of the runs are killed (``kill -9`` of the driver) at a random moment of
-their expected duration and then rerun, which must recover. After every successful run:
+another identity. ``--kills`` of the runs are killed (``kill -9`` of the driver), ``--commit-kills`` of
+them as soon as their commit starts and the others at a random moment of their expected duration, and
+then rerun, which must recover. After every successful run:
 
 - nothing beside the output (no ``.OUT.staging-*``, no ``.OUT.old-*``) and no ``_COMMITTING`` marker;
 - the manifest is readable, succeeded, names a new run id and chains to the previous run's id;
@@ -22,6 +23,7 @@ Prints one line per run and writes JSON (``--json``). Exit code 1 when a check f
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import signal
@@ -79,9 +81,26 @@ class Store:
         infos = self.fs.get_file_info(pafs.FileSelector(parent, recursive=True, allow_not_found=True))
         return sorted({i.path for i in infos if f".{name}." in i.path or i.path.endswith("_COMMITTING")})
 
+    def committing(self) -> bool:
+        """A run is committing: its staged manifest is written (local) or its commit marker exists (S3)."""
+        import posixpath
+
+        import pyarrow.fs as pafs
+
+        if self.kind == "local":
+            parent, name = posixpath.split(self.path)
+            return bool(glob.glob(posixpath.join(parent, f".{name}.staging-*", "manifest.json")))
+        return self.fs.get_file_info(f"{self.path}/_COMMITTING").type == pafs.FileType.File
+
     def manifest(self) -> dict:
         with self.fs.open_input_stream(f"{self.path}/manifest.json") as f:
             return json.loads(f.read())
+
+    def manifest_or_none(self) -> dict | None:
+        try:
+            return self.manifest()
+        except FileNotFoundError:
+            return None
 
     def size(self) -> int:
         import pyarrow.fs as pafs
@@ -160,18 +179,22 @@ def start_ray(num_cpus: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the Ray head did not start")
 
 
-def run_job(argv: list[str], env: dict, kill_after: float | None, log: Path) -> tuple[int | None, float, bool]:
-    """Run one job; kill -9 it after ``kill_after`` s. Returns (exit code, seconds, killed)."""
+def run_job(argv: list[str], env: dict, log: Path, kill_after: float | None = None,
+            kill_when=None) -> tuple[int | None, float, bool]:
+    """Run one job; kill -9 it after ``kill_after`` s, or as soon as ``kill_when()`` is true.
+
+    Returns (exit code, seconds, killed).
+    """
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "cluster.py"), *argv], stdout=out, stderr=out,
                                 env=env, cwd=ROOT)
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return None, time.perf_counter() - t0, True
+        while proc.poll() is None:
+            if (kill_after is not None and time.perf_counter() - t0 > kill_after) or (kill_when and kill_when()):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return None, time.perf_counter() - t0, True
+            time.sleep(0.02)
     return proc.returncode, time.perf_counter() - t0, False
 
 
@@ -179,10 +202,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--kills", type=int, default=5)
+    p.add_argument("--commit-kills", type=int, default=2, help="of the kills, those aimed at the commit")
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--change", type=float, default=0.02, help="share of rows removed and added per run")
     p.add_argument("--store", choices=["local", "s3"], default="local")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lease", type=float, default=30.0,
+                   help="S3 commit lease (s): how long the rerun of a run killed in its commit waits")
     p.add_argument("--num-cpus", type=int, default=4)
     p.add_argument("--json", default=None, help="default: benchmarks/results/soak_<store>.json")
     args = p.parse_args(argv)
@@ -197,9 +223,11 @@ def main(argv=None) -> int:
 
     HiLander(seed=0).fit(*make_faces(2000, seed=args.seed + 7)).save(model)  # other identities, default epochs
     head, address = start_ray(args.num_cpus)
-    env = os.environ | store.env | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | store.env | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                                    "AGC_RAY_COMMIT_LEASE_S": str(args.lease)}
     rng = np.random.default_rng(args.seed)
-    kill_runs = set(rng.choice(np.arange(1, args.runs), min(args.kills, args.runs - 1), replace=False).tolist())
+    kill_runs = rng.choice(np.arange(1, args.runs), min(args.kills, args.runs - 1), replace=False).tolist()
+    commit_kills, kill_runs = set(kill_runs[:args.commit_kills]), set(kill_runs)
     records, failures, durations = [], [], []
     last, first_bytes_per_row, last_ids = None, None, None
     try:
@@ -213,10 +241,21 @@ def main(argv=None) -> int:
                 job += ["--previous", store.uri, "--overwrite"]
             record = {"run": run, "rows": rows, **change}
             if run in kill_runs:
-                kill_after = float(rng.uniform(0.1, 1.0) * np.median(durations))
-                rc, secs, killed = run_job(job, env, kill_after, work / f"run{run:02d}-killed.log")
-                record |= {"killed_after_s": round(kill_after, 1), "killed": killed, "killed_rc": rc}
-            rc, secs, _ = run_job(job, env, None, work / f"run{run:02d}.log")
+                log = work / f"run{run:02d}-killed.log"
+                if run in commit_kills:  # at the commit: the staged manifest written / the marker taken
+                    rc, secs, killed = run_job(job, env, log, kill_when=store.committing)
+                    record |= {"killed_at": "commit"}
+                else:
+                    kill_after = float(rng.uniform(0.1, 1.0) * np.median(durations))
+                    rc, secs, killed = run_job(job, env, log, kill_after=kill_after)
+                    record |= {"killed_at": f"{kill_after:.1f}s"}
+                record |= {"killed": killed, "killed_rc": rc}
+                if last is not None and store.manifest_or_none() is not None \
+                        and store.manifest_or_none()["run"]["id"] != last["run"]["id"]:
+                    # the kill came after the commit: that run's output is the previous of the rerun
+                    record["killed_after_its_commit"] = True
+                    last, last_ids = store.manifest(), store.level0()
+            rc, secs, _ = run_job(job, env, work / f"run{run:02d}.log")
             durations.append(secs)
             record |= {"rc": rc, "seconds": round(secs, 1)}
             problems = []
@@ -242,11 +281,13 @@ def main(argv=None) -> int:
                     churn = m["levels"][0]["churn"]
                     kept = churn["kept"] / max(1, churn["previous_clusters"])
                     unchanged = [i for i in ids if i in last_ids and i not in table.moved]
-                    same = float(np.mean([ids[i] == last_ids[i] for i in unchanged]))
+                    if not unchanged:
+                        problems.append("no unchanged rows to compare ids on")
+                    same = float(np.mean([ids[i] == last_ids[i] for i in unchanged])) if unchanged else 0.0
                     record |= {"kept_clusters": round(kept, 3), "unchanged_rows_same_id": round(same, 3)}
                     if kept < 0.9 or same < 0.9:
                         problems.append(f"ids not stable: kept {kept:.3f}, unchanged rows {same:.3f}")
-                    if size / rows > 1.5 * first_bytes_per_row:
+                    if first_bytes_per_row and size / rows > 1.5 * first_bytes_per_row:
                         problems.append(f"output grew: {size / rows:.0f} B/row vs {first_bytes_per_row:.0f}")
                 else:
                     first_bytes_per_row = size / rows
@@ -254,7 +295,8 @@ def main(argv=None) -> int:
             record["problems"] = problems
             failures += [f"run {run}: {p}" for p in problems]
             records.append(record)
-            kill = (f" killed after {record['killed_after_s']}s ({'yes' if record['killed'] else 'had finished'}),"
+            kill = (f" killed at {record['killed_at']} ({'yes' if record['killed'] else 'had finished'}"
+                    f"{', after its commit' if record.get('killed_after_its_commit') else ''}),"
                     if "killed" in record else "")
             print(f"run {run:2d}: {rows} rows,{kill} rc {rc}, {secs:.1f}s, clusters {record.get('clusters')}, "
                   f"kept {record.get('kept_clusters')}, same ids {record.get('unchanged_rows_same_id')}, "

@@ -80,7 +80,7 @@ def test_interrupted_s3_commit_is_finished_by_the_next_run(bucket, tmp_path, mon
     run_job(JobConfig(input="s3://agc/table/", output=out, unsupervised=True, max_levels=2))
     real_copy = io._copy_over
 
-    def crash_midway(fs, staging, path):
+    def crash_midway(fs, staging, path, renew=None):
         fs.delete_file(path + "/manifest.json")
         staged = [i.path for i in fs.get_file_info(pafs.FileSelector(staging, recursive=True)) if i.type == pafs.FileType.File]
         fs.copy_file(staged[0], path + "/" + staged[0][len(staging) + 1:])

@@ -196,3 +196,36 @@ def test_s3_commit_removes_superseded_staging(bucket):
     left = [i.path for i in bucket.get_file_info(pafs.FileSelector("commit/sched", recursive=True))]
     assert not [p for p in left if ".staging-" in p]
     assert json.loads(_files(bucket, "commit/sched/out")["/manifest.json"])["run"]["id"] == run.run_id
+
+
+def test_s3_live_commit_is_waited_for_and_a_dead_one_finished(bucket, monkeypatch):
+    """A marker whose lease runs is a live commit: the next run waits; once it has expired, it finishes it."""
+    import time
+
+    _put(bucket, "commit/lease/.out.staging-dead00000000/manifest.json", '{"run": {"id": "dead"}}')
+    _put(bucket, "commit/lease/.out.staging-dead00000000/assignments/level=0/part-00000.parquet", "dead's")
+    _put(bucket, "commit/lease/out/" + io.COMMIT_MARKER, json.dumps(
+        {"staging": "commit/lease/.out.staging-dead00000000", "run_id": "dead", "lease_until": time.time() + 1.0}))
+    run = io.Output("s3://commit/lease/out", overwrite=True)
+    run.check()  # waits out the lease, takes the marker over, copies the dead run's staging
+    assert run.seen.run_id == "dead"
+    assert _files(bucket, "commit/lease/out") == {"/manifest.json": b'{"run": {"id": "dead"}}',
+                                                  "/assignments/level=0/part-00000.parquet": b"dead's"}
+    assert bucket.get_file_info("commit/lease/.out.staging-dead00000000").type == pafs.FileType.NotFound
+
+
+def test_s3_marker_taken_over_stops_the_renewing_commit(bucket, monkeypatch):
+    import time
+
+    monkeypatch.setenv("AGC_RAY_COMMIT_LEASE_S", "0.3")
+    marker = commit.S3Marker.create("commit/renew/" + io.COMMIT_MARKER, {"run_id": "slow"})
+    assert commit.S3Marker.create("commit/renew/" + io.COMMIT_MARKER, {"run_id": "other"}) is None  # held
+    before = json.loads(commit.s3_get(marker.path)[0])["lease_until"]
+    time.sleep(0.15)
+    marker.renew()  # still its own: the lease is extended
+    assert json.loads(commit.s3_get(marker.path)[0])["lease_until"] > before
+    got = commit.s3_get(marker.path)
+    assert commit.S3Marker.take_over(marker.path, json.loads(got[0]), got[1], run_id="other") is not None
+    time.sleep(0.15)
+    with pytest.raises(commit.OutputConflict, match="taken over by another run"):
+        marker.renew()

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -55,7 +56,7 @@ class Version:
 
     def describe(self) -> str:
         if self.digest is None:
-            return "no committed output"
+            return "no committed output (no manifest.json)"
         if self.run_id is None:
             return "an output without a run id (written before run ids were recorded)"
         return f"run {self.run_id} (started {self.started})"
@@ -83,6 +84,11 @@ def observe(fs: pafs.FileSystem, path: str, name: str = "manifest.json") -> Vers
 
 def require_unchanged(seen: Version, now: Version, what: str) -> None:
     """Raise :class:`OutputConflict` unless ``now`` is the version this run saw when it started."""
+    if now.digest != seen.digest and now.digest is None:
+        raise OutputConflict(
+            f"{what} changed while this run was working: its manifest.json is gone (another run is committing "
+            f"it, or its commit was interrupted); this run's result was not committed (rerun to work from it)"
+        )
     if now.digest != seen.digest:
         raise OutputConflict(
             f"{what} changed while this run was working: {now.describe()} committed it after this run started "
@@ -94,15 +100,43 @@ def require_unchanged(seen: Version, now: Version, what: str) -> None:
 # -- local ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def local_lock(path: str):
-    """Hold an exclusive lock on ``path``'s parent directory (blocks until other holders finish)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    """Hold an exclusive lock on ``path``'s parent directory (blocks until other holders finish).
+
+    ``flock`` on the directory itself, so nothing is left behind; where the filesystem refuses it
+    (NFS emulates flock with POSIX locks, which need a writable descriptor), a POSIX lock on a
+    ``.NAME.lock`` file beside the output instead. The parent must exist.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
     fd = os.open(parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            fd = os.open(os.path.join(parent, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def make_parents(path: str) -> list[str]:
+    """Create ``path``'s missing parent directories; returns those created (deepest first)."""
+    created, parent = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return created
+
+
+def remove_if_empty(directories: list[str]) -> None:
+    """Remove the directories that :func:`make_parents` created, if nothing was put in them."""
+    for d in directories:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 class StagingLock:
@@ -182,18 +216,92 @@ def _s3_client():
     return botocore.session.get_session().create_client("s3")
 
 
-def create_if_absent(path: str, data: bytes) -> bool:
-    """Create the S3 object ``bucket/key`` unless it exists (one conditional PUT). False: it existed."""
+def s3_put(path: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+    """PUT the S3 object ``bucket/key``, conditionally; its new ETag, or None when the condition failed.
+
+    ``if_none_match``: only if absent (``If-None-Match: *``); ``if_match``: only if its ETag is still that.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = path.split("/", 1)
+    cond = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match} if if_match else {}
+    try:
+        return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+    except ClientError as e:
+        # 412: the condition failed; 409: another conditional write on the key is in flight; 404: If-Match on a gone key
+        if cond and e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                                 "NoSuchKey", "404"):
+            return None
+        raise OSError(f"cannot write s3://{path}: {e}") from e
+    except BotoCoreError as e:
+        raise OSError(f"cannot write s3://{path}: {e}") from e
+
+
+def s3_get(path: str) -> tuple[bytes, str] | None:
+    """``(content, ETag)`` of the S3 object ``bucket/key``, or None when it does not exist."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = path.split("/", 1)
     try:
-        _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        got = _s3_client().get_object(Bucket=bucket, Key=key)
+        return got["Body"].read(), got["ETag"]
     except ClientError as e:
-        # 412: it exists; 409: another conditional write on the same key is in flight
-        if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False
-        raise OSError(f"cannot write s3://{path}: {e}") from e
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise OSError(f"cannot read s3://{path}: {e}") from e
     except BotoCoreError as e:
-        raise OSError(f"cannot write s3://{path}: {e}") from e
-    return True
+        raise OSError(f"cannot read s3://{path}: {e}") from e
+
+
+def commit_lease_seconds() -> float:
+    """How long an S3 commit marker stays valid without renewal (``AGC_RAY_COMMIT_LEASE_S``, default 600)."""
+    try:
+        lease = float(os.environ.get("AGC_RAY_COMMIT_LEASE_S", "600"))
+    except ValueError:
+        raise InputError(f"AGC_RAY_COMMIT_LEASE_S must be a number of seconds, not {os.environ['AGC_RAY_COMMIT_LEASE_S']!r}") from None
+    if not lease > 0:
+        raise InputError(f"AGC_RAY_COMMIT_LEASE_S must be positive, not {lease}")
+    return lease
+
+
+class S3Marker:
+    """A held S3 commit marker: its content and ETag, renewed (conditionally) while a commit copies."""
+
+    def __init__(self, path: str, doc: dict, etag: str, lease: float):
+        self.path, self.doc, self.etag, self.lease = path, doc, etag, lease
+        self.renewed = time.time()
+
+    @classmethod
+    def create(cls, path: str, doc: dict) -> S3Marker | None:
+        """Take a free marker (None: another run holds one)."""
+        lease = commit_lease_seconds()
+        doc = {**doc, "lease_until": time.time() + lease}
+        etag = s3_put(path, json.dumps(doc).encode(), if_none_match=True)
+        return None if etag is None else cls(path, doc, etag, lease)
+
+    @classmethod
+    def take_over(cls, path: str, doc: dict, etag: str, **update) -> S3Marker | None:
+        """Take an expired marker over from a dead run (None: another run took it first)."""
+        lease = commit_lease_seconds()
+        doc = {**doc, **update, "lease_until": time.time() + lease}
+        new = s3_put(path, json.dumps(doc).encode(), if_match=etag)
+        return None if new is None else cls(path, doc, new, lease)
+
+    def renew(self) -> None:
+        """Extend the lease when a third of it has passed; OutputConflict if another run took the marker."""
+        if time.time() - self.renewed < self.lease / 3:
+            return
+        self.doc["lease_until"] = time.time() + self.lease
+        etag = s3_put(self.path, json.dumps(self.doc).encode(), if_match=self.etag)
+        if etag is None:
+            raise OutputConflict(f"the commit marker s3://{self.path} was taken over by another run after this run's "
+                                 f"lease expired; that run finishes this commit")
+        self.etag, self.renewed = etag, time.time()
+
+    def expire(self) -> None:
+        """End the lease now (a commit that failed in this process): the next run recovers at once."""
+        self.doc["lease_until"] = 0
+        try:
+            s3_put(self.path, json.dumps(self.doc).encode(), if_match=self.etag)
+        except OSError as e:  # best effort: the lease then ends on its own
+            log.warning("could not release the commit marker s3://%s: %s", self.path, e)

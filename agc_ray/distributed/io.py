@@ -18,6 +18,7 @@ import fnmatch
 import json
 import logging
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -393,6 +394,8 @@ class Output:
         self.committing = False
         self.seen: commit_.Version | None = None
         self._staging_lock = None
+        self._marker = None
+        self._created_parents: list[str] = []
 
     @property
     def local(self) -> bool:
@@ -407,13 +410,18 @@ class Output:
         if self.fs.type_name == "s3" and "/" not in self.path:
             raise InputError(f"output {self.uri} must be a prefix inside a bucket (s3://bucket/prefix)")
         if self.local:
-            with commit_.local_lock(self.path):
-                commit_.restore_local(self.path, "output")
-                parent, name = posixpath.split(self.path)
-                for dead in commit_.remove_dead_staging(posixpath.join(parent, f".{name}.staging-*")):
-                    log.info("removed the staging directory of a run that died: %s", dead)
-                self._check_existing()
-                self._staging_lock = commit_.StagingLock(self.staging)  # claimed while this run lives
+            self._created_parents = commit_.make_parents(self.path)  # removed again if this run fails
+            try:
+                with commit_.local_lock(self.path):
+                    commit_.restore_local(self.path, "output")
+                    parent, name = posixpath.split(self.path)
+                    for dead in commit_.remove_dead_staging(posixpath.join(parent, f".{name}.staging-*")):
+                        log.info("removed the staging directory of a run that died: %s", dead)
+                    self._check_existing()
+                    self._staging_lock = commit_.StagingLock(self.staging)  # claimed while this run lives
+            except BaseException:
+                commit_.remove_if_empty(self._created_parents)
+                raise
         else:
             self.recover()
             self._check_existing()
@@ -457,6 +465,7 @@ class Output:
         with self.fs.open_output_stream(self.staged("manifest.json")) as f:
             f.write(json.dumps(manifest, indent=2, default=str).encode())
         if self.local:
+            self._created_parents = commit_.make_parents(self.path)  # removed again if this run fails
             with commit_.local_lock(self.path):
                 self._require_unchanged(require)
                 commit_.replace_local_dir(self.staging, self.path, self.run_id)
@@ -470,51 +479,50 @@ class Output:
             commit_.require_unchanged(seen, commit_.observe(fs, path), what)
 
     def _commit_copy(self, require: tuple) -> None:
-        # Object stores have no rename. The commit point is manifest.json: a `_COMMITTING` marker naming
-        # the (complete) staging prefix is created first, with a conditional write that fails if another
-        # run's marker is there (so one run commits at a time), the versions are checked, then the old
-        # manifest is removed, the new files are copied over the old ones (stale old files removed), the
-        # manifest is copied last and the marker and staging are removed. A crash in between leaves no
-        # manifest, the old files until they are replaced, and the marker; the next run on this output
+        # Object stores have no rename. The commit point is manifest.json. A `_COMMITTING` marker naming
+        # the (complete) staging prefix is created first with a conditional write that fails if another
+        # run's marker is there, so one run commits at a time; it carries a lease that the copy renews.
+        # Under it the versions are checked, then the old manifest is removed, the new files are copied
+        # over the old ones (stale old files removed), the manifest is copied last and the marker and
+        # staging are removed. A crash in between leaves no manifest, the old files until they are
+        # replaced, and the marker; the next run on this output waits for the lease to expire and
         # finishes the commit first (:meth:`recover`), so the result of a finished run is never lost.
         fs = self.fs
-        marker = posixpath.join(self.path, COMMIT_MARKER)
+        marker_path = posixpath.join(self.path, COMMIT_MARKER)
         self._require_unchanged(require)  # the common conflict, found before touching the output
         fs.create_dir(self.path, recursive=True)
-        doc = {"staging": self.staging, "run_id": self.run_id, "started": self.started}
-        if not commit_.create_if_absent(marker, json.dumps(doc).encode()):
+        marker = commit_.S3Marker.create(marker_path, {"staging": self.staging, "run_id": self.run_id,
+                                                       "started": self.started})
+        if marker is None:
             raise commit_.OutputConflict(
-                f"output {self.uri} is being committed by {self._marker_owner(marker)} (its {COMMIT_MARKER} "
+                f"output {self.uri} is being committed by {self._marker_owner(marker_path)} (its {COMMIT_MARKER} "
                 f"marker appeared after this run started); this run's result was not committed (rerun to work "
                 f"from the new output)"
             )
         try:
             self._require_unchanged(require)
-        except commit_.OutputConflict:
-            fs.delete_file(marker)
+            # every run that staged before this commit saw an older output: it can only end in a conflict,
+            # or it was killed. Listed under the marker: runs that start now wait for it (recover) and
+            # stage after it is gone.
+            superseded = self._other_staging()
+        except BaseException:
+            fs.delete_file(marker_path)
             raise
-        self.committing = True  # from here on the staging prefix is what a recovery copies: keep it
-        _copy_over(fs, self.staging, self.path)
+        self.committing, self._marker = True, marker  # from here on a recovery copies the staging prefix: keep it
+        _copy_over(fs, self.staging, self.path, marker.renew)
         self.committing = False
         self.abort()
-        self._remove_superseded_staging()
+        for path in superseded:
+            try:
+                fs.delete_dir(path)
+                log.info("removed the staging prefix of a superseded run: %s", display(fs, path))
+            except OSError as e:  # best effort: the commit is done
+                log.info("could not remove %s: %s", display(fs, path), _one_line(e))
 
-    def _remove_superseded_staging(self) -> None:
-        """After a commit on S3: remove other runs' staging prefixes of this output.
-
-        Object stores cannot tell a live run from a killed one, but neither matters here: every run
-        that staged before this commit saw an older version of the output, so it can only end in a
-        conflict (its staging is never committed), or it was killed (its staging is garbage).
-        """
+    def _other_staging(self) -> list[str]:
         parent, name = posixpath.split(self.path)
-        try:
-            for info in self.fs.get_file_info(pafs.FileSelector(parent, recursive=False)):
-                base = posixpath.basename(info.path)
-                if base.startswith(f".{name}.staging-") and info.path != self.staging:
-                    self.fs.delete_dir(info.path)
-                    log.info("removed the staging prefix of a superseded run: %s", display(self.fs, info.path))
-        except OSError as e:  # best effort: the commit is done
-            log.info("could not remove superseded staging prefixes of %s: %s", self.uri, _one_line(e))
+        return [i.path for i in self.fs.get_file_info(pafs.FileSelector(parent, recursive=False))
+                if posixpath.basename(i.path).startswith(f".{name}.staging-") and i.path != self.staging]
 
     def _marker_owner(self, marker: str) -> str:
         try:
@@ -525,25 +533,46 @@ class Output:
             return "another run"
 
     def recover(self) -> None:
-        """Finish a commit that a crash interrupted (object stores), or drop a stale marker."""
-        marker = posixpath.join(self.path, COMMIT_MARKER)
+        """Wait for a commit in progress on this output (object stores); finish one whose run died.
+
+        A marker whose lease runs is a live commit: wait for it (every run that starts meanwhile would
+        otherwise start from a half-copied output). An expired one is taken over with a conditional
+        write (one run wins) and finished from its staging prefix, or dropped when it has none.
+        """
+        marker_path = posixpath.join(self.path, COMMIT_MARKER)
         parent, name = posixpath.split(self.path)
+        waited = False
         try:
-            if self.fs.get_file_info(marker).type != pafs.FileType.File:
+            while True:
+                got = commit_.s3_get(marker_path)
+                if got is None:
+                    return
+                doc, etag = json.loads(got[0]), got[1]
+                staging = doc["staging"]
+                if not (isinstance(staging, str) and staging.startswith(posixpath.join(parent, f".{name}.staging-"))):
+                    raise ValueError(f"it names {staging!r}, not a staging prefix of this output")
+                remaining = float(doc.get("lease_until", 0)) - time.time()
+                if remaining > 0:
+                    if not waited:
+                        log.info("output %s: run %s is committing it; waiting for it (its lease ends in %.0fs)",
+                                 self.uri, doc.get("run_id"), remaining)
+                        waited = True
+                    time.sleep(min(remaining, 2.0))
+                    continue
+                marker = commit_.S3Marker.take_over(marker_path, doc, etag, run_id=self.run_id, started=self.started,
+                                                    recovering=doc.get("run_id"))
+                if marker is None:
+                    continue  # another run took it over first: wait for that one
+                if self.fs.get_file_info(posixpath.join(staging, "manifest.json")).type == pafs.FileType.File:
+                    log.warning("output %s: finishing the commit that an earlier run started (%s)", self.uri,
+                                display(self.fs, staging))
+                    _copy_over(self.fs, staging, self.path, marker.renew)
+                    self.fs.delete_dir(staging)
+                else:
+                    log.warning("output %s: an interrupted commit left no staging to finish it from; the output "
+                                "has no manifest.json and is replaced by this run", self.uri)
+                    self.fs.delete_file(marker_path)
                 return
-            with self.fs.open_input_stream(marker) as f:
-                staging = json.loads(f.read())["staging"]
-            if not (isinstance(staging, str) and staging.startswith(posixpath.join(parent, f".{name}.staging-"))):
-                raise ValueError(f"it names {staging!r}, not a staging prefix of this output")
-            if self.fs.get_file_info(posixpath.join(staging, "manifest.json")).type == pafs.FileType.File:
-                log.warning("output %s: finishing the commit that an earlier run started (%s)", self.uri,
-                            display(self.fs, staging))
-                _copy_over(self.fs, staging, self.path)
-                self.fs.delete_dir(staging)
-            else:
-                log.warning("output %s: an interrupted commit left no staging to finish it from; the output "
-                            "has no manifest.json and is replaced by this run", self.uri)
-                self.fs.delete_file(marker)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"cannot recover the interrupted commit of {self.uri} ({COMMIT_MARKER}): {_one_line(e)}") from e
 
@@ -557,6 +586,7 @@ class Output:
         if self.committing:
             log.error("commit of %s interrupted: the next run on this output finishes it from %s",
                       self.uri, display(self.fs, self.staging))
+            self._marker.expire()  # this process will not renew it: the next run need not wait for the lease
             return
         try:
             if self.fs.get_file_info(self.staging).type != pafs.FileType.NotFound:
@@ -565,13 +595,17 @@ class Output:
             log.warning("could not remove staging %s: %s", display(self.fs, self.staging), e)
         finally:
             self._release_staging()
+            commit_.remove_if_empty(self._created_parents)
 
 
 COMMIT_MARKER = "_COMMITTING"
 
 
-def _copy_over(fs, staging: str, path: str) -> None:
-    """Replace the files under ``path`` with those under ``staging``; manifest.json last, then the marker goes."""
+def _copy_over(fs, staging: str, path: str, renew=lambda: None) -> None:
+    """Replace the files under ``path`` with those under ``staging``; manifest.json last, then the marker goes.
+
+    ``renew`` is called between files (the commit marker's lease).
+    """
     manifest = posixpath.join(path, "manifest.json")
     if fs.get_file_info(manifest).type == pafs.FileType.File:
         fs.delete_file(manifest)
@@ -580,8 +614,10 @@ def _copy_over(fs, staging: str, path: str) -> None:
     old = [posixpath.relpath(i.path, path) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
            if i.type == pafs.FileType.File]
     for rel in sorted(set(old) - set(staged) - {COMMIT_MARKER}):
+        renew()
         fs.delete_file(posixpath.join(path, rel))
     for rel in sorted(staged, key=lambda r: r == "manifest.json"):
+        renew()
         fs.copy_file(posixpath.join(staging, rel), posixpath.join(path, rel))
     fs.delete_file(posixpath.join(path, COMMIT_MARKER))
 

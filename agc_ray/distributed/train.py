@@ -684,9 +684,10 @@ def check_output(cfg: TrainJobConfig) -> Version:
     directories of dead runs are removed.
     """
     out = Path(cfg.output).absolute()
-    with local_lock(str(out)):
-        restore_local(str(out), "--output")
-        remove_dead_staging(str(out.parent / f".{out.name}.staging-*"))
+    if out.parent.is_dir():  # else there is nothing to restore or clean up
+        with local_lock(str(out)):
+            restore_local(str(out), "--output")
+            remove_dead_staging(str(out.parent / f".{out.name}.staging-*"))
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {cfg.output} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
@@ -716,7 +717,8 @@ def write_model_dir(cfg: TrainJobConfig, state: dict, dim: int, training: dict, 
     out.parent.mkdir(parents=True, exist_ok=True)
     run_id = training.get("run", {}).get("id") or uuid.uuid4().hex[:12]
     staging = out.parent / f".{out.name}.staging-{run_id}"
-    lock = StagingLock(str(staging))  # the next run removes it only once this process is gone
+    with local_lock(str(out)):  # claimed under the lock that the next run's clean-up takes
+        lock = StagingLock(str(staging))  # the next run removes it only once this process is gone
     try:
         est.save(staging)
         config = json.loads((staging / CONFIG_FILE).read_text())
