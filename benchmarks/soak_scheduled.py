@@ -1,5 +1,8 @@
 """Soak: scheduled in-place runs of ``jobs/cluster.py`` on a changing table, some killed with SIGKILL.
 
+First, ``--overlaps`` trials of two runs on two tables started one second apart with one ``--output``
+(fresh, then both with ``--overwrite``): exactly one exits 0, the other 2 naming the winner.
+
 Each run clusters the table of the day with ``--previous OUT --output OUT --overwrite`` (the
 documented nightly set-up) against one long-lived local Ray cluster, as ``ray job submit`` would. Between
 runs the table changes by a few percent: rows removed, rows of new identities added, rows moved to
@@ -16,6 +19,7 @@ then rerun, which must recover. After every successful run:
 
     python benchmarks/soak_scheduled.py                       # 20 runs, 5 kills, local output
     python benchmarks/soak_scheduled.py --store s3            # output on moto's S3 server (127.0.0.1)
+    python benchmarks/soak_scheduled.py --runs 0 --overlaps 3 # only the overlapping pairs
 
 Prints one line per run and writes JSON (``--json``). Exit code 1 when a check fails.
 """
@@ -165,6 +169,7 @@ def start_ray(num_cpus: int) -> tuple[subprocess.Popen, str]:
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
          "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"RAY_AUTH_MODE": "disabled"},
+        start_new_session=True,  # its own process group: stopped as a whole at the end
     )
     address = f"127.0.0.1:{port}"
     import ray
@@ -177,6 +182,19 @@ def start_ray(num_cpus: int) -> tuple[subprocess.Popen, str]:
         except Exception:  # noqa: BLE001
             time.sleep(1)
     raise RuntimeError("the Ray head did not start")
+
+
+def stop_ray(head: subprocess.Popen) -> None:
+    """Stop the head started by :func:`start_ray` and every process of its group."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run_job(argv: list[str], env: dict, log: Path, kill_after: float | None = None,
@@ -198,10 +216,65 @@ def run_job(argv: list[str], env: dict, log: Path, kill_after: float | None = No
     return proc.returncode, time.perf_counter() - t0, False
 
 
+def overlap_trials(store: Store, table: Table, work: Path, model: Path, env: dict, trials: int) -> tuple[list, list]:
+    """Two runs on two different tables started one second apart with one --output (the issue's report).
+
+    Trial 0 on a fresh output without --overwrite, the others with --overwrite over the last output:
+    exactly one may exit 0, the other must exit 2, and the output must be the winner's.
+    """
+    import shutil
+
+    records, failures = [], []
+    uri = store.uri + "-overlap"
+    path = store.path + "-overlap"
+    tables = []
+    for name in ("a", "b"):
+        table.step()
+        table.write(work / f"overlap-{name}")
+        tables.append(work / f"overlap-{name}")
+    for trial in range(trials):
+        procs = []
+        for i, t in enumerate(tables):
+            argv = ["--input", str(t), "--output", uri, "--model", str(model), "--knn", "exact", "--num-shards", "2"]
+            if trial:
+                argv.append("--overwrite")
+            log = open(work / f"overlap{trial}-{i}.log", "w")
+            procs.append((subprocess.Popen([sys.executable, str(ROOT / "jobs" / "cluster.py"), *argv], stdout=log,
+                                           stderr=log, env=env, cwd=ROOT), log, t))
+            time.sleep(1.0)
+        rcs = []
+        for proc, log, _ in procs:
+            rcs.append(proc.wait())
+            log.close()
+        record = {"trial": trial, "overwrite": bool(trial), "exit_codes": rcs}
+        winners = [t for (_, _, t), rc in zip(procs, rcs) if rc == 0]
+        with store.fs.open_input_stream(f"{path}/manifest.json") as f:
+            manifest = json.loads(f.read())
+        loser_logs = [(work / f"overlap{trial}-{i}.log").read_text() for i, rc in enumerate(rcs) if rc != 0]
+        record["loser_error"] = [line for text in loser_logs for line in text.splitlines() if line.startswith("error:")]
+        problems = []
+        if sorted(rcs) != [0, 2]:
+            problems.append(f"exit codes {rcs}, expected one 0 and one 2")
+        elif manifest["input"]["path"] != str(winners[0]):
+            problems.append(f"output holds {manifest['input']['path']}, the winner was {winners[0]}")
+        elif trial and not any(manifest["run"]["id"] in line for line in record["loser_error"]):
+            problems.append(f"the loser's error does not name the winner: {record['loser_error']}")
+        record["problems"] = problems
+        failures += [f"overlap trial {trial}: {p}" for p in problems]
+        records.append(record)
+        print(f"overlap {trial} ({'--overwrite, existing output' if trial else 'fresh output'}): exit codes {rcs}, "
+              f"loser: {record['loser_error'][:1]} {'OK' if not problems else problems}", flush=True)
+    if store.kind == "local":
+        shutil.rmtree(path, ignore_errors=True)
+    return records, failures
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--kills", type=int, default=5)
+    p.add_argument("--overlaps", type=int, default=2,
+                   help="trials of two runs started 1 s apart on one output (before the scheduled runs)")
     p.add_argument("--commit-kills", type=int, default=2, help="of the kills, those aimed at the commit")
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--change", type=float, default=0.02, help="share of rows removed and added per run")
@@ -222,6 +295,7 @@ def main(argv=None) -> int:
     from agc_ray.core.synthetic import make_faces
 
     HiLander(seed=0).fit(*make_faces(2000, seed=args.seed + 7)).save(model)  # other identities, default epochs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the Ray head (finally) when terminated
     head, address = start_ray(args.num_cpus)
     env = os.environ | store.env | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                                     "AGC_RAY_COMMIT_LEASE_S": str(args.lease)}
@@ -231,6 +305,7 @@ def main(argv=None) -> int:
     records, failures, durations = [], [], []
     last, first_bytes_per_row, last_ids = None, None, None
     try:
+        overlaps, failures = overlap_trials(store, table, work, model, env, args.overlaps)
         for run in range(args.runs):
             change = table.step() if run else {}
             table.write(work / "table")
@@ -276,7 +351,10 @@ def main(argv=None) -> int:
                     if m["run"]["id"] == last["run"]["id"] or (m.get("previous") or {}).get("run_id") != last["run"]["id"]:
                         problems.append("manifest does not chain to the previous run")
                     old, new = last["next_cluster_ids"], m["next_cluster_ids"]
-                    if any(b < a for a, b in zip(old, new)) or len(new) < len(old) or new[0] <= old[0]:
+                    # the level-0 counter grows with each day's new identities; a rerun on the same table
+                    # (its killed attempt had committed) issues no new id
+                    grows = new[0] > old[0] or record.get("killed_after_its_commit")
+                    if any(b < a for a, b in zip(old, new)) or len(new) < len(old) or not grows:
                         problems.append(f"counters {old} -> {new}")
                     churn = m["levels"][0]["churn"]
                     kept = churn["kept"] / max(1, churn["previous_clusters"])
@@ -302,15 +380,15 @@ def main(argv=None) -> int:
                   f"kept {record.get('kept_clusters')}, same ids {record.get('unchanged_rows_same_id')}, "
                   f"{record.get('bytes')} B {'OK' if not problems else problems}", flush=True)
     finally:
-        head.send_signal(signal.SIGTERM)
-        head.wait(timeout=60)
+        stop_ray(head)
     killed = sum(bool(r.get("killed")) for r in records)
-    summary = {"store": args.store, "runs": args.runs, "kills_planned": len(kill_runs), "kills_done": killed,
+    summary = {"store": args.store, "overlaps": overlaps, "runs": args.runs, "kills_planned": len(kill_runs), "kills_done": killed,
                "rows": args.rows, "change": args.change, "failures": failures, "records": records}
     path = Path(args.json or ROOT / "benchmarks" / "results" / f"soak_{args.store}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2))
-    print(f"{args.runs} runs, {killed} killed mid-run and recovered; {len(failures)} failed checks -> {path}")
+    print(f"{len(overlaps)} overlap trials; {args.runs} runs, {killed} killed mid-run and recovered; "
+          f"{len(failures)} failed checks -> {path}")
     for f in failures:
         print("FAIL", f)
     return 1 if failures else 0
