@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("demo (used when neither --input nor --config is given)")
     d.add_argument("--demo-rows", type=int, default=20_000, help="rows of each synthetic split (default: %(default)s)")
     d.add_argument("--epochs", type=int, default=4, help="training epochs of the demo model (default: %(default)s)")
-    d.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    d.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and other libraries' INFO lines (default: theirs from WARNING)")
     return p
 
 
@@ -132,12 +133,17 @@ def init_ray(num_cpus: int | None = None):
 
 
 def main(argv=None) -> int:
+    if not os.environ.get("RAY_ADDRESS"):
+        # a private Ray instance: token authentication chosen explicitly (Ray's default turns it on with a
+        # WARNING); set before anything imports Ray, which reads it once
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad flag (2, one line already printed)
         return int(e.code or 0)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    from agc_ray.distributed import logs
+
+    logs.configure(args.verbose)
     from agc_ray.distributed.errors import InputError
 
     try:

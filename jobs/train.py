@@ -120,10 +120,14 @@ def connect_ray(num_cpus):
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def main(argv=None) -> int:
+    if not os.environ.get("RAY_ADDRESS"):
+        # a private Ray instance: token authentication chosen explicitly (Ray's default turns it on with a
+        # WARNING); set before anything imports Ray, which reads it once
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from agc_ray.distributed.errors import InputError
 
@@ -132,7 +136,9 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from agc_ray.distributed import logs
+
+    logs.configure()
     from agc_ray.distributed.train import run_training
 
     try:

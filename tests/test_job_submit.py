@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,11 @@ def test_ray_job_submit(head_cluster, job_table, job_model, job_data, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "clustered 2500 rows" in proc.stdout
+    # a run that succeeds logs nothing at WARNING or above (ours, Ray's Python or C++ loggers, faiss's);
+    # the job's own lines follow the CLI's "Tailing logs" (the CLI's packaging notes come before)
+    job_lines = proc.stdout.split("Tailing logs until the job exits", 1)[-1].splitlines()
+    loud = [line for line in job_lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|^\[[^]]* [WE] \d+ \d+\]", line)]
+    assert not loud, loud
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "succeeded"
     ref = reference_levels(job_model, job_data[0], knn="exact", levels=2)

@@ -23,10 +23,10 @@ JOB_METHODS = ("auto", "exact", "ivf")
 
 
 class ShardIndex:
-    """Ray actor: a faiss index over one shard's unit rows (global ids ``offset + local row``).
+    """A faiss index over one shard's unit rows (global ids ``offset + local row``).
 
-    Everything is built in the constructor from its arguments, so that Ray can restart the actor
-    (on a node loss) and rebuild the same index from the (reconstructed) shard object.
+    Held by a :class:`ShardIndexActor`, which rebuilds it from the (reconstructed) shard object when
+    Ray restarts the actor on a node loss.
 
     Args:
         x: (n_s, D) unit rows of the shard.
@@ -68,8 +68,42 @@ class ShardIndex:
         return sim, np.where(idx >= 0, idx + self.offset, -1)
 
 
+class ShardIndexActor:
+    """Ray actor holding one :class:`ShardIndex`, built on first use from the refs that each call carries.
+
+    Not from constructor arguments: Ray does not lineage-count actor creation arguments that live in
+    the object store (ray-project/ray#53727), so a restarted actor could not get them back, and Ray
+    says so with an error-level line. Every call brings ``source = [x_ref, centroids_ref]`` (refs the
+    driver owns, nested so that they stay refs); a restarted actor (a node lost) rebuilds the same
+    index on its next call, from lineage if the shard was lost too.
+    """
+
+    def __init__(self, offset: int, method: str, nprobe: int = 0):
+        self.offset, self.method, self.nprobe = int(offset), method, nprobe
+        self.index: ShardIndex | None = None
+
+    def _index(self, source: list) -> ShardIndex:
+        if self.index is None:
+            import ray
+
+            x, centroids = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in source)
+            self.index = ShardIndex(x, self.offset, self.method, centroids, self.nprobe)
+        return self.index
+
+    def build(self, source: list) -> int:
+        """Build the index; rows indexed."""
+        return self._index(source).ready()
+
+    def search(self, source: list, queries: np.ndarray, kk: int, exact: bool = False, assign=None):
+        """:meth:`ShardIndex.search`."""
+        return self._index(source).search(queries, kk, exact, assign)
+
+
 class MergedIndex:
-    """Looks like a faiss index to :func:`agc_ray.core.knn.search`; searches every shard actor."""
+    """Looks like a faiss index to :func:`agc_ray.core.knn.search`; searches every shard actor.
+
+    ``actors``: ``(actor, source)`` pairs of :func:`index_actors`.
+    """
 
     def __init__(self, actors, exact: bool = False, centroids: np.ndarray | None = None, nprobe: int = 0):
         self.actors = actors
@@ -89,7 +123,7 @@ class MergedIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         qref = ray.put(queries)
         assign = None if self.quantizer is None else ray.put(self.quantizer.search(queries, self.nprobe))
-        parts = ray.get([a.search.remote(qref, kk, self.exact, assign) for a in self.actors])
+        parts = ray.get([a.search.remote(source, qref, kk, self.exact, assign) for a, source in self.actors])
         return merge_topk([p[0] for p in parts], [p[1] for p in parts], kk)
 
 
@@ -116,7 +150,10 @@ def search_shard(x_q: np.ndarray, offset: int, actors, k: int, exact: bool = Fal
 
 # -- the sharded search, as Ray tasks and actors ----------------------------------------------------
 def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, nprobe: int) -> list:
-    """One :class:`ShardIndex` actor per node shard (GPU actors when the cluster has GPUs; restartable)."""
+    """One :class:`ShardIndexActor` per node shard (GPU actors when the cluster has GPUs; restartable).
+
+    Returns ``(actor, source)`` pairs, ``source`` the refs that the actor's calls carry.
+    """
     import ray
 
     resources = ray.cluster_resources()
@@ -125,14 +162,14 @@ def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, npro
     # num_cpus=0: the actors compute only while the search tasks (which hold CPUs) wait on them, and
     # they stay alive after the kNN stage (Ray may need them to reconstruct a lost graph object):
     # reserving CPUs would starve the scoring tasks of the level.
-    cls = ray.remote(ShardIndex).options(
+    cls = ray.remote(ShardIndexActor).options(
         num_cpus=0, scheduling_strategy="SPREAD",
         num_gpus=min(1.0, gpus / shards) if gpus else 0,
         max_restarts=3, max_task_retries=3,
     )
-    actors = [cls.remote(x, int(offsets[s]), method, centroids, nprobe) for s, x in enumerate(x_refs)]
-    ray.get([a.ready.remote() for a in actors])
-    return actors
+    pairs = [(cls.remote(int(offsets[s]), method, nprobe), [x, centroids]) for s, x in enumerate(x_refs)]
+    ray.get([a.build.remote(source) for a, source in pairs])
+    return pairs
 
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
@@ -161,17 +198,17 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         sample = _gather.remote(offsets, rows if rows is not None else np.arange(n), *x_refs)
         centroids = _train_centroids.remote(sample, n, seed)
         nprobe = IVF_NPROBE
-    actors = index_actors(x_refs, offsets, method, centroids, nprobe)
-    results = [_search_shard.remote(x, int(offsets[s]), actors, k, False, centroids, nprobe) for s, x in enumerate(x_refs)]
+    pairs = index_actors(x_refs, offsets, method, centroids, nprobe)
+    results = [_search_shard.remote(x, int(offsets[s]), pairs, k, False, centroids, nprobe) for s, x in enumerate(x_refs)]
     graph, _ = lv.concat_graph.remote(len(x_refs), *[r[0] for r in results], *[r[1] for r in results])
     ray.wait([graph], fetch_local=False)
     info = {"knn_method": method}
     if method != "exact" and recall_sample > 0:
         rows = sample_rows(n, recall_sample, seed)
         queries = _gather.remote(offsets, rows, *x_refs)
-        exact_nbr, exact_sim = _search_shard_exact.remote(queries, actors, k)
+        exact_nbr, exact_sim = _search_shard_exact.remote(queries, pairs, k)
         info["knn_recall"] = ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, k))
-    return graph, info, actors
+    return graph, info, [a for a, _ in pairs]
 
 
 @lazy_remote(num_cpus=0.5)
