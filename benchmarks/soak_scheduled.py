@@ -61,7 +61,11 @@ class Store:
         if kind == "local":
             self.fs, self.path, self.uri = pafs.LocalFileSystem(), str(work / "out"), str(work / "out")
             return
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request lines
 
         port = free_port()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -348,12 +352,17 @@ def main(argv=None) -> int:
                 if m.get("status") != "succeeded":
                     problems.append(f"manifest status {m.get('status')}")
                 if last is not None:
-                    if m["run"]["id"] == last["run"]["id"] or (m.get("previous") or {}).get("run_id") != last["run"]["id"]:
+                    prev_id = (m.get("previous") or {}).get("run_id")
+                    if "killed" in record and prev_id not in (last["run"]["id"], m["run"]["id"], None):
+                        # the kill came during the commit: the rerun finished it (recovery) and chained to it
+                        record["killed_commit_finished_by_rerun"] = True
+                    elif m["run"]["id"] == last["run"]["id"] or prev_id != last["run"]["id"]:
                         problems.append("manifest does not chain to the previous run")
                     old, new = last["next_cluster_ids"], m["next_cluster_ids"]
                     # the level-0 counter grows with each day's new identities; a rerun on the same table
                     # (its killed attempt had committed) issues no new id
-                    grows = new[0] > old[0] or record.get("killed_after_its_commit")
+                    grows = new[0] > old[0] or record.get("killed_after_its_commit") \
+                        or record.get("killed_commit_finished_by_rerun")
                     if any(b < a for a, b in zip(old, new)) or len(new) < len(old) or not grows:
                         problems.append(f"counters {old} -> {new}")
                     churn = m["levels"][0]["churn"]
@@ -374,7 +383,8 @@ def main(argv=None) -> int:
             failures += [f"run {run}: {p}" for p in problems]
             records.append(record)
             kill = (f" killed at {record['killed_at']} ({'yes' if record['killed'] else 'had finished'}"
-                    f"{', after its commit' if record.get('killed_after_its_commit') else ''}),"
+                    f"{', after its commit' if record.get('killed_after_its_commit') else ''}"
+                    f"{', its commit finished by the rerun' if record.get('killed_commit_finished_by_rerun') else ''}),"
                     if "killed" in record else "")
             print(f"run {run:2d}: {rows} rows,{kill} rc {rc}, {secs:.1f}s, clusters {record.get('clusters')}, "
                   f"kept {record.get('kept_clusters')}, same ids {record.get('unchanged_rows_same_id')}, "
