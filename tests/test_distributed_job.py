@@ -226,3 +226,19 @@ def test_unsupervised_adaptive_tau_equals_single_process(ray_session, tmp_path, 
     assert manifest["parameters"]["tau_source"] == "adaptive"
     assert manifest["parameters"]["tau"] == pytest.approx(taus)
     assert manifest["selected_level"] == est.selected_level_
+
+
+def test_long_stages_log_progress_and_nothing_louder(ray_session, tmp_path, job_table, job_model, monkeypatch, caplog):
+    """Progress lines come from finished tasks: with AGC_RAY_PROGRESS_S=0, one line per task but the last."""
+    import logging
+
+    monkeypatch.setenv("AGC_RAY_PROGRESS_S", "0")
+    with caplog.at_level(logging.INFO, logger="agc_ray"):
+        _run(job_table, tmp_path / "out", job_model, max_levels=1, knn="exact", num_shards=2)
+    ours = [r for r in caplog.records if r.name == "agc_ray"]
+    lines = [r.getMessage() for r in ours]
+    knn = [line for line in lines if line.startswith("level 0 kNN: ")]
+    scoring = [line for line in lines if line.startswith("level 0 scoring: ")]
+    assert knn and knn[0].startswith("level 0 kNN: 1/2 tasks, 1250/2500 rows (50%)") and "ETA" in knn[0], knn
+    assert scoring and scoring[0].startswith("level 0 scoring: 1/2 tasks"), scoring
+    assert not [r.getMessage() for r in ours if r.levelno >= logging.WARNING]

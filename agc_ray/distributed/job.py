@@ -18,7 +18,7 @@ import numpy as np
 
 from agc_ray.core.hierarchy import stop_reason
 from agc_ray.core.validation import check_param
-from agc_ray.distributed import io
+from agc_ray.distributed import io, progress
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.errors import InputError
 from agc_ray.distributed.knn import JOB_METHODS, sharded_knn_graph
@@ -179,6 +179,9 @@ class _Level:
     def n(self) -> int:
         return int(self.offsets[-1])
 
+    def shard_rows(self) -> list[int]:
+        return np.diff(self.offsets).astype(int).tolist()
+
     @property
     def shards(self) -> int:
         return len(self.x_id)
@@ -208,7 +211,7 @@ class Job:
         self.close()  # the previous level's index actors
         graph, info, self.actors = sharded_knn_graph(
             level.x_id, level.offsets, self.est.k, self.est.knn, self.est.seed,
-            recall_sample=self.cfg.knn_recall_sample if level_no == 0 else 0,
+            recall_sample=self.cfg.knn_recall_sample if level_no == 0 else 0, stage=f"level {level_no} kNN",
         )
         stats.update(info, knn_seconds=self._time("knn", t0))
         log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, level.n, level.shards, info["knn_method"],
@@ -234,7 +237,7 @@ class Job:
                                                     *lv.shard_inputs([proj], s, owners[s]))
                       for s in range(level.shards)]
             p, density = [r[0] for r in stage2], [r[1] for r in stage2]
-        ray.wait(density, num_returns=len(density), fetch_local=False)
+        progress.wait(density, f"level {level_no} scoring", rows=level.shard_rows())
         stats["score_seconds"] = self._time("score", t0)
         t0 = time.perf_counter()
         mode = "sim" if self.est.unsupervised else self.est.decode
@@ -289,7 +292,7 @@ class Job:
         built = [lv.assemble_next.remote(t, bounds, result, *[p[t] for p in parts])
                  for t in range(n_next)]
         nxt = _Level(bounds, [b[0] for b in built], [b[1] for b in built], [b[2] for b in built], [b[3] for b in built])
-        ray.wait(nxt.peak_row, num_returns=len(nxt.peak_row), fetch_local=False)
+        progress.wait(nxt.peak_row, "aggregation", rows=nxt.shard_rows())
         self._time("aggregate", t0)
         return nxt
 
@@ -433,6 +436,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
     metrics = None
     if rows.labels is not None:
         metrics = ray.get([_evaluate.remote(len(rows.labels), *rows.labels, *e["labels"]) for e in kept])
+    progress.wait(writes, "writing")
     ray.get(writes)
     job._time("write", t0)
     levels_out = []

@@ -17,6 +17,7 @@ import numpy as np
 
 from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_index, ivf_train_rows, resolve_method, sample_rows, search, to_gpu, use_gpu
 from agc_ray.distributed import level as lv
+from agc_ray.distributed import progress
 from agc_ray.distributed.remote import lazy_remote
 
 JOB_METHODS = ("auto", "exact", "ivf")
@@ -172,8 +173,11 @@ def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, npro
     return pairs
 
 
+SEARCH_CHUNK = 16384  # query rows per search task: enough tasks for progress lines, few enough for overheads
+
+
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
-                      recall_sample: int = 0) -> tuple:
+                      recall_sample: int = 0, stage: str = "kNN") -> tuple:
     """kNN graph of rows sharded over the object store, searched over an index sharded across actors.
 
     Args:
@@ -182,6 +186,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         method: 'auto', 'exact' or 'ivf' (the core's rule and IVF settings).
         seed: seed of the IVF training sample and k-means.
         recall_sample: rows whose neighbours are checked against exact search (approximate search only).
+        stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows).
 
     Returns:
         ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_recall"]}``,
@@ -199,8 +204,12 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         centroids = _train_centroids.remote(sample, n, seed)
         nprobe = IVF_NPROBE
     pairs = index_actors(x_refs, offsets, method, centroids, nprobe)
-    results = [_search_shard.remote(x, int(offsets[s]), pairs, k, False, centroids, nprobe) for s, x in enumerate(x_refs)]
-    graph, _ = lv.concat_graph.remote(len(x_refs), *[r[0] for r in results], *[r[1] for r in results])
+    chunks = [(s, lo, min(lo + SEARCH_CHUNK, int(offsets[s + 1] - offsets[s])))
+              for s in range(len(x_refs)) for lo in range(0, max(1, int(offsets[s + 1] - offsets[s])), SEARCH_CHUNK)]
+    results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe)
+               for s, lo, hi in chunks]
+    progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
+    graph, _ = lv.concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
     ray.wait([graph], fetch_local=False)
     info = {"knn_method": method}
     if method != "exact" and recall_sample > 0:
@@ -218,7 +227,10 @@ def _gather(offsets, rows, *parts):
 
 
 _train_centroids = lazy_remote(ivf_centroids, num_cpus=1)
-_search_shard = lazy_remote(search_shard, num_cpus=0.5, num_returns=2)
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, centroids=None, nprobe: int = 0):
+    """kNN graph rows of queries ``lo:hi`` of one shard (the shard is a direct argument: lineage)."""
+    return search_shard(x_shard[lo:hi], offset + lo, actors, k, False, centroids, nprobe)
 
 
 @lazy_remote(num_cpus=0.5, num_returns=2)

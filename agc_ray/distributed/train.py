@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 
 from agc_ray.core.calibration import holdout_classes as split_by_class  # one implementation: the core's
 from agc_ray.core.validation import check_param
+from agc_ray.distributed import progress
 from agc_ray.distributed.commit import (
     StagingLock, Version, local_lock, observe, remove_dead_staging, replace_local_dir, require_unchanged, restore_local,
     utc_now,
@@ -576,7 +577,10 @@ def train_loop_per_worker(config: dict) -> None:
             torch.manual_seed(seed * 7919 + epoch * 131 + rank)  # dropout: per rank, per epoch
             batches = epoch_batches(loss_module.graphs, bs, seed, epoch)
             sums = torch.zeros(3, dtype=torch.float64)
-            for gi, seeds in batches:
+            ticker = progress.Ticker(f"epoch {epoch + 1}/{epochs}", len(batches), "batches") if rank == 0 else None
+            for b, (gi, seeds) in enumerate(batches):
+                if ticker is not None:
+                    ticker.tick(b)
                 mine, weight = rank_share(seeds, rank, world)
                 conn, den = model(gi, mine.to(device))
                 loss = (conn + den) * weight
@@ -603,7 +607,10 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 rec.update(_validate_epoch(lander, val_graphs, data["x_val"], data["y_val"], params, bs, device))
                 history.append(rec)
-                log.info("epoch %d/%d: %s", epoch + 1, epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
+                left = (epochs - epoch - 1) * sum(h["seconds"] for h in history[-3:]) / len(history[-3:])
+                log.info("epoch %d/%d: %s%s", epoch + 1, epochs,
+                         {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()},
+                         f"; ETA {progress.duration(left)}" if epoch + 1 < epochs else "")
                 if (epoch + 1) % config["checkpoint_every"] == 0 or epoch + 1 == epochs:
                     state_out = {
                         "model": lander.state_dict(),
