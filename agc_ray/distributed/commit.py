@@ -11,7 +11,7 @@ what I saw", never "replace whatever is there". Check and replace are one atomic
   never leaves a lock behind. It orders the processes of one machine; NFS and other shared
   filesystems across machines are not covered.
 - **S3**: at most one run commits at a time because the commit marker is created with a conditional
-  write (``If-None-Match: *``, :func:`create_if_absent`); the version check follows under it.
+  write (``If-None-Match: *``, :meth:`S3Marker.create`); the version check follows under it.
 
 Runs also keep their own staging directory locked (locally) while they live, so that the next run can
 tell a dead run's staging (removed) from a live one's (kept): :func:`remove_dead_staging`.
@@ -84,17 +84,18 @@ def observe(fs: pafs.FileSystem, path: str, name: str = "manifest.json") -> Vers
 
 def require_unchanged(seen: Version, now: Version, what: str) -> None:
     """Raise :class:`OutputConflict` unless ``now`` is the version this run saw when it started."""
-    if now.digest != seen.digest and now.digest is None:
+    if now.digest == seen.digest:
+        return
+    if now.digest is None:
         raise OutputConflict(
             f"{what} changed while this run was working: its manifest.json is gone (another run is committing "
             f"it, or its commit was interrupted); this run's result was not committed (rerun to work from it)"
         )
-    if now.digest != seen.digest:
-        raise OutputConflict(
-            f"{what} changed while this run was working: {now.describe()} committed it after this run started "
-            f"(this run saw {seen.describe()}); this run's result was not committed and the other run's is kept "
-            f"(rerun to work from the new output)"
-        )
+    raise OutputConflict(
+        f"{what} changed while this run was working: {now.describe()} committed it after this run started "
+        f"(this run saw {seen.describe()}); this run's result was not committed and the other run's is kept "
+        f"(rerun to work from the new output)"
+    )
 
 
 # -- local ----------------------------------------------------------------------------------------
@@ -171,6 +172,17 @@ def remove_dead_staging(pattern: str) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def clean_local(path: str, what: str) -> None:
+    """What killed runs left beside ``path``: an interrupted commit undone, dead staging removed.
+
+    The caller holds :func:`local_lock`.
+    """
+    restore_local(path, what)
+    parent, name = os.path.split(path)
+    for dead in remove_dead_staging(os.path.join(parent, f".{name}.staging-*")):
+        log.info("removed the staging directory of a run that died: %s", dead)
 
 
 def replace_local_dir(staging: str, path: str, run_id: str) -> None:

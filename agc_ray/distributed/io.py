@@ -413,10 +413,7 @@ class Output:
             self._created_parents = commit_.make_parents(self.path)  # removed again if this run fails
             try:
                 with commit_.local_lock(self.path):
-                    commit_.restore_local(self.path, "output")
-                    parent, name = posixpath.split(self.path)
-                    for dead in commit_.remove_dead_staging(posixpath.join(parent, f".{name}.staging-*")):
-                        log.info("removed the staging directory of a run that died: %s", dead)
+                    commit_.clean_local(self.path, "output")
                     self._check_existing()
                     self._staging_lock = commit_.StagingLock(self.staging)  # claimed while this run lives
             except BaseException:
@@ -465,7 +462,6 @@ class Output:
         with self.fs.open_output_stream(self.staged("manifest.json")) as f:
             f.write(json.dumps(manifest, indent=2, default=str).encode())
         if self.local:
-            self._created_parents = commit_.make_parents(self.path)  # removed again if this run fails
             with commit_.local_lock(self.path):
                 self._require_unchanged(require)
                 commit_.replace_local_dir(self.staging, self.path, self.run_id)

@@ -204,8 +204,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         centroids = _train_centroids.remote(sample, n, seed)
         nprobe = IVF_NPROBE
     pairs = index_actors(x_refs, offsets, method, centroids, nprobe)
-    chunks = [(s, lo, min(lo + SEARCH_CHUNK, int(offsets[s + 1] - offsets[s])))
-              for s in range(len(x_refs)) for lo in range(0, max(1, int(offsets[s + 1] - offsets[s])), SEARCH_CHUNK)]
+    sizes = np.diff(offsets).astype(int)
+    chunks = [(s, lo, min(lo + SEARCH_CHUNK, n_s)) for s, n_s in enumerate(sizes)
+              for lo in range(0, max(1, n_s), SEARCH_CHUNK)]
     results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe)
                for s, lo, hi in chunks]
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])

@@ -29,6 +29,14 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def _log_line(stage: str, done: int, total: int, unit: str, elapsed: float, tasks: str = "", decimals: int = 0) -> None:
+    """``stage: [tasks, ]done/total unit (pct), rate, elapsed[, ETA]`` (ETA once something is done)."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = f", ETA {duration((total - done) / rate)}" if rate > 0 else ""
+    log.info("%s: %s%d/%d %s (%.0f%%), %.*f %s/s, %s elapsed%s", stage, tasks, done, total, unit,
+             100.0 * done / total, decimals, rate, unit, duration(elapsed), eta)
+
+
 def wait(refs: list, stage: str, rows: list[int] | None = None) -> None:
     """Wait for every ref in ``refs`` (not fetching them), showing the stage's progress.
 
@@ -66,12 +74,7 @@ def wait(refs: list, stage: str, rows: list[int] | None = None) -> None:
                 bar.update(step)
             now = time.perf_counter()
             if bar is None and pending and now >= next_line:
-                elapsed = now - t0
-                rate = done / elapsed if elapsed > 0 else 0.0
-                eta = f", ETA {duration((total - done) / rate)}" if rate > 0 else ""
-                log.info("%s: %d/%d tasks, %d/%d %s (%.0f%%), %.0f %s/s, %s elapsed%s", stage,
-                         len(refs) - len(pending), len(refs), done, total, unit, 100.0 * done / total, rate, unit,
-                         duration(elapsed), eta)
+                _log_line(stage, done, total, unit, now - t0, f"{len(refs) - len(pending)}/{len(refs)} tasks, ")
                 next_line = now + every
     finally:
         if bar is not None:
@@ -95,9 +98,5 @@ class Ticker:
         now = time.perf_counter()
         if now < self.next_line or done >= self.total:
             return
-        elapsed = now - self.t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = f", ETA {duration((self.total - done) / rate)}" if rate > 0 else ""
-        log.info("%s: %d/%d %s (%.0f%%), %.1f %s/s, %s elapsed%s", self.stage, done, self.total, self.unit,
-                 100.0 * done / self.total, rate, self.unit, duration(elapsed), eta)
+        _log_line(self.stage, done, self.total, self.unit, now - self.t0, decimals=1)
         self.next_line = now + self.every

@@ -51,8 +51,7 @@ from agc_ray.core.calibration import holdout_classes as split_by_class  # one im
 from agc_ray.core.validation import check_param
 from agc_ray.distributed import progress
 from agc_ray.distributed.commit import (
-    StagingLock, Version, local_lock, observe, remove_dead_staging, replace_local_dir, require_unchanged, restore_local,
-    utc_now,
+    StagingLock, Version, clean_local, local_lock, observe, replace_local_dir, require_unchanged, utc_now,
 )
 from agc_ray.distributed.errors import InputError, find_input_error  # shared with the clustering job
 
@@ -693,8 +692,7 @@ def check_output(cfg: TrainJobConfig) -> Version:
     out = Path(cfg.output).absolute()
     if out.parent.is_dir():  # else there is nothing to restore or clean up
         with local_lock(str(out)):
-            restore_local(str(out), "--output")
-            remove_dead_staging(str(out.parent / f".{out.name}.staging-*"))
+            clean_local(str(out), "--output")
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {cfg.output} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
