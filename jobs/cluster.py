@@ -23,6 +23,7 @@ Examples:
   python jobs/cluster.py --input s3://bucket/emb/ --output s3://bucket/clusters/ --model my_model
   python jobs/cluster.py --input s3://bucket/emb/ --output s3://bucket/clusters/2026-11-23 \
       --previous s3://bucket/clusters/2026-11-22 --model my_model
+  python jobs/cluster.py --config job.yaml --dry-run    # check and estimate, write nothing
   ray job submit --working-dir . -- python jobs/cluster.py --config job.yaml --num-shards 8
 """
 
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disable the early-stop rule (E_prev / E < k)")
     m.add_argument("--seed", type=int, help="seed of the IVF training sample")
     m.add_argument("--num-shards", type=int, help="node shards (default 0: one per CPU of the Ray cluster)")
+    io_.add_argument("--dry-run", action="store_true",
+                     help="check the input (footers, a sample of rows, every id), model, parameters and output, print "
+                          "the plan with an estimate of peak memory per node and run time (last line: JSON), write "
+                          "nothing; exit 0, or 2 with the message the real run would give")
     r = p.add_argument_group("Ray")
     r.add_argument("--num-cpus", type=int,
                    help="CPUs of the local Ray instance started when not inside `ray job submit` (default: all)")
@@ -132,6 +137,18 @@ def init_ray(num_cpus: int | None = None):
                  logging_level=logging.WARNING)
 
 
+def dry_run(cfg, num_cpus: int | None) -> int:
+    """Print the plan of a run (InputError, as the real run raises it, propagates)."""
+    import json
+
+    from agc_ray.distributed.plan import plan_job
+
+    plan = plan_job(cfg, num_cpus)
+    print("\n".join(["dry run: nothing was written"] + plan.lines()))
+    print(json.dumps(plan.to_dict()))
+    return 0
+
+
 def main(argv=None) -> int:
     if not os.environ.get("RAY_ADDRESS"):
         # a private Ray instance: token authentication chosen explicitly (Ray's default turns it on with a
@@ -147,6 +164,8 @@ def main(argv=None) -> int:
     from agc_ray.distributed.errors import InputError
 
     try:
+        if args.dry_run:
+            return dry_run(job_config(args), args.num_cpus)
         if args.input is None and args.config is None and args.output is None and args.model is None:
             init_ray(args.num_cpus)
             from agc_ray.distributed.demo import run_demo

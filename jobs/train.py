@@ -3,6 +3,7 @@
   python jobs/train.py --input TABLE --output MODEL_DIR [--num-workers N] [--use-gpu] [--epochs E]
                        [--config FILE.yaml] [...]
   ray job submit --working-dir . -- python jobs/train.py --input s3://bucket/table --output model ...
+  python jobs/train.py --input TABLE --output MODEL_DIR --dry-run     # check and estimate, write nothing
 
 TABLE: a Parquet file, directory or glob, local or s3:// (credentials and endpoint from the usual AWS
 environment), with an id, an embedding (list / fixed-size list / fixed_shape_tensor of floats) and an
@@ -81,6 +82,10 @@ def build_parser():
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags win)")
     parser.add_argument("--num-cpus", type=float, default=None,
                         help="logical CPUs of the local Ray instance started outside `ray job submit`")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the input (footers, a sample of rows, every id, the class split), parameters, "
+                             "output and checkpoints, print the plan with an estimate of peak memory and run time "
+                             "(last line: JSON), write nothing; exit 0, or 2 with the message the real run would give")
     groups = {name: parser.add_argument_group(name) for name in (*_GROUPS, "model and optimiser")}
     for name, f in config_fields().items():
         group = next((groups[g] for g, names in _GROUPS.items() if name in names), groups["model and optimiser"])
@@ -96,7 +101,7 @@ def build_parser():
 
 
 def parse_config(argv):
-    """(TrainJobConfig, num_cpus) from flags over YAML over defaults."""
+    """(TrainJobConfig, num_cpus, dry_run) from flags over YAML over defaults."""
     from agc_ray.distributed.config import load_options
     from agc_ray.distributed.train import TrainJobConfig, config_fields
 
@@ -108,7 +113,7 @@ def parse_config(argv):
         parser.set_defaults(**load_options(known.config, set(config_fields())))
     args = parser.parse_args(argv)
     values = {name: getattr(args, name) for name in config_fields()}
-    return TrainJobConfig(**values), args.num_cpus
+    return TrainJobConfig(**values), args.num_cpus, args.dry_run
 
 
 def connect_ray(num_cpus):
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     from agc_ray.distributed.errors import InputError
 
     try:
-        cfg, num_cpus = parse_config(argv)
+        cfg, num_cpus, dry_run = parse_config(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -142,6 +147,15 @@ def main(argv=None) -> int:
     from agc_ray.distributed.train import run_training
 
     try:
+        if dry_run:
+            import json
+
+            from agc_ray.distributed.plan import plan_training
+
+            plan = plan_training(cfg, num_cpus)
+            print("\n".join(["dry run: nothing was written"] + plan.lines()))
+            print(json.dumps(plan.to_dict()))
+            return 0
         cfg.validate()  # parameter errors before any Ray start-up
         connect_ray(num_cpus)
         summary = run_training(cfg)

@@ -237,8 +237,44 @@ def test_long_stages_log_progress_and_nothing_louder(ray_session, tmp_path, job_
         _run(job_table, tmp_path / "out", job_model, max_levels=1, knn="exact", num_shards=2)
     ours = [r for r in caplog.records if r.name == "agc_ray"]
     lines = [r.getMessage() for r in ours]
-    knn = [line for line in lines if line.startswith("level 0 kNN: ")]
-    scoring = [line for line in lines if line.startswith("level 0 scoring: ")]
+    knn = [line for line in lines if line.startswith("level 0 kNN: ") and " tasks, " in line]
     assert knn and knn[0].startswith("level 0 kNN: 1/2 tasks, 1250/2500 rows (50%)") and "ETA" in knn[0], knn
-    assert scoring and scoring[0].startswith("level 0 scoring: 1/2 tasks"), scoring
+    assert any(line.startswith("level 0 kNN: exact index of 2500 rows built in 2 shard(s)") for line in lines)
+    assert any(line.startswith("level 0 kNN index build: 1/2 tasks, ") for line in lines)
+    for stage in ("level 0 scoring 1/2 (projections): ", "level 0 scoring 2/2 (edges): "):
+        scoring = [line for line in lines if line.startswith(stage)]
+        # rows done come from the tasks' own reports too: at least the finished task's 1250 rows
+        assert scoring and scoring[0].startswith(stage + "1/2 tasks, "), (stage, lines)
+        assert int(scoring[0].split("tasks, ")[1].split("/")[0]) >= 1250
     assert not [r.getMessage() for r in ours if r.levelno >= logging.WARNING]
+
+
+def test_row_counter_counts_rows_reported_inside_tasks(ray_session):
+    """Tasks report rows per chunk to the counter; wait() reads it (the scoring stages' progress)."""
+    import time
+
+    import ray
+
+    from agc_ray.distributed import progress
+
+    counter = progress.row_counter()
+
+    @ray.remote
+    def work(counter, chunks):
+        report = progress.reporter(counter, "stage")
+        for _ in range(chunks):
+            report(100)
+        return chunks
+
+    refs = [work.remote(counter, 3), work.remote(counter, 2)]
+    progress.wait(refs, "stage", rows=[300, 200], counter=counter)
+    assert ray.get(refs) == [3, 2]
+    deadline = time.monotonic() + 30  # fire-and-forget reports: delivered, not necessarily before the return
+    while ray.get(counter.done.remote("stage")) < 500 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.get(counter.done.remote("stage")) == 500
+    assert ray.get(counter.done.remote("other")) == 0
+    assert progress._counted(counter, "stage", 0) == 500 and progress._counted(None, "stage", 300) == 300
+    ray.kill(counter)
+    assert progress.reporter(None, "stage") is None
+    progress.reporter(counter, "stage")(5)  # a dead counter does not fail the task

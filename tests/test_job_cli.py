@@ -99,13 +99,59 @@ CASES = ["missing_path", "not_parquet", "different_schemas", "zero_rows", "missi
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_exit_2(ray_session, bad_inputs, tmp_path, capsys, case):
+    """The dry run refuses each bad input with the real run's exact line; neither writes anything."""
     path, words = bad_inputs[case]
     out = tmp_path / "out"
-    rc, lines = _run_cli(["--input", path, "--output", out, "--unsupervised"], capsys)
+    argv = ["--input", path, "--output", out, "--unsupervised"]
+    dry_rc, dry_lines = _run_cli(argv + ["--dry-run"], capsys)
+    _assert_nothing_written(out)
+    rc, lines = _run_cli(argv, capsys)
     assert rc == 2
     assert len(lines) == 1, lines
     assert words in lines[0]
     _assert_nothing_written(out)
+    assert (dry_rc, dry_lines) == (rc, lines)
+
+
+def test_dry_run_plans_and_writes_nothing(ray_session, job_table, tmp_path, job_model, capsys):
+    out = tmp_path / "deep" / "out"
+    rc = cli.main(["--input", str(job_table), "--output", str(out), "--model", str(job_model), "--dry-run"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert not (tmp_path / "deep").exists()
+    plan = json.loads(stdout.strip().splitlines()[-1])
+    assert plan["rows"] == 2500 and plan["dimension"] == 256 and plan["ids_checked"] and plan["rows_checked"] == 2500
+    assert plan["knn_method"] == "exact" and plan["label_column"] == "label" and plan["model"] == str(job_model)
+    assert plan["peak_memory_gb_per_node"] > 0 and plan["run_seconds"] > 0
+    assert "estimate: peak memory" in stdout
+    # an existing output: refused without --overwrite (as the real run), left as it was
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("keep")
+    rc, lines = _run_cli(["--input", job_table, "--output", out, "--model", job_model, "--dry-run"], capsys)
+    assert rc == 2 and "exists and is not empty" in lines[0]
+    assert cli.main(["--input", str(job_table), "--output", str(out), "--model", str(job_model), "--dry-run",
+                     "--overwrite"]) == 0
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+def test_dry_run_samples_large_tables(tmp_path, monkeypatch):
+    """Above the sample size, rows are checked in evenly spread row groups: a bad row there is found."""
+    from agc_ray.distributed import io, plan
+
+    x = _vectors(4000)
+    x[3900, 1] = np.nan  # in the last row group, which the sample reads
+    _write(tmp_path / "t" / "a.parquet", id=pa.array(np.arange(4000)), embedding=_fsl(x))
+    pq.write_table(pq.read_table(tmp_path / "t" / "a.parquet"), tmp_path / "t" / "a.parquet", row_group_size=500)
+    fs, files = io.resolve_input(str(tmp_path / "t"))
+    schema = io.check_schema(fs, files, "id", "embedding", None)
+    with pytest.raises(io.InputError, match="NaN or Inf in 1 row.*example id 3900"):
+        plan.check_rows(fs, schema, sample_rows=1000)
+    x[3900, 1] = 0.5
+    x[2200, 1] = np.nan  # in a row group the sample skips: a sample does not see it (the real run does)
+    pq.write_table(pa.table({"id": pa.array(np.arange(4000)), "embedding": _fsl(x)}), tmp_path / "t" / "a.parquet",
+                   row_group_size=500)
+    checked, dim = plan.check_rows(fs, schema, sample_rows=1000)
+    assert dim == 8 and 0 < checked < 4000
 
 
 def test_model_dimension_mismatch(ray_session, bad_inputs, tmp_path, job_model, capsys):

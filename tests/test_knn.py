@@ -112,3 +112,19 @@ def test_sample_rows_uniform_and_small():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert rows.size == 100_000 and peak < 50 * 2**20
+
+
+def test_ivf_centroids_equal_faiss_ivf_training_and_report_each_iteration():
+    """Iteration by iteration (for progress) gives exactly the centroids of IndexIVFFlat.train."""
+    import faiss
+
+    from agc_ray.core.knn import IVF_TRAIN_ITERATIONS, ivf_centroids, ivf_nlist
+
+    x = l2_normalize(make_faces(6000, dim=16, seed=0)[0])
+    nlist = ivf_nlist(len(x))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 3
+    index.train(x)
+    seen = []
+    np.testing.assert_array_equal(ivf_centroids(x, len(x), 3, report=seen.append), index.quantizer.reconstruct_n(0, nlist))
+    assert seen == [1] * IVF_TRAIN_ITERATIONS == [1] * index.cp.niter

@@ -74,3 +74,24 @@ def test_gradients_reach_every_parameter():
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     # the x_mean halves of the conv weight get gradients through the folded level-0 weights too
     assert missing == []
+
+
+def test_inference_reports_every_row_once_per_stage():
+    """The chunked inference calls ``report`` with each chunk's rows (progress inside a shard's task)."""
+    from agc_ray.core import inference
+    from agc_ray.core.hierarchy import LevelGraph
+
+    x, _ = make_faces(inference._CHUNK + 300, dim=16, seed=0)  # two chunks
+    nbr, sim = knn_graph(x, 5)
+    model = Lander(16, 5).eval()
+    seen = []
+    proj = inference.node_projections(model, torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(nbr),
+                                      torch.from_numpy(sim), report=seen.append)
+    assert seen == [inference._CHUNK, 300]
+    g = LevelGraph(x_id=x, x_sum=x, size=np.ones(len(x), dtype=np.int64), nbr=nbr, sim=sim,
+                   peak_row=np.arange(len(x)))
+    feats = g.edge_features()
+    seen.clear()
+    p = inference.edge_probabilities(model, proj, proj, torch.from_numpy(nbr), feats, report=seen.append)
+    assert seen == [inference._CHUNK, 300]
+    torch.testing.assert_close(p, inference.score_level(model, g)[0])  # reporting changes nothing

@@ -106,14 +106,33 @@ BAD = ["missing", "not_parquet", "no_label", "single_class", "rows_lt_batch", "n
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_exits_2_and_writes_nothing(case, cluster, data, tmp_path, capsys):
+    """The dry run refuses each with the real run's exact line; neither writes anything."""
     table, extra, expected = _bad_tables(tmp_path, data["x"], data["y"])[case]
     out = tmp_path / "model"
-    rc, err = run_job(["--input", table or data["table"], "--output", out, *SMALL, *extra], capsys)
+    argv = ["--input", table or data["table"], "--output", out, *SMALL, *extra]
+    dry_rc, dry_err = run_job(argv + ["--dry-run"], capsys)
+    assert not out.exists() and not Path(str(out) + ".checkpoints").exists()
+    rc, err = run_job(argv, capsys)
     assert rc == 2, err
     errors = [line for line in err.strip().splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], err
     assert err.strip().splitlines()[-1] == errors[0]  # the last line (Ray Data may log above it)
     assert not out.exists() and not Path(str(out) + ".checkpoints").exists()
+    assert dry_rc == 2 and dry_err.strip().splitlines()[-1] == errors[0], dry_err
+
+
+def test_dry_run_plans_and_writes_nothing(cluster, data, tmp_path, capsys):
+    out = tmp_path / "new" / "model"
+    rc = job.main(["--input", str(data["table"]), "--output", str(out), *SMALL, "--dry-run"])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    plan = json.loads(stdout.strip().splitlines()[-1])
+    y = data["y"]
+    assert plan["rows"] == len(y) and plan["classes"] == np.unique(y).size
+    assert plan["train_rows"] + plan["val_rows"] == len(y) and plan["val_rows"] > 0
+    assert plan["rows_checked"] == len(y) and plan["peak_memory_gb_per_node"] > 0 and plan["run_seconds"] > 0
+    assert "estimate: peak memory" in stdout
+    assert not (tmp_path / "new").exists()
 
 
 def test_existing_output_and_yaml_config(cluster, data, tmp_path, capsys):

@@ -22,8 +22,12 @@ _CHUNK = 4096
 
 
 @torch.no_grad()
-def node_projections(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Edge-head projections of ``rows`` (default all), (M, 3 edge_channels)."""
+def node_projections(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor | None = None,
+                     report=None) -> torch.Tensor:
+    """Edge-head projections of ``rows`` (default all), (M, 3 edge_channels).
+
+    ``report``: called with the number of rows of each chunk done (progress of a long call).
+    """
     x_id, x_mean = torch.as_tensor(x_id), torch.as_tensor(x_mean)
     nbr, sim = torch.as_tensor(nbr), torch.as_tensor(sim)
     rows = torch.arange(nbr.shape[0], device=nbr.device) if rows is None else torch.as_tensor(rows, device=nbr.device)
@@ -31,11 +35,13 @@ def node_projections(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor |
     for start in range(0, rows.shape[0], _CHUNK):  # filled in place: no list of chunks plus a copy
         h = model.embed(x_id, x_mean, nbr, sim, rows[start : start + _CHUNK])
         out[start : start + _CHUNK] = model.edge_head.project(h)
+        if report is not None:
+            report(h.shape[0])
     return out
 
 
 @torch.no_grad()
-def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows) -> torch.Tensor:
+def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows, report=None) -> torch.Tensor:
     """p_ij for the edges of some rows.
 
     Args:
@@ -43,6 +49,7 @@ def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows) 
         proj_rows: (M, 3E) projections of the rows; nbr_rows (M, k) neighbour ids (-1 padded);
         feats_rows: (M, k, F) edge features, or a callable ``(start, stop) -> (stop - start, k, F)``
             that computes them per chunk (so that they are never held for all rows).
+        report: called with the number of rows of each chunk done (progress of a long call).
 
     Returns:
         (M, k) float32 probabilities, 0 on padded edges.
@@ -56,6 +63,8 @@ def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows) 
         f = feats_rows(start, min(stop, nbr_rows.shape[0])) if callable(feats_rows) else feats_rows[start:stop]
         logits = model.edge_head(proj_j, proj_rows[start:stop], model.normalize_features(f))
         out[start:stop] = torch.sigmoid(logits)
+        if report is not None:
+            report(nb.shape[0])
     out[nbr_rows < 0] = 0.0
     return out
 

@@ -100,15 +100,29 @@ def ivf_train_rows(n: int, seed: int) -> np.ndarray | None:
     return sample_rows(n, n_train, seed)
 
 
-def ivf_centroids(sample: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """(nlist, D) coarse centroids for an index of n rows, trained by faiss' k-means on ``sample``."""
+#: k-means iterations of the IVF quantizer (faiss' default for an IVF index's coarse quantizer).
+IVF_TRAIN_ITERATIONS = 10
+
+
+def ivf_centroids(sample: np.ndarray, n: int, seed: int, report=None) -> np.ndarray:
+    """(nlist, D) coarse centroids for an index of n rows, trained by faiss' k-means on ``sample``.
+
+    The same spherical k-means as ``IndexIVFFlat.train`` (its clustering parameters), run one
+    iteration per call so that ``report`` (if given) is called with 1 after each of the
+    :data:`IVF_TRAIN_ITERATIONS`: the centroids are identical, and a long training shows progress.
+    """
     import faiss
 
     nlist, d = ivf_nlist(n), sample.shape[1]
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = seed
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return index.quantizer.reconstruct_n(0, nlist)
+    cp = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT).cp  # the index's defaults
+    cp.seed, cp.niter = seed, 1
+    clustering = faiss.Clustering(d, nlist, cp)
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    for _ in range(IVF_TRAIN_ITERATIONS):  # each call continues from the centroids of the last
+        clustering.train(x, faiss.IndexFlatIP(d))
+        if report is not None:
+            report(1)
+    return faiss.vector_to_array(clustering.centroids).reshape(nlist, d)
 
 
 def ivf_index(centroids: np.ndarray, nprobe: int | None = None):

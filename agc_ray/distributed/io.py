@@ -423,6 +423,12 @@ class Output:
             self.recover()
             self._check_existing()
 
+    def inspect(self) -> None:
+        """:meth:`check`'s refusals without its side effects (the dry run): creates, locks, removes nothing."""
+        if self.fs.type_name == "s3" and "/" not in self.path:
+            raise InputError(f"output {self.uri} must be a prefix inside a bucket (s3://bucket/prefix)")
+        self._check_existing()
+
     def _check_existing(self) -> None:
         try:
             info = self.fs.get_file_info(self.path)

@@ -198,6 +198,7 @@ class Job:
         self.cfg, self.est, self.num_shards = cfg, est, num_shards
         self.timings: dict[str, float] = {}
         self.actors = []
+        self.counter = None
         self.schedule = None  # unsupervised without tau: the adaptive thresholds
 
     def _time(self, stage: str, t0: float) -> float:
@@ -208,10 +209,11 @@ class Job:
     def knn(self, level: _Level, level_no: int, stats: dict):
         """The level's kNN graph as one object ``(nbr, sim)``, searched over the sharded index."""
         t0 = time.perf_counter()
-        self.close()  # the previous level's index actors
+        self.close_index()  # the previous level's
         graph, info, self.actors = sharded_knn_graph(
             level.x_id, level.offsets, self.est.k, self.est.knn, self.est.seed,
             recall_sample=self.cfg.knn_recall_sample if level_no == 0 else 0, stage=f"level {level_no} kNN",
+            counter=self.row_counter(),
         )
         stats.update(info, knn_seconds=self._time("knn", t0))
         log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, level.n, level.shards, info["knn_method"],
@@ -227,17 +229,23 @@ class Job:
         if self.est.unsupervised:
             p = [None] * level.shards
             density = [lv.similarity_densities.remote(s, offs, graph) for s in range(level.shards)]
+            progress.wait(density, f"level {level_no} scoring", rows=level.shard_rows())
         else:
             owners = ray.get(lv.halo_owners.remote(offs, graph))
+            names = (f"level {level_no} scoring 1/2 (projections)", f"level {level_no} scoring 2/2 (edges)")
+            counter = self.row_counter()
             stage1 = [lv.shard_projections.remote(model_ref, s, offs, graph, owners[s],
-                                                  *lv.shard_inputs(level.arrays(), s, owners[s]))
+                                                  *lv.shard_inputs(level.arrays(), s, owners[s]),
+                                                  progress=(counter, names[0]))
                       for s in range(level.shards)]
             proj = [r[0] for r in stage1]
             stage2 = [lv.shard_probabilities.remote(model_ref, s, offs, graph, stage1[s][1], owners[s],
-                                                    *lv.shard_inputs([proj], s, owners[s]))
+                                                    *lv.shard_inputs([proj], s, owners[s]),
+                                                    progress=(counter, names[1]))
                       for s in range(level.shards)]
             p, density = [r[0] for r in stage2], [r[1] for r in stage2]
-        progress.wait(density, f"level {level_no} scoring", rows=level.shard_rows())
+            progress.wait([r[1] for r in stage1], names[0], rows=level.shard_rows(), counter=counter)
+            progress.wait(density, names[1], rows=level.shard_rows(), counter=counter)
         stats["score_seconds"] = self._time("score", t0)
         t0 = time.perf_counter()
         mode = "sim" if self.est.unsupervised else self.est.decode
@@ -296,12 +304,27 @@ class Job:
         self._time("aggregate", t0)
         return nxt
 
-    def close(self):
+    def row_counter(self):
+        """The run's :class:`~agc_ray.distributed.progress.RowCounter` (rows done inside scoring tasks)."""
+        if self.counter is None:
+            self.counter = progress.row_counter()
+        return self.counter
+
+    def close_index(self):
+        """Kill the index actors (kept after the kNN stage for a possible graph reconstruction)."""
         import ray
 
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+    def close(self):
+        import ray
+
+        self.close_index()
+        if self.counter is not None:
+            ray.kill(self.counter)
+            self.counter = None
 
 
 def default_num_shards() -> int:

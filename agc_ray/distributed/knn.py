@@ -13,14 +13,21 @@ cells, so the merged result equals a single IVF index with that quantizer, whate
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 
-from agc_ray.core.knn import IVF_NPROBE, ivf_centroids, ivf_index, ivf_train_rows, resolve_method, sample_rows, search, to_gpu, use_gpu
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows, resolve_method,
+                              sample_rows, search, to_gpu, use_gpu)
 from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import lazy_remote
 
+log = logging.getLogger("agc_ray")
+
 JOB_METHODS = ("auto", "exact", "ivf")
+ADD_CHUNK = 65536  # rows per index.add: progress while a shard's index is built
 
 
 class ShardIndex:
@@ -37,14 +44,18 @@ class ShardIndex:
         nprobe: IVF cells probed per query.
     """
 
-    def __init__(self, x: np.ndarray, offset: int, method: str, centroids: np.ndarray | None = None, nprobe: int = 0):
+    def __init__(self, x: np.ndarray, offset: int, method: str, centroids: np.ndarray | None = None, nprobe: int = 0,
+                 report=None):
         import faiss
 
         d = x.shape[1]
         index = faiss.IndexFlatIP(d) if method == "exact" else ivf_index(centroids, nprobe)
         if use_gpu("auto"):  # a GPU actor with faiss-gpu
             index = to_gpu(index)
-        index.add(np.ascontiguousarray(x, dtype=np.float32))
+        for lo in range(0, x.shape[0], ADD_CHUNK):  # same index as one add; ``report`` gets each chunk's rows
+            index.add(np.ascontiguousarray(x[lo:lo + ADD_CHUNK], dtype=np.float32))
+            if report is not None:
+                report(min(ADD_CHUNK, x.shape[0] - lo))
         self.index, self.offset, self.x = index, int(offset), x
 
     def ready(self) -> int:
@@ -83,17 +94,20 @@ class ShardIndexActor:
         self.offset, self.method, self.nprobe = int(offset), method, nprobe
         self.index: ShardIndex | None = None
 
-    def _index(self, source: list) -> ShardIndex:
+    def _index(self, source: list, progress=None) -> ShardIndex:
         if self.index is None:
             import ray
 
+            from agc_ray.distributed.progress import reporter
+
             x, centroids = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in source)
-            self.index = ShardIndex(x, self.offset, self.method, centroids, self.nprobe)
+            self.index = ShardIndex(x, self.offset, self.method, centroids, self.nprobe,
+                                    report=reporter(*progress) if progress else None)
         return self.index
 
-    def build(self, source: list) -> int:
-        """Build the index; rows indexed."""
-        return self._index(source).ready()
+    def build(self, source: list, progress=None) -> int:
+        """Build the index (rows added reported to ``progress = (counter, stage)``); rows indexed."""
+        return self._index(source, progress).ready()
 
     def search(self, source: list, queries: np.ndarray, kk: int, exact: bool = False, assign=None):
         """:meth:`ShardIndex.search`."""
@@ -150,10 +164,12 @@ def search_shard(x_q: np.ndarray, offset: int, actors, k: int, exact: bool = Fal
 
 
 # -- the sharded search, as Ray tasks and actors ----------------------------------------------------
-def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, nprobe: int) -> list:
+def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, nprobe: int, *,
+                 stage: str = "kNN index", counter=None) -> list:
     """One :class:`ShardIndexActor` per node shard (GPU actors when the cluster has GPUs; restartable).
 
-    Returns ``(actor, source)`` pairs, ``source`` the refs that the actor's calls carry.
+    Returns ``(actor, source)`` pairs, ``source`` the refs that the actor's calls carry. The build's
+    progress is shown under ``stage`` (rows added, reported to ``counter`` if given).
     """
     import ray
 
@@ -169,7 +185,9 @@ def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, npro
         max_restarts=3, max_task_retries=3,
     )
     pairs = [(cls.remote(int(offsets[s]), method, nprobe), [x, centroids]) for s, x in enumerate(x_refs)]
-    ray.get([a.build.remote(source) for a, source in pairs])
+    builds = [a.build.remote(source, progress=(counter, stage) if counter else None) for a, source in pairs]
+    progress.wait(builds, stage, rows=np.diff(offsets).astype(int).tolist(), counter=counter)
+    ray.get(builds)
     return pairs
 
 
@@ -177,7 +195,7 @@ SEARCH_CHUNK = 16384  # query rows per search task: enough tasks for progress li
 
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
-                      recall_sample: int = 0, stage: str = "kNN") -> tuple:
+                      recall_sample: int = 0, stage: str = "kNN", counter=None) -> tuple:
     """kNN graph of rows sharded over the object store, searched over an index sharded across actors.
 
     Args:
@@ -187,6 +205,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         seed: seed of the IVF training sample and k-means.
         recall_sample: rows whose neighbours are checked against exact search (approximate search only).
         stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows).
+        counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
 
     Returns:
         ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_recall"]}``,
@@ -198,12 +217,24 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     n = int(offsets[-1])
     method = resolve_method(method, n)
     centroids, nprobe = None, 0
+    t0 = time.perf_counter()
     if method == "ivf":
         rows = ivf_train_rows(n, seed)
         sample = _gather.remote(offsets, rows if rows is not None else np.arange(n), *x_refs)
-        centroids = _train_centroids.remote(sample, n, seed)
+        training = f"{stage} IVF quantizer"
+        # nothing else runs meanwhile: k-means gets the CPUs of the largest node (one node: one sample)
+        cpus = max([node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")] + [1.0])
+        centroids = _train_centroids.options(num_cpus=cpus).remote(
+            sample, n, seed, progress=(counter, training) if counter else None)
         nprobe = IVF_NPROBE
-    pairs = index_actors(x_refs, offsets, method, centroids, nprobe)
+        # the index build needs them anyway: k-means iterations as progress, then a line
+        progress.wait([centroids], training, rows=[IVF_TRAIN_ITERATIONS], counter=counter, unit="iterations")
+        log.info("%s: IVF quantizer of %d cells trained on %d rows, %.1fs", stage, ivf_nlist(n),
+                 n if rows is None else rows.size, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    pairs = index_actors(x_refs, offsets, method, centroids, nprobe, stage=f"{stage} index build", counter=counter)
+    log.info("%s: %s index of %d rows built in %d shard(s), %.1fs", stage, method, n, len(x_refs),
+             time.perf_counter() - t0)
     sizes = np.diff(offsets).astype(int)
     chunks = [(s, lo, min(lo + SEARCH_CHUNK, n_s)) for s, n_s in enumerate(sizes)
               for lo in range(0, max(1, n_s), SEARCH_CHUNK)]
@@ -227,7 +258,22 @@ def _gather(offsets, rows, *parts):
     return lv.gather_rows(dict(enumerate(parts)), offsets, rows)
 
 
-_train_centroids = lazy_remote(ivf_centroids, num_cpus=1)
+@lazy_remote(num_cpus=1)
+def _train_centroids(sample, n: int, seed: int, progress=None):
+    """:func:`~agc_ray.core.knn.ivf_centroids`, reporting iterations to ``progress = (counter, stage)``."""
+    import faiss
+    import ray
+
+    from agc_ray.distributed.progress import reporter
+
+    before = faiss.omp_get_max_threads()  # the worker process runs other tasks afterwards
+    faiss.omp_set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    try:
+        return ivf_centroids(sample, n, seed, report=reporter(*progress) if progress else None)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 @lazy_remote(num_cpus=0.5, num_returns=2)
 def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, centroids=None, nprobe: int = 0):
     """kNN graph rows of queries ``lo:hi`` of one shard (the shard is a direct argument: lineage)."""

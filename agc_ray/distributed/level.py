@@ -149,11 +149,15 @@ def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
-def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts):
+def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts, progress=None):
     """Stage 1: ``(proj (n_s, 3E), edge features (n_s, k, F))`` of shard ``s``.
 
     ``parts``: :func:`shard_inputs` of ``[x_id]`` (level 0) or ``[x_id, x_sum, size]``.
+    ``progress``: ``(counter, stage)`` that the rows done are reported to (see
+    :func:`agc_ray.distributed.progress.reporter`), or None.
     """
+    from agc_ray.distributed.progress import reporter
+
     from agc_ray.core.inference import node_projections
 
     torch = _torch_single_thread()
@@ -165,20 +169,23 @@ def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts):
     nbr_loc[: lg.n_own] = torch.from_numpy(lg.nbr_own)
     sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
     model.eval()
-    proj = node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(lg.n_own))
+    proj = node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(lg.n_own),
+                            report=reporter(*progress) if progress else None)
     feats = shard_edge_features(nbr, sim, lg, x_mean if aggregated else None, size)
     return proj.numpy(), feats.numpy()
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
-def shard_probabilities(model, s: int, offsets, graph, feats, owners: list[int], *proj_parts):
+def shard_probabilities(model, s: int, offsets, graph, feats, owners: list[int], *proj_parts, progress=None):
     """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``; ``proj_parts``: :func:`shard_inputs` of ``[proj]``.
+    ``progress`` as in :func:`shard_projections`.
 
     The neighbours' projections are read from the parts chunk by chunk (no own + halo copy: at level
     0 in random row order the halo is nearly every other row, 1.5 GB of projections at 10^6 rows).
     """
     from agc_ray.core.inference import edge_probabilities
     from agc_ray.core.lander import predicted_density
+    from agc_ray.distributed.progress import reporter
 
     torch = _torch_single_thread()
     nbr, sim = graph
@@ -194,7 +201,8 @@ def shard_probabilities(model, s: int, offsets, graph, feats, owners: list[int],
 
     nbr_rows = torch.from_numpy(np.ascontiguousarray(nbr[lo:hi]))
     model.eval()
-    p = edge_probabilities(model, proj_of, torch.from_numpy(by_shard[s]), nbr_rows, torch.from_numpy(feats))
+    p = edge_probabilities(model, proj_of, torch.from_numpy(by_shard[s]), nbr_rows, torch.from_numpy(feats),
+                           report=reporter(*progress) if progress else None)
     sim_rows = torch.from_numpy(np.ascontiguousarray(sim[lo:hi]))
     density = predicted_density(p, sim_rows, nbr_rows >= 0)
     return p.numpy(), density.numpy()

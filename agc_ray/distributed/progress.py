@@ -1,9 +1,12 @@
-"""Progress of the job's long stages, counted from finished Ray tasks.
+"""Progress of the job's long stages, counted from finished Ray tasks and rows done inside them.
 
 :func:`wait` blocks until a stage's task refs are done. On a terminal it draws a tqdm bar; otherwise
 it logs a line every ``AGC_RAY_PROGRESS_S`` seconds (10 by default), as Ray Data does for
 non-interactive output: tasks and rows done, rows per second and an ETA from that rate. Counts come
-from the tasks that have finished (and the rows each one covers), never from guesses.
+from the tasks that have finished (and the rows each one covers), never from guesses. Stages whose
+tasks are long (scoring: one task per shard) also count rows inside the tasks: each task reports the
+rows of every chunk it finishes to a :class:`RowCounter` actor (the progress-actor pattern of Ray's
+own examples), which :func:`wait` reads when a line is due.
 """
 
 from __future__ import annotations
@@ -37,20 +40,73 @@ def _log_line(stage: str, done: int, total: int, unit: str, elapsed: float, task
              100.0 * done / total, decimals, rate, unit, duration(elapsed), eta)
 
 
-def wait(refs: list, stage: str, rows: list[int] | None = None) -> None:
+class RowCounter:
+    """Rows done per stage, reported by tasks while they run (a Ray actor; see :func:`row_counter`)."""
+
+    def __init__(self):
+        self.rows: dict[str, int] = {}
+
+    def add(self, stage: str, rows: int) -> None:
+        self.rows[stage] = self.rows.get(stage, 0) + rows
+
+    def done(self, stage: str) -> int:
+        return self.rows.get(stage, 0)
+
+
+def row_counter():
+    """A :class:`RowCounter` actor on the driver's node (no CPU: it only adds numbers)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(RowCounter).options(num_cpus=0, scheduling_strategy=here).remote()
+
+
+def reporter(counter, stage: str):
+    """``report(rows)`` for a task's inner loop: tells ``counter`` (if any) about rows done, without waiting.
+
+    A lost counter never fails the task: progress is a side channel.
+    """
+    if counter is None:
+        return None
+
+    def report(rows: int) -> None:
+        try:
+            counter.add.remote(stage, int(rows))
+        except Exception:  # noqa: BLE001 - the counter's node is gone: no more progress, same result
+            pass
+
+    return report
+
+
+def _counted(counter, stage: str, done: int) -> int:
+    """Rows done: the finished tasks' rows, or the counter's rows when it has counted more."""
+    if counter is None:
+        return done
+    import ray
+
+    try:
+        return max(done, ray.get(counter.done.remote(stage), timeout=5))
+    except Exception:  # noqa: BLE001 - see reporter()
+        return done
+
+
+def wait(refs: list, stage: str, rows: list[int] | None = None, counter=None, unit: str = "rows") -> None:
     """Wait for every ref in ``refs`` (not fetching them), showing the stage's progress.
 
     Args:
         refs: one ref per task of the stage.
         stage: the stage's name in the progress line ("level 0 kNN").
         rows: rows each task covers (rates and ETA in rows); None: counted in tasks.
+        counter: a :func:`row_counter` that the tasks report their rows to under ``stage`` (needs ``rows``).
+        unit: what ``rows`` counts.
     """
     import ray
 
     if not refs:
         return
     weights = list(rows) if rows is not None else [1] * len(refs)
-    unit = "rows" if rows is not None else "tasks"
+    unit = unit if rows is not None else "tasks"
     total = sum(weights)
     weight_of = {ref: w for ref, w in zip(refs, weights)}
     pending, done, t0 = list(refs), 0, time.perf_counter()
@@ -64,17 +120,19 @@ def wait(refs: list, stage: str, rows: list[int] | None = None) -> None:
     try:
         while pending:
             if bar is not None or every == 0:  # one task at a time: the bar moves as each finishes
-                ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+                timeout = 1.0 if bar is not None and counter is not None else None  # the bar moves within tasks
+                ready, pending = ray.wait(pending, num_returns=1, timeout=timeout, fetch_local=False)
             else:  # everything, or what has finished when the next line is due
                 timeout = max(0.0, next_line - time.perf_counter())
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=timeout, fetch_local=False)
-            step = sum(weight_of[r] for r in ready)
-            done += step
-            if bar is not None:
-                bar.update(step)
+            done += sum(weight_of[r] for r in ready)
             now = time.perf_counter()
-            if bar is None and pending and now >= next_line:
-                _log_line(stage, done, total, unit, now - t0, f"{len(refs) - len(pending)}/{len(refs)} tasks, ")
+            if bar is not None:
+                bar.update(min(total, _counted(counter, stage, done)) - bar.n)
+            elif pending and now >= next_line:
+                counted = min(total, _counted(counter, stage, done))
+                _log_line(stage, counted, total, unit, now - t0, f"{len(refs) - len(pending)}/{len(refs)} tasks, ",
+                          decimals=0 if unit in ("rows", "tasks") else 2)
                 next_line = now + every
     finally:
         if bar is not None:

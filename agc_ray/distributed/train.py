@@ -191,6 +191,19 @@ def _tensor_matrix(col) -> np.ndarray:
     return np.ascontiguousarray(np.stack(arr.to_numpy(zero_copy_only=False)), dtype=np.float32)
 
 
+def sort_ids(column) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted ids, order)`` of an id column; InputError on duplicates (the rows are sorted by id)."""
+    ids = column.to_numpy()
+    if ids.dtype == object:
+        ids = ids.astype(str)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    dup = ids[1:] == ids[:-1]
+    if dup.any():
+        raise InputError(f"id column has duplicate values (example id {ids[1:][dup][0]!r}, {int(dup.sum())} duplicates)")
+    return ids, order
+
+
 def table_arrays(tables: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, x, y)`` of prepared blocks (see :func:`read_table`), sorted by id, ids checked unique.
 
@@ -202,14 +215,7 @@ def table_arrays(tables: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not tables:
         raise InputError("input has zero rows")
     table = pa.concat_tables(tables)
-    ids = table.column("id").to_numpy()
-    if ids.dtype == object:
-        ids = ids.astype(str)
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
-    dup = ids[1:] == ids[:-1]
-    if dup.any():
-        raise InputError(f"id column has duplicate values (example id {ids[1:][dup][0]!r}, {int(dup.sum())} duplicates)")
+    ids, order = sort_ids(table.column("id"))
     x = _tensor_matrix(table.column("x"))[order]
     y = table.column("label").to_numpy().astype(np.int64)[order]
     return ids, x, y
@@ -252,22 +258,16 @@ def graph_from_arrays(d: dict, device="cpu"):
     return g.to(device) if str(device) != "cpu" else g
 
 
-def split_rows(cfg: TrainJobConfig, *tables) -> dict:
-    """Validate the rows, sort them by id, fingerprint them and hold out whole classes (a Ray task).
-
-    Returns a dict of numpy arrays and small metadata: ``x_train``, ``y_train``, ``x_val``, ``y_val``
-    (None without validation), ``fingerprint``, counts, ``prepare_seconds``.
-    """
-    t0 = time.perf_counter()
-    ids, x, y = table_arrays(list(tables))
-    fingerprint = data_fingerprint(ids, x, y)
+def check_split(cfg: TrainJobConfig, y: np.ndarray) -> np.ndarray:
+    """The validation mask of the id-sorted labels ``y`` (whole classes held out); InputError when a
+    split is too small to train or validate on."""
     if np.unique(y).size < 2:
         raise InputError(f"label column {cfg.label_column!r} has a single class ({y[0]}); training needs at least 2")
     val = split_by_class(y, cfg.val_fraction, cfg.seed)
     n_train, n_val = int((~val).sum()), int(val.sum())
     if n_train < cfg.batch_size:
         raise InputError(
-            f"{n_train} training rows ({x.shape[0]} rows, {n_val} held out for validation) is fewer than "
+            f"{n_train} training rows ({y.size} rows, {n_val} held out for validation) is fewer than "
             f"--batch-size {cfg.batch_size}"
         )
     if n_train <= cfg.k:
@@ -279,6 +279,20 @@ def split_rows(cfg: TrainJobConfig, *tables) -> dict:
             f"the validation split ({n_val} rows, {np.unique(y[val]).size} classes) needs more than "
             f"--k {cfg.k} rows and 2 classes; raise --val-fraction or set it to 0"
         )
+    return val
+
+
+def split_rows(cfg: TrainJobConfig, *tables) -> dict:
+    """Validate the rows, sort them by id, fingerprint them and hold out whole classes (a Ray task).
+
+    Returns a dict of numpy arrays and small metadata: ``x_train``, ``y_train``, ``x_val``, ``y_val``
+    (None without validation), ``fingerprint``, counts, ``prepare_seconds``.
+    """
+    t0 = time.perf_counter()
+    ids, x, y = table_arrays(list(tables))
+    fingerprint = data_fingerprint(ids, x, y)
+    val = check_split(cfg, y)
+    n_train, n_val = int((~val).sum()), int(val.sum())
     out = {
         "fingerprint": fingerprint, "n_rows": int(x.shape[0]), "n_train": n_train, "n_val": n_val,
         "dim": int(x.shape[1]), "n_classes": int(np.unique(y).size),
@@ -634,16 +648,19 @@ def train_loop_per_worker(config: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def check_cluster_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+def check_cluster_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool, nodes: list | None = None) -> None:
     """Raise :class:`InputError` when the cluster's nodes cannot place ``num_workers`` workers at all.
 
     Counts whole workers per alive node (a worker cannot span nodes); busy resources are not
-    counted against the cluster: those workers wait, they can be placed eventually.
+    counted against the cluster: those workers wait, they can be placed eventually. ``nodes``:
+    ``ray.nodes()``'s entries (default: asked from the connected cluster).
     """
-    import ray
+    if nodes is None:
+        import ray
 
+        nodes = ray.nodes()
     fits, summary = 0, []
-    for node in ray.nodes():
+    for node in nodes:
         if not node.get("Alive"):
             continue
         res = node.get("Resources", {})
@@ -674,6 +691,19 @@ def storage_location(cfg: TrainJobConfig) -> tuple[str, str]:
     return storage, cfg.run_name or _default_run_name(cfg)
 
 
+def check_checkpoints(cfg: TrainJobConfig) -> tuple[str, str, bool]:
+    """``(storage, run_name, checkpoints exist)``; InputError when an earlier run's checkpoints are there
+    and ``resume`` is not set."""
+    storage, run_name = storage_location(cfg)
+    exists = _run_has_checkpoints(storage, run_name)
+    if exists and not cfg.resume:
+        raise InputError(
+            f"checkpoints of an earlier run exist at {storage}/{run_name}; pass --resume to continue it, or a new "
+            f"--run-name / --storage-path"
+        )
+    return storage, run_name, exists
+
+
 def _run_has_checkpoints(storage: str, run_name: str) -> bool:
     try:
         fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else Path(storage).as_uri())
@@ -683,14 +713,14 @@ def _run_has_checkpoints(storage: str, run_name: str) -> bool:
     return info.type == pafs.FileType.File
 
 
-def check_output(cfg: TrainJobConfig) -> Version:
+def check_output(cfg: TrainJobConfig, clean: bool = True) -> Version:
     """Refuse an existing non-empty MODEL_DIR unless ``overwrite``; return the version seen (its config.json).
 
     A commit that a kill cut short between its two renames is undone first, and the staging
-    directories of dead runs are removed.
+    directories of dead runs are removed (unless ``clean`` is False: the dry run changes nothing).
     """
     out = Path(cfg.output).absolute()
-    if out.parent.is_dir():  # else there is nothing to restore or clean up
+    if clean and out.parent.is_dir():  # else there is nothing to restore or clean up
         with local_lock(str(out)):
             clean_local(str(out), "--output")
     if out.exists() and not out.is_dir():
@@ -755,13 +785,7 @@ def run_training(cfg: TrainJobConfig, *, fault: dict | None = None) -> dict:
     run = {"id": uuid.uuid4().hex[:12], "started": utc_now()}
     seen = check_output(cfg)
     check_cluster_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
-    storage, run_name = storage_location(cfg)
-    exists = _run_has_checkpoints(storage, run_name)
-    if exists and not cfg.resume:
-        raise InputError(
-            f"checkpoints of an earlier run exist at {storage}/{run_name}; pass --resume to continue it, or a new "
-            f"--run-name / --storage-path"
-        )
+    storage, run_name, exists = check_checkpoints(cfg)
     if cfg.resume and not exists:
         log.warning("--resume: no checkpoint at %s/%s, starting from scratch", storage, run_name)
     fs, schema = inspect_table(cfg)

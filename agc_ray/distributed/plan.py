@@ -1,0 +1,352 @@
+"""The dry run of the clustering job: every check that needs no cluster work, the plan, and its cost.
+
+:func:`plan_job` runs the checks of :func:`~agc_ray.distributed.job.run_job` that read only metadata
+(parameters, model, output location, ``--previous``, every file's footer) plus the row checks on a
+sample (NaN / Inf, all-zero, ragged, null ids or labels: the real run's code and messages) and the
+duplicate-id check on the whole id column, then estimates the run's peak memory per node and its
+wall time from per-row costs measured by ``benchmarks/bench_estimate.py``. It writes nothing.
+
+The cost model (see :data:`COSTS`): the run's memory peaks at level 0, where every row's embedding is
+held a few times over (Ray Data's blocks, the shard, the index, the halo copies scoring reads) with the
+graph and the model's projections; so a node's peak is a fixed part per Ray worker plus a part per row
+it holds (rows spread evenly over the nodes by the shards). Time: the kNN search scans ``nprobe`` IVF
+cells of ``N / nlist`` rows per query (``N^2`` for exact search), scoring and reading are linear in
+``N x D``, and every level above 0 repeats the work on the clusters of the one below.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from agc_ray.distributed import io
+from agc_ray.distributed.errors import InputError
+
+#: Per-row costs measured on the project's 2-core, 24 GiB benchmark machine (Ray 2.60, faiss-cpu 1.x)
+#: by ``python benchmarks/bench_estimate.py --sizes 100000,1000000`` (256-d make_faces, model k=10,
+#: hidden 128); seconds are CPU-seconds (divided by the CPUs that run the stage).
+COSTS = {
+    "base_gb": 1.2,                # driver, raylet, GCS, object store bookkeeping
+    "worker_gb": 0.45,             # one Ray worker with torch and faiss imported (PSS)
+    "bytes_per_row_float": 28.0,   # bytes per row per embedding float (float32 copies held at level 0)
+    "bytes_per_row": 600.0,        # graph (k neighbours, similarities), ids, projections, labels
+    "read_s": 6e-9,                # per row x dimension
+    "knn_s": 1.2e-9,               # per scanned row x dimension (IVF: nprobe cells + centroids per query)
+    "score_s": 1.5e-8,             # per row x dimension
+    "rest_s": 2e-6,                # decode, aggregation, writing: per row
+    "level_ratio": 0.25,           # nodes of level L+1 / nodes of level L (clusters per node)
+    "fixed_s": 15.0,               # Ray start, model load, commit, report
+}
+
+#: Rows whose every check runs in the dry run (spread over the table's row groups).
+SAMPLE_ROWS = 65_536
+#: Up to this many rows, the dry run reads the whole id column for duplicates.
+ID_CHECK_ROWS = 20_000_000
+
+
+@dataclass
+class Plan:
+    """What the job would do with a configuration, and what it would cost."""
+
+    input: str
+    files: int
+    rows: int
+    dimension: int | None
+    id_column: str
+    embedding_column: str
+    label_column: str | None
+    rows_checked: int
+    ids_checked: bool
+    output: str
+    previous: str | None
+    model: str | None
+    unsupervised: bool
+    k: int
+    max_levels: int
+    tau: str
+    decode: str
+    knn_method: str
+    knn_detail: str
+    nodes: int
+    cpus: int
+    num_shards: int
+    peak_memory_gb_per_node: float
+    node_memory_gb: float | None
+    run_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The plan as an operator reads it."""
+        from agc_ray.distributed.progress import duration
+
+        fits = ""
+        if self.node_memory_gb:
+            fits = (f" of {self.node_memory_gb:.1f} GiB" +
+                    ("" if self.peak_memory_gb_per_node < 0.9 * self.node_memory_gb else "  ** may not fit **"))
+        return [
+            f"input:    {self.input}: {self.rows:,} rows in {self.files} file(s), dimension {self.dimension}, "
+            f"columns {self.id_column!r}, {self.embedding_column!r}"
+            + (f", label {self.label_column!r}" if self.label_column else ""),
+            f"checked:  footers of every file, {self.rows_checked:,} rows (NaN/Inf, zero, ragged, nulls), "
+            + ("every id unique" if self.ids_checked else f"ids of those rows unique (whole column over {ID_CHECK_ROWS:,} rows)"),
+            f"model:    {self.model or 'none (unsupervised)'}; k={self.k}, up to {self.max_levels} levels, "
+            f"tau {self.tau}, decode {self.decode}",
+            f"kNN:      level 0 {self.knn_method} ({self.knn_detail})",
+            f"Ray:      {self.nodes} node(s), {self.cpus} CPUs, {self.num_shards} shards",
+            f"output:   {self.output}" + (f" (ids kept from {self.previous})" if self.previous else ""),
+            f"estimate: peak memory {self.peak_memory_gb_per_node:.1f} GiB per node{fits}; "
+            f"run time ~{duration(self.run_seconds)}",
+        ]
+
+
+def cluster_shape(num_cpus: int | None = None) -> tuple[int, int, float | None]:
+    """(nodes, CPUs, memory GiB of the smallest node) of the Ray cluster the job would run on.
+
+    Inside ``ray job submit`` (RAY_ADDRESS) or a process connected to Ray, asked from the cluster
+    (connecting, not starting one); otherwise this machine, as the private local instance would see it.
+    """
+    if _on_ray_cluster():
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(logging_level="WARNING")
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes))
+        workers = [n for n in nodes if n["Resources"].get("CPU", 0) > 0] or nodes
+        memory = min(n["Resources"].get("memory", 0) for n in workers) / 2**30 or None
+        return len(workers), max(1, cpus), memory
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+    return 1, num_cpus or os.cpu_count() or 1, memory
+
+
+def _on_ray_cluster() -> bool:
+    """Inside ``ray job submit`` (RAY_ADDRESS), or in a process already connected to Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
+
+
+def check_rows(fs, schema: io.InputSchema, sample_rows: int = SAMPLE_ROWS) -> tuple[int, int | None]:
+    """Run the real run's per-block checks on up to ``sample_rows`` rows spread over the row groups.
+
+    Returns (rows checked, the embedding dimension found). Raises InputError as the real run would.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = [schema.id_column, schema.embedding_column] + ([schema.label_column] if schema.label_column else [])
+    groups = []  # (file, row group, rows)
+    for f in schema.files:
+        meta = pq.read_metadata(f, filesystem=fs)
+        groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+    groups = [g for g in groups if g[2]]
+    if schema.rows > sample_rows:  # evenly spaced row groups, the first rows of each
+        take = min(len(groups), max(1, math.ceil(sample_rows / (schema.rows / len(groups)))))
+        groups = [groups[i] for i in np.linspace(0, len(groups) - 1, take).round().astype(int)]
+    per_group = max(1, sample_rows // len(groups)) if schema.rows > sample_rows else None
+    checked, dim = 0, schema.dim
+    for f, g, _ in groups:
+        with fs.open_input_file(f) as handle:
+            pf = pq.ParquetFile(handle)
+            if per_group is None:
+                table = pf.read_row_group(g, columns=cols)
+            else:
+                table = pa.Table.from_batches([next(pf.iter_batches(batch_size=per_group, row_groups=[g], columns=cols))])
+        block = io.prepare_block(table, id_column=schema.id_column, embedding_column=schema.embedding_column,
+                                 label_column=schema.label_column, dim=dim)
+        d = block.column("x").type.shape[0]
+        if dim is not None and d != dim:
+            raise InputError(f"ragged embedding dimensions across the table: found dimensions {sorted({dim, d})}")
+        dim, checked = d, checked + table.num_rows
+    return checked, dim
+
+
+def check_ids(fs, schema: io.InputSchema) -> None:
+    """The whole id column has no duplicates (the real run's message)."""
+    import pyarrow.dataset as pds
+
+    ids = pds.dataset(schema.files, filesystem=fs, format="parquet").to_table(columns=[schema.id_column])
+    dup = io._find_duplicate_impl(*ids.column(0).chunks)
+    if dup is not None:
+        raise InputError(f"id column {schema.id_column!r} has duplicate values (example id {dup[0]!r}, {dup[1]} duplicated ids)")
+
+
+def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs: dict = COSTS,
+             levels: int = 10, hidden: int | None = 128) -> tuple[float, float]:
+    """(peak memory GiB per node, wall seconds) of a run over ``rows`` x ``dim`` (see the module docstring)."""
+    from agc_ray.core.knn import EXACT_MAX_ROWS, IVF_NPROBE, ivf_nlist, resolve_method
+
+    c = costs
+    per_node = rows / max(1, nodes)
+    cpus_per_node = max(1, cpus // max(1, nodes))
+    memory = (c["base_gb"] + c["worker_gb"] * cpus_per_node
+              + per_node * (c["bytes_per_row_float"] * dim + c["bytes_per_row"]) / 2**30)
+    seconds, n = c["fixed_s"] + c["read_s"] * rows * dim / cpus, float(rows)
+    method = knn_method
+    for level in range(levels):
+        if n < 2:
+            break
+        m = method if level == 0 else resolve_method("auto", int(n), EXACT_MAX_ROWS)
+        m = resolve_method(m, int(n))
+        scanned = n if m == "exact" else IVF_NPROBE * n / ivf_nlist(int(n)) + ivf_nlist(int(n))
+        scoring = 0.0 if hidden is None else c["score_s"] * n * (dim + hidden)  # no model: no scoring
+        seconds += (c["knn_s"] * n * scanned * dim + scoring + c["rest_s"] * n) / cpus
+        n *= c["level_ratio"]
+    return memory, seconds
+
+
+def plan_job(cfg, num_cpus: int | None = None) -> Plan:
+    """Check everything the job can check without running it (InputError as the real run) and plan it."""
+    from agc_ray.core.knn import IVF_NPROBE, ivf_nlist, resolve_method
+    from agc_ray.distributed.job import _check_dim, _tau_source, load_estimator, validate_config
+
+    validate_config(cfg)
+    est = load_estimator(cfg)
+    output = io.Output(cfg.output, cfg.overwrite)
+    output.inspect()
+    fs, files = io.resolve_input(cfg.input)
+    schema = io.check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column, default_label="label")
+    _check_dim(est, schema.dim, cfg)
+    if cfg.previous:
+        from agc_ray.distributed.stable import open_previous
+
+        open_previous(cfg.previous, schema.schema.field(schema.id_column).type)
+    checked, dim = check_rows(fs, schema)
+    _check_dim(est, dim, cfg)
+    ids_checked = schema.rows <= ID_CHECK_ROWS
+    if ids_checked:
+        check_ids(fs, schema)
+    nodes, cpus, node_memory = cluster_shape(num_cpus)
+    method = resolve_method(est.knn, schema.rows)
+    detail = (f"{ivf_nlist(schema.rows)} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
+              if method == "ivf" else "flat index, exact")
+    memory, seconds = estimate(schema.rows, dim, nodes, cpus, method, levels=est.max_levels(),
+                               hidden=None if est.unsupervised else est.hidden_channels)
+    taus = _tau_source(est)
+    return Plan(
+        input=cfg.input, files=len(files), rows=schema.rows, dimension=dim, id_column=schema.id_column,
+        embedding_column=schema.embedding_column, label_column=schema.label_column, rows_checked=checked,
+        ids_checked=ids_checked, output=cfg.output, previous=cfg.previous, model=cfg.model,
+        unsupervised=est.unsupervised, k=est.k, max_levels=est.max_levels(),
+        tau=f"{est.tau} (user)" if taus == "user" else taus, decode="sim" if est.unsupervised else est.decode,
+        knn_method=method, knn_detail=detail, nodes=nodes, cpus=cpus, num_shards=cfg.num_shards or cpus,
+        peak_memory_gb_per_node=memory, node_memory_gb=node_memory, run_seconds=seconds,
+    )
+
+
+# -- the training job ---------------------------------------------------------------------------------
+#: Costs of the training job measured by ``python benchmarks/bench_estimate.py --train-sizes ...`` (same
+#: machine as :data:`COSTS`): memory per row of the table (the prepared table, its splits and level
+#: graphs in the object store and the workers) and CPU-seconds per training row and epoch (all the
+#: ground-truth levels of an epoch, validation included).
+TRAIN_COSTS = {
+    "base_gb": 1.5,
+    "worker_gb": 0.6,
+    "bytes_per_row_float": 24.0,
+    "bytes_per_row": 1500.0,
+    "epoch_s_per_row": 4e-4,
+    "fixed_s": 40.0,
+}
+
+
+@dataclass
+class TrainPlan:
+    """What the training job would do with a configuration, and what it would cost."""
+
+    input: str
+    files: int
+    rows: int
+    dimension: int | None
+    classes: int
+    train_rows: int
+    val_rows: int
+    rows_checked: int
+    output: str
+    checkpoints: str
+    resume_from_checkpoint: bool
+    num_workers: int
+    use_gpu: bool
+    cpus: int
+    epochs: int
+    batch_size: int
+    peak_memory_gb_per_node: float
+    node_memory_gb: float | None
+    run_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        from agc_ray.distributed.progress import duration
+
+        return [
+            f"input:    {self.input}: {self.rows:,} rows in {self.files} file(s), dimension {self.dimension}, "
+            f"{self.classes:,} classes",
+            f"checked:  footers of every file, {self.rows_checked:,} rows (NaN/Inf, zero, ragged, nulls), every id "
+            f"unique, the class split",
+            f"split:    {self.train_rows:,} training rows, {self.val_rows:,} validation rows (whole classes held out)",
+            f"training: {self.epochs} epochs, global batch {self.batch_size}, {self.num_workers} worker(s) "
+            f"({'GPU' if self.use_gpu else 'CPU'}) on {self.cpus} CPUs",
+            f"output:   {self.output}; checkpoints {self.checkpoints}"
+            + (" (resumed from its latest)" if self.resume_from_checkpoint else ""),
+            f"estimate: peak memory {self.peak_memory_gb_per_node:.1f} GiB per node"
+            + (f" of {self.node_memory_gb:.1f} GiB" if self.node_memory_gb else "")
+            + f"; run time ~{duration(self.run_seconds)}",
+        ]
+
+
+def estimate_training(rows: int, train_rows: int, dim: int, epochs: int, workers: int, cpus_per_worker: float,
+                      nodes: int = 1, costs: dict = TRAIN_COSTS) -> tuple[float, float]:
+    """(peak memory GiB per node, wall seconds) of a training run (see :data:`TRAIN_COSTS`)."""
+    c = costs
+    memory = (c["base_gb"] + c["worker_gb"] * math.ceil(workers / max(1, nodes))
+              + rows * (c["bytes_per_row_float"] * dim + c["bytes_per_row"]) / 2**30)
+    cpus = max(1.0, workers * max(1.0, math.floor(cpus_per_worker)))
+    return memory, c["fixed_s"] + c["epoch_s_per_row"] * train_rows * epochs * dim / 256 / cpus
+
+
+def plan_training(cfg, num_cpus: float | None = None) -> TrainPlan:
+    """Check everything the training job can check without training (InputError as the real run) and plan it."""
+    import pyarrow.dataset as pds
+
+    from agc_ray.distributed import train as tr
+
+    cfg.validate()
+    tr.check_output(cfg, clean=False)
+    nodes, cpus, node_memory = cluster_shape(int(num_cpus) if num_cpus else None)
+    if _on_ray_cluster():
+        tr.check_cluster_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    else:
+        gpus = _local_gpus() if cfg.use_gpu else 0
+        tr.check_cluster_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
+                                  nodes=[{"Alive": True, "Resources": {"CPU": float(cpus), "GPU": float(gpus)}}])
+    storage, run_name, exists = tr.check_checkpoints(cfg)
+    fs, schema = tr.inspect_table(cfg)
+    checked, dim = check_rows(fs, schema)
+    table = pds.dataset(schema.files, filesystem=fs, format="parquet").to_table(columns=[cfg.id_column, cfg.label_column])
+    _, order = tr.sort_ids(table.column(0).combine_chunks())  # as the real run: duplicates refused, rows by id
+    labels = table.column(1).to_numpy()[order]
+    val = tr.check_split(cfg, labels)
+    n_val = int(val.sum())
+    memory, seconds = estimate_training(schema.rows, schema.rows - n_val, dim, cfg.epochs, cfg.num_workers,
+                                        cfg.cpus_per_worker, nodes)
+    return TrainPlan(
+        input=cfg.input, files=len(schema.files), rows=schema.rows, dimension=dim,
+        classes=int(np.unique(labels).size), train_rows=schema.rows - n_val,
+        val_rows=n_val, rows_checked=checked, output=cfg.output, checkpoints=f"{storage}/{run_name}",
+        resume_from_checkpoint=bool(exists and cfg.resume), num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        cpus=cpus, epochs=cfg.epochs, batch_size=cfg.batch_size, peak_memory_gb_per_node=memory,
+        node_memory_gb=node_memory, run_seconds=seconds,
+    )
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
