@@ -25,16 +25,18 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_job import _tree_pss  # noqa: E402
 
-_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (.*)$")
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s(INFO|WARNING|ERROR|DEBUG)\s")
 
 
-def run_cli(args: list[str], env: dict | None = None) -> dict:
-    """Run ``jobs/cluster.py ARGS``; sample its process tree's PSS each 0.5 s; stamp each stderr line."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "cluster.py"), *args], stdout=subprocess.PIPE,
+def run_cli(args: list[str], env: dict | None = None, script: str = "cluster.py") -> dict:
+    """Run ``jobs/SCRIPT ARGS``; sample its process tree's PSS each 0.5 s; stamp each stderr line."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     peak, lines, done = [0], [], threading.Event()
 
@@ -63,8 +65,8 @@ def run_cli(args: list[str], env: dict | None = None) -> dict:
 
 
 def longest_silence(stamped: list) -> tuple[float, str]:
-    """The longest gap between two of the job's stage/progress lines (from "input:" to "committed")."""
-    ours = [(s, text) for s, text in stamped if " INFO " in text or text.startswith(("level", "input"))]
+    """The longest gap between two logged lines, the job's or Ray Data's progress (from "input:" to "committed")."""
+    ours = [(s, text) for s, text in stamped if _STAMP.match(text)]
     start = next((i for i, (_, t) in enumerate(ours) if "input:" in t), 0)
     end = next((i for i, (_, t) in enumerate(ours) if "committed" in t), len(ours) - 1)
     window = ours[start:end + 1]
@@ -78,6 +80,89 @@ def parse_estimate(stdout: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     return {}
+
+
+def fit_costs(results: list[dict], hidden: int = 128) -> dict:
+    """Per-row costs of :data:`agc_ray.distributed.plan.COSTS` from these runs (one dimension).
+
+    Memory: a line through the two smallest runs' peaks (intercept: base + workers; slope per row),
+    so that the largest run is a prediction, not a fit. Time: each stage's CPU-seconds over its
+    measured work (all levels) in the largest run.
+    """
+    from agc_ray.core.knn import IVF_NPROBE, ivf_nlist, resolve_method
+    from agc_ray.distributed.plan import COSTS
+
+    runs = sorted(results, key=lambda e: e["n"])
+    a, b = runs[0], runs[1] if len(runs) > 1 else runs[0]
+    slope = (b["run"]["peak_memory_gb"] - a["run"]["peak_memory_gb"]) * 2**30 / max(1, b["n"] - a["n"])
+    intercept = a["run"]["peak_memory_gb"] - slope * a["n"] / 2**30
+    big = runs[-1]
+    dim, cpus, t = big["dim"], big["num_cpus"], big["run"]["timings"]
+    levels = big["run"]["levels"]
+    scanned = knn_work = score_work = rows_work = 0.0
+    for i, lv in enumerate(levels):
+        n = lv["nodes"]
+        method = resolve_method(lv.get("knn_method") or "auto", n)
+        scanned = n if method == "exact" else IVF_NPROBE * n / ivf_nlist(n) + ivf_nlist(n)
+        knn_work += n * scanned * dim
+        score_work += n * (dim + hidden)
+        rows_work += n
+    ratios = [levels[i + 1]["nodes"] / levels[i]["nodes"] for i in range(len(levels) - 1)]
+    rest = sum(t.get(k, 0.0) for k in ("decode_seconds", "aggregate_seconds", "write_seconds", "stable_ids_seconds"))
+    costs = dict(COSTS)
+    costs.update(
+        base_gb=intercept - COSTS["worker_gb"] * a["num_cpus"],
+        bytes_per_row_float=(slope - COSTS["bytes_per_row"]) / dim,
+        read_s=t["read_seconds"] * cpus / (big["n"] * dim),
+        knn_s=t["knn_seconds"] * cpus / knn_work,
+        score_s=t["score_seconds"] * cpus / score_work,
+        rest_s=rest * cpus / rows_work,
+    )
+    # Then one scale and one fixed part (Ray start-up, per-level task overheads, report, commit) by least
+    # squares over every run's wall time, so that small runs are not all overhead-free.
+    from agc_ray.distributed.plan import estimate
+
+    work = np.array([estimate(e["n"], e["dim"], 1, e["num_cpus"], "auto", dict(costs, fixed_s=0.0))[1] for e in runs])
+    wall = np.array([e["run"]["wall_seconds"] for e in runs])
+    scale, fixed = np.polyfit(work, wall, 1) if len(runs) > 1 else (1.0, wall[0] - work[0])
+    for key in ("read_s", "knn_s", "score_s", "rest_s"):
+        costs[key] *= scale
+    costs["fixed_s"] = fixed
+    costs["measured_level_ratio"] = ratios[0] if ratios else None
+    return costs
+
+
+def train_runs(work: Path, sizes: list[int], args, env: dict) -> None:
+    """The training job's dry run vs its real run (one worker on every CPU); prints the fitted TRAIN_COSTS."""
+    entries = []
+    for n in sizes:
+        table = prepare(work, n, args.dim)
+        common = ["--input", str(table), "--output", str(work / f"trained_{n}"), "--overwrite", "--epochs",
+                  str(args.train_epochs), "--num-cpus", str(args.num_cpus), "--cpus-per-worker", str(args.num_cpus),
+                  "--storage-path", str(work / f"checkpoints_{n}_{time.time_ns()}")]
+        dry = run_cli(common + ["--dry-run"], env, "train.py")
+        real = run_cli(common, env, "train.py")
+        if real["rc"] != 0:
+            raise SystemExit(f"the training run at n={n} failed with exit code {real['rc']}")
+        plan = parse_estimate(dry["stdout"])
+        entries.append({"n": n, "dry_run_seconds": dry["wall_seconds"], "plan": plan, "wall_seconds": real["wall_seconds"],
+                        "peak_memory_gb": real["peak_memory_gb"], "train_rows": plan.get("train_rows", n)})
+        print(f"train {n}: dry run {dry['wall_seconds']:.1f}s, estimate {plan.get('peak_memory_gb_per_node', 0):.2f} GiB "
+              f"/ {plan.get('run_seconds', 0):.0f}s, measured {real['peak_memory_gb']:.2f} GiB / {real['wall_seconds']:.0f}s")
+    out = ROOT / "benchmarks" / "results" / f"estimate_train_{args.dim}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(entries, indent=2, default=float))
+    if len(entries) > 1:
+        from agc_ray.distributed.plan import TRAIN_COSTS
+
+        a, b = entries[0], entries[-1]
+        slope = (b["peak_memory_gb"] - a["peak_memory_gb"]) * 2**30 / (b["n"] - a["n"])
+        work_a, work_b = (e["train_rows"] * args.train_epochs * args.dim / 256 / args.num_cpus for e in (a, b))
+        per_row = (b["wall_seconds"] - a["wall_seconds"]) / (work_b - work_a)
+        costs = dict(TRAIN_COSTS, base_gb=a["peak_memory_gb"] - slope * a["n"] / 2**30 - TRAIN_COSTS["worker_gb"],
+                     bytes_per_row_float=(slope - TRAIN_COSTS["bytes_per_row"]) / args.dim, epoch_s_per_row=per_row,
+                     fixed_s=a["wall_seconds"] - per_row * work_a)
+        print("TRAIN_COSTS fitted on these runs:", json.dumps({k: float(f"{v:.3g}") for k, v in costs.items()}))
 
 
 def prepare(work: Path, n: int, dim: int) -> Path:
@@ -104,6 +189,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--no-dry-run", action="store_true", help="only the real runs")
+    p.add_argument("--train-sizes", default="", help="also the training job (jobs/train.py) on these row counts")
+    p.add_argument("--train-epochs", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "agc_output" / "bench_estimate"))
     args = p.parse_args()
     work = Path(args.work)
@@ -117,8 +204,10 @@ def main() -> None:
         HiLander(epochs=args.epochs).fit(x, y).save(model)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
+    if args.train_sizes:
+        train_runs(work, [int(v) for v in args.train_sizes.split(",")], args, env)
     results = []
-    for n in [int(s) for s in args.sizes.split(",")]:
+    for n in [int(s) for s in args.sizes.split(",") if s]:
         table = prepare(work, n, args.dim)
         common = ["--input", str(table), "--output", str(work / f"out_{n}_{args.dim}"), "--model", str(model),
                   "--overwrite", "--num-cpus", str(args.num_cpus)]
@@ -153,6 +242,10 @@ def main() -> None:
               f"{e.get('memory_estimate_over_measured', float('nan')):>6.2f} {plan.get('run_seconds', float('nan')):>7.0f} "
               f"{e['run']['wall_seconds']:>7.0f} {e.get('time_estimate_over_measured', float('nan')):>6.2f} "
               f"{e['run']['longest_silence_seconds']:>9.1f}")
+    if len(results) > 1:
+        costs = fit_costs(results)
+        print("per-row costs fitted on these runs (memory from the two smallest; see fit_costs):")
+        print(json.dumps({k: v if v is None else float(f"{v:.3g}") for k, v in costs.items()}, indent=1))
     print(f"results: {out}")
 
 

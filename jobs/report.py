@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Chromium/Chrome binary for --screenshot (default: the first of {', '.join(CHROMIUM_NAMES)} on PATH)")
     p.add_argument("--window-size", default="1280,2400", metavar="W,H",
                    help="screenshot size in CSS pixels (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and other libraries' INFO lines (default: theirs from WARNING)")
     return p
 
 
@@ -114,8 +116,11 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad flag (2, one line already printed)
         return int(e.code or 0)
+    from agc_ray.distributed import logs
     from agc_ray.distributed.errors import InputError
     from agc_ray.distributed.io import filesystem_for
+
+    logs.configure(args.verbose)
 
     chromium = None
     if args.screenshot:  # fail before any work

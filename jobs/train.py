@@ -82,6 +82,8 @@ def build_parser():
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags win)")
     parser.add_argument("--num-cpus", type=float, default=None,
                         help="logical CPUs of the local Ray instance started outside `ray job submit`")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and other libraries' INFO lines (default: theirs from WARNING)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the input (footers, a sample of rows, every id, the class split), parameters, "
                              "output and checkpoints, print the plan with an estimate of peak memory and run time "
@@ -101,7 +103,8 @@ def build_parser():
 
 
 def parse_config(argv):
-    """(TrainJobConfig, num_cpus, dry_run) from flags over YAML over defaults."""
+    """``(TrainJobConfig, options)`` from flags over YAML over defaults; ``options``: the flags that are
+    not training parameters (``num_cpus``, ``dry_run``, ``verbose``)."""
     from agc_ray.distributed.config import load_options
     from agc_ray.distributed.train import TrainJobConfig, config_fields
 
@@ -113,7 +116,8 @@ def parse_config(argv):
         parser.set_defaults(**load_options(known.config, set(config_fields())))
     args = parser.parse_args(argv)
     values = {name: getattr(args, name) for name in config_fields()}
-    return TrainJobConfig(**values), args.num_cpus, args.dry_run
+    options = argparse.Namespace(num_cpus=args.num_cpus, dry_run=args.dry_run, verbose=args.verbose)
+    return TrainJobConfig(**values), options
 
 
 def connect_ray(num_cpus):
@@ -137,27 +141,27 @@ def main(argv=None) -> int:
     from agc_ray.distributed.errors import InputError
 
     try:
-        cfg, num_cpus, dry_run = parse_config(argv)
+        cfg, options = parse_config(argv)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from agc_ray.distributed import logs
 
-    logs.configure()
+    logs.configure(options.verbose)
     from agc_ray.distributed.train import run_training
 
     try:
-        if dry_run:
+        if options.dry_run:
             import json
 
             from agc_ray.distributed.plan import plan_training
 
-            plan = plan_training(cfg, num_cpus)
+            plan = plan_training(cfg, options.num_cpus)
             print("\n".join(["dry run: nothing was written"] + plan.lines()))
             print(json.dumps(plan.to_dict()))
             return 0
         cfg.validate()  # parameter errors before any Ray start-up
-        connect_ray(num_cpus)
+        connect_ray(options.num_cpus)
         summary = run_training(cfg)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

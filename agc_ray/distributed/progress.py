@@ -19,6 +19,20 @@ import time
 log = logging.getLogger("agc_ray")
 
 
+class _LastLine(logging.Filter):
+    """Notes when the job last logged a line, so that progress lines keep the silence under one interval
+    across stage boundaries too (a stage that ends 9 s after the last line is followed by one 1 s in)."""
+
+    at = time.perf_counter()
+
+    def filter(self, record) -> bool:
+        _LastLine.at = time.perf_counter()
+        return True
+
+
+log.addFilter(_LastLine())
+
+
 def interval_seconds() -> float:
     """Seconds between progress lines (``AGC_RAY_PROGRESS_S``; 0: a line each time a task finishes)."""
     try:
@@ -116,24 +130,22 @@ def wait(refs: list, stage: str, rows: list[int] | None = None, counter=None, un
 
         bar = tqdm(total=total, desc=stage, unit=unit, unit_scale=True, leave=False)
     every = interval_seconds()
-    next_line = t0 + every
     try:
         while pending:
             if bar is not None or every == 0:  # one task at a time: the bar moves as each finishes
                 timeout = 1.0 if bar is not None and counter is not None else None  # the bar moves within tasks
                 ready, pending = ray.wait(pending, num_returns=1, timeout=timeout, fetch_local=False)
             else:  # everything, or what has finished when the next line is due
-                timeout = max(0.0, next_line - time.perf_counter())
+                timeout = max(0.0, _LastLine.at + every - time.perf_counter())
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=timeout, fetch_local=False)
             done += sum(weight_of[r] for r in ready)
             now = time.perf_counter()
             if bar is not None:
                 bar.update(min(total, _counted(counter, stage, done)) - bar.n)
-            elif pending and now >= next_line:
+            elif pending and now >= _LastLine.at + every:
                 counted = min(total, _counted(counter, stage, done))
                 _log_line(stage, counted, total, unit, now - t0, f"{len(refs) - len(pending)}/{len(refs)} tasks, ",
                           decimals=0 if unit in ("rows", "tasks") else 2)
-                next_line = now + every
     finally:
         if bar is not None:
             bar.close()
@@ -150,11 +162,9 @@ class Ticker:
         self.stage, self.total, self.unit = stage, max(1, int(total)), unit
         self.t0 = time.perf_counter()
         self.every = interval_seconds()
-        self.next_line = self.t0 + self.every
 
     def tick(self, done: int) -> None:
         now = time.perf_counter()
-        if now < self.next_line or done >= self.total:
+        if now < max(self.t0, _LastLine.at) + self.every or done >= self.total:
             return
         _log_line(self.stage, done, self.total, self.unit, now - self.t0, decimals=1)
-        self.next_line = now + self.every
