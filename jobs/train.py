@@ -129,7 +129,11 @@ def connect_ray(num_cpus):
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # the dashboard serves the State API that Ray Train's placement-group cleaner polls (without it,
+        # a WARNING every few seconds); the preemption watcher (node drains) is off: this job recovers from
+        # lost workers through checkpoints, and the watcher's actor makes Ray log an error-level line
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,22 @@ def test_help_documents_the_job():
     assert out.returncode == 0
     for flag in ("--num-workers", "--use-gpu", "--storage-path", "--resume", "--config", "--label-column"):
         assert flag in out.stdout
+
+
+def test_cli_run_is_quiet(data, tmp_path):
+    """The command line on its own local Ray: a run that succeeds prints nothing at WARNING or above, no
+    C++ error line, no library loader chatter (workers log as the driver does)."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--input", str(data["table"]),
+                           "--output", str(tmp_path / "model"), *SMALL, "--epochs", "2", "--num-cpus", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    loud = [line for line in lines if re.search(
+        r"\b(WARNING|ERROR|CRITICAL)\b|\[[^]]* [WE] \d+ \d+\]|Failed to |Could not load", line)]
+    assert not loud, loud
+    assert any(line.startswith("trained 2 epochs") for line in lines)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,18 +73,19 @@ class TrainGraph:
 
 
 def to_train_graph(g: LevelGraph, k: int, level: int) -> TrainGraph:
-    nbr = torch.from_numpy(g.nbr)
-    sim = torch.from_numpy(g.sim)
-    labels = torch.from_numpy(g.labels)
+    with warnings.catch_warnings():  # read-only arrays (memory maps, Ray's object store) are only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        nbr, sim, labels, x_id = (torch.from_numpy(a) for a in (g.nbr, g.sim, g.labels, g.x_id))
+        x_mean = x_id if g.is_base else torch.from_numpy(g.x_mean)
+        feats = g.edge_features()
     valid = nbr >= 0
     density = ground_truth_density(labels, nbr, sim)
-    x_id = torch.from_numpy(g.x_id)
     return TrainGraph(
         x_id=x_id,
-        x_mean=x_id if g.is_base else torch.from_numpy(g.x_mean),
+        x_mean=x_mean,
         nbr=nbr,
         sim=sim,
-        feats=g.edge_features(),
+        feats=feats,
         same=(labels[nbr.clamp_min(0)] == labels[:, None]) & valid,
         denser=valid & (density[nbr.clamp_min(0)] > density[:, None]),
         density=density,

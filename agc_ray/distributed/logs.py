@@ -13,6 +13,11 @@ FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def configure(verbose: bool = False) -> None:
-    """Root handler at WARNING (INFO with ``verbose``); the ``agc_ray`` logger at INFO (DEBUG with ``verbose``)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=FORMAT)
+    """Root logger at WARNING (INFO with ``verbose``); the ``agc_ray`` logger at INFO (DEBUG with ``verbose``).
+
+    In a process whose root logger already has handlers (a Ray worker's), only the levels are set.
+    """
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format=FORMAT)
+    logging.getLogger().setLevel(level)
     logging.getLogger("agc_ray").setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -520,6 +520,9 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from agc_ray.distributed import logs
+
+    logs.configure(config.get("verbose", False))  # this process's loggers, as the driver's (before faiss loads)
     from agc_ray.core.lander import Lander
     from agc_ray.core.train import fit_normalization
 
@@ -817,6 +820,7 @@ def run_training(cfg: TrainJobConfig, *, fault: dict | None = None) -> dict:
             "params": cfg.model_params(),
             "data": data_ref,
             "threads": threads,
+            "verbose": log.isEnabledFor(logging.DEBUG),  # the workers log as the driver does (-v)
             "checkpoint_every": cfg.checkpoint_every,
             "fingerprint": summary["fingerprint"],
             "fault": fault,
