@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 from _job_fixtures import job_data, job_model, job_table, ray_session, read_levels, s3_endpoint  # noqa: F401
-from test_job_cli import _run_cli
+from test_job_cli import _run_cli, cli
 
 from agc_ray.distributed.errors import InputError
 from agc_ray.distributed.job import JobConfig, run_job
@@ -65,6 +65,24 @@ def test_unreadable_s3_input(bucket, tmp_path, capsys, uri, words):
     rc, lines = _run_cli(["--input", uri, "--output", out, "--unsupervised"], capsys)
     assert rc == 2 and len(lines) == 1 and words in lines[0], lines
     assert not out.exists()
+
+
+def test_dry_run_on_s3_reads_and_writes_nothing(bucket, job_model, capsys):
+    import json
+
+    def keys():
+        return sorted(i.path for i in bucket.get_file_info(pafs.FileSelector("agc", recursive=True))
+                      if i.type == pafs.FileType.File)
+
+    before = keys()
+    rc = cli.main(["--input", "s3://agc/table/", "--output", "s3://agc/out/planned", "--model", str(job_model),
+                   "--dry-run"])
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and plan["rows"] == 2500 and plan["files"] == 3 and plan["rows_checked"] == 2500
+    assert keys() == before
+    rc, lines = _run_cli(["--input", "s3://agc/table/", "--output", "s3://no-such-bucket/out", "--unsupervised",
+                          "--dry-run"], capsys)
+    assert rc == 2 and "does not exist" in lines[0], lines
 
 
 def test_missing_output_bucket(bucket, capsys):
