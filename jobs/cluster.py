@@ -139,13 +139,9 @@ def init_ray(num_cpus: int | None = None):
 
 def dry_run(cfg, num_cpus: int | None) -> int:
     """Print the plan of a run (InputError, as the real run raises it, propagates)."""
-    import json
-
     from agc_ray.distributed.plan import plan_job
 
-    plan = plan_job(cfg, num_cpus)
-    print("\n".join(["dry run: nothing was written"] + plan.lines()))
-    print(json.dumps(plan.to_dict()))
+    print(plan_job(cfg, num_cpus).report())
     return 0
 
 

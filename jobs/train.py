@@ -156,13 +156,9 @@ def main(argv=None) -> int:
 
     try:
         if options.dry_run:
-            import json
-
             from agc_ray.distributed.plan import plan_training
 
-            plan = plan_training(cfg, options.num_cpus)
-            print("\n".join(["dry run: nothing was written"] + plan.lines()))
-            print(json.dumps(plan.to_dict()))
+            print(plan_training(cfg, options.num_cpus).report())
             return 0
         cfg.validate()  # parameter errors before any Ray start-up
         connect_ray(options.num_cpus)

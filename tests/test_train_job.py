@@ -134,6 +134,10 @@ def test_dry_run_plans_and_writes_nothing(cluster, data, tmp_path, capsys):
     assert plan["rows_checked"] == len(y) and plan["peak_memory_gb_per_node"] > 0 and plan["run_seconds"] > 0
     assert "estimate: peak memory" in stdout
     assert not (tmp_path / "new").exists()
+    # string ids, as the real run takes them
+    strings = write_table(tmp_path / "strings.parquet", data["x"], data["y"], ids=np.array([f"r{i}" for i in range(len(y))]))
+    assert job.main(["--input", str(strings), "--output", str(out), *SMALL, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == len(y)
 
 
 def test_existing_output_and_yaml_config(cluster, data, tmp_path, capsys):

@@ -114,9 +114,11 @@ def ivf_centroids(sample: np.ndarray, n: int, seed: int, report=None) -> np.ndar
     import faiss
 
     nlist, d = ivf_nlist(n), sample.shape[1]
-    cp = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT).cp  # the index's defaults
+    like = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)  # owns ``cp``: keep it alive
+    cp = like.cp  # the index's clustering defaults (spherical for inner product, 10 iterations)
     cp.seed, cp.niter = seed, 1
     clustering = faiss.Clustering(d, nlist, cp)
+    del like
     x = np.ascontiguousarray(sample, dtype=np.float32)
     for _ in range(IVF_TRAIN_ITERATIONS):  # each call continues from the centroids of the last
         clustering.train(x, faiss.IndexFlatIP(d))

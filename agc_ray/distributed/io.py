@@ -333,9 +333,7 @@ def read_shards(fs, schema: InputSchema, num_shards: int) -> RowShards:
     if not all(ray.get([b[4] for b in built])):
         x = [_normalize.remote(part) for part in x]
     ids = [b[1] for b in built]
-    dup = ray.get(_find_duplicate.remote(*ids))
-    if dup is not None:
-        raise InputError(f"id column {schema.id_column!r} has duplicate values (example id {dup[0]!r}, {dup[1]} duplicated ids)")
+    check_unique(schema.id_column, ray.get(_find_duplicate.remote(*ids)))
     return RowShards(offsets, x, ids, [b[2] for b in built] if schema.label_column else None, distinct[0])
 
 
@@ -357,7 +355,14 @@ def _normalize_impl(x: np.ndarray) -> np.ndarray:
     return l2_normalize(x)
 
 
-def _find_duplicate_impl(*ids):
+def check_unique(id_column: str, duplicate: tuple | None) -> None:
+    """InputError for :func:`find_duplicate`'s result (None: the ids are unique)."""
+    if duplicate is not None:
+        raise InputError(f"id column {id_column!r} has duplicate values (example id {duplicate[0]!r}, "
+                         f"{duplicate[1]} duplicated ids)")
+
+
+def find_duplicate(*ids):
     """(example duplicate id, number of duplicated ids) or None."""
     import pyarrow.compute as pc
 
@@ -370,7 +375,7 @@ def _find_duplicate_impl(*ids):
 
 
 _build_shard = lazy_remote(_build_shard_impl, num_cpus=0.5)
-_find_duplicate = lazy_remote(_find_duplicate_impl, num_cpus=0.5)
+_find_duplicate = lazy_remote(find_duplicate, num_cpus=0.5)
 _normalize = lazy_remote(_normalize_impl, num_cpus=0.5)
 
 

@@ -57,6 +57,12 @@ class _Estimated:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def report(self) -> str:
+        """What ``--dry-run`` prints: the plan's lines, then the plan as one line of JSON."""
+        import json
+
+        return "\n".join(["dry run: nothing was written", *self.lines(), json.dumps(self.to_dict())])
+
     def estimate_line(self) -> str:
         from agc_ray.distributed.progress import duration
 
@@ -105,7 +111,8 @@ class Plan(_Estimated):
             f"columns {self.id_column!r}, {self.embedding_column!r}"
             + (f", label {self.label_column!r}" if self.label_column else ""),
             f"checked:  footers of every file, {self.rows_checked:,} rows (NaN/Inf, zero, ragged, nulls), "
-            + ("every id unique" if self.ids_checked else f"ids of those rows unique (whole column over {ID_CHECK_ROWS:,} rows)"),
+            + ("every id unique" if self.ids_checked else f"ids not checked for duplicates (over {ID_CHECK_ROWS:,} rows; "
+                                                          "the real run checks them)"),
             f"model:    {self.model or 'none (unsupervised)'}; k={self.k}, up to {self.max_levels} levels, "
             f"tau {self.tau}, decode {self.decode}",
             f"kNN:      level 0 {self.knn_method} ({self.knn_detail})",
@@ -129,10 +136,12 @@ def cluster_shape(num_cpus: int | None = None) -> tuple[int, int, float | None]:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes))
         workers = [n for n in nodes if n["Resources"].get("CPU", 0) > 0] or nodes
-        memory = min(n["Resources"].get("memory", 0) for n in workers) / 2**30 or None
+        memory = min(n["Resources"].get("memory", 0) + n["Resources"].get("object_store_memory", 0)
+                     for n in workers) / 2**30 or None  # the estimate includes the object store
         return len(workers), max(1, cpus), memory
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
-    return 1, num_cpus or os.cpu_count() or 1, memory
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1, num_cpus or cpus or 1, memory
 
 
 def _on_ray_cluster() -> bool:
@@ -170,7 +179,7 @@ def check_rows(fs, schema: io.InputSchema, sample_rows: int = SAMPLE_ROWS) -> tu
             else:
                 table = pa.Table.from_batches([next(pf.iter_batches(batch_size=per_group, row_groups=[g], columns=cols))])
         block = io.prepare_block(table, id_column=schema.id_column, embedding_column=schema.embedding_column,
-                                 label_column=schema.label_column, dim=dim)
+                                 label_column=schema.label_column, dim=schema.dim)
         d = block.column("x").type.shape[0]
         if dim is not None and d != dim:
             raise InputError(f"ragged embedding dimensions across the table: found dimensions {sorted({dim, d})}")
@@ -179,19 +188,20 @@ def check_rows(fs, schema: io.InputSchema, sample_rows: int = SAMPLE_ROWS) -> tu
 
 
 def check_ids(fs, schema: io.InputSchema) -> None:
-    """The whole id column has no duplicates (the real run's message)."""
+    """The whole id column has no nulls and no duplicates (the real run's duplicate message)."""
     import pyarrow.dataset as pds
 
-    ids = pds.dataset(schema.files, filesystem=fs, format="parquet").to_table(columns=[schema.id_column])
-    dup = io._find_duplicate_impl(*ids.column(0).chunks)
-    if dup is not None:
-        raise InputError(f"id column {schema.id_column!r} has duplicate values (example id {dup[0]!r}, {dup[1]} duplicated ids)")
+    ids = pds.dataset(schema.files, filesystem=fs, format="parquet").to_table(columns=[schema.id_column]).column(0)
+    if ids.null_count:  # outside the sampled rows: the real run names the block row, this the table row
+        first = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"id column {schema.id_column!r} has {ids.null_count} null value(s) (first at table row {first})")
+    io.check_unique(schema.id_column, io.find_duplicate(*ids.chunks))
 
 
 def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs: dict = COSTS,
              levels: int = 10, hidden: int | None = 128) -> tuple[float, float]:
     """(peak memory GiB per node, wall seconds) of a run over ``rows`` x ``dim`` (see the module docstring)."""
-    from agc_ray.core.knn import EXACT_MAX_ROWS, IVF_NPROBE, ivf_nlist, resolve_method
+    from agc_ray.core.knn import IVF_NPROBE, ivf_nlist, resolve_method
 
     c = costs
     per_node = rows / max(1, nodes)
@@ -199,12 +209,10 @@ def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs:
     memory = (c["base_gb"] + c["worker_gb"] * cpus_per_node
               + per_node * (c["bytes_per_row_float"] * dim + c["bytes_per_row"]) / 2**30)
     seconds, n = c["fixed_s"] + c["read_s"] * rows * dim / cpus, float(rows)
-    method = knn_method
     for level in range(levels):
         if n < 2:
             break
-        m = method if level == 0 else resolve_method("auto", int(n), EXACT_MAX_ROWS)
-        m = resolve_method(m, int(n))
+        m = resolve_method(knn_method, int(n))  # the job's method at every level ('auto': per level)
         scanned = n if m == "exact" else IVF_NPROBE * n / ivf_nlist(int(n)) + ivf_nlist(int(n))
         scoring = 0.0 if hidden is None else c["score_s"] * n * (dim + hidden)  # no model: no scoring
         seconds += (c["knn_s"] * n * scanned * dim + scoring + c["rest_s"] * n) / cpus
@@ -229,15 +237,15 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
 
         open_previous(cfg.previous, schema.schema.field(schema.id_column).type)
     checked, dim = check_rows(fs, schema)
-    _check_dim(est, dim, cfg)
     ids_checked = schema.rows <= ID_CHECK_ROWS
     if ids_checked:
         check_ids(fs, schema)
+    _check_dim(est, dim, cfg)  # after the rows and ids, as the real run
     nodes, cpus, node_memory = cluster_shape(num_cpus)
     method = resolve_method(est.knn, schema.rows)
     detail = (f"{ivf_nlist(schema.rows)} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
               if method == "ivf" else "flat index, exact")
-    memory, seconds = estimate(schema.rows, dim, nodes, cpus, method, levels=est.max_levels(),
+    memory, seconds = estimate(schema.rows, dim, nodes, cpus, est.knn, levels=est.max_levels(),
                                hidden=None if est.unsupervised else est.hidden_channels)
     taus = _tau_source(est)
     return Plan(
@@ -336,7 +344,11 @@ def plan_training(cfg, num_cpus: float | None = None) -> TrainPlan:
     fs, schema = tr.inspect_table(cfg)
     checked, dim = check_rows(fs, schema)
     table = pds.dataset(schema.files, filesystem=fs, format="parquet").to_table(columns=[cfg.id_column, cfg.label_column])
-    _, order = tr.sort_ids(table.column(0).combine_chunks())  # as the real run: duplicates refused, rows by id
+    for column in (cfg.id_column, cfg.label_column):  # outside the sampled rows
+        if table.column(column).null_count:
+            raise InputError(f"{'label' if column == cfg.label_column else 'id'} column {column!r} has "
+                             f"{table.column(column).null_count} null value(s)")
+    _, order = tr.sort_ids(table.column(0))  # as the real run: duplicates refused, rows by id
     labels = table.column(1).to_numpy()[order]
     val = tr.check_split(cfg, labels)
     n_val = int(val.sum())

@@ -77,18 +77,13 @@ def row_counter():
 
 
 def reporter(counter, stage: str):
-    """``report(rows)`` for a task's inner loop: tells ``counter`` (if any) about rows done, without waiting.
-
-    A lost counter never fails the task: progress is a side channel.
-    """
+    """``report(rows)`` for a task's inner loop: tells ``counter`` (if any) about rows done, without waiting
+    (a call on a dead counter does not raise: the counter lives on the driver's node, and dies with it)."""
     if counter is None:
         return None
 
     def report(rows: int) -> None:
-        try:
-            counter.add.remote(stage, int(rows))
-        except Exception:  # noqa: BLE001 - the counter's node is gone: no more progress, same result
-            pass
+        counter.add.remote(stage, int(rows))
 
     return report
 
