@@ -213,7 +213,7 @@ class Job:
         graph, info, self.actors = sharded_knn_graph(
             level.x_id, level.offsets, self.est.k, self.est.knn, self.est.seed,
             recall_sample=self.cfg.knn_recall_sample if level_no == 0 else 0, stage=f"level {level_no} kNN",
-            counter=self.row_counter(),
+            counter=self.row_counter(level.n),
         )
         stats.update(info, knn_seconds=self._time("knn", t0))
         log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, level.n, level.shards, info["knn_method"],
@@ -233,15 +233,15 @@ class Job:
         else:
             owners = ray.get(lv.halo_owners.remote(offs, graph))
             names = (f"level {level_no} scoring 1/2 (projections)", f"level {level_no} scoring 2/2 (edges)")
-            counter = self.row_counter()
+            counter = self.row_counter(level.n)
             stage1 = [lv.shard_projections.remote(model_ref, s, offs, graph, owners[s],
                                                   *lv.shard_inputs(level.arrays(), s, owners[s]),
-                                                  progress=(counter, names[0]))
+                                                  progress=(counter, names[0]) if counter else None)
                       for s in range(level.shards)]
             proj = [r[0] for r in stage1]
             stage2 = [lv.shard_probabilities.remote(model_ref, s, offs, graph, stage1[s][1], owners[s],
                                                     *lv.shard_inputs([proj], s, owners[s]),
-                                                    progress=(counter, names[1]))
+                                                    progress=(counter, names[1]) if counter else None)
                       for s in range(level.shards)]
             p, density = [r[0] for r in stage2], [r[1] for r in stage2]
             progress.wait([r[1] for r in stage1], names[0], rows=level.shard_rows(), counter=counter)
@@ -304,8 +304,11 @@ class Job:
         self._time("aggregate", t0)
         return nxt
 
-    def row_counter(self):
-        """The run's :class:`~agc_ray.distributed.progress.RowCounter` (rows done inside scoring tasks)."""
+    def row_counter(self, rows: int):
+        """The run's :class:`~agc_ray.distributed.progress.RowCounter` (rows done inside long tasks), for a
+        stage over ``rows`` nodes; None below ``progress.COUNT_INSIDE_ROWS`` (its tasks take seconds)."""
+        if rows < progress.COUNT_INSIDE_ROWS:
+            return None
         if self.counter is None:
             self.counter = progress.row_counter()
         return self.counter

@@ -54,6 +54,11 @@ def _log_line(stage: str, done: int, total: int, unit: str, elapsed: float, task
              100.0 * done / total, decimals, rate, unit, duration(elapsed), eta)
 
 
+#: Stages over fewer nodes than this count finished tasks only (their tasks take seconds; a counter
+#: actor costs a worker process).
+COUNT_INSIDE_ROWS = 65_536
+
+
 class RowCounter:
     """Rows done per stage, reported by tasks while they run (a Ray actor; see :func:`row_counter`)."""
 
@@ -125,22 +130,24 @@ def wait(refs: list, stage: str, rows: list[int] | None = None, counter=None, un
 
         bar = tqdm(total=total, desc=stage, unit=unit, unit_scale=True, leave=False)
     every = interval_seconds()
+    last_line = t0 - every  # this wait's own last line: the clock advances even where INFO is not emitted
     try:
         while pending:
             if bar is not None or every == 0:  # one task at a time: the bar moves as each finishes
                 timeout = 1.0 if bar is not None and counter is not None else None  # the bar moves within tasks
                 ready, pending = ray.wait(pending, num_returns=1, timeout=timeout, fetch_local=False)
             else:  # everything, or what has finished when the next line is due
-                timeout = max(0.0, _LastLine.at + every - time.perf_counter())
+                timeout = max(0.0, max(_LastLine.at, last_line) + every - time.perf_counter())
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=timeout, fetch_local=False)
             done += sum(weight_of[r] for r in ready)
             now = time.perf_counter()
             if bar is not None:
                 bar.update(min(total, _counted(counter, stage, done)) - bar.n)
-            elif pending and now >= _LastLine.at + every:
+            elif pending and now >= max(_LastLine.at, last_line) + every:
                 counted = min(total, _counted(counter, stage, done))
                 _log_line(stage, counted, total, unit, now - t0, f"{len(refs) - len(pending)}/{len(refs)} tasks, ",
                           decimals=0 if unit in ("rows", "tasks") else 2)
+                last_line = now
     finally:
         if bar is not None:
             bar.close()
@@ -157,9 +164,11 @@ class Ticker:
         self.stage, self.total, self.unit = stage, max(1, int(total)), unit
         self.t0 = time.perf_counter()
         self.every = interval_seconds()
+        self.last_line = self.t0
 
     def tick(self, done: int) -> None:
         now = time.perf_counter()
-        if now < max(self.t0, _LastLine.at) + self.every or done >= self.total:
+        if now < max(self.last_line, _LastLine.at) + self.every or done >= self.total:
             return
         _log_line(self.stage, done, self.total, self.unit, now - self.t0, decimals=1)
+        self.last_line = now
