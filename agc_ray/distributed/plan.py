@@ -50,9 +50,13 @@ SAMPLE_ROWS = 65_536
 ID_CHECK_ROWS = 20_000_000
 
 
+@dataclass
 class _Estimated:
-    """What both plans share: the estimate's fields (``peak_memory_gb_per_node``, ``node_memory_gb``,
-    ``run_seconds``), its line and the JSON form."""
+    """What both plans share: the estimate, its line and the JSON form."""
+
+    peak_memory_gb_per_node: float
+    node_memory_gb: float | None
+    run_seconds: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,9 +104,6 @@ class Plan(_Estimated):
     nodes: int
     cpus: int
     num_shards: int
-    peak_memory_gb_per_node: float
-    node_memory_gb: float | None
-    run_seconds: float
 
     def lines(self) -> list[str]:
         """The plan as an operator reads it."""
@@ -295,9 +296,6 @@ class TrainPlan(_Estimated):
     cpus: int
     epochs: int
     batch_size: int
-    peak_memory_gb_per_node: float
-    node_memory_gb: float | None
-    run_seconds: float
 
     def lines(self) -> list[str]:
         """The plan as an operator reads it."""
