@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_job import _tree_pss  # noqa: E402
+from bench_job import PeakPss  # noqa: E402
 
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s(INFO|WARNING|ERROR|DEBUG)\s")
 
@@ -38,12 +38,7 @@ def run_cli(args: list[str], env: dict | None = None, script: str = "cluster.py"
     """Run ``jobs/SCRIPT ARGS``; sample its process tree's PSS each 0.5 s; stamp each stderr line."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    peak, lines, done = [0], [], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _tree_pss(proc.pid))
-            done.wait(0.5)
+    lines = []
 
     def read_err():
         for line in proc.stderr:
@@ -51,16 +46,14 @@ def run_cli(args: list[str], env: dict | None = None, script: str = "cluster.py"
             sys.stderr.write(line)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=read_err, daemon=True)]
-    for t in threads:
-        t.start()
-    out = proc.stdout.read()
-    proc.wait()
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
+    with PeakPss(proc.pid, every=0.5) as peak:
+        out = proc.stdout.read()
+        proc.wait()
     wall = time.perf_counter() - t0
-    done.set()
-    for t in threads:
-        t.join()
-    return {"rc": proc.returncode, "wall_seconds": wall, "peak_memory_gb": peak[0] / 2**30, "stdout": out,
+    reader.join()
+    return {"rc": proc.returncode, "wall_seconds": wall, "peak_memory_gb": peak.bytes / 2**30, "stdout": out,
             "stderr": [text for _, text in lines], "stamped": [(s - t0, text) for s, text in lines]}
 
 

@@ -57,26 +57,38 @@ def _pss(p) -> int:
     return getattr(info, "pss", info.rss)
 
 
+class PeakPss:
+    """``with PeakPss(pid) as peak:`` samples the PSS of ``pid``'s process tree every ``every`` seconds in a
+    thread; ``peak.bytes`` is the largest sample once the block ends."""
+
+    def __init__(self, pid: int, every: float = 1.0):
+        self.pid, self.every, self.bytes = pid, every, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._done.is_set():
+            self.bytes = max(self.bytes, _tree_pss(self.pid))
+            self._done.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+
 def run_child(args: list[str]) -> dict:
     """Run this script in a child role; sample its process tree's memory; return its JSON and peak."""
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    peak = [0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _tree_pss(proc.pid))
-            done.wait(1.0)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    out, _ = proc.communicate()
-    done.set()
-    thread.join()
+    with PeakPss(proc.pid) as peak:
+        out, _ = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"child {args[:2]} failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["peak_memory_gb"] = peak[0] / 2**30
+    result["peak_memory_gb"] = peak.bytes / 2**30
     return result
 
 

@@ -156,9 +156,8 @@ def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts, 
     ``progress``: ``(counter, stage)`` that the rows done are reported to (see
     :func:`agc_ray.distributed.progress.reporter`), or None.
     """
-    from agc_ray.distributed.progress import reporter
-
     from agc_ray.core.inference import node_projections
+    from agc_ray.distributed.progress import reporter
 
     torch = _torch_single_thread()
     nbr, sim = graph

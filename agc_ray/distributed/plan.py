@@ -214,7 +214,8 @@ def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs:
         if n < 2:
             break
         m = resolve_method(knn_method, int(n))  # the job's method at every level ('auto': per level)
-        scanned = n if m == "exact" else IVF_NPROBE * n / ivf_nlist(int(n)) + ivf_nlist(int(n))
+        nlist = ivf_nlist(int(n))
+        scanned = n if m == "exact" else IVF_NPROBE * n / nlist + nlist
         scoring = 0.0 if hidden is None else c["score_s"] * n * (dim + hidden)  # no model: no scoring
         seconds += (c["knn_s"] * n * scanned * dim + scoring + c["rest_s"] * n) / cpus
         n *= c["level_ratio"]

@@ -101,7 +101,7 @@ def _counted(counter, stage: str, done: int) -> int:
 
     try:
         return max(done, ray.get(counter.done.remote(stage), timeout=5))
-    except Exception:  # noqa: BLE001 - see reporter()
+    except Exception:  # noqa: BLE001 - a lost counter: count the finished tasks only
         return done
 
 
