@@ -11,6 +11,8 @@ credentials from the usual AWS environment variables). Columns: id (int64 or str
 Output (--output, local or s3://):
   assignments/level=L/*.parquet  id, cluster_id               one row per input row and level
   clusters/level=L/*.parquet     cluster_id, size, peak_id, parent_cluster_id (null at the top level)
+  state/                         what jobs/assign.py needs to add new rows (features, kNN graphs,
+                                 densities, clusters per level; --no-assign-state: not written)
   manifest.json                  written last: parameters, timings, per-level counts and metrics
                                  (and churn per level with --previous)
 
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a completed earlier output (local or s3://): keep its cluster ids for the clusters that "
                           "continue earlier ones, fresh never-reused ids for the rest; churn per level in the manifest "
                           "(may equal --output with --overwrite)")
+    io_.add_argument("--no-assign-state", dest="assign_state", action="store_false", default=None,
+                     help="do not write state/ (what jobs/assign.py needs to add rows to this output; "
+                          "~1.2 GB per million 256-d rows)")
     io_.add_argument("--id-column", help="id column (default: id)")
     io_.add_argument("--embedding-column", help="embedding column (default: embedding)")
     io_.add_argument("--label-column", help="integer class column for per-level metrics (default: label, if present)")
@@ -93,16 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 JOB_KEYS = ("input", "output", "overwrite", "previous", "id_column", "embedding_column", "label_column", "model",
-            "unsupervised", "k", "tau", "max_levels", "knn", "decode", "early_stop", "seed", "num_shards")
+            "unsupervised", "k", "tau", "max_levels", "knn", "decode", "early_stop", "seed", "num_shards", "assign_state")
 
 
 def load_config(path: str) -> dict:
     """The YAML file as a dict of option names (``no-early-stop: true`` becomes ``early_stop: False``)."""
     from agc_ray.distributed.config import load_options
 
-    out = load_options(path, JOB_KEYS + ("num_cpus", "no_early_stop"))
+    out = load_options(path, JOB_KEYS + ("num_cpus", "no_early_stop", "no_assign_state"))
     if "no_early_stop" in out:
         out["early_stop"] = not out.pop("no_early_stop")
+    if "no_assign_state" in out:
+        out["assign_state"] = not out.pop("no_assign_state")
     return out
 
 

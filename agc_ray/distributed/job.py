@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import posixpath
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ class JobConfig:
         knn_recall_sample: rows whose neighbours are checked against exact search (approximate kNN only).
         previous: a completed earlier output (local or ``s3://``) whose cluster ids this run keeps for
             the clusters that continue earlier ones (see :mod:`agc_ray.core.stable_ids`).
+        assign_state: write ``OUTPUT/state/`` (see :mod:`agc_ray.distributed.state`), which
+            ``jobs/assign.py`` needs to add new rows to this output.
     """
 
     input: str | None = None
@@ -66,6 +69,7 @@ class JobConfig:
     overwrite: bool = False
     knn_recall_sample: int = 1000
     previous: str | None = None
+    assign_state: bool = True
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -200,6 +204,8 @@ class Job:
         self.actors = []
         self.counter = None
         self.schedule = None  # unsupervised without tau: the adaptive thresholds
+        self.ivf_parts = []  # level 0's IVF cells per shard, fetched from the index actors for the state
+        self.knn_method = None
 
     def _time(self, stage: str, t0: float) -> float:
         dt = time.perf_counter() - t0
@@ -216,6 +222,9 @@ class Job:
             counter=self.row_counter(level.n),
         )
         stats.update(info, knn_seconds=self._time("knn", t0))
+        self.knn_method = info["knn_method"]
+        if level_no == 0 and self.cfg.assign_state and info["knn_method"] == "ivf":
+            self.ivf_parts = [a.ivf_state.remote() for a in self.actors]
         log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, level.n, level.shards, info["knn_method"],
                  stats["knn_seconds"])
         return graph
@@ -262,7 +271,20 @@ class Job:
                 break
         stats.update(tau=tau, edges=counts["edges"], clusters=counts["clusters"],
                      decode_seconds=self._time("decode", t0))
-        return result, counts
+        return result, counts, density
+
+    def write_state(self, output, level_no: int, level: _Level, graph, result, density, ids: list) -> list:
+        """Write tasks of this level's assignment state (see :mod:`agc_ray.distributed.state`); ``ids``:
+        the row shards' ids (level 0 stores them: the node order of the state)."""
+        from agc_ray.distributed.state import shard_dir
+
+        none = [None] * level.shards
+        ivf = self.ivf_parts if level_no == 0 and self.ivf_parts else none
+        x_sum, size = level.x_sum or none, level.size or none
+        ids = ids if level_no == 0 else none
+        return [_write_state_shard.remote(output.fs, shard_dir(output.staging, level_no, s), s, level.offsets, graph,
+                                          density[s], result, level.x_id[s], x_sum[s], size[s], ivf[s], ids[s])
+                for s in range(level.shards)]
 
     def level_tau(self, level: _Level, graph, level_no: int) -> float:
         """The level's decode threshold: the estimator's (user / validation / default), or in
@@ -317,6 +339,8 @@ class Job:
         """Kill the index actors (kept after the kNN stage for a possible graph reconstruction)."""
         import ray
 
+        if self.ivf_parts:  # their results outlive the actors once computed
+            ray.wait(self.ivf_parts, num_returns=len(self.ivf_parts))
         for a in self.actors:
             ray.kill(a)
         self.actors = []
@@ -413,7 +437,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
     for level_no in range(est.max_levels()):
         stats = {"level": level_no, "nodes": level.n}
         graph = job.knn(level, level_no, stats)
-        result, counts = job.decode(level, graph, model_ref, level_no, stats)
+        result, counts, density = job.decode(level, graph, model_ref, level_no, stats)
         n_edges = counts["edges"]
         if n_edges == 0 and level_no > 0:
             stop = "no edge added"
@@ -428,7 +452,9 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
             t0 = time.perf_counter()
             writes += _assignment_writes(output, level_no, rows.ids, labels, None)
             job._time("write", t0)
-        kept.append({"result": result, "labels": labels, "stats": stats})
+        kept.append({"result": result, "labels": labels, "stats": stats, "offsets": level.offsets})
+        if cfg.assign_state:
+            writes += job.write_state(output, level_no, level, graph, result, density, rows.ids)
         log.info("level %d: %d nodes -> %d clusters (%d edges), score %.1fs, decode %.1fs",
                  level_no, level.n, counts["clusters"], n_edges, stats["score_seconds"], stats["decode_seconds"])
         if n_edges == 0:
@@ -459,6 +485,8 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         path = output.staged("clusters", f"level={i}", "part-00000.parquet")
         writes.append(_write_clusters.remote(output.fs, path, entry["result"], _comp_of(parent), id_maps[i],
                                              parent_map, *rows.ids))
+    if cfg.assign_state:
+        writes += _state_meta_writes(output, job, est, rows, kept, id_maps)
     metrics = None
     if rows.labels is not None:
         metrics = ray.get([_evaluate.remote(len(rows.labels), *rows.labels, *e["labels"]) for e in kept])
@@ -496,6 +524,42 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         "stop_reason": stop,
         "next_cluster_ids": counters,
     }
+
+
+@lazy_remote(num_cpus=0.5)
+def _write_state_shard(fs, directory: str, s: int, offsets, graph, density, result, x_id, x_sum=None, size=None,
+                       ivf=None, ids=None):
+    from agc_ray.distributed import state
+
+    nbr, sim = graph
+    lo, hi = int(offsets[s]), int(offsets[s + 1])
+    state.write_shard(fs, directory, x_id=x_id, x_sum=x_sum, size=size, nbr=nbr[lo:hi], sim=sim[lo:hi],
+                      density=np.asarray(density, dtype=np.float32), comp=result["comp"][lo:hi],
+                      lists=None if ivf is None else ivf[1], ids=ids)
+    if ivf is not None and s == 0:
+        state.save_array(fs, posixpath.join(posixpath.dirname(directory), "centroids.npy"), ivf[0])
+    return directory
+
+
+@lazy_remote(num_cpus=0.5)
+def _write_cluster_ids(fs, path: str, n_clusters: int, id_map=None):
+    from agc_ray.distributed import state
+
+    state.save_array(fs, path, np.arange(n_clusters, dtype=np.int64) if id_map is None else np.asarray(id_map, np.int64))
+    return path
+
+
+def _state_meta_writes(output, job: Job, est, rows, kept: list, id_maps: list) -> list:
+    """state.json and each level's published cluster ids."""
+    from agc_ray.core.knn import IVF_NPROBE
+    from agc_ray.distributed import state
+
+    meta = {"levels": len(kept), "k": est.k, "dimension": rows.dim, "rows": rows.n,
+            "level0_knn": "ivf" if job.ivf_parts else "exact", "nprobe": IVF_NPROBE,
+            "offsets": [np.asarray(e["offsets"]).astype(int).tolist() for e in kept]}
+    state.write_meta(output.fs, output.staging, meta)
+    return [_write_cluster_ids.remote(output.fs, posixpath.join(output.staging, state.STATE_DIR, f"level={i}", "cluster_ids.npy"),
+                                      int(e["stats"]["clusters"]), id_maps[i]) for i, e in enumerate(kept)]
 
 
 def _tau_source(est) -> str:

@@ -113,6 +113,13 @@ class ShardIndexActor:
         """:meth:`ShardIndex.search`."""
         return self._index(source).search(queries, kk, exact, assign)
 
+    def ivf_state(self):
+        """``(centroids, IVF cell of each shard row)`` for the output's assignment state; None if not IVF
+        (or if the actor was restarted and has not rebuilt its index)."""
+        from agc_ray.distributed.state import ivf_state
+
+        return None if self.index is None else ivf_state(self.index.index)
+
 
 class MergedIndex:
     """Looks like a faiss index to :func:`agc_ray.core.knn.search`; searches every shard actor.

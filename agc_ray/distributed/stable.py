@@ -48,8 +48,9 @@ class PreviousOutput:
         return [int(lv.get("next_cluster_id", lv.get("clusters", 0))) for lv in self.manifest["levels"]]
 
 
-def open_previous(uri: str, id_type: pa.DataType) -> PreviousOutput:
-    """Check that ``uri`` is a completed output whose ids can be matched with ``id_type`` (InputError)."""
+def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> PreviousOutput:
+    """Check that ``uri`` is a completed output whose ids can be matched with ``id_type`` (InputError
+    naming ``flag``)."""
     fs, path = io.filesystem_for(uri)
     manifest_path = posixpath.join(path, "manifest.json")
     try:
@@ -60,13 +61,13 @@ def open_previous(uri: str, id_type: pa.DataType) -> PreviousOutput:
         hint = ""
         if _exists(fs, posixpath.join(path, io.COMMIT_MARKER)):
             hint = " (its commit was interrupted: any run with --output on it finishes the commit)"
-        raise InputError(f"--previous {uri} is not a completed output (no manifest.json){hint}") from None
+        raise InputError(f"{flag} {uri} is not a completed output (no manifest.json){hint}") from None
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read --previous {uri}/manifest.json: {io._one_line(e)}") from e
+        raise InputError(f"cannot read {flag} {uri}/manifest.json: {io._one_line(e)}") from e
     if not isinstance(manifest, dict) or manifest.get("status") != "succeeded" or not isinstance(manifest.get("levels"), list) \
             or not manifest["levels"]:
         status = manifest.get("status") if isinstance(manifest, dict) else None
-        raise InputError(f"--previous {uri} is not a completed output (status {status!r})")
+        raise InputError(f"{flag} {uri} is not a completed output (status {status!r})")
     levels = len(manifest["levels"])
     prev_type = None
     try:
@@ -76,18 +77,18 @@ def open_previous(uri: str, id_type: pa.DataType) -> PreviousOutput:
                 files = [i.path for i in fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
                          if i.path.endswith(".parquet")]
                 if not files:
-                    raise InputError(f"--previous {uri} lacks {part}/level={lvl}/*.parquet (its manifest has {levels} levels)")
+                    raise InputError(f"{flag} {uri} lacks {part}/level={lvl}/*.parquet (its manifest has {levels} levels)")
                 if part == "assignments" and lvl == 0:
                     prev_type = _parquet_schema(fs, files[0]).field("id").type
     except (OSError, KeyError, ValueError) as e:
         if isinstance(e, InputError):
             raise
-        raise InputError(f"cannot read --previous {uri}: {io._one_line(e)}") from e
-    for t, whose in ((prev_type, f"--previous {uri} has"), (id_type, "this input has")):
+        raise InputError(f"cannot read {flag} {uri}: {io._one_line(e)}") from e
+    for t, whose in ((prev_type, f"{flag} {uri} has"), (id_type, "this input has")):
         if pa.types.is_uint64(t):
             raise InputError(f"{whose} uint64 ids: cast them to int64 or string to match runs")
     if _id_kind(prev_type) != _id_kind(id_type):
-        raise InputError(f"--previous {uri} has {prev_type} ids, this input has {id_type} ids")
+        raise InputError(f"{flag} {uri} has {prev_type} ids, this input has {id_type} ids")
     return PreviousOutput(uri, fs, path, manifest, levels, version_of(data))
 
 

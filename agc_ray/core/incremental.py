@@ -1,0 +1,375 @@
+"""Incremental assignment: new rows join a finished hierarchy without re-clustering its rows.
+
+At each level, the new nodes are decoded exactly as the full run decodes a node, against the
+finished level's state (:class:`BaseLevel`: its nodes' features, kNN graph, densities, clusters):
+
+1. kNN of each new node among the base nodes and the other new nodes (top k of the union).
+2. The base neighbours' lists get the new nodes that rank in their top k (the reverse of step 1's
+   edges, as a kNN search over base + new would find them), so that projections, mutual-ness and
+   shared-neighbour counts see the neighbourhood a full run would see; the base nodes' own decode
+   (densities, parents, clusters) stays as it was.
+3. Edge probabilities (or similarities, label-free), the new nodes' densities, and the one decode
+   rule: each new node links to its best denser neighbour above tau, base or new.
+4. A tree of new nodes that ends in a base node joins that node's cluster at this level and at every
+   level above; the other trees are new clusters, whose super-nodes (peak identity, member sum and
+   size, as in aggregation) go on to the next level. Ties in density go to the base node (lower id).
+
+Everything is over arrays, one process; the Ray layer (:mod:`agc_ray.distributed.assign`) loads the
+state and writes the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agc_ray.core.graph import edge_features, mean_valid
+from agc_ray.core.hierarchy import forest_components, select_parents, similarity_density
+from agc_ray.core.knn import l2_normalize, search
+
+
+@dataclass
+class BaseLevel:
+    """The decode state of one level of a finished hierarchy (n nodes; node ids 0 .. n - 1).
+
+    Attributes:
+        x_id: (n, D) unit identity features (a super-node's peak's at levels > 0).
+        x_sum: (n, D) member feature sums; None at level 0 (every node its own only member).
+        size: (n,) member rows; None at level 0.
+        nbr, sim: (n, k) the level's kNN graph.
+        density: (n,) the densities the run decoded with.
+        comp: (n,) each node's cluster at this level (the next level's node id).
+        index: a faiss inner-product index over ``x_id`` (ids = node ids); None: exact, built on use.
+    """
+
+    x_id: np.ndarray
+    x_sum: np.ndarray | None
+    size: np.ndarray | None
+    nbr: np.ndarray
+    sim: np.ndarray
+    density: np.ndarray
+    comp: np.ndarray
+    index: object = None
+
+    @property
+    def n(self) -> int:
+        return int(self.x_id.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.nbr.shape[1])
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None):
+        """``(nbr, sim)`` (m, k) of external queries among the base nodes, skipping ``exclude`` ids."""
+        import faiss
+
+        if self.index is None:
+            self.index = faiss.IndexFlatIP(self.x_id.shape[1])
+            self.index.add(np.ascontiguousarray(self.x_id, dtype=np.float32))
+        index = self.index
+        if exclude is not None and exclude.size:
+            sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64)))
+            if isinstance(index, faiss.IndexIVF):
+                params = faiss.SearchParametersIVF(sel=sel, nprobe=index.nprobe)
+            else:
+                params = faiss.SearchParameters(sel=sel)
+            index = _WithParams(index, params, sel)
+        return search(index, np.ascontiguousarray(queries, dtype=np.float32), k, query_offset=None)
+
+
+class _WithParams:
+    """A faiss index whose searches carry fixed search parameters (an id selector)."""
+
+    def __init__(self, index, params, keep_alive):
+        self.index, self.params, self._keep = index, params, keep_alive
+
+    def search(self, q, k):
+        return self.index.search(q, k, params=self.params)
+
+
+@dataclass
+class Assignment:
+    """Where the new rows went, per level of the base hierarchy.
+
+    Attributes:
+        cluster: per level, (m,) int64 cluster of each new row in the base run's numbering at that
+            level; ``base_clusters[l] + j`` is the j-th new cluster of level l.
+        base_clusters: per level, the base's number of clusters.
+        new_clusters: per level, the number of new clusters.
+        joined_rows: per level, new rows that joined a base cluster at that level (first time).
+        nodes: per level, the new nodes decoded there (ids ``base.n + i``) as arrays named like
+            :class:`BaseLevel`'s (x_id, x_sum, size, nbr, sim, density, comp) and their peak rows
+            (``peak_row``, into the new rows); None where no new node was left. Appended to the
+            base's state, they make base + new a base for the next assignment.
+        new_peaks: per level, (new_clusters,) the peak row (into the new rows) of each new cluster.
+    """
+
+    cluster: list
+    base_clusters: list
+    new_clusters: list
+    joined_rows: list
+    nodes: list
+    new_peaks: list
+
+
+def merge_neighbours(nbr_a, sim_a, nbr_b, sim_b, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k most similar of two candidate lists (-1 padding last; stable: ties to ``a``)."""
+    nbr = np.concatenate([nbr_a, nbr_b], axis=1)
+    sim = np.concatenate([sim_a, sim_b], axis=1).astype(np.float32)
+    key = np.where(nbr >= 0, -sim.astype(np.float64), np.inf)
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    nbr, sim = np.take_along_axis(nbr, order, 1), np.take_along_axis(sim, order, 1)
+    sim[nbr < 0] = 0.0
+    return nbr, sim
+
+
+def new_node_graph(base: BaseLevel, x_q: np.ndarray, exclude: np.ndarray | None = None):
+    """kNN lists of new nodes over base ids ``0 .. n - 1`` and new ids ``n + i`` (self excluded).
+
+    Shapes:
+        x_q (m, D) unit rows -> nbr (m, k) int64, sim (m, k) float32.
+    """
+    import faiss
+
+    k, m = base.k, x_q.shape[0]
+    nbr_b, sim_b = base.search(x_q, k, exclude)
+    among = faiss.IndexFlatIP(x_q.shape[1])
+    among.add(np.ascontiguousarray(x_q, dtype=np.float32))
+    nbr_q, sim_q = search(among, np.ascontiguousarray(x_q, dtype=np.float32), k, query_offset=0)
+    nbr_q = np.where(nbr_q >= 0, nbr_q + base.n, -1)
+    return merge_neighbours(nbr_b, sim_b, nbr_q, sim_q, k)
+
+
+def _reverse_lists(base: BaseLevel, rows: np.ndarray, nbr_q: np.ndarray, sim_q: np.ndarray):
+    """The base ``rows``' kNN lists with the new nodes that rank in their top k inserted."""
+    k = base.k
+    q, col = np.nonzero((nbr_q >= 0) & (nbr_q < base.n))
+    j, s = nbr_q[q, col], sim_q[q, col]
+    weakest = np.where(base.nbr[j, -1] >= 0, base.sim[j, -1], -np.inf)
+    enters = s > weakest
+    q, j, s = q[enters], j[enters], s[enters]
+    nbr, sim = base.nbr[rows].copy(), base.sim[rows].copy()
+    if q.size == 0:
+        return nbr, sim
+    pos = np.searchsorted(rows, j)
+    order = np.lexsort((-s, pos))  # per base row, most similar first
+    pos, q, s = pos[order], q[order], s[order]
+    rank = np.arange(pos.size) - np.searchsorted(pos, pos)
+    keep = rank < k
+    extra_nbr = np.full((rows.size, k), -1, np.int64)
+    extra_sim = np.zeros((rows.size, k), np.float32)
+    extra_nbr[pos[keep], rank[keep]] = q[keep] + base.n
+    extra_sim[pos[keep], rank[keep]] = s[keep]
+    return merge_neighbours(nbr, sim, extra_nbr, extra_sim, k)
+
+
+@torch.no_grad()
+def decode_new_nodes(model, base: BaseLevel, x_q: np.ndarray, xsum_q: np.ndarray | None, size_q: np.ndarray | None,
+                     *, tau: float, mode: str, exclude: np.ndarray | None = None):
+    """Parents of new nodes against one base level (see the module docstring, steps 1-3).
+
+    Args:
+        model: the :class:`~agc_ray.core.lander.Lander` of the base run, or None (label-free decode:
+            similarity densities and similarities).
+        x_q, xsum_q, size_q: (m, D) unit identity features, (m, D) member sums and (m,) sizes of the new
+            nodes (the last two None at level 0).
+        tau, mode: the base run's threshold and decode mode at this level ('prob' or 'sim').
+
+    Returns:
+        ``(parent, nbr, sim, density)``: parent (m,) over base ids and new ids ``n + i`` (-1: a peak);
+        the new nodes' kNN lists and densities.
+    """
+    n, m = base.n, x_q.shape[0]
+    nbr_q, sim_q = new_node_graph(base, x_q, exclude)
+    if model is None:
+        density_q = similarity_density(nbr_q, sim_q).numpy()
+        score = sim_q
+    else:
+        p, density_q = _new_node_scores(model, base, x_q, xsum_q, size_q, nbr_q, sim_q)
+        score = sim_q if mode == "sim" else p
+    density = np.concatenate([np.asarray(base.density, dtype=np.float32), density_q.astype(np.float32)])
+    _equal_duplicate_densities(density, nbr_q, sim_q, n)
+    density_q = density[n:]
+    parent = select_parents(score, nbr_q, density, tau, start=n)
+    return parent, nbr_q, sim_q, density_q
+
+
+#: Cosine above which two unit rows count as the same vector.
+DUPLICATE_SIMILARITY = 1.0 - 1e-6
+
+
+def _equal_duplicate_densities(density: np.ndarray, nbr_q: np.ndarray, sim_q: np.ndarray, n: int) -> None:
+    """A new node that duplicates an earlier node (its nearest neighbour, lower id) takes its density.
+
+    In a full run, duplicated rows have identical neighbourhoods and so equal densities, and the tie
+    goes to the lower id (:func:`~agc_ray.core.hierarchy.select_parents`): duplicates join one tree.
+    A new node's density is computed with its twin among its neighbours while the base node's was not,
+    so the tie is restored here. In place on ``density`` (base nodes, then new nodes ``n + i``).
+    """
+    first, ids = nbr_q[:, 0], n + np.arange(nbr_q.shape[0])
+    dup = (first >= 0) & (first < ids) & (sim_q[:, 0] >= DUPLICATE_SIMILARITY)
+    for _ in range(8):  # chains of new duplicates settle in a few passes
+        before = density[ids[dup]].copy()
+        density[ids[dup]] = density[first[dup]]
+        if np.array_equal(before, density[ids[dup]]):
+            break
+
+
+def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q):
+    """Edge probabilities (m, k) and densities (m,) of the new nodes, over a local graph of the new nodes,
+    their base neighbours (lists with the new nodes inserted) and those neighbours' neighbours."""
+    from agc_ray.core.inference import edge_probabilities, node_projections
+    from agc_ray.core.lander import predicted_density
+
+    n, m = base.n, x_q.shape[0]
+    hop1 = np.unique(nbr_q[(nbr_q >= 0) & (nbr_q < n)])
+    nbr1, sim1 = _reverse_lists(base, hop1, nbr_q, sim_q)
+    hop2 = np.setdiff1d(np.unique(nbr1[(nbr1 >= 0) & (nbr1 < n)]), hop1)
+    local_base = np.concatenate([hop1, hop2])  # local ids: hop1, hop2, then the new nodes
+    nb_loc = local_base.size
+    to_local = np.full(n + m, -1, np.int64)
+    to_local[local_base] = np.arange(nb_loc)
+    to_local[n:] = np.arange(nb_loc, nb_loc + m)
+
+    def localise(ids):
+        return np.where(ids >= 0, to_local[ids.clip(0)], -1)
+
+    # hop2's lists are only read for their similarities (the relational profile of hop1): their
+    # neighbours are not in the local graph, so they stay padded
+    nbr_loc = np.concatenate([localise(nbr1), np.full((hop2.size, base.k), -1, np.int64), localise(nbr_q)])
+    sim_loc = np.concatenate([sim1, base.sim[hop2], sim_q]).astype(np.float32)
+    x_id = torch.from_numpy(np.concatenate([base.x_id[local_base], x_q]).astype(np.float32))
+    if base.x_sum is None:
+        x_mean, x_mean_np, size = x_id, None, None
+    else:
+        x_mean_np = l2_normalize(np.concatenate([base.x_sum[local_base], xsum_q]))
+        x_mean = torch.from_numpy(x_mean_np)
+        size = np.concatenate([base.size[local_base], size_q])
+    nbr_t, sim_t = torch.from_numpy(nbr_loc), torch.from_numpy(sim_loc)
+    model = model.cpu().eval()
+    rows = torch.from_numpy(np.concatenate([np.arange(hop1.size), np.arange(nb_loc, nb_loc + m)]))
+    proj_rows = node_projections(model, x_id, x_mean, nbr_t, sim_t, rows)
+    proj = torch.zeros((nb_loc + m, proj_rows.shape[1]), dtype=proj_rows.dtype)
+    proj[rows] = proj_rows
+    mean_sim = mean_valid(sim_t, nbr_t >= 0)  # read for the new nodes' neighbours only (hop1, new)
+    feats = edge_features(nbr_loc, sim_loc, x_mean_np, size, start=nb_loc, stop=nb_loc + m, mean_sim=mean_sim)
+    p = edge_probabilities(model, proj, proj[nb_loc:], nbr_t[nb_loc:], feats)
+    density = predicted_density(p, torch.from_numpy(sim_q), torch.from_numpy(nbr_q >= 0))
+    return p.numpy(), density.numpy()
+
+
+def assign_new_rows(model, levels: list[BaseLevel], x_new: np.ndarray, taus: list[float], *, mode: str = "prob",
+                    exclude: np.ndarray | None = None) -> Assignment:
+    """Place new rows in every level of a finished hierarchy (see the module docstring).
+
+    Args:
+        model: the base run's Lander, or None for a label-free (unsupervised) base.
+        levels: the base hierarchy's :class:`BaseLevel` states, finest first.
+        x_new: (m, D) unit features of the new rows.
+        taus: the base run's threshold per level.
+        mode: the base run's decode mode ('prob' or 'sim'; label-free always decodes on similarity).
+        exclude: level-0 base node ids that new rows may not link to (rows being replaced).
+
+    Returns:
+        :class:`Assignment`.
+    """
+    m = x_new.shape[0]
+    cluster = [np.full(m, -1, np.int64) for _ in levels]
+    base_clusters = [int(b.comp.max()) + 1 if b.n else 0 for b in levels]
+    new_clusters, joined, nodes, new_peaks = [], [], [], []
+    peak_q = np.arange(m)  # each new node's peak row
+    node_of_row = np.arange(m)  # each still-unplaced row's new node at the current level (-1: placed)
+    x_q, xsum_q, size_q = np.ascontiguousarray(x_new, dtype=np.float32), None, None
+    for lvl, base in enumerate(levels):
+        active = node_of_row >= 0
+        if not active.any():
+            new_clusters.append(0)
+            joined.append(0)
+            nodes.append(None)
+            new_peaks.append(np.zeros(0, np.int64))
+            continue
+        parent, nbr_q, sim_q, density_q = decode_new_nodes(
+            model, base, x_q, xsum_q, size_q, tau=taus[lvl], mode=mode if model is not None else "sim",
+            exclude=exclude if lvl == 0 else None)
+        n, q = base.n, x_q.shape[0]
+        among = np.where(parent >= n, parent - n, -1)
+        comp, peaks = forest_components(among)
+        attach = parent[peaks]  # a tree's root links to a base node or to nothing
+        is_new = attach < 0
+        # each new node's cluster at this level: its tree's base node's, or a new one (numbered in tree order)
+        node_comp = np.where(is_new, base_clusters[lvl] + np.cumsum(is_new) - 1,
+                             base.comp[np.maximum(attach, 0)])[comp]
+        nodes.append({"x_id": x_q, "x_sum": xsum_q, "size": size_q, "nbr": nbr_q, "sim": sim_q,
+                      "density": density_q.astype(np.float32), "comp": node_comp, "peak_row": peak_q})
+        rows = np.flatnonzero(active)
+        node = node_of_row[rows]
+        cluster[lvl][rows] = node_comp[node]
+        joins = ~is_new[comp[node]]
+        jr = rows[joins]
+        for up in range(lvl + 1, len(levels)):  # joined rows follow their base cluster upwards
+            cluster[up][jr] = levels[up].comp[cluster[up - 1][jr]]
+        joined.append(int(jr.size))
+        new_clusters.append(int(is_new.sum()))
+        # the new clusters are the next level's new nodes (aggregation, as in the full run)
+        keep_comp = np.flatnonzero(is_new)
+        renum = np.full(peaks.size, -1, np.int64)
+        renum[keep_comp] = np.arange(keep_comp.size)
+        nr = rows[~joins]
+        node_of_row = np.full(m, -1, np.int64)
+        node_of_row[nr] = renum[comp[node[~joins]]]
+        members = is_new[comp]
+        target = torch.from_numpy(renum[comp[members]])
+        sums = x_q if xsum_q is None else xsum_q
+        next_sum = torch.zeros((keep_comp.size, x_q.shape[1]), dtype=torch.float32)
+        next_sum.index_add_(0, target, torch.from_numpy(np.ascontiguousarray(sums[members], dtype=np.float32)))
+        sizes = np.ones(q, np.int64) if size_q is None else size_q
+        size_q = np.bincount(target.numpy(), weights=sizes[members], minlength=keep_comp.size).astype(np.int64)
+        x_q, xsum_q, peak_q = x_q[peaks[keep_comp]], next_sum.numpy(), peak_q[peaks[keep_comp]]
+        new_peaks.append(peak_q)
+    return Assignment(cluster, base_clusters, new_clusters, joined, nodes, new_peaks)
+
+
+def hierarchy_state(est, X) -> tuple[list[np.ndarray], list[BaseLevel], list[float]]:
+    """Cluster X with a fitted :class:`~agc_ray.core.estimator.HiLander` and keep what assignment needs.
+
+    The single-process counterpart of the state the Ray job writes: the same decode as
+    ``est.predict_hierarchy`` (same labels), with each level's densities and components kept.
+
+    Returns:
+        ``(labels, levels, taus)``: per kept level the (N,) labels in the run's own cluster numbering
+        (``levels[l].comp`` composed), the :class:`BaseLevel` states and the thresholds used.
+    """
+    from agc_ray.core.hierarchy import build_hierarchy
+    from agc_ray.core.inference import decode, score_level
+    from agc_ray.core.knn import unit_rows
+
+    est._check_fitted()
+    x = unit_rows(np.asarray(X))
+    states, taus = [], []
+    est._schedule = None
+    torch.manual_seed(est.seed)
+
+    def decode_level(g, level):
+        if est.unsupervised:
+            parent, info = est.decode_level(g, level)
+            density, tau = similarity_density(g.nbr, g.sim).numpy(), info["tau"]
+        else:
+            tau = est.level_tau(level)
+            p, density = score_level(est.model_, g, device=est._torch_device())
+            parent, density = decode(p, density, g.nbr, g.sim, tau=tau, mode=est.decode), density.numpy()
+        base = g.is_base
+        states.append(BaseLevel(g.x_id, None if base else g.x_sum, None if base else g.size, g.nbr, g.sim,
+                                density, forest_components(parent)[0]))
+        taus.append(tau)
+        return parent
+
+    kept = build_hierarchy(x, decode_level, k=est.k, levels=est.max_levels(), early_stop=est.early_stop,
+                           knn=est._knn)
+    states, taus = states[:len(kept)], taus[:len(kept)]
+    labels, lab = [], None
+    for s in states:
+        lab = s.comp if lab is None else s.comp[lab]
+        labels.append(lab)
+    return labels, states, taus
