@@ -41,6 +41,7 @@ class BaseLevel:
         nbr, sim: (n, k) the level's kNN graph.
         density: (n,) the densities the run decoded with.
         comp: (n,) each node's cluster at this level (the next level's node id).
+        p: (n, k) the run's edge probabilities (None for a label-free run).
         index: a faiss inner-product index over ``x_id`` (ids = node ids); None: exact, built on use.
     """
 
@@ -51,6 +52,7 @@ class BaseLevel:
     sim: np.ndarray
     density: np.ndarray
     comp: np.ndarray
+    p: np.ndarray | None = None
     index: object = None
 
     @property
@@ -178,22 +180,56 @@ def decode_new_nodes(model, base: BaseLevel, x_q: np.ndarray, xsum_q: np.ndarray
         tau, mode: the base run's threshold and decode mode at this level ('prob' or 'sim').
 
     Returns:
-        ``(parent, nbr, sim, density)``: parent (m,) over base ids and new ids ``n + i`` (-1: a peak);
-        the new nodes' kNN lists and densities.
+        ``(parent, nbr, sim, density, p)``: parent (m,) over base ids and new ids ``n + i`` (-1: a
+        peak); the new nodes' kNN lists, densities and edge probabilities (None label-free).
     """
     n, m = base.n, x_q.shape[0]
     nbr_q, sim_q = new_node_graph(base, x_q, exclude)
+    hop1 = np.unique(nbr_q[(nbr_q >= 0) & (nbr_q < n)])
+    nbr1, sim1 = _reverse_lists(base, hop1, nbr_q, sim_q)
     if model is None:
         density_q = similarity_density(nbr_q, sim_q).numpy()
-        score = sim_q
+        p = p1 = score = None
     else:
-        p, density_q = _new_node_scores(model, base, x_q, xsum_q, size_q, nbr_q, sim_q)
-        score = sim_q if mode == "sim" else p
+        p, density_q, p1 = _new_node_scores(model, base, x_q, xsum_q, size_q, nbr_q, sim_q, hop1, nbr1, sim1)
+        score = p
+    if mode == "sim" or model is None:
+        score = sim_q
     density = np.concatenate([np.asarray(base.density, dtype=np.float32), density_q.astype(np.float32)])
+    density[hop1] = _updated_densities(base, hop1, nbr1, sim1, p1)
     _equal_duplicate_densities(density, nbr_q, sim_q, n)
     density_q = density[n:]
     parent = select_parents(score, nbr_q, density, tau, start=n)
-    return parent, nbr_q, sim_q, density_q
+    return parent, nbr_q, sim_q, density_q, p
+
+
+def _updated_densities(base: BaseLevel, hop1: np.ndarray, nbr1: np.ndarray, sim1: np.ndarray, p1=None) -> np.ndarray:
+    """Densities of the base nodes ``hop1`` over their lists with the new nodes inserted.
+
+    A full run over base + new sees these lists: a node that gains a close new neighbour gets denser,
+    and may then be a new node's parent where the base run's density would rule it out. Label-free:
+    the mean similarity of the list. With a model: the new edges' probabilities ``p1`` (rows of hop1,
+    read where the neighbour is new) and the base run's ``p`` for the edges kept (the projection of the
+    node itself moves a little with its new neighbour; that second-order change is not followed).
+    Nodes whose list did not change keep the base run's density exactly.
+    """
+    n = base.n
+    changed = (nbr1 >= n).any(axis=1)
+    out = np.asarray(base.density, dtype=np.float32)[hop1].copy()
+    if not changed.any():
+        return out
+    nb, s = nbr1[changed], sim1[changed]
+    valid = nb >= 0
+    if p1 is None:
+        out[changed] = mean_valid(torch.from_numpy(s), torch.from_numpy(valid)).numpy()
+        return out
+    if base.p is None:  # a state without the run's probabilities: the base densities stay
+        return out
+    base_nbr, base_p = base.nbr[hop1[changed]], base.p[hop1[changed]]
+    pos = (nb[:, :, None] == base_nbr[:, None, :]).argmax(axis=2)
+    p = np.where(nb >= n, p1[changed], np.take_along_axis(base_p, pos, axis=1))
+    out[changed] = mean_valid(torch.from_numpy(s * (2 * p - 1)), torch.from_numpy(valid)).numpy()
+    return out
 
 
 #: Cosine above which two unit rows count as the same vector.
@@ -217,15 +253,15 @@ def _equal_duplicate_densities(density: np.ndarray, nbr_q: np.ndarray, sim_q: np
             break
 
 
-def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q):
-    """Edge probabilities (m, k) and densities (m,) of the new nodes, over a local graph of the new nodes,
-    their base neighbours (lists with the new nodes inserted) and those neighbours' neighbours."""
+def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, hop1, nbr1, sim1):
+    """Edge probabilities (m, k) and densities (m,) of the new nodes, and the probabilities (h, k) of the
+    base neighbours' (``hop1``) edges where they point at a new node, over a local graph of the new
+    nodes, their base neighbours (lists ``nbr1`` with the new nodes inserted) and those neighbours'
+    neighbours."""
     from agc_ray.core.inference import edge_probabilities, node_projections
     from agc_ray.core.lander import predicted_density
 
     n, m = base.n, x_q.shape[0]
-    hop1 = np.unique(nbr_q[(nbr_q >= 0) & (nbr_q < n)])
-    nbr1, sim1 = _reverse_lists(base, hop1, nbr_q, sim_q)
     hop2 = np.setdiff1d(np.unique(nbr1[(nbr1 >= 0) & (nbr1 < n)]), hop1)
     local_base = np.concatenate([hop1, hop2])  # local ids: hop1, hop2, then the new nodes
     nb_loc = local_base.size
@@ -257,7 +293,14 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q):
     feats = edge_features(nbr_loc, sim_loc, x_mean_np, size, start=nb_loc, stop=nb_loc + m, mean_sim=mean_sim)
     p = edge_probabilities(model, proj, proj[nb_loc:], nbr_t[nb_loc:], feats)
     density = predicted_density(p, torch.from_numpy(sim_q), torch.from_numpy(nbr_q >= 0))
-    return p.numpy(), density.numpy()
+    # hop1's edges: only those to new nodes are read (hop2 has no projections or lists here)
+    changed = np.flatnonzero((nbr1 >= n).any(axis=1))
+    p1 = np.zeros(nbr1.shape, np.float32)
+    if changed.size:
+        rows1 = torch.from_numpy(changed)
+        feats1 = edge_features(nbr_loc, sim_loc, x_mean_np, size, start=0, stop=hop1.size, mean_sim=mean_sim)[rows1]
+        p1[changed] = edge_probabilities(model, proj, proj[rows1], nbr_t[rows1], feats1).numpy()
+    return p.numpy(), density.numpy(), p1
 
 
 def assign_new_rows(model, levels: list[BaseLevel], x_new: np.ndarray, taus: list[float], *, mode: str = "prob",
@@ -290,7 +333,7 @@ def assign_new_rows(model, levels: list[BaseLevel], x_new: np.ndarray, taus: lis
             nodes.append(None)
             new_peaks.append(np.zeros(0, np.int64))
             continue
-        parent, nbr_q, sim_q, density_q = decode_new_nodes(
+        parent, nbr_q, sim_q, density_q, p_q = decode_new_nodes(
             model, base, x_q, xsum_q, size_q, tau=taus[lvl], mode=mode if model is not None else "sim",
             exclude=exclude if lvl == 0 else None)
         n, q = base.n, x_q.shape[0]
@@ -302,7 +345,8 @@ def assign_new_rows(model, levels: list[BaseLevel], x_new: np.ndarray, taus: lis
         node_comp = np.where(is_new, base_clusters[lvl] + np.cumsum(is_new) - 1,
                              base.comp[np.maximum(attach, 0)])[comp]
         nodes.append({"x_id": x_q, "x_sum": xsum_q, "size": size_q, "nbr": nbr_q, "sim": sim_q,
-                      "density": density_q.astype(np.float32), "comp": node_comp, "peak_row": peak_q})
+                      "density": density_q.astype(np.float32), "p": p_q, "comp": node_comp,
+                      "peak_row": peak_q})
         rows = np.flatnonzero(active)
         node = node_of_row[rows]
         cluster[lvl][rows] = node_comp[node]
@@ -352,16 +396,17 @@ def hierarchy_state(est, X) -> tuple[list[np.ndarray], list[BaseLevel], list[flo
     torch.manual_seed(est.seed)
 
     def decode_level(g, level):
+        p = None
         if est.unsupervised:
             parent, info = est.decode_level(g, level)
             density, tau = similarity_density(g.nbr, g.sim).numpy(), info["tau"]
         else:
             tau = est.level_tau(level)
             p, density = score_level(est.model_, g, device=est._torch_device())
-            parent, density = decode(p, density, g.nbr, g.sim, tau=tau, mode=est.decode), density.numpy()
+            parent, density, p = decode(p, density, g.nbr, g.sim, tau=tau, mode=est.decode), density.numpy(), p.numpy()
         base = g.is_base
         states.append(BaseLevel(g.x_id, None if base else g.x_sum, None if base else g.size, g.nbr, g.sim,
-                                density, forest_components(parent)[0]))
+                                density, forest_components(parent)[0], p))
         taus.append(tau)
         return parent
 

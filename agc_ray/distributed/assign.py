@@ -201,7 +201,7 @@ def _assign(model, fs, root: str, meta: dict, taus: list, mode: str, replaced: n
             centroids = a["centroids"]
             index = state.ivf_from_lists(a["x_id"], centroids, a["lists"], meta["nprobe"])
         levels.append(BaseLevel(a["x_id"], a.get("x_sum"), a.get("size"), a["nbr"], a["sim"], a["density"],
-                                a["comp"], index))
+                                a["comp"], a.get("p"), index))
     excluded = state.read_level_array(fs, root, 0, "excluded")
     exclude = replaced if excluded is None else np.union1d(excluded, replaced)
     x_new = np.concatenate(x_parts) if len(x_parts) > 1 else x_parts[0]

@@ -271,9 +271,9 @@ class Job:
                 break
         stats.update(tau=tau, edges=counts["edges"], clusters=counts["clusters"],
                      decode_seconds=self._time("decode", t0))
-        return result, counts, density
+        return result, counts, density, p
 
-    def write_state(self, output, level_no: int, level: _Level, graph, result, density, ids: list) -> list:
+    def write_state(self, output, level_no: int, level: _Level, graph, result, density, p, ids: list) -> list:
         """Write tasks of this level's assignment state (see :mod:`agc_ray.distributed.state`); ``ids``:
         the row shards' ids (level 0 stores them: the node order of the state)."""
         from agc_ray.distributed.state import shard_dir
@@ -283,7 +283,7 @@ class Job:
         x_sum, size = level.x_sum or none, level.size or none
         ids = ids if level_no == 0 else none
         return [_write_state_shard.remote(output.fs, shard_dir(output.staging, level_no, s), s, level.offsets, graph,
-                                          density[s], result, level.x_id[s], x_sum[s], size[s], ivf[s], ids[s])
+                                          density[s], result, level.x_id[s], x_sum[s], size[s], ivf[s], ids[s], p[s])
                 for s in range(level.shards)]
 
     def level_tau(self, level: _Level, graph, level_no: int) -> float:
@@ -437,7 +437,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
     for level_no in range(est.max_levels()):
         stats = {"level": level_no, "nodes": level.n}
         graph = job.knn(level, level_no, stats)
-        result, counts, density = job.decode(level, graph, model_ref, level_no, stats)
+        result, counts, density, p = job.decode(level, graph, model_ref, level_no, stats)
         n_edges = counts["edges"]
         if n_edges == 0 and level_no > 0:
             stop = "no edge added"
@@ -454,7 +454,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
             job._time("write", t0)
         kept.append({"result": result, "labels": labels, "stats": stats, "offsets": level.offsets})
         if cfg.assign_state:
-            writes += job.write_state(output, level_no, level, graph, result, density, rows.ids)
+            writes += job.write_state(output, level_no, level, graph, result, density, p, rows.ids)
         log.info("level %d: %d nodes -> %d clusters (%d edges), score %.1fs, decode %.1fs",
                  level_no, level.n, counts["clusters"], n_edges, stats["score_seconds"], stats["decode_seconds"])
         if n_edges == 0:
@@ -528,14 +528,15 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
 
 @lazy_remote(num_cpus=0.5)
 def _write_state_shard(fs, directory: str, s: int, offsets, graph, density, result, x_id, x_sum=None, size=None,
-                       ivf=None, ids=None):
+                       ivf=None, ids=None, p=None):
     from agc_ray.distributed import state
 
     nbr, sim = graph
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     state.write_shard(fs, directory, x_id=x_id, x_sum=x_sum, size=size, nbr=nbr[lo:hi], sim=sim[lo:hi],
                       density=np.asarray(density, dtype=np.float32), comp=result["comp"][lo:hi],
-                      lists=None if ivf is None else ivf[1], ids=ids)
+                      lists=None if ivf is None else ivf[1], ids=ids,
+                      p=None if p is None else np.asarray(p, dtype=np.float32))
     if ivf is not None and s == 0:
         state.save_array(fs, posixpath.join(posixpath.dirname(directory), "centroids.npy"), ivf[0])
     return directory

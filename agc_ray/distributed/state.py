@@ -8,6 +8,7 @@ extended by every assignment run, so that an incremental output is itself a base
     state/level=L/shard=S/x_sum.npy       (n_s, D) float32 member sums, size.npy (n_s,) int64  (L > 0)
     state/level=L/shard=S/nbr.npy         (n_s, k) int64 and sim.npy (n_s, k) float32: the level's kNN graph
     state/level=L/shard=S/density.npy     (n_s,) float32 the densities the level was decoded with
+    state/level=L/shard=S/p.npy           (n_s, k) float32 the edge probabilities (runs with a model)
     state/level=L/shard=S/comp.npy        (n_s,) int64 each node's cluster (the next level's node)
     state/level=0/shard=S/lists.npy       (n_s,) int32 IVF cell of each row (IVF runs)
     state/level=0/centroids.npy           (nlist, D) float32 IVF coarse centroids (IVF runs)
@@ -30,7 +31,7 @@ import pyarrow.fs as pafs
 
 STATE_DIR = "state"
 STATE_FORMAT = 1
-ARRAYS = ("x_id", "x_sum", "size", "nbr", "sim", "density", "comp", "lists")
+ARRAYS = ("x_id", "x_sum", "size", "nbr", "sim", "density", "p", "comp", "lists")
 
 
 def shard_dir(root: str, level: int, shard: int) -> str:
