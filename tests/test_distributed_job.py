@@ -12,6 +12,38 @@ from _job_fixtures import job_data, job_model, job_table, ray_session, read_leve
 from agc_ray.distributed.job import JobConfig, run_job
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_data_reads():
+    """This module reads every table with Ray Data (the path of tables over a few thousand rows; the
+    other modules' small tables are read by the driver, see agc_ray.distributed.io.DIRECT_READ_BYTES)."""
+    import os
+
+    old = os.environ.get("AGC_RAY_DIRECT_READ_BYTES")
+    os.environ["AGC_RAY_DIRECT_READ_BYTES"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("AGC_RAY_DIRECT_READ_BYTES")
+    else:
+        os.environ["AGC_RAY_DIRECT_READ_BYTES"] = old
+
+
+def test_direct_read_equals_ray_data_read(ray_session, job_table, monkeypatch):
+    """Small tables are read by the driver: same shards, ids, labels and normalisation as Ray Data's."""
+    from agc_ray.distributed import io
+
+    fs, files = io.resolve_input(str(job_table))
+    schema = io.check_schema(fs, files, "id", "embedding", None, default_label="label")
+    ray_data = io.read_shards(fs, schema, 3)
+    monkeypatch.setenv("AGC_RAY_DIRECT_READ_BYTES", str(10**9))
+    direct = io.read_shards(fs, schema, 3)
+    np.testing.assert_array_equal(direct.offsets, ray_data.offsets)
+    assert direct.dim == ray_data.dim
+    for a, b in zip(direct.x + direct.labels, ray_data.x + ray_data.labels):
+        np.testing.assert_array_equal(ray_session.get(a), ray_session.get(b))
+    for a, b in zip(direct.ids, ray_data.ids):
+        assert ray_session.get(a).equals(ray_session.get(b))
+
+
 def _run(input, output, model=None, **kw):
     return run_job(JobConfig(input=str(input), output=str(output), model=None if model is None else str(model), **kw))
 
@@ -209,6 +241,31 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, method):
     np.testing.assert_allclose(got_sim, sim, rtol=0, atol=2e-6)
     if method == "ivf":
         assert 0.9 <= stats["knn_recall"] <= 1.0
+
+
+def test_index_actors_serve_every_level(ray_session, job_data):
+    """The next level reuses the index actors (one fewer shard: the extra actor is not used), and a late
+    search for the earlier level (a lost graph being reconstructed) still searches that level's rows."""
+    from agc_ray.core.knn import knn_graph, l2_normalize
+    from agc_ray.distributed.io import shard_bounds
+    from agc_ray.distributed.knn import MergedIndex, index_actors, sharded_knn_graph
+
+    x = l2_normalize(job_data[0])
+    upper = x[::5]  # another "level": other rows, other offsets
+    off0, off1 = shard_bounds(x.shape[0], 3), shard_bounds(upper.shape[0], 2)
+    refs0 = [ray_session.put(x[off0[s]:off0[s + 1]]) for s in range(3)]
+    refs1 = [ray_session.put(upper[off1[s]:off1[s + 1]]) for s in range(2)]
+    _, _, actors = sharded_knn_graph(refs0, off0, 10, "exact", 0)
+    try:
+        graph, _, reused = sharded_knn_graph(refs1, off1, 10, "exact", 0, actors=actors)
+        assert reused == actors[:2]
+        np.testing.assert_array_equal(ray_session.get(graph)[0], knn_graph(upper, 10, method="exact", normalize=False)[0])
+        pairs0 = index_actors(refs0, off0, "exact", None, 0, actors=actors)  # level 0 again, as a reconstruction
+        sim, ids = MergedIndex(pairs0, exact=True).search(x[:50], 11)
+        np.testing.assert_array_equal(ids[:, 0], np.arange(50))
+    finally:
+        for a in actors:
+            ray_session.kill(a)
 
 
 def test_unsupervised_adaptive_tau_equals_single_process(ray_session, tmp_path, job_table, job_data):

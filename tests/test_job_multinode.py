@@ -27,7 +27,8 @@ def test_node_removed_mid_job(job_table, job_model, job_data, tmp_path, trigger)
     projections) are rebuilt by Ray from their lineage: this hung while tasks fetched other shards'
     parts with ray.get (they held every CPU that the rebuilding tasks needed)."""
     out = tmp_path / "out"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # the table read by Ray Data tasks on the workers (lineage), not by the driver (see DIRECT_READ_BYTES)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", AGC_RAY_DIRECT_READ_BYTES="0")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, str(HERE / "_multinode_job.py"), str(job_table), str(out), str(job_model),
                            trigger], env=env, capture_output=True, text=True, timeout=540)

@@ -28,7 +28,7 @@ from agc_ray.core.inference import DECODE_MODES, decode, score_level
 from agc_ray.core.knn import METHODS, knn_graph
 from agc_ray.core.lander import Lander
 from agc_ray.core.train import deterministic_training, ground_truth_graphs, to_train_graph, train_lander
-from agc_ray.core.validation import check_param
+from agc_ray.core.validation import check_param, invalid_rows
 
 log = logging.getLogger("agc_ray")
 
@@ -59,16 +59,6 @@ def check_features(X, *, name: str = "X", min_rows: int = 1) -> np.ndarray:
     if zero.size:
         raise ValueError(f"{name} has {zero.size} all-zero rows (first at row {zero[0]}): cosine similarity is undefined")
     return X
-
-
-def invalid_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of an (N, D) matrix that cannot be embeddings: (rows with NaN/Inf, all-zero rows).
-
-    Callers phrase the error their way (a row number here, an example id in the job's input checks).
-    """
-    nonfinite = np.flatnonzero(~np.isfinite(X).all(axis=1))
-    zero = np.flatnonzero(~X.any(axis=1))
-    return nonfinite, zero
 
 
 def check_labels(y, n_rows: int) -> np.ndarray:

@@ -1,9 +1,14 @@
-"""Parameter checks shared by the estimator and the jobs (one message format everywhere)."""
+"""Parameter and row checks shared by the estimator and the jobs (one message format everywhere).
+
+numpy only: the jobs' Ray Data workers import this to check rows without importing torch.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
+
+import numpy as np
 
 
 def check_param(name: str, value, kind=None, low=None, high=None, options=None, *, error=ValueError) -> None:
@@ -26,3 +31,14 @@ def check_param(name: str, value, kind=None, low=None, high=None, options=None, 
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
         raise error(f"{name} must be {bounds}, got {value!r}")
+
+
+def invalid_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of an (N, D) matrix that cannot be embeddings: (rows with NaN/Inf, all-zero rows).
+
+    Callers phrase the error their way (a row number in the estimator, an example id in the job's
+    input checks).
+    """
+    nonfinite = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    zero = np.flatnonzero(~X.any(axis=1))
+    return nonfinite, zero

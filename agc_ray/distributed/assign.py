@@ -2,8 +2,8 @@
 
 ``run_assign`` checks everything before writing (the base is a completed output with an assignment
 state, the model, dimensions, ids), reads the new rows with Ray Data (the clustering job's reader and
-row checks), places them with :func:`agc_ray.core.incremental.assign_new_rows` in one Ray task that
-loads the base's state (:mod:`agc_ray.distributed.state`), and writes an output with the clustering
+row checks) while a Ray actor loads the base's state (:mod:`agc_ray.distributed.state`), places them
+there with :func:`agc_ray.core.incremental.assign_new_rows`, and writes an output with the clustering
 job's contract holding base + new rows: assignments and clusters per level, the state extended by
 the new rows (so that the output is itself a base, and a ``--previous`` for the next full run), a
 manifest that says it is incremental, and report.html; committed like the clustering job's output.
@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 
 from agc_ray.distributed import io, progress, state
 from agc_ray.distributed.errors import InputError
-from agc_ray.distributed.remote import lazy_remote
 
 log = logging.getLogger("agc_ray")
 
@@ -111,6 +110,7 @@ def run_assign(cfg: AssignConfig) -> dict:
         InputError: bad input, base, model or output location; nothing has been written.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t_start = time.perf_counter()
     validate_assign_config(cfg)
@@ -123,9 +123,13 @@ def run_assign(cfg: AssignConfig) -> dict:
     model = _load_model(cfg, base, meta)
     output = io.Output(cfg.output, cfg.overwrite)
     output.check()
-    timings = {}
+    timings, holder = {}, None
     try:
         t0 = time.perf_counter()
+        # the base's state loads (in an actor on this node) while Ray Data reads the new rows
+        holder = ray.remote(BaseIndex).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)).remote(base.fs, base.path, meta)
+        loaded = holder.ready.remote()
         num_shards = cfg.num_shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
         rows = io.read_shards(fs, schema, num_shards)
         if rows.dim != meta["dimension"]:
@@ -136,15 +140,16 @@ def run_assign(cfg: AssignConfig) -> dict:
         timings["read_seconds"] = time.perf_counter() - t0
         log.info("read + validate: %d new rows, dimension %d, %d replacing base rows, %.1fs", rows.n, rows.dim,
                  replaced.size, timings["read_seconds"])
+        progress.wait([loaded], "loading the base's state", rows=[meta["levels"]])
 
         t0 = time.perf_counter()
         params = base.manifest["parameters"]
-        cpus = max([n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] + [1.0])
-        task = _assign.options(num_cpus=cpus).remote(
-            None if model is None else ray.put(model), base.fs, base.path, meta, list(params["tau"]),
-            params.get("decode") or "prob", replaced, *rows.x)
+        task = holder.assign.remote(None if model is None else ray.put(model), list(params["tau"]),
+                                    params.get("decode") or "prob", replaced, *rows.x)
         progress.wait([task], "assignment", rows=[rows.n])
         result, lists = ray.get(task)
+        ray.kill(holder)
+        holder = None
         timings["assign_seconds"] = time.perf_counter() - t0
         for lvl in range(meta["levels"]):
             log.info("level %d: %d new rows joined base clusters, %d new clusters", lvl, result.joined_rows[lvl],
@@ -159,6 +164,8 @@ def run_assign(cfg: AssignConfig) -> dict:
         _write_report(output, manifest)
         output.commit(manifest, ((base.fs, base.path, base.version, f"--base {base.uri}"),))
     except BaseException:
+        if holder is not None:
+            ray.kill(holder)
         output.abort()
         raise
     log.info("committed %s (%.1fs)", cfg.output, time.perf_counter() - t_start)
@@ -181,37 +188,59 @@ def _replaced_nodes(cfg: AssignConfig, base, meta: dict, new_ids: pa.Array) -> n
     return nodes
 
 
-@lazy_remote(num_cpus=1)
-def _assign(model, fs, root: str, meta: dict, taus: list, mode: str, replaced: np.ndarray, *x_parts):
-    """Load the base's state and place the new rows: ``(Assignment, IVF cells of the new rows or None)``."""
-    import faiss
-    import ray
-    import torch
+class BaseIndex:
+    """Ray actor holding a base output's assignment state in memory: loaded while the new rows are read,
+    then :meth:`assign` places them (:func:`agc_ray.core.incremental.assign_new_rows`).
 
-    from agc_ray.core.incremental import BaseLevel, assign_new_rows
+    It reserves no CPU (the read's Ray Data tasks need them meanwhile) and computes with the node's
+    cores once the read is done.
+    """
 
-    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    torch.set_num_threads(cpus)
-    faiss.omp_set_num_threads(cpus)
-    levels, centroids = [], None
-    for lvl in range(meta["levels"]):
-        a = state.read_level(fs, root, meta, lvl)
-        index = None
-        if lvl == 0 and "centroids" in a and "lists" in a and a["lists"].shape[0] == a["x_id"].shape[0]:
-            centroids = a["centroids"]
-            index = state.ivf_from_lists(a["x_id"], centroids, a["lists"], meta["nprobe"])
-        levels.append(BaseLevel(a["x_id"], a.get("x_sum"), a.get("size"), a["nbr"], a["sim"], a["density"],
-                                a["comp"], a.get("p"), index))
-    excluded = state.read_level_array(fs, root, 0, "excluded")
-    exclude = replaced if excluded is None else np.union1d(excluded, replaced)
-    x_new = np.concatenate(x_parts) if len(x_parts) > 1 else x_parts[0]
-    result = assign_new_rows(model, levels, x_new, taus, mode=mode, exclude=exclude if exclude.size else None)
-    lists = None
-    if centroids is not None:  # the new rows' cells, so that the extended state keeps its IVF index
-        quantizer = faiss.IndexFlatIP(centroids.shape[1])
-        quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
-        lists = quantizer.search(np.ascontiguousarray(x_new, dtype=np.float32), 1)[1][:, 0].astype(np.int32)
-    return result, lists
+    def __init__(self, fs, root: str, meta: dict):
+        from agc_ray.core.incremental import BaseLevel
+
+        self._threads()
+        self.levels, self.centroids = [], None
+        for lvl in range(meta["levels"]):
+            a = state.read_level(fs, root, meta, lvl)
+            index = None
+            if lvl == 0 and "centroids" in a and "lists" in a and a["lists"].shape[0] == a["x_id"].shape[0]:
+                self.centroids = a["centroids"]
+                index = state.ivf_from_lists(a["x_id"], self.centroids, a["lists"], meta["nprobe"])
+            self.levels.append(BaseLevel(a["x_id"], a.get("x_sum"), a.get("size"), a["nbr"], a["sim"], a["density"],
+                                         a["comp"], a.get("p"), index))
+        self.excluded = state.read_level_array(fs, root, 0, "excluded")
+
+    @staticmethod
+    def _threads():
+        import os
+
+        import faiss
+        import torch
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(cpus)
+        faiss.omp_set_num_threads(cpus)
+
+    def ready(self) -> int:
+        return len(self.levels)
+
+    def assign(self, model, taus: list, mode: str, replaced: np.ndarray, *x_parts):
+        """``(Assignment, IVF cells of the new rows or None)``."""
+        import faiss
+
+        from agc_ray.core.incremental import assign_new_rows
+
+        self._threads()
+        exclude = replaced if self.excluded is None else np.union1d(self.excluded, replaced)
+        x_new = np.concatenate(x_parts) if len(x_parts) > 1 else x_parts[0]
+        result = assign_new_rows(model, self.levels, x_new, taus, mode=mode, exclude=exclude if exclude.size else None)
+        lists = None
+        if self.centroids is not None:  # the new rows' cells, so that the extended state keeps its IVF index
+            quantizer = faiss.IndexFlatIP(self.centroids.shape[1])
+            quantizer.add(np.ascontiguousarray(self.centroids, dtype=np.float32))
+            lists = quantizer.search(np.ascontiguousarray(x_new, dtype=np.float32), 1)[1][:, 0].astype(np.int32)
+        return result, lists
 
 
 # -- the output --------------------------------------------------------------------------------------
@@ -221,7 +250,8 @@ def _parquet_files(fs, directory: str) -> list[str]:
 
 
 def _copy(src_fs, src: str, dst_fs, dst: str) -> None:
-    dst_fs.create_dir(posixpath.dirname(dst), recursive=True)
+    if dst_fs.type_name == "local":
+        dst_fs.create_dir(posixpath.dirname(dst), recursive=True)
     if src_fs.type_name == dst_fs.type_name == "local":
         dst_fs.copy_file(src, dst)
     else:

@@ -235,7 +235,7 @@ def prepare_block(table: pa.Table, *, id_column: str, embedding_column: str, lab
         raise InputError(f"id column {id_column!r} has {ids.null_count} null value(s) (first at block row {bad})")
     id_list = _IdView(ids)
     x = embedding_matrix(table.column(embedding_column), id_list, embedding_column, dim)
-    from agc_ray.core.estimator import invalid_rows  # lazy: torch is imported by the workers only
+    from agc_ray.core.validation import invalid_rows  # numpy only: read workers do not import torch
 
     nonfinite, zero = invalid_rows(x)
     if nonfinite.size:
@@ -295,8 +295,21 @@ def shard_bounds(n: int, num_shards: int) -> np.ndarray:
     return np.linspace(0, n, s + 1).round().astype(np.int64)
 
 
+#: Tables up to this many bytes of embeddings are read by the driver with pyarrow (same row checks,
+#: same shards): Ray Data's start-up (its operators' workers and actors) costs seconds that a table
+#: of a few thousand rows (an hourly increment, a test) does not need. ``AGC_RAY_DIRECT_READ_BYTES``.
+DIRECT_READ_BYTES = 64 * 2**20
+
+
+def _direct_read_bytes() -> int:
+    import os
+
+    return int(os.environ.get("AGC_RAY_DIRECT_READ_BYTES", DIRECT_READ_BYTES))
+
+
 def read_shards(fs, schema: InputSchema, num_shards: int) -> RowShards:
-    """Read, validate and normalise the table with Ray Data and cut it into row shards.
+    """Read, validate and normalise the table with Ray Data and cut it into row shards (small tables:
+    read by the driver, see :data:`DIRECT_READ_BYTES`).
 
     Raises InputError for bad rows (found while reading) and duplicate ids.
     """
@@ -304,6 +317,8 @@ def read_shards(fs, schema: InputSchema, num_shards: int) -> RowShards:
 
     from agc_ray.distributed.errors import find_input_error
 
+    if schema.rows * 4 * (schema.dim or 1024) <= _direct_read_bytes():
+        return _read_direct(fs, schema, num_shards)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     cols = [schema.id_column, schema.embedding_column] + ([schema.label_column] if schema.label_column else [])
@@ -323,10 +338,7 @@ def read_shards(fs, schema: InputSchema, num_shards: int) -> RowShards:
     offsets = shard_bounds(schema.rows, num_shards)
     parts = ds.split_at_indices(list(offsets[1:-1])) if offsets.size > 2 else [ds]
     built = [_build_shard.options(num_returns=5).remote(schema.label_column is not None, *p.to_arrow_refs()) for p in parts]
-    dims = ray.get([b[3] for b in built])
-    distinct = sorted(set(dims))
-    if len(distinct) > 1:
-        raise InputError(f"ragged embedding dimensions across the table: found dimensions {distinct}")
+    dim = _common_dim(ray.get([b[3] for b in built]))
     # As agc_ray.core.knn.unit_rows decides for the whole matrix: a table of unit rows is used as
     # it is, any other is L2-normalised row by row.
     x = [b[0] for b in built]
@@ -334,7 +346,42 @@ def read_shards(fs, schema: InputSchema, num_shards: int) -> RowShards:
         x = [_normalize.remote(part) for part in x]
     ids = [b[1] for b in built]
     check_unique(schema.id_column, ray.get(_find_duplicate.remote(*ids)))
-    return RowShards(offsets, x, ids, [b[2] for b in built] if schema.label_column else None, distinct[0])
+    return RowShards(offsets, x, ids, [b[2] for b in built] if schema.label_column else None, dim)
+
+
+def _common_dim(dims: list[int]) -> int:
+    distinct = sorted(set(dims))
+    if len(distinct) > 1:
+        raise InputError(f"ragged embedding dimensions across the table: found dimensions {distinct}")
+    return distinct[0]
+
+
+def _read_direct(fs, schema: InputSchema, num_shards: int) -> RowShards:
+    """:func:`read_shards` for a small table: the same checks (:func:`prepare_block` per file) and
+    shards, read by the driver with pyarrow and put in the object store."""
+    import pyarrow.parquet as pq
+    import ray
+
+    cols = [schema.id_column, schema.embedding_column] + ([schema.label_column] if schema.label_column else [])
+    blocks = []
+    for path in schema.files:
+        try:
+            table = pq.read_table(path, filesystem=fs, columns=cols)
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(f"{display(fs, path)} is not a readable Parquet file: {_one_line(e)}") from e
+        blocks.append(prepare_block(table, id_column=schema.id_column, embedding_column=schema.embedding_column,
+                                    label_column=schema.label_column, dim=schema.dim))
+    table = pa.concat_tables(blocks)
+    offsets = shard_bounds(table.num_rows, num_shards)
+    with_labels = schema.label_column is not None
+    built = [_build_shard_impl(with_labels, table.slice(lo, hi - lo)) for lo, hi in zip(offsets[:-1], offsets[1:])]
+    dim = _common_dim([b[3] for b in built])
+    unit = all(b[4] for b in built)
+    ids = [b[1] for b in built]
+    check_unique(schema.id_column, find_duplicate(*ids))
+    x = [ray.put(b[0] if unit else _normalize_impl(b[0])) for b in built]
+    labels = [ray.put(b[2]) for b in built] if with_labels else None
+    return RowShards(offsets, x, [ray.put(i) for i in ids], labels, dim)
 
 
 def _build_shard_impl(with_labels: bool, *tables):

@@ -214,13 +214,19 @@ class Job:
 
     def knn(self, level: _Level, level_no: int, stats: dict):
         """The level's kNN graph as one object ``(nbr, sim)``, searched over the sharded index."""
+        import ray
+
         t0 = time.perf_counter()
-        self.close_index()  # the previous level's
-        graph, info, self.actors = sharded_knn_graph(
+        if self.ivf_parts:  # level 0's cells are read from the actors before they index the next level
+            ray.wait(self.ivf_parts, num_returns=len(self.ivf_parts))
+        graph, info, actors = sharded_knn_graph(
             level.x_id, level.offsets, self.est.k, self.est.knn, self.est.seed,
             recall_sample=self.cfg.knn_recall_sample if level_no == 0 else 0, stage=f"level {level_no} kNN",
-            counter=self.row_counter(level.n),
+            counter=self.row_counter(level.n), actors=self.actors,
         )
+        for a in self.actors[len(actors):]:  # fewer shards than the level before: their index is stale
+            ray.kill(a)
+        self.actors = actors
         stats.update(info, knn_seconds=self._time("knn", t0))
         self.knn_method = info["knn_method"]
         if level_no == 0 and self.cfg.assign_state and info["knn_method"] == "ivf":
@@ -336,7 +342,8 @@ class Job:
         return self.counter
 
     def close_index(self):
-        """Kill the index actors (kept after the kNN stage for a possible graph reconstruction)."""
+        """Kill the index actors (kept across levels: each level's kNN stage reuses them, and a lost graph
+        object can be reconstructed from them)."""
         import ray
 
         if self.ivf_parts:  # their results outlive the actors once computed

@@ -85,24 +85,35 @@ class ShardIndexActor:
 
     Not from constructor arguments: Ray does not lineage-count actor creation arguments that live in
     the object store (ray-project/ray#53727), so a restarted actor could not get them back, and Ray
-    says so with an error-level line. Every call brings ``source = [x_ref, centroids_ref]`` (refs the
-    driver owns, nested so that they stay refs); a restarted actor (a node lost) rebuilds the same
-    index on its next call, from lineage if the shard was lost too.
+    says so with an error-level line. Every call brings ``source = [x_ref, centroids_ref, offset,
+    method, nprobe]`` (refs the driver owns, nested so that they stay refs); a restarted actor (a node
+    lost) rebuilds the same index on its next call, from lineage if the shard was lost too.
+
+    One actor serves every level of a job (an actor is a process: starting one per shard and level
+    cost seconds per level): a call whose source differs from the index held rebuilds it, so a late
+    call for an earlier level (Ray reconstructing a lost graph) still searches that level's rows.
     """
 
-    def __init__(self, offset: int, method: str, nprobe: int = 0):
-        self.offset, self.method, self.nprobe = int(offset), method, nprobe
+    def __init__(self):
         self.index: ShardIndex | None = None
+        self.key = None
+
+    @staticmethod
+    def _key(source: list):
+        return tuple(v.hex() if hasattr(v, "hex") and not isinstance(v, (int, float, str)) else v for v in source)
 
     def _index(self, source: list, progress=None) -> ShardIndex:
-        if self.index is None:
+        key = self._key(source)
+        if self.index is None or self.key != key:
             import ray
 
             from agc_ray.distributed.progress import reporter
 
-            x, centroids = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in source)
-            self.index = ShardIndex(x, self.offset, self.method, centroids, self.nprobe,
+            self.index = None  # the last level's index goes before the next is built
+            x, centroids, offset, method, nprobe = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in source)
+            self.index = ShardIndex(x, offset, method, centroids, nprobe,
                                     report=reporter(*progress) if progress else None)
+            self.key = key
         return self.index
 
     def build(self, source: list, progress=None) -> int:
@@ -172,26 +183,31 @@ def search_shard(x_q: np.ndarray, offset: int, actors, k: int, exact: bool = Fal
 
 # -- the sharded search, as Ray tasks and actors ----------------------------------------------------
 def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, nprobe: int, *,
-                 stage: str = "kNN index", counter=None) -> list:
+                 stage: str = "kNN index", counter=None, actors: list | None = None) -> list:
     """One :class:`ShardIndexActor` per node shard (GPU actors when the cluster has GPUs; restartable).
 
-    Returns ``(actor, source)`` pairs, ``source`` the refs that the actor's calls carry. The build's
-    progress is shown under ``stage`` (rows added, reported to ``counter`` if given).
+    ``actors``: actors of an earlier level to reuse (the first ones, one per shard; new ones are
+    started for shards beyond them). Returns ``(actor, source)`` pairs, ``source`` the refs that the
+    actor's calls carry. The build's progress is shown under ``stage`` (rows added, reported to
+    ``counter`` if given).
     """
     import ray
 
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0.0)
     shards = len(x_refs)
-    # num_cpus=0: the actors compute only while the search tasks (which hold CPUs) wait on them, and
-    # they stay alive after the kNN stage (Ray may need them to reconstruct a lost graph object):
-    # reserving CPUs would starve the scoring tasks of the level.
-    cls = ray.remote(ShardIndexActor).options(
-        num_cpus=0, scheduling_strategy="SPREAD",
-        num_gpus=min(1.0, gpus / shards) if gpus else 0,
-        max_restarts=3, max_task_retries=3,
-    )
-    pairs = [(cls.remote(int(offsets[s]), method, nprobe), [x, centroids]) for s, x in enumerate(x_refs)]
+    actors = list(actors or [])[:shards]
+    if len(actors) < shards:
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0.0)
+        # num_cpus=0: the actors compute only while the search tasks (which hold CPUs) wait on them, and
+        # they stay alive after the kNN stage (Ray may need them to reconstruct a lost graph object):
+        # reserving CPUs would starve the scoring tasks of the level.
+        cls = ray.remote(ShardIndexActor).options(
+            num_cpus=0, scheduling_strategy="SPREAD",
+            num_gpus=min(1.0, gpus / shards) if gpus else 0,
+            max_restarts=3, max_task_retries=3,
+        )
+        actors += [cls.remote() for _ in range(shards - len(actors))]
+    pairs = [(a, [x, centroids, int(offsets[s]), method, nprobe]) for s, (a, x) in enumerate(zip(actors, x_refs))]
     builds = [a.build.remote(source, progress=(counter, stage) if counter else None) for a, source in pairs]
     progress.wait(builds, stage, rows=np.diff(offsets).astype(int).tolist(), counter=counter)
     ray.get(builds)
@@ -202,7 +218,7 @@ SEARCH_CHUNK = 16384  # query rows per search task: enough tasks for progress li
 
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
-                      recall_sample: int = 0, stage: str = "kNN", counter=None) -> tuple:
+                      recall_sample: int = 0, stage: str = "kNN", counter=None, actors: list | None = None) -> tuple:
     """kNN graph of rows sharded over the object store, searched over an index sharded across actors.
 
     Args:
@@ -213,6 +229,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         recall_sample: rows whose neighbours are checked against exact search (approximate search only).
         stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
+        actors: index actors of an earlier level to reuse (see :func:`index_actors`).
 
     Returns:
         ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_recall"]}``,
@@ -239,7 +256,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         log.info("%s: IVF quantizer of %d cells trained on %d rows, %.1fs", stage, ivf_nlist(n),
                  n if rows is None else rows.size, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    pairs = index_actors(x_refs, offsets, method, centroids, nprobe, stage=f"{stage} index build", counter=counter)
+    pairs = index_actors(x_refs, offsets, method, centroids, nprobe, stage=f"{stage} index build", counter=counter,
+                         actors=actors)
     log.info("%s: %s index of %d rows built in %d shard(s), %.1fs", stage, method, n, len(x_refs),
              time.perf_counter() - t0)
     sizes = np.diff(offsets).astype(int)

@@ -38,8 +38,14 @@ def shard_dir(root: str, level: int, shard: int) -> str:
     return posixpath.join(root, STATE_DIR, f"level={level}", f"shard={shard:05d}")
 
 
+def _parent(fs, path: str) -> None:
+    if fs.type_name == "local":  # object stores have no directories to create
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+
+
 def save_array(fs, path: str, array: np.ndarray) -> None:
     """One ``.npy`` file, streamed (numpy writes large arrays in chunks)."""
+    _parent(fs, path)
     with fs.open_output_stream(path) as f:
         np.save(f, np.ascontiguousarray(array))
 
@@ -58,11 +64,11 @@ def write_shard(fs, directory: str, ids=None, **arrays) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs.create_dir(directory, recursive=True)
     for name, value in arrays.items():
         if value is not None:
             save_array(fs, posixpath.join(directory, f"{name}.npy"), np.asarray(value))
     if ids is not None:
+        _parent(fs, posixpath.join(directory, "ids.parquet"))
         pq.write_table(pa.table({"id": ids}), posixpath.join(directory, "ids.parquet"), filesystem=fs)
     return directory
 
@@ -79,7 +85,9 @@ def read_ids(fs, root: str, meta: dict):
 
 
 def write_meta(fs, root: str, meta: dict) -> None:
-    with fs.open_output_stream(posixpath.join(root, STATE_DIR, "state.json")) as f:
+    path = posixpath.join(root, STATE_DIR, "state.json")
+    _parent(fs, path)
+    with fs.open_output_stream(path) as f:
         f.write(json.dumps(meta | {"format": STATE_FORMAT}, indent=1).encode())
 
 
