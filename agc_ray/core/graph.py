@@ -64,9 +64,10 @@ def weighted_neighbor_mean(x: torch.Tensor, nbr: torch.Tensor, weights: torch.Te
 
 def edge_features(
     nbr: np.ndarray, sim: np.ndarray, x_mean=None, size=None, *, start: int = 0, stop: int | None = None,
-    mean_sim: torch.Tensor | None = None, to_local=None,
+    mean_sim: torch.Tensor | None = None, to_local=None, rows=None,
 ) -> torch.Tensor:
-    """Per-edge structural features (see :data:`EDGE_FEATURES`) of rows ``start:stop``, (M, k, F) float32.
+    """Per-edge structural features (see :data:`EDGE_FEATURES`) of rows ``start:stop`` (or of the given
+    ``rows``), (M, k, F) float32.
 
     ``x_mean`` (N, D) unit member means and ``size`` (N,) member counts describe super-nodes; leave
     them None at level 0 (every node its own only member). A caller that asks for many row ranges
@@ -81,27 +82,28 @@ def edge_features(
     sim_t = torch.as_tensor(sim, dtype=torch.float32)
     n, k = nbr_t.shape
     stop = n if stop is None else min(stop, n)
+    row_ids = torch.arange(start, stop) if rows is None else torch.as_tensor(rows, dtype=torch.int64)
     valid = nbr_t >= 0
     if mean_sim is None:
         mean_sim = mean_valid(sim_t, valid)  # (N,)
-    out = torch.zeros((stop - start, k, N_EDGE_FEATURES), dtype=torch.float32)
+    out = torch.zeros((row_ids.shape[0], k, N_EDGE_FEATURES), dtype=torch.float32)
     rank = torch.arange(k, dtype=torch.float32) / max(k, 1)
     # Padded neighbours point at node 0 in gathers; their features are zeroed at the end.
     safe = nbr_t.clamp_min(0)
     xm = None if x_mean is None else torch.as_tensor(x_mean)
     log_size = None if size is None else torch.log(torch.as_tensor(size, dtype=torch.float32))
     node = (lambda ids: ids) if to_local is None else to_local
-    for lo in range(start, stop, _CHUNK):
-        hi = min(lo + _CHUNK, stop)
-        rows = torch.arange(lo, hi)
-        nb = safe[lo:hi]  # (c, k)
-        me, nb_node = node(rows), node(nb)  # rows of the per-node arrays
+    for lo in range(0, row_ids.shape[0], _CHUNK):
+        hi = min(lo + _CHUNK, row_ids.shape[0])
+        rows_c = row_ids[lo:hi]
+        nb = safe[rows_c]  # (c, k)
+        me, nb_node = node(rows_c), node(nb)  # rows of the per-node arrays
         nb_nb = nbr_t[nb]  # (c, k, k): neighbours of each neighbour (-1 padded)
-        mutual = (nb_nb == rows[:, None, None]).any(dim=2)
-        mine = torch.where(valid[lo:hi], nbr_t[lo:hi], -2)  # -2 never equals -1 padding
+        mutual = (nb_nb == rows_c[:, None, None]).any(dim=2)
+        mine = torch.where(valid[rows_c], nbr_t[rows_c], -2)  # -2 never equals -1 padding
         shared = (nb_nb[:, :, :, None] == mine[:, None, None, :]).any(dim=3).sum(dim=2)
-        s = sim_t[lo:hi]
-        block = out[lo - start : hi - start]
+        s = sim_t[rows_c]
+        block = out[lo:hi]
         block[..., 0] = s
         block[..., 1] = rank
         block[..., 2] = s - mean_sim[me, None]
@@ -113,5 +115,5 @@ def edge_features(
         if log_size is not None:
             block[..., 8] = log_size[me, None]
             block[..., 9] = log_size[nb_node]
-    out[~valid[start:stop]] = 0.0
+    out[~valid[row_ids]] = 0.0
     return out

@@ -253,53 +253,71 @@ def _equal_duplicate_densities(density: np.ndarray, nbr_q: np.ndarray, sim_q: np
             break
 
 
+class _Rows:
+    """Rows of the base nodes' features (ids < n) and the new nodes' (ids >= n) as one indexable
+    (n + m, D) array, without concatenating them: ``rows[ids]`` gathers from both."""
+
+    def __init__(self, base: np.ndarray, new: np.ndarray):
+        self.base, self.new, self.n = base, new, base.shape[0]
+        self.shape = (base.shape[0] + new.shape[0], base.shape[1])
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def __getitem__(self, ids):
+        ids = np.asarray(ids)
+        out = np.empty(ids.shape + (self.shape[1],), np.float32)
+        is_new = ids >= self.n
+        out[~is_new] = self.base[ids[~is_new]]
+        out[is_new] = self.new[ids[is_new] - self.n]
+        return torch.from_numpy(out)
+
+
+@torch.no_grad()
 def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, hop1, nbr1, sim1):
     """Edge probabilities (m, k) and densities (m,) of the new nodes, and the probabilities (h, k) of the
-    base neighbours' (``hop1``) edges where they point at a new node, over a local graph of the new
-    nodes, their base neighbours (lists ``nbr1`` with the new nodes inserted) and those neighbours'
-    neighbours."""
+    base neighbours' (``hop1``) edges where they point at a new node.
+
+    Over the graph of base + new nodes (ids ``n + i``) in which the base neighbours have their lists
+    ``nbr1`` (the new nodes inserted): features are gathered from the base's and the new nodes' arrays
+    (never concatenated), projections are computed for hop1 and the new nodes only.
+    """
     from agc_ray.core.inference import edge_probabilities, node_projections
     from agc_ray.core.lander import predicted_density
 
     n, m = base.n, x_q.shape[0]
-    hop2 = np.setdiff1d(np.unique(nbr1[(nbr1 >= 0) & (nbr1 < n)]), hop1)
-    local_base = np.concatenate([hop1, hop2])  # local ids: hop1, hop2, then the new nodes
-    nb_loc = local_base.size
-    to_local = np.full(n + m, -1, np.int64)
-    to_local[local_base] = np.arange(nb_loc)
-    to_local[n:] = np.arange(nb_loc, nb_loc + m)
-
-    def localise(ids):
-        return np.where(ids >= 0, to_local[ids.clip(0)], -1)
-
-    # hop2's lists are only read for their similarities (the relational profile of hop1): their
-    # neighbours are not in the local graph, so they stay padded
-    nbr_loc = np.concatenate([localise(nbr1), np.full((hop2.size, base.k), -1, np.int64), localise(nbr_q)])
-    sim_loc = np.concatenate([sim1, base.sim[hop2], sim_q]).astype(np.float32)
-    x_id = torch.from_numpy(np.concatenate([base.x_id[local_base], x_q]).astype(np.float32))
+    nbr_all = np.concatenate([base.nbr, nbr_q])
+    sim_all = np.concatenate([base.sim, sim_q]).astype(np.float32, copy=False)
+    nbr_all[hop1], sim_all[hop1] = nbr1, sim1
+    x_id = _Rows(base.x_id, x_q)
     if base.x_sum is None:
-        x_mean, x_mean_np, size = x_id, None, None
-    else:
-        x_mean_np = l2_normalize(np.concatenate([base.x_sum[local_base], xsum_q]))
-        x_mean = torch.from_numpy(x_mean_np)
-        size = np.concatenate([base.size[local_base], size_q])
-    nbr_t, sim_t = torch.from_numpy(nbr_loc), torch.from_numpy(sim_loc)
+        x_mean, x_mean_all, size = x_id, None, None
+    else:  # levels above 0 hold one node per cluster: small enough to concatenate
+        x_mean_all = l2_normalize(np.concatenate([base.x_sum, xsum_q]))
+        x_mean = torch.from_numpy(x_mean_all)
+        size = np.concatenate([base.size, size_q])
+    nbr_t, sim_t = torch.from_numpy(nbr_all), torch.from_numpy(sim_all)
     model = model.cpu().eval()
-    rows = torch.from_numpy(np.concatenate([np.arange(hop1.size), np.arange(nb_loc, nb_loc + m)]))
-    proj_rows = node_projections(model, x_id, x_mean, nbr_t, sim_t, rows)
-    proj = torch.zeros((nb_loc + m, proj_rows.shape[1]), dtype=proj_rows.dtype)
-    proj[rows] = proj_rows
-    mean_sim = mean_valid(sim_t, nbr_t >= 0)  # read for the new nodes' neighbours only (hop1, new)
-    feats = edge_features(nbr_loc, sim_loc, x_mean_np, size, start=nb_loc, stop=nb_loc + m, mean_sim=mean_sim)
-    p = edge_probabilities(model, proj, proj[nb_loc:], nbr_t[nb_loc:], feats)
+    rows = np.concatenate([hop1, n + np.arange(m)])
+    proj_rows = node_projections(model, x_id, x_mean, nbr_t, sim_t, torch.from_numpy(rows))
+    position = np.full(n + m, -1, np.int64)
+    position[rows] = np.arange(rows.size)
+
+    def proj_of(ids):  # the new nodes' neighbours are hop1 or new: all projected
+        return proj_rows[torch.from_numpy(position[ids.numpy()])]
+
+    mean_sim = mean_valid(sim_t, nbr_t >= 0)
+    feats = edge_features(nbr_all, sim_all, x_mean_all, size, start=n, stop=n + m, mean_sim=mean_sim)
+    p = edge_probabilities(model, proj_of, proj_rows[hop1.size:], nbr_t[n:], feats)
     density = predicted_density(p, torch.from_numpy(sim_q), torch.from_numpy(nbr_q >= 0))
-    # hop1's edges: only those to new nodes are read (hop2 has no projections or lists here)
-    changed = np.flatnonzero((nbr1 >= n).any(axis=1))
+    # hop1's edges to new nodes (the only ones read)
+    row, col = np.nonzero(nbr1 >= n)
     p1 = np.zeros(nbr1.shape, np.float32)
-    if changed.size:
-        rows1 = torch.from_numpy(changed)
-        feats1 = edge_features(nbr_loc, sim_loc, x_mean_np, size, start=0, stop=hop1.size, mean_sim=mean_sim)[rows1]
-        p1[changed] = edge_probabilities(model, proj, proj[rows1], nbr_t[rows1], feats1).numpy()
+    if row.size:
+        with_new = np.unique(row)
+        feats1 = edge_features(nbr_all, sim_all, x_mean_all, size, rows=hop1[with_new], mean_sim=mean_sim)
+        f = feats1[torch.from_numpy(np.searchsorted(with_new, row)), torch.from_numpy(col)]
+        nb = torch.from_numpy(nbr1[row, col])
+        logits = model.edge_head(proj_of(nb)[:, None], proj_rows[torch.from_numpy(row)], model.normalize_features(f[:, None]))
+        p1[row, col] = torch.sigmoid(logits[:, 0]).numpy()
     return p.numpy(), density.numpy(), p1
 
 

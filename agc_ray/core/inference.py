@@ -26,9 +26,14 @@ def node_projections(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor |
                      report=None) -> torch.Tensor:
     """Edge-head projections of ``rows`` (default all), (M, 3 edge_channels).
 
+    ``x_id`` / ``x_mean``: tensors, arrays, or any object whose ``[ids]`` returns those rows as a tensor
+    (only the rows of ``rows`` and their neighbours are read).
+
     ``report``: called with the number of rows of each chunk done (progress of a long call).
     """
-    x_id, x_mean = torch.as_tensor(x_id), torch.as_tensor(x_mean)
+    same = x_mean is x_id  # level 0: the conv folds its weights on this identity
+    x_id = torch.as_tensor(x_id) if isinstance(x_id, np.ndarray) else x_id  # or any row-indexable (n, D)
+    x_mean = x_id if same else torch.as_tensor(x_mean) if isinstance(x_mean, np.ndarray) else x_mean
     nbr, sim = torch.as_tensor(nbr), torch.as_tensor(sim)
     rows = torch.arange(nbr.shape[0], device=nbr.device) if rows is None else torch.as_tensor(rows, device=nbr.device)
     out = torch.empty((rows.shape[0], 3 * model.edge_head.hidden_channels), device=nbr.device)

@@ -39,8 +39,13 @@ def shard_dir(root: str, level: int, shard: int) -> str:
 
 
 def _parent(fs, path: str) -> None:
-    if fs.type_name == "local":  # object stores have no directories to create
+    """Ready ``path`` for writing: its directory made (local; object stores have none), and a file
+    already there removed first: an assignment's staging hard-links the base's files, and writing
+    through a link would change the base."""
+    if fs.type_name == "local":
         fs.create_dir(posixpath.dirname(path), recursive=True)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
 
 
 def save_array(fs, path: str, array: np.ndarray) -> None:
