@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(may equal --output with --overwrite)")
     io_.add_argument("--no-assign-state", dest="assign_state", action="store_false", default=None,
                      help="do not write state/ (what jobs/assign.py needs to add rows to this output; "
-                          "~1.2 GB per million 256-d rows)")
+                          "~1.5 GB per million 256-d rows)")
     io_.add_argument("--id-column", help="id column (default: id)")
     io_.add_argument("--embedding-column", help="embedding column (default: embedding)")
     io_.add_argument("--label-column", help="integer class column for per-level metrics (default: label, if present)")

@@ -105,6 +105,23 @@ def test_ray_job_submit(head_cluster, job_table, job_model, job_data, tmp_path):
     ref = reference_levels(job_model, job_data[0], knn="exact", levels=2)
     for a, b in zip(read_levels(out), ref):
         np.testing.assert_array_equal(a, b)
+    # new rows join that output through jobs/assign.py, submitted the same way, just as quietly
+    from agc_ray.distributed.demo import write_table
+
+    write_table(tmp_path / "new", job_data[0][:20] * 1.01, ids=np.arange(20) + 10**9, files=1)
+    inc = tmp_path / "inc"
+    proc = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python",
+                           "jobs/assign.py", "--base", str(out), "--input", str(tmp_path / "new"), "--output", str(inc)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "assigned 20 new rows" in proc.stdout
+    job_lines = proc.stdout.split("Tailing logs until the job exits", 1)[-1].splitlines()
+    loud = [line for line in job_lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|^\[[^]]* [WE] \d+ \d+\]", line)]
+    assert not loud, loud
+    # scaled copies of base rows are the same directions: they join those rows' clusters
+    got = read_levels(inc, np.concatenate([np.arange(len(job_data[0])), np.arange(20) + 10**9]))
+    for level in got:
+        np.testing.assert_array_equal(level[len(job_data[0]):], level[:20])
     # a failing entrypoint (bad input: exit code 2) makes `ray job submit` fail
     bad = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "jobs/cluster.py",

@@ -257,7 +257,7 @@ def _parquet_files(fs, directory: str) -> list[str]:
 
 def _copy(src_fs, src: str, dst_fs, dst: str) -> None:
     """Copy one file of the base into staging: a hard link locally (the files are never modified once
-    committed; 1.2 GB of state per million rows), a server-side copy within S3."""
+    committed; 1.5 GB of state per million rows), a server-side copy within S3."""
     if dst_fs.type_name == "local":
         dst_fs.create_dir(posixpath.dirname(dst), recursive=True)
     if src_fs.type_name == dst_fs.type_name == "local":

@@ -16,8 +16,8 @@ extended by every assignment run, so that an incremental output is itself a base
     state/level=0/excluded.npy            node ids replaced by a later assignment (never linked to)
     state/level=L/cluster_ids.npy         (C_L,) int64 published cluster id of each cluster
 
-Size per million 256-d rows: ~1.2 GB (the level-0 features are 1 GB; levels above hold one row per
-cluster). The files are plain ``.npy``: numpy reads them, memory-mapped when local.
+Size per million 256-d rows: 1.5 GB measured (level 0 1.2 GB, the features being 1 GB; each level
+above holds two feature rows per cluster: 0.15 GB at 70K clusters). The files are plain ``.npy``: numpy reads them, memory-mapped when local.
 """
 
 from __future__ import annotations
