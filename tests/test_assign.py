@@ -259,7 +259,7 @@ def test_replace_reassigns_rows_and_refuses_without_it(runs, tmp_path):
     assert moved_labels[-1][0] >= json.loads((root / "B" / "manifest.json").read_text())["next_cluster_ids"][-1]
 
 
-@pytest.mark.parametrize("case", ["dimension", "no manifest", "no state", "bad base path"])
+@pytest.mark.parametrize("case", ["dimension", "no manifest", "no state", "damaged state", "bad base path"])
 def test_bad_input_writes_nothing(runs, tmp_path, case, job_data):
     root, _, d = runs
     base = root / "B"
@@ -278,6 +278,13 @@ def test_bad_input_writes_nothing(runs, tmp_path, case, job_data):
         base = tmp_path / "stateless"
         _copy_without_state(root / "B", base)
         match = "has no assignment state"
+    elif case == "damaged state":
+        base = tmp_path / "damaged"
+        import shutil
+
+        shutil.copytree(root / "B", base)
+        (base / "state" / "level=0" / "shard=00001" / "sim.npy").unlink()
+        match = "cannot read its assignment state .*sim.npy"
     elif case == "bad base path":
         base = tmp_path / "nowhere"
         match = "--base .* is not a completed output"

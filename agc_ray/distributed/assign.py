@@ -147,6 +147,10 @@ def run_assign(cfg: AssignConfig) -> dict:
         log.info("read + validate: %d new rows, dimension %d, %d replacing base rows, %.1fs", rows.n, rows.dim,
                  replaced.size, timings["read_seconds"])
         progress.wait([loaded], "loading the base's state", rows=[meta["levels"]])
+        error = ray.get(loaded)
+        if error is not None:  # a state file missing or unreadable: the base is damaged
+            raise InputError(f"--base {cfg.base}: cannot read its assignment state (state/): {error}; "
+                             "run jobs/cluster.py on it again")
 
         t0 = time.perf_counter()
         params = base.manifest["parameters"]
@@ -203,10 +207,16 @@ class BaseIndex:
     """
 
     def __init__(self, fs, root: str, meta: dict):
+        self._threads()
+        self.levels, self.centroids, self.error = [], None, None
+        try:
+            self._load(fs, root, meta)
+        except (OSError, ValueError, KeyError, IndexError) as e:  # a file missing or unreadable: reported by ready()
+            self.error = io._one_line(e)
+
+    def _load(self, fs, root: str, meta: dict) -> None:
         from agc_ray.core.incremental import BaseLevel
 
-        self._threads()
-        self.levels, self.centroids = [], None
         for lvl in range(meta["levels"]):
             a = state.read_level(fs, root, meta, lvl)
             index = None
@@ -228,8 +238,9 @@ class BaseIndex:
         torch.set_num_threads(cpus)
         faiss.omp_set_num_threads(cpus)
 
-    def ready(self) -> int:
-        return len(self.levels)
+    def ready(self) -> str | None:
+        """None once loaded, else why the state could not be read (one line)."""
+        return self.error
 
     def assign(self, model, taus: list, mode: str, replaced: np.ndarray, *x_parts):
         """``(Assignment, IVF cells of the new rows or None)``."""

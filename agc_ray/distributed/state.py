@@ -108,6 +108,7 @@ def read_meta(fs, root: str) -> dict | None:
 def read_level(fs, root: str, meta: dict, level: int) -> dict:
     """All shards of one level, concatenated: ``{name: array}`` (missing arrays absent)."""
     shards = len(meta["offsets"][level]) - 1
+    required = ("x_id", "nbr", "sim", "density", "comp") + (("x_sum", "size") if level else ())
     out: dict[str, list] = {}
     for s in range(shards):
         d = shard_dir(root, level, s)
@@ -115,6 +116,10 @@ def read_level(fs, root: str, meta: dict, level: int) -> dict:
             path = posixpath.join(d, f"{name}.npy")
             if fs.get_file_info(path).type == pafs.FileType.File:
                 out.setdefault(name, []).append(load_array(fs, path))
+            elif name in required:
+                raise FileNotFoundError(f"{path} is missing")
+    # optional arrays (probabilities, IVF cells) count only when every shard has them
+    out = {name: parts for name, parts in out.items() if len(parts) == shards}
     arrays = {name: np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0]) for name, parts in out.items()}
     for name in ("cluster_ids", "centroids", "excluded"):
         value = read_level_array(fs, root, level, name)
