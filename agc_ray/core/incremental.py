@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from agc_ray.core.graph import edge_features, mean_valid
-from agc_ray.core.hierarchy import forest_components, select_parents, similarity_density
+from agc_ray.core.hierarchy import LevelGraph, aggregate, forest_components, select_parents, similarity_density
 from agc_ray.core.knn import l2_normalize, search
 
 
@@ -189,12 +189,10 @@ def decode_new_nodes(model, base: BaseLevel, x_q: np.ndarray, xsum_q: np.ndarray
     nbr1, sim1 = _reverse_lists(base, hop1, nbr_q, sim_q)
     if model is None:
         density_q = similarity_density(nbr_q, sim_q).numpy()
-        p = p1 = score = None
+        p = p1 = None
     else:
         p, density_q, p1 = _new_node_scores(model, base, x_q, xsum_q, size_q, nbr_q, sim_q, hop1, nbr1, sim1)
-        score = p
-    if mode == "sim" or model is None:
-        score = sim_q
+    score = sim_q if model is None or mode == "sim" else p
     density = np.concatenate([np.asarray(base.density, dtype=np.float32), density_q.astype(np.float32)])
     density[hop1] = _updated_densities(base, hop1, nbr1, sim1, p1)
     _equal_duplicate_densities(density, nbr_q, sim_q, n)
@@ -381,14 +379,12 @@ def assign_new_rows(model, levels: list[BaseLevel], x_new: np.ndarray, taus: lis
         nr = rows[~joins]
         node_of_row = np.full(m, -1, np.int64)
         node_of_row[nr] = renum[comp[node[~joins]]]
-        members = is_new[comp]
-        target = torch.from_numpy(renum[comp[members]])
-        sums = x_q if xsum_q is None else xsum_q
-        next_sum = torch.zeros((keep_comp.size, x_q.shape[1]), dtype=torch.float32)
-        next_sum.index_add_(0, target, torch.from_numpy(np.ascontiguousarray(sums[members], dtype=np.float32)))
-        sizes = np.ones(q, np.int64) if size_q is None else size_q
-        size_q = np.bincount(target.numpy(), weights=sizes[members], minlength=keep_comp.size).astype(np.int64)
-        x_q, xsum_q, peak_q = x_q[peaks[keep_comp]], next_sum.numpy(), peak_q[peaks[keep_comp]]
+        # the full run's aggregation, over the members of the new clusters
+        members = np.flatnonzero(is_new[comp])
+        g = LevelGraph(x_id=x_q[members], x_sum=(x_q if xsum_q is None else xsum_q)[members],
+                       size=(np.ones(q, np.int64) if size_q is None else size_q)[members],
+                       nbr=nbr_q[members], sim=sim_q[members], peak_row=peak_q[members])
+        x_q, xsum_q, size_q, peak_q, _ = aggregate(g, renum[comp[members]], np.searchsorted(members, peaks[keep_comp]))
         new_peaks.append(peak_q)
     return Assignment(cluster, base_clusters, new_clusters, joined, nodes, new_peaks)
 

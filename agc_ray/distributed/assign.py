@@ -208,7 +208,7 @@ class BaseIndex:
 
     def __init__(self, fs, root: str, meta: dict):
         self._threads()
-        self.levels, self.centroids, self.error = [], None, None
+        self.levels, self.error = [], None
         try:
             self._load(fs, root, meta)
         except (OSError, ValueError, KeyError, IndexError) as e:  # a file missing or unreadable: reported by ready()
@@ -221,8 +221,7 @@ class BaseIndex:
             a = state.read_level(fs, root, meta, lvl)
             index = None
             if lvl == 0 and "centroids" in a and "lists" in a and a["lists"].shape[0] == a["x_id"].shape[0]:
-                self.centroids = a["centroids"]
-                index = state.ivf_from_lists(a["x_id"], self.centroids, a["lists"], meta["nprobe"])
+                index = state.ivf_from_lists(a["x_id"], a["centroids"], a["lists"], meta["nprobe"])
             self.levels.append(BaseLevel(a["x_id"], a.get("x_sum"), a.get("size"), a["nbr"], a["sim"], a["density"],
                                          a["comp"], a.get("p"), index))
         self.excluded = state.read_level_array(fs, root, 0, "excluded")
@@ -253,10 +252,9 @@ class BaseIndex:
         x_new = np.concatenate(x_parts) if len(x_parts) > 1 else x_parts[0]
         result = assign_new_rows(model, self.levels, x_new, taus, mode=mode, exclude=exclude if exclude.size else None)
         lists = None
-        if self.centroids is not None:  # the new rows' cells, so that the extended state keeps its IVF index
-            quantizer = faiss.IndexFlatIP(self.centroids.shape[1])
-            quantizer.add(np.ascontiguousarray(self.centroids, dtype=np.float32))
-            lists = quantizer.search(np.ascontiguousarray(x_new, dtype=np.float32), 1)[1][:, 0].astype(np.int32)
+        index = self.levels[0].index
+        if isinstance(index, faiss.IndexIVF):  # the new rows' cells, so that the extended state keeps its IVF index
+            lists = index.quantizer.assign(np.ascontiguousarray(x_new, dtype=np.float32), 1)[:, 0].astype(np.int32)
         return result, lists
 
 
@@ -360,13 +358,11 @@ def _write_output(cfg, output, base, meta: dict, result, lists, new_ids: pa.Arra
 def _count_by(cluster_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """How many of ``labels`` fall on each of ``cluster_ids`` (labels not among them are new clusters)."""
     order = np.argsort(cluster_ids)
-    pos = np.searchsorted(cluster_ids[order], labels)
-    pos = np.minimum(pos, max(cluster_ids.size - 1, 0))
-    hit = cluster_ids.size > 0
-    found = (cluster_ids[order][pos] == labels) if hit else np.zeros(labels.size, bool)
-    counts = np.zeros(cluster_ids.size, np.int64)
-    np.add.at(counts, order[pos[found]], 1)
-    return counts
+    sorted_ids = cluster_ids[order]
+    pos = np.searchsorted(sorted_ids, labels)
+    found = pos < sorted_ids.size
+    found[found] = sorted_ids[pos[found]] == labels[found]
+    return np.bincount(order[pos[found]], minlength=cluster_ids.size).astype(np.int64)
 
 
 def _new_clusters(result, lvl: int, levels: int, published_of: list, new_ids: pa.Array, schema: pa.Schema) -> pa.Table:
