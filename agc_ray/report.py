@@ -450,9 +450,12 @@ def _knn_cell(lv: dict) -> str:
     method = lv.get("knn_method")
     if method is None:
         return "—"
+    cell = _e(method)
+    if _is_num(lv.get("knn_nprobe")):
+        cell += f' <span class="muted">nprobe</span> {int(lv["knn_nprobe"])}'
     if _is_num(lv.get("knn_recall")):
-        return f'{_e(method)} <span class="muted">recall</span> {float(lv["knn_recall"]):.3f}'
-    return _e(method)
+        cell += f' <span class="muted">recall</span> {float(lv["knn_recall"]):.3f}'
+    return cell
 
 
 def _levels_section(levels: list[dict], cluster_sizes: dict, has_metrics: bool) -> str:

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-levels", type=int, help="maximum number of hierarchy levels")
     m.add_argument("--knn", choices=("auto", "exact", "ivf"),
                    help="kNN search: exact (flat), ivf (approximate, recall reported), auto (exact up to 20K nodes)")
+    m.add_argument("--knn-recall", type=float, metavar="R",
+                   help="recall@k target of the approximate search: at every IVF level the cells probed are raised "
+                        "until the recall measured on 1000 sampled rows against exact search reaches R "
+                        "(default: the model's, 0.95)")
     m.add_argument("--decode", choices=("prob", "sim"), help="decode on edge probabilities or similarities")
     m.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
                    help="disable the early-stop rule (E_prev / E < k)")
@@ -98,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 JOB_KEYS = ("input", "output", "overwrite", "previous", "id_column", "embedding_column", "label_column", "model",
-            "unsupervised", "k", "tau", "max_levels", "knn", "decode", "early_stop", "seed", "num_shards", "assign_state")
+            "unsupervised", "k", "tau", "max_levels", "knn", "knn_recall", "decode", "early_stop", "seed", "num_shards", "assign_state")
 
 
 def load_config(path: str) -> dict:

@@ -133,8 +133,10 @@ def test_unsupervised_equals_single_process(ray_session, tmp_path, job_table, jo
 def test_ivf_independent_of_shards(ray_session, tmp_path, job_table, job_model, job_data):
     m2 = _run(job_table, tmp_path / "a", job_model, knn="ivf", num_shards=2, max_levels=2)
     m3 = _run(job_table, tmp_path / "b", job_model, knn="ivf", num_shards=3, max_levels=2)
-    assert 0.5 < m2["levels"][0]["knn_recall"] <= 1.0
+    assert 0.95 <= m2["levels"][0]["knn_recall"] <= 1.0  # the model's default target
     assert m2["levels"][0]["knn_method"] == "ivf"
+    assert m2["parameters"]["knn_recall"] == 0.95
+    assert [lv.get("knn_nprobe") for lv in m2["levels"]] == [lv.get("knn_nprobe") for lv in m3["levels"]]
     for a, b in zip(read_levels(tmp_path / "a"), read_levels(tmp_path / "b")):
         np.testing.assert_array_equal(a, b)
     # the shared quantizer is the core's, so the sharded IVF graph equals the single IVF index's
@@ -217,18 +219,21 @@ def test_failure_before_commit_keeps_previous_output(ray_session, tmp_path, job_
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # staging removed
 
 
-@pytest.mark.parametrize("method", ["exact", "ivf"])
-def test_sharded_knn_graph_equals_single_index(ray_session, job_data, method):
-    """The graph of the sharded index (3 shards, top-k merge) equals the core's single-index graph."""
-    from agc_ray.core.knn import knn_graph, l2_normalize
+@pytest.mark.parametrize("method,target", [("exact", None), ("ivf", None), ("ivf", 1.0)])
+def test_sharded_knn_graph_equals_single_index(ray_session, job_data, method, target):
+    """The graph of the sharded index (3 shards, top-k merge) equals the core's single-index graph; with a
+    recall target both probe the same number of cells, with the same recall measured."""
+    from agc_ray.core.knn import RECALL_SAMPLE, knn_graph, l2_normalize
     from agc_ray.distributed.io import shard_bounds
     from agc_ray.distributed.knn import sharded_knn_graph
 
     x = l2_normalize(job_data[0])
-    nbr, sim = knn_graph(x, 10, method=method, seed=0, normalize=False)
+    info = {}
+    nbr, sim = knn_graph(x, 10, method=method, seed=0, normalize=False, recall=target, info=info)
     offsets = shard_bounds(x.shape[0], 3)
     refs = [ray_session.put(x[offsets[s]:offsets[s + 1]]) for s in range(3)]
-    graph, stats, actors = sharded_knn_graph(refs, offsets, 10, method, 0, recall_sample=1000)
+    graph, stats, actors = sharded_knn_graph(refs, offsets, 10, method, 0, recall_sample=RECALL_SAMPLE,
+                                             recall_target=target)
     try:
         got_nbr, got_sim = ray_session.get(graph)
     finally:
@@ -241,6 +246,10 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, method):
     np.testing.assert_allclose(got_sim, sim, rtol=0, atol=2e-6)
     if method == "ivf":
         assert 0.9 <= stats["knn_recall"] <= 1.0
+        assert stats["knn_nprobe"] == info["knn_nprobe"] == (16 if target is None else stats["knn_nprobe"])
+    if target is not None:
+        assert stats["knn_recall"] == pytest.approx(info["knn_recall"]) and stats["knn_recall"] >= target
+        assert stats["knn_nprobe"] > 4  # the ladder was climbed: 4 cells do not find every neighbour here
 
 
 def test_index_actors_serve_every_level(ray_session, job_data):

@@ -128,3 +128,75 @@ def test_ivf_centroids_equal_faiss_ivf_training_and_report_each_iteration():
     seen = []
     np.testing.assert_array_equal(ivf_centroids(x, len(x), 3, report=seen.append), index.quantizer.reconstruct_n(0, nlist))
     assert seen == [1] * IVF_TRAIN_ITERATIONS == [1] * index.cp.niter
+
+
+# -- recall target: the IVF search probes as many cells as the data needs ---------------------------
+def test_ivf_meets_recall_target_on_ann_hard_data():
+    from agc_ray.core.knn import ivf_nlist
+
+    # small identities in isotropic spread: neighbours straddle cells (16 probes: recall 0.87)
+    x, _ = make_faces(10000, dim=64, isotropic=1.0, mean_identity_size=5, seed=8)
+    fixed = {}
+    nbr_fixed, _ = knn_graph(x, 10, method="ivf", recall=None, nprobe=1, info=fixed)
+    assert fixed == {"knn_method": "ivf", "knn_nprobe": 1}
+    assert knn_recall(x, nbr_fixed, seed=3) < 0.9  # one cell is not enough here: the tuning has work to do
+    info = {}
+    nbr, sim = knn_graph(x, 10, method="ivf", recall=0.95, info=info)
+    assert info["knn_method"] == "ivf" and info["knn_recall"] >= 0.95
+    assert 16 < info["knn_nprobe"] <= ivf_nlist(10000)
+    # an independent sample (other seed, other rows) agrees with the tuning sample
+    assert knn_recall(x, nbr, sample=3000, seed=11) >= 0.93
+    stricter = {}
+    knn_graph(x, 10, method="ivf", recall=0.99, info=stricter)
+    assert stricter["knn_nprobe"] >= info["knn_nprobe"] and stricter["knn_recall"] >= 0.99
+
+
+def test_full_recall_target_probes_every_cell_and_equals_exact():
+    x, _ = make_faces(2000, dim=32, isotropic=1.0, seed=9)
+    info = {}
+    nbr, sim = knn_graph(x, 8, method="ivf", recall=1.0, info=info)
+    exact_nbr, exact_sim = knn_graph(x, 8, method="exact")
+    np.testing.assert_allclose(sim, exact_sim, atol=1e-5)
+    assert info["knn_recall"] == pytest.approx(1.0)
+
+
+def test_tuned_graph_is_deterministic_and_default_target_is_used():
+    x, _ = make_faces(3000, dim=32, seed=4)
+    a_info, b_info = {}, {}
+    a = knn_graph(x, 10, method="ivf", seed=5, info=a_info)
+    b = knn_graph(x, 10, method="ivf", seed=5, info=b_info)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a_info == b_info and a_info["knn_recall"] >= 0.95  # KNN_RECALL by default
+
+
+def test_tune_nprobe_ladder():
+    from agc_ray.core.knn import tune_nprobe
+
+    kth = np.full(4, 0.5, dtype=np.float32)
+    tried = []
+
+    def search_sample(nprobe):  # recall grows with the probes: 1/4 of the neighbours per 4 cells
+        tried.append(nprobe)
+        sim = np.zeros((4, 4), dtype=np.float32)
+        sim[:, : min(4, nprobe // 4)] = 0.9
+        return np.zeros((4, 4), dtype=np.int64), sim
+
+    assert tune_nprobe(search_sample, kth, 0.5, 64) == (8, 0.5)
+    assert tried == [4, 8]
+    tried.clear()
+    assert tune_nprobe(search_sample, kth, 1.0, 12) == (12, 0.75)  # capped at every cell
+    assert tried == [4, 8, 12]
+
+
+def test_search_excludes_self_for_scattered_query_rows():
+    import faiss
+
+    from agc_ray.core.knn import search
+
+    x = l2_normalize(np.random.default_rng(2).standard_normal((300, 16)).astype(np.float32))
+    index = faiss.IndexFlatIP(16)
+    index.add(x)
+    rows = np.array([250, 3, 77, 199])
+    nbr, _ = search(index, x[rows], 5, query_offset=rows)
+    assert not (nbr == rows[:, None]).any()
+    np.testing.assert_array_equal(nbr, knn_graph(x, 5, method="exact")[0][rows])

@@ -93,6 +93,8 @@ class HiLander(ClusterMixin, BaseEstimator):
         seed: seed of kNN training samples, weight init and batch order.
         device: 'auto' (CUDA when torch sees a GPU), 'cpu' or 'cuda'.
         knn: 'auto' (exact up to 20K rows, IVF above), 'exact', 'ivf' or 'hnsw'.
+        knn_recall: recall@k target of the IVF search (cells probed raised until a seeded sample's
+            recall against exact search reaches it, at every IVF level); None: a fixed 16 probes.
         decode: 'prob' or 'sim' (see :func:`agc_ray.core.inference.decode`).
         early_stop: stop when a level adds more than 1/k of the previous level's edges.
         unsupervised: cluster without labels or a model (similarity density, 'sim' decode).
@@ -131,6 +133,7 @@ class HiLander(ClusterMixin, BaseEstimator):
         seed: int = 0,
         device: str = "auto",
         knn: str = "auto",
+        knn_recall: float | None = 0.95,
         decode: str = "prob",
         early_stop: bool = True,
         unsupervised: bool = False,
@@ -155,6 +158,7 @@ class HiLander(ClusterMixin, BaseEstimator):
         self.seed = seed
         self.device = device
         self.knn = knn
+        self.knn_recall = knn_recall
         self.decode = decode
         self.early_stop = early_stop
         self.unsupervised = unsupervised
@@ -182,6 +186,8 @@ class HiLander(ClusterMixin, BaseEstimator):
         _check_param("seed", self.seed, int)
         _check_param("device", self.device, None, options=("auto", "cpu", "cuda"))
         _check_param("knn", self.knn, None, options=METHODS)
+        if self.knn_recall is not None:
+            _check_param("knn_recall", self.knn_recall, float, 0.0, 1.0)
         _check_param("decode", self.decode, None, options=DECODE_MODES)
         if self.tau is not None:
             _check_param("tau", self.tau, float, -1.0 if self.decode == "sim" or self.unsupervised else 0.0, 1.0)
@@ -303,8 +309,9 @@ class HiLander(ClusterMixin, BaseEstimator):
                  x_val.shape[0], self.taus_, self.n_levels_, self.validation_["scores"][-1]["fp"],
                  self.validation_["scores"][-1]["fb"], self.validation_["seconds"])
 
-    def _knn(self, feats):
-        return knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False)
+    def _knn(self, feats, info: dict | None = None):
+        return knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False, recall=self.knn_recall,
+                         info=info)
 
     def own_levels(self, X, y) -> list:
         """Training graphs of the higher levels this model builds from labelled X (labels carried by
@@ -349,7 +356,7 @@ class HiLander(ClusterMixin, BaseEstimator):
                 f"X has {X.shape[1]} features, but HiLander was fitted with {self.n_features_in_} features"
             )
         torch.manual_seed(self.seed)
-        stats, infos = [], []
+        stats, infos, knn_infos = [], [], []
         self._schedule = None
 
         def decode_level(g, level):
@@ -357,12 +364,15 @@ class HiLander(ClusterMixin, BaseEstimator):
             infos.append(info)
             return parent
 
+        def knn(feats):
+            knn_infos.append({})
+            return self._knn(feats, knn_infos[-1])
+
         levels = build_hierarchy(
-            X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=self._knn,
-            stats=stats,
+            X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=knn, stats=stats,
         )
-        for level_stats, info in zip(stats, infos):
-            level_stats.update(info)
+        for level_stats, info, knn_info in zip(stats, infos, knn_infos):
+            level_stats.update(knn_info, **info)
         self.stats_ = stats
         # Unsupervised with the adaptive thresholds: the last level at tau_0, the table's best guess;
         # the levels above are coarser options. Otherwise the top level (validated depth, or user's).

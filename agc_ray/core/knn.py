@@ -8,8 +8,10 @@ Methods:
 
 - ``exact``: ``IndexFlatIP``, O(N^2 D); deterministic.
 - ``ivf``: ``IndexIVFFlat`` (exact distances inside the probed cells), k-means trained on a seeded
-  sample; deterministic for a fixed seed. Recall ~0.95-1.0 on face-like data; measure it with
-  :func:`knn_recall`.
+  sample; deterministic for a fixed seed. Recall is a property of the data as much as of the index
+  (0.98 with 16 probes on one table, 0.80 on another): given a recall target, the cells probed per
+  query are raised until the recall measured on a seeded sample against exact search reaches it
+  (:func:`tune_nprobe`), so easy tables are searched with few probes and hard ones with many.
 - ``hnsw``: ``IndexHNSWFlat``; fast to build, but its multi-threaded construction is not
   deterministic, so it is offered but never chosen by ``auto``.
 - ``auto``: exact up to ``exact_max_rows`` rows, ivf above.
@@ -64,8 +66,15 @@ def use_gpu(device: str) -> bool:
     return n > 0
 
 
-#: IVF cells probed per query (recall 0.99 at 100K and 0.98 at 1M rows on face-like data).
+#: IVF cells probed per query when no recall target is given (recall 0.99 at 100K and 0.98 at 1M rows
+#: on make_faces, 0.80 on a real word-embedding table: prefer a target).
 IVF_NPROBE = 16
+#: Default recall@k target of the approximate search, measured against exact search.
+KNN_RECALL = 0.95
+#: Rows whose neighbours are searched exactly to measure recall (seeded: the same rows for any sharding).
+RECALL_SAMPLE = 1000
+#: Smallest number of probes tried by :func:`tune_nprobe`; each step doubles it, up to every cell.
+NPROBE_START = 4
 
 
 def ivf_nlist(n: int) -> int:
@@ -182,11 +191,12 @@ def resolve_method(method: str, n: int, exact_max_rows: int = EXACT_MAX_ROWS) ->
     return method
 
 
-def search(index, queries: np.ndarray, k: int, query_offset: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, k: int, query_offset: int | np.ndarray | None = 0) -> tuple[np.ndarray, np.ndarray]:
     """Search ``k`` neighbours of each query, excluding the query itself.
 
-    ``query_offset`` is the index position of ``queries[0]`` when the queries are rows of the index
-    (so that the self match can be removed), or None for external queries.
+    ``query_offset`` is the index position of ``queries[0]`` when the queries are consecutive rows of
+    the index, an array of each query's index position when they are any rows of it (so that the self
+    match can be removed), or None for external queries.
 
     Returns:
         ``(nbr, sim)`` of shape (Q, k): int64 indices (-1 padded) and float32 similarities (0 padded).
@@ -199,7 +209,10 @@ def search(index, queries: np.ndarray, k: int, query_offset: int | None = 0) -> 
         stop = min(start + _QUERY_BLOCK, q)
         s, i = index.search(queries[start:stop], k + extra)
         if extra:
-            self_idx = np.arange(start, stop, dtype=np.int64)[:, None] + query_offset
+            if isinstance(query_offset, np.ndarray):
+                self_idx = np.asarray(query_offset[start:stop], dtype=np.int64)[:, None]
+            else:
+                self_idx = np.arange(start, stop, dtype=np.int64)[:, None] + query_offset
             drop = i == self_idx
             # With duplicate vectors the self match may be missing or not first: drop exactly one
             # entry per row, the self match if present, else the last (weakest) one.
@@ -226,6 +239,8 @@ def knn_graph(
     nprobe: int | None = None,
     device: str = "auto",
     normalize: bool = True,
+    recall: float | None = KNN_RECALL,
+    info: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """kNN graph of the rows of ``x`` (cosine similarity), self excluded.
 
@@ -235,10 +250,14 @@ def knn_graph(
             real neighbours and the rest padded with -1 / 0.
         method: 'auto', 'exact', 'ivf' or 'hnsw' (see module docstring).
         seed: seed of the IVF training sample and k-means.
-        nprobe: IVF cells probed per query (default 16: recall 0.99 at 100K and 0.98 at 1M rows on the
-            synthetic faces, about 4K rows scanned a query at 1M).
+        nprobe: IVF cells probed per query; default: tuned to ``recall`` (:func:`tune_nprobe`), or
+            :data:`IVF_NPROBE` when ``recall`` is None.
         device: 'auto', 'cpu' or 'cuda' (faiss-gpu).
         normalize: L2-normalise rows first (set False when ``x`` already has unit rows).
+        recall: recall@k target of the IVF search, measured on :data:`RECALL_SAMPLE` seeded rows
+            against exact search; None: probe ``nprobe`` cells, measure nothing.
+        info: if given, filled with ``knn_method`` and, for IVF, ``knn_nprobe`` and (with a recall
+            target) the ``knn_recall`` measured.
 
     Returns:
         ``(nbr, sim)``: (N, k) int64 and (N, k) float32, sorted by decreasing similarity.
@@ -249,7 +268,87 @@ def knn_graph(
     n = x.shape[0]
     method = resolve_method(method, n)
     index = build_index(x, method, seed=seed, nprobe=nprobe, device=device)
+    if info is not None:
+        info["knn_method"] = method
+    if method == "ivf":
+        if recall is not None and nprobe is None:
+            rows = sample_rows(n, RECALL_SAMPLE, seed)
+            kth = exact_kth(x, rows, k)
+
+            def search_sample(p):
+                set_nprobe(index, p)
+                return search(index, x[rows], k, query_offset=rows)
+
+            nprobe, measured = tune_nprobe(search_sample, kth, recall, ivf_nlist(n))
+            set_nprobe(index, nprobe)
+            if info is not None:
+                info["knn_recall"] = measured
+        if info is not None:
+            info["knn_nprobe"] = int(nprobe or IVF_NPROBE)
     return search(index, x, k)
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    """Set the cells probed by an IVF index (CPU or GPU)."""
+    import faiss
+
+    if hasattr(index, "nprobe"):
+        index.nprobe = int(nprobe)
+    else:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+
+
+def exact_kth(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """(len(rows),) exact k-th best similarity of each sampled row to the other rows of unit ``x``.
+
+    Brute force over ``x`` in place (``faiss.knn``: no copy of the table). With n <= k rows the
+    (n - 1)-th is returned.
+    """
+    import faiss
+
+    n = x.shape[0]
+    n_true = min(k, n - 1)
+    sim, idx = faiss.knn(np.ascontiguousarray(x[rows]), x, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
+    return kth_without_self(sim, idx, rows, n_true)
+
+
+def kth_without_self(sim: np.ndarray, idx: np.ndarray, rows: np.ndarray, n_true: int) -> np.ndarray:
+    """The ``n_true``-th best of each row of an exact (Q, k + 1) result that includes the queries
+    themselves (``rows``), their self match dropped."""
+    sim = np.where(idx == np.asarray(rows)[:, None], -np.inf, sim)
+    return -np.sort(-sim, axis=1)[:, n_true - 1]
+
+
+def recall_at(found_sim: np.ndarray, found_valid: np.ndarray, kth: np.ndarray) -> float:
+    """Share of found neighbours (Q, k) whose similarity reaches the exact k-th best ``kth`` (Q,).
+
+    Similarity, not identity: ties and duplicate vectors make neighbour identity ambiguous.
+    """
+    q, k = found_sim.shape
+    if q == 0 or k == 0:
+        return 1.0
+    return float(((found_sim >= kth[:, None] - 1e-5) & found_valid).sum() / (q * k))
+
+
+def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int,
+                start: int = NPROBE_START) -> tuple[int, float]:
+    """The fewest probes (``start``, doubled each step, up to ``nlist``) whose recall reaches ``target``.
+
+    ``search_sample(nprobe) -> (nbr, sim)`` searches the sampled rows with that many probes ((Q, k),
+    -1 where a row found fewer), ``kth`` (Q,) their exact k-th best similarity. With every cell
+    probed an IVF search is exhaustive, so the target is always reached in the end.
+
+    Returns:
+        ``(nprobe, recall measured with it)``.
+    """
+    nprobe = max(1, min(start, nlist))
+    while True:
+        nbr, sim = search_sample(nprobe)
+        measured = recall_at(sim, nbr >= 0, kth)
+        log.debug("IVF nprobe %d: recall %.4f (target %.3f)", nprobe, measured, target)
+        if measured >= target or nprobe >= nlist:
+            return nprobe, measured
+        nprobe = min(2 * nprobe, nlist)
 
 
 def knn_recall(
@@ -260,21 +359,14 @@ def knn_recall(
     A returned neighbour counts as a hit when its similarity (recomputed here) reaches the exact k-th
     best similarity: ties and duplicate vectors make index identity ambiguous, similarity is not.
     """
-    import faiss
-
     x = l2_normalize(x) if normalize else np.ascontiguousarray(x, dtype=np.float32)
     n, k = nbr.shape
     n_true = min(k, n - 1)
     if n_true <= 0:
         return 1.0
     rows = sample_rows(n, sample, seed)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    exact_sim, exact_idx = index.search(x[rows], k + 1)
-    exact_sim = np.where(exact_idx == rows[:, None], -np.inf, exact_sim)  # drop the self match
-    kth = -np.sort(-exact_sim, axis=1)[:, n_true - 1]
-    found = nbr[rows]
+    kth = exact_kth(x, rows, k)
+    found = nbr[rows, :n_true]
     valid = found >= 0
     got = np.einsum("qd,qkd->qk", x[rows], x[np.where(valid, found, 0)])
-    hits = int(((got >= kth[:, None] - 1e-5) & valid).sum())
-    return hits / (rows.size * n_true)
+    return recall_at(got, valid, kth)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agc_ray.core.hierarchy import stop_reason
+from agc_ray.core.knn import RECALL_SAMPLE
 from agc_ray.core.validation import check_param
 from agc_ray.distributed import io, progress
 from agc_ray.distributed import level as lv
@@ -41,10 +42,13 @@ class JobConfig:
         id_column, embedding_column: input column names.
         label_column: integer class column; metrics per level in the manifest. None: ``label`` if the
             table has it.
-        k, tau, max_levels, knn, decode, early_stop, seed: the core's parameters (k must match the model's).
+        k, tau, max_levels, knn, knn_recall, decode, early_stop, seed: the core's parameters (k must match the
+            model's; None: the model's own).
         num_shards: node shards (0: one per CPU of the cluster).
         overwrite: replace an existing non-empty output.
-        knn_recall_sample: rows whose neighbours are checked against exact search (approximate kNN only).
+        knn_recall_sample: rows whose neighbours are searched exactly to tune the IVF search to ``knn_recall``
+            and report its recall (the core's :data:`~agc_ray.core.knn.RECALL_SAMPLE`, so that the job
+            probes as many cells as a single process; 0: no tuning, 16 cells, no recall reported).
         previous: a completed earlier output (local or ``s3://``) whose cluster ids this run keeps for
             the clusters that continue earlier ones (see :mod:`agc_ray.core.stable_ids`).
         assign_state: write ``OUTPUT/state/`` (see :mod:`agc_ray.distributed.state`), which
@@ -62,12 +66,13 @@ class JobConfig:
     tau: float | None = None
     max_levels: int | None = None
     knn: str | None = None
+    knn_recall: float | None = None
     decode: str | None = None
     early_stop: bool | None = None
     seed: int | None = None
     num_shards: int = 0
     overwrite: bool = False
-    knn_recall_sample: int = 1000
+    knn_recall_sample: int = RECALL_SAMPLE
     previous: str | None = None
     assign_state: bool = True
 
@@ -99,6 +104,7 @@ def validate_config(cfg: JobConfig) -> None:
     _check("decode", cfg.decode, None, options=("prob", "sim"))
     _check("tau", cfg.tau, float, -1.0, 1.0)
     _check("knn_recall_sample", cfg.knn_recall_sample, int, 0)
+    _check("knn_recall", cfg.knn_recall, float, 0.0, 1.0)
     if cfg.tau is not None and cfg.tau < 0 and (cfg.decode or "prob") == "prob" and not cfg.unsupervised:
         raise InputError(f"--tau must be in [0, 1] with --decode prob, got {cfg.tau!r}")
 
@@ -116,8 +122,8 @@ def load_estimator(cfg: JobConfig):
             raise InputError(f"invalid --k {cfg.k}: the model {cfg.model} was trained with k={est.k} (its inputs are k-specific)")
     else:
         est = HiLander(unsupervised=True, decode="sim", k=cfg.k if cfg.k is not None else 10)
-    overrides = {"tau": cfg.tau, "levels": cfg.max_levels, "knn": cfg.knn, "decode": cfg.decode,
-                 "early_stop": cfg.early_stop, "seed": cfg.seed}
+    overrides = {"tau": cfg.tau, "levels": cfg.max_levels, "knn": cfg.knn, "knn_recall": cfg.knn_recall,
+                 "decode": cfg.decode, "early_stop": cfg.early_stop, "seed": cfg.seed}
     est.set_params(**{key: val for key, val in overrides.items() if val is not None})
     if est.knn not in JOB_METHODS:
         est.set_params(knn="auto")
@@ -206,6 +212,7 @@ class Job:
         self.schedule = None  # unsupervised without tau: the adaptive thresholds
         self.ivf_parts = []  # level 0's IVF cells per shard, fetched from the index actors for the state
         self.knn_method = None
+        self.nprobe = None  # level 0's IVF cells probed per query
 
     def _time(self, stage: str, t0: float) -> float:
         dt = time.perf_counter() - t0
@@ -221,7 +228,9 @@ class Job:
             ray.wait(self.ivf_parts, num_returns=len(self.ivf_parts))
         graph, info, actors = sharded_knn_graph(
             level.x_id, level.offsets, self.est.k, self.est.knn, self.est.seed,
-            recall_sample=self.cfg.knn_recall_sample if level_no == 0 else 0, stage=f"level {level_no} kNN",
+            # with a recall target every IVF level is tuned (as the core does); without, level 0 is measured
+            recall_sample=self.cfg.knn_recall_sample if level_no == 0 or self.est.knn_recall is not None else 0,
+            recall_target=self.est.knn_recall, stage=f"level {level_no} kNN",
             counter=self.row_counter(level.n), actors=self.actors,
         )
         for a in self.actors[len(actors):]:  # fewer shards than the level before: their index is stale
@@ -229,6 +238,8 @@ class Job:
         self.actors = actors
         stats.update(info, knn_seconds=self._time("knn", t0))
         self.knn_method = info["knn_method"]
+        if level_no == 0:
+            self.nprobe = info.get("knn_nprobe")
         if level_no == 0 and self.cfg.assign_state and info["knn_method"] == "ivf":
             self.ivf_parts = [a.ivf_state.remote() for a in self.actors]
         log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, level.n, level.shards, info["knn_method"],
@@ -516,7 +527,8 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
         "previous": None if previous is None else {"path": previous.uri, "levels": previous.levels,
                                                     "run_id": previous.version.run_id},
         "parameters": {"k": est.k, "tau": [e["stats"]["tau"] for e in kept], "tau_source": _tau_source(est),
-                       "max_levels": est.max_levels(), "knn": est.knn, "decode": est.decode,
+                       "max_levels": est.max_levels(), "knn": est.knn, "knn_recall": est.knn_recall,
+                       "knn_recall_sample": cfg.knn_recall_sample, "decode": est.decode,
                        "early_stop": est.early_stop, "seed": est.seed, "num_shards": job.num_shards,
                        "unsupervised": est.unsupervised},
         "model": None if est.unsupervised else {"path": cfg.model, "params": est.get_params(),
@@ -563,7 +575,7 @@ def _state_meta_writes(output, job: Job, est, rows, kept: list, id_maps: list) -
     from agc_ray.distributed import state
 
     meta = {"levels": len(kept), "k": est.k, "dimension": rows.dim, "rows": rows.n,
-            "level0_knn": "ivf" if job.ivf_parts else "exact", "nprobe": IVF_NPROBE,
+            "level0_knn": "ivf" if job.ivf_parts else "exact", "nprobe": job.nprobe or IVF_NPROBE,
             "offsets": [np.asarray(e["offsets"]).astype(int).tolist() for e in kept]}
     state.write_meta(output.fs, output.staging, meta)
     return [_write_cluster_ids.remote(output.fs, posixpath.join(output.staging, state.STATE_DIR, f"level={i}", "cluster_ids.npy"),

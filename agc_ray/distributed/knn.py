@@ -9,6 +9,8 @@ index. With ``exact`` search the graph therefore equals a single ``IndexFlatIP``
 :func:`agc_ray.core.knn.build_index` uses (:func:`~agc_ray.core.knn.ivf_train_rows`,
 :func:`~agc_ray.core.knn.ivf_centroids`), and shared by all shards; each shard probes the same
 cells, so the merged result equals a single IVF index with that quantizer, whatever the shard count.
+With a recall target, the cells probed are tuned as :func:`agc_ray.core.knn.knn_graph` tunes them (same
+seeded sample rows, same exact k-th similarities, same ladder), so the number chosen is the same too.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import time
 
 import numpy as np
 
-from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows, resolve_method,
-                              sample_rows, search, to_gpu, use_gpu)
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows,
+                              kth_without_self, recall_at, resolve_method, sample_rows, search, to_gpu, tune_nprobe,
+                              use_gpu)
 from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import lazy_remote
@@ -70,6 +73,7 @@ class ShardIndex:
         import faiss
 
         if assign is not None and not exact and isinstance(self.index, faiss.IndexIVF):
+            self.index.nprobe = assign[1].shape[1]  # the cells probed are the caller's (a tuned number)
             sim, idx = self.index.search_preassigned(queries, kk, assign[1], assign[0])
         elif exact and not isinstance(self.index, (faiss.IndexFlatIP, getattr(faiss, "GpuIndexFlatIP", ()))):
             flat = faiss.IndexFlatIP(self.x.shape[1])
@@ -218,7 +222,8 @@ SEARCH_CHUNK = 16384  # query rows per search task: enough tasks for progress li
 
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
-                      recall_sample: int = 0, stage: str = "kNN", counter=None, actors: list | None = None) -> tuple:
+                      recall_sample: int = 0, recall_target: float | None = None, stage: str = "kNN", counter=None,
+                      actors: list | None = None) -> tuple:
     """kNN graph of rows sharded over the object store, searched over an index sharded across actors.
 
     Args:
@@ -227,12 +232,15 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         method: 'auto', 'exact' or 'ivf' (the core's rule and IVF settings).
         seed: seed of the IVF training sample and k-means.
         recall_sample: rows whose neighbours are checked against exact search (approximate search only).
+        recall_target: with ``recall_sample`` rows, the IVF cells probed are raised until their recall
+            reaches it (:func:`agc_ray.core.knn.tune_nprobe`); None: :data:`~agc_ray.core.knn.IVF_NPROBE`.
         stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
         actors: index actors of an earlier level to reuse (see :func:`index_actors`).
 
     Returns:
-        ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_recall"]}``,
+        ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_nprobe",
+        "knn_recall"]}``,
         and the index actors (the caller kills them once the graph is no longer needed: Ray may need
         them to reconstruct a lost graph object).
     """
@@ -260,6 +268,20 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                          actors=actors)
     log.info("%s: %s index of %d rows built in %d shard(s), %.1fs", stage, method, n, len(x_refs),
              time.perf_counter() - t0)
+    info = {"knn_method": method}
+    measure = method != "exact" and recall_sample > 0
+    if measure:  # the sample's exact neighbours: for the tuning (before the search) or the recall (after)
+        rows = sample_rows(n, recall_sample, seed)
+        queries = _gather.remote(offsets, rows, *x_refs)
+        exact_nbr, exact_sim = _search_shard_exact.remote(queries, pairs, k)
+        if recall_target is not None:
+            t0 = time.perf_counter()
+            nprobe, info["knn_recall"] = ray.get(_tune_nprobe.remote(
+                queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, ivf_nlist(n)))
+            log.info("%s: %d of %d IVF cells probed for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage, nprobe,
+                     ivf_nlist(n), info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
+    if method == "ivf":
+        info["knn_nprobe"] = int(nprobe)
     sizes = np.diff(offsets).astype(int)
     chunks = [(s, lo, min(lo + SEARCH_CHUNK, n_s)) for s, n_s in enumerate(sizes)
               for lo in range(0, max(1, n_s), SEARCH_CHUNK)]
@@ -268,11 +290,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
     graph, _ = lv.concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
     ray.wait([graph], fetch_local=False)
-    info = {"knn_method": method}
-    if method != "exact" and recall_sample > 0:
-        rows = sample_rows(n, recall_sample, seed)
-        queries = _gather.remote(offsets, rows, *x_refs)
-        exact_nbr, exact_sim = _search_shard_exact.remote(queries, pairs, k)
+    if measure and "knn_recall" not in info:
         info["knn_recall"] = ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, k))
     return graph, info, [a for a, _ in pairs]
 
@@ -318,8 +336,16 @@ def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
     n_true = min(k, int(nbr.shape[0]) - 1)
     if n_true <= 0:
         return 1.0
-    exact_sim = np.where(exact_nbr == sample_rows[:, None], -np.inf, exact_sim)  # drop the self match
-    kth = -np.sort(-exact_sim, axis=1)[:, n_true - 1]
-    found_sim = sim[sample_rows]
-    valid = nbr[sample_rows] >= 0
-    return float(((found_sim >= kth[:, None] - 1e-5) & valid).sum() / (sample_rows.size * n_true))
+    kth = kth_without_self(exact_sim, exact_nbr, sample_rows, n_true)
+    return recall_at(sim[sample_rows, :n_true], nbr[sample_rows, :n_true] >= 0, kth)
+
+
+@lazy_remote(num_cpus=0.5)
+def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, centroids, target, nlist):
+    """:func:`agc_ray.core.knn.tune_nprobe` over the sharded index: ``(nprobe, recall)``."""
+    kth = kth_without_self(exact_sim, exact_nbr, sample_rows, k)  # an IVF index has more than k rows
+
+    def search_sample(nprobe):
+        return search(MergedIndex(actors, False, centroids, nprobe), queries, k, query_offset=sample_rows)
+
+    return tune_nprobe(search_sample, kth, target, nlist)

@@ -245,8 +245,13 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     _check_dim(est, dim, cfg)  # after the rows and ids, as the real run
     nodes, cpus, node_memory = cluster_shape(num_cpus)
     method = resolve_method(est.knn, schema.rows)
-    detail = (f"{ivf_nlist(schema.rows)} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
-              if method == "ivf" else "flat index, exact")
+    if method != "ivf":
+        detail = "flat index, exact"
+    elif est.knn_recall is not None and cfg.knn_recall_sample > 0:
+        detail = (f"{ivf_nlist(schema.rows)} cells, probes raised until recall >= {est.knn_recall} on "
+                  f"{cfg.knn_recall_sample} sampled rows (estimate: {IVF_NPROBE})")
+    else:
+        detail = f"{ivf_nlist(schema.rows)} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
     memory, seconds = estimate(schema.rows, dim, nodes, cpus, est.knn, levels=est.max_levels(),
                                hidden=None if est.unsupervised else est.hidden_channels)
     taus = _tau_source(est)

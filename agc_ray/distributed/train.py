@@ -335,6 +335,7 @@ def prepare_data(cfg: TrainJobConfig, table_refs: list, num_shards: int):
     graphs of both splits searched over the clustering job's sharded index (never in the driver)."""
     import ray
 
+    from agc_ray.core.knn import KNN_RECALL, RECALL_SAMPLE
     from agc_ray.distributed.io import shard_bounds
     from agc_ray.distributed.knn import sharded_knn_graph
 
@@ -349,7 +350,8 @@ def prepare_data(cfg: TrainJobConfig, table_refs: list, num_shards: int):
         bounds = shard_bounds(n, num_shards)
         shards = ray.remote(row_shards).options(num_cpus=cpus, num_returns=bounds.size - 1).remote(data, split, bounds)
         graphs[split], info, new_actors = sharded_knn_graph(
-            shards if isinstance(shards, list) else [shards], bounds, cfg.k, cfg.knn, cfg.seed)
+            shards if isinstance(shards, list) else [shards], bounds, cfg.k, cfg.knn, cfg.seed,
+            recall_sample=RECALL_SAMPLE, recall_target=KNN_RECALL)  # the IVF search of the core's training graphs
         actors += new_actors
         log.info("%s: %d rows, level-0 kNN over %d index shards (%s)", split, n, bounds.size - 1, info["knn_method"])
     task = ray.remote(build_graphs).options(num_cpus=cpus, max_retries=0)
