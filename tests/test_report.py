@@ -51,7 +51,7 @@ def make_manifest(*, metrics=False, churn=False, input_path="/data/emb/"):
         item = {"level": lv, "nodes": nodes, "knn_method": "ivf" if lv == 0 else "exact", "knn_seconds": 1.5,
                 "score_seconds": 1.0, "edges": nodes - sizes.size, "clusters": int(sizes.size), "decode_seconds": 0.25}
         if lv == 0:
-            item["knn_recall"] = 0.9876
+            item["knn_recall"], item["knn_nprobe"] = 0.9876, 8
         if metrics:
             item["metrics"] = _metrics(lv)
         if churn:
@@ -157,7 +157,7 @@ def test_levels_table_counts():
     assert "25.0%" in level0  # 3 of 12 clusters are singletons
     assert "3.0%" in level0  # 3 of 100 rows are singletons
     assert level0[9] == "30" and level0[10] == "30.0%"  # max size, largest cluster's share of rows
-    assert "ivf recall 0.988" in level0
+    assert "ivf nprobe 8 recall 0.988" in level0
     assert rows[1][11] == "exact"
 
 
