@@ -34,3 +34,15 @@ def test_bad_arguments():
         make_faces(0)
     with pytest.raises(ValueError, match="dim must be >= 2"):
         make_faces(10, dim=1)
+
+
+def test_iter_faces_chunks_are_make_faces_rows():
+    from agc_ray.core.synthetic import iter_faces, make_faces
+
+    x, y = make_faces(40000, dim=16, anisotropy=0.5, seed=3)
+    chunks = list(iter_faces(40000, 16, anisotropy=0.5, seed=3, chunk_rows=20000))  # rounded up to 16384 * 2
+    assert [c[0] for c in chunks] == [0, 32768]
+    np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), x)
+    np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), y)
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        next(iter_faces(0))

@@ -26,7 +26,23 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def make_faces(
+def make_faces(n_samples: int, dim: int = 256, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Generate an (n_samples, dim) face-like embedding table and its identity labels.
+
+    The arguments are :func:`iter_faces`'s; the rows are its chunks, concatenated.
+
+    Returns:
+        ``(x, y)``: x of shape (N, D), float32, unit rows; y of shape (N,), int64.
+    """
+    x = np.empty((n_samples, dim), dtype=np.float32) if n_samples >= 1 else None
+    y = np.empty(n_samples, dtype=np.int64) if n_samples >= 1 else None
+    for start, x_chunk, y_chunk in iter_faces(n_samples, dim, **kwargs):
+        x[start:start + x_chunk.shape[0]] = x_chunk
+        y[start:start + y_chunk.shape[0]] = y_chunk
+    return x, y
+
+
+def iter_faces(
     n_samples: int,
     dim: int = 256,
     *,
@@ -42,8 +58,13 @@ def make_faces(
     isotropic: float = 0.3,
     anisotropy: float = 0.0,
     seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Generate an (n_samples, dim) face-like embedding table and its identity labels.
+    chunk_rows: int = _CHUNK,
+):
+    """Generate a face-like embedding table and its identity labels in chunks of rows.
+
+    Memory is O(identities + N) for the per-row plan (8 bytes a row per array) and O(chunk D) for the
+    rows: a 10^7 x 128 table never exists in memory at once. Rows come out identical to
+    :func:`make_faces` with the same arguments, whatever ``chunk_rows``.
 
     Args:
         n_samples: number of rows N (>= 1).
@@ -65,9 +86,11 @@ def make_faces(
             scale in every direction. The scales come from a generator spawned off ``seed``, so every
             other draw (sizes, centres, modes, noise) is the same as with ``anisotropy=0``.
         seed: random seed.
+        chunk_rows: rows per chunk (a multiple of 16384 keeps the random draws aligned; other values
+            are rounded up to one).
 
-    Returns:
-        ``(x, y)``: x of shape (N, D), float32, unit rows; y of shape (N,), int64.
+    Yields:
+        ``(start, x, y)``: the chunk's first row, its rows (n_c, D) float32 unit, its labels (n_c,) int64.
     """
     if n_samples < 1:
         raise ValueError(f"make_faces: n_samples must be >= 1, got {n_samples}")
@@ -123,7 +146,10 @@ def make_faces(
         rng.integers(0, 1 << 30, size=int(member.sum())) % n_modes[row_id[member]]
     )
 
-    x = np.empty((n_samples, dim), dtype=np.float32)
+    # Labels: identities keep their index, distractors get fresh labels after them.
+    y = np.where(row_id >= 0, row_id, n_ids + (-1 - row_id)).astype(np.int64)
+    chunk_rows = _CHUNK * max(1, -(-int(chunk_rows) // _CHUNK))
+    out = []
     for start in range(0, n_samples, _CHUNK):
         stop = min(start + _CHUNK, n_samples)
         ids, modes = row_id[start:stop], row_mode[start:stop]
@@ -135,8 +161,9 @@ def make_faces(
         member_coef = coef[is_member] if id_axes is None else coef[is_member] * id_axes[member_ids]
         deviation = member_coef @ (w_struct * nuisance) + noise[is_member] * w_iso
         block[is_member] = mode_centres[modes[is_member]] + deviation * id_spread[member_ids][:, None]
-        x[start:stop] = _unit(block)
-
-    # Labels: identities keep their index, distractors get fresh labels after them.
-    y = np.where(row_id >= 0, row_id, n_ids + (-1 - row_id)).astype(np.int64)
-    return x, y
+        out.append(_unit(block))
+        # the random draws go block by block of _CHUNK rows as always; a chunk is yielded once full
+        if stop == n_samples or (stop % chunk_rows) == 0:
+            first = stop - sum(b.shape[0] for b in out)
+            yield first, out[0] if len(out) == 1 else np.concatenate(out), y[first:stop]
+            out = []
