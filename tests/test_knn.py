@@ -141,23 +141,22 @@ def test_ivf_meets_recall_target_on_ann_hard_data():
     assert fixed == {"knn_method": "ivf", "knn_nprobe": 1}
     assert knn_recall(x, nbr_fixed, seed=3) < 0.9  # one cell is not enough here: the tuning has work to do
     info = {}
-    nbr, sim = knn_graph(x, 10, method="ivf", recall=0.95, info=info)
-    assert info["knn_method"] == "ivf" and info["knn_recall"] >= 0.95
-    assert 16 < info["knn_nprobe"] <= ivf_nlist(10000)
+    nbr, sim = knn_graph(x, 10, method="ivf", recall=0.9, info=info)
+    assert info["knn_method"] == "ivf" and info["knn_recall"] >= 0.9
+    assert 16 < info["knn_nprobe"] <= ivf_nlist(10000) // 8  # climbed past 16, within the share IVF may probe
     # an independent sample (other seed, other rows) agrees with the tuning sample
-    assert knn_recall(x, nbr, sample=3000, seed=11) >= 0.93
-    stricter = {}
-    knn_graph(x, 10, method="ivf", recall=0.99, info=stricter)
-    assert stricter["knn_nprobe"] >= info["knn_nprobe"] and stricter["knn_recall"] >= 0.99
+    assert knn_recall(x, nbr, sample=3000, seed=11) >= 0.88
 
 
-def test_full_recall_target_probes_every_cell_and_equals_exact():
-    x, _ = make_faces(2000, dim=32, isotropic=1.0, seed=9)
+def test_target_out_of_ivf_reach_searches_exactly():
+    """0.95 needs more than an eighth of the cells on this table: the graph is the exact one."""
+    x, _ = make_faces(10000, dim=64, isotropic=1.0, mean_identity_size=5, seed=8)
     info = {}
-    nbr, sim = knn_graph(x, 8, method="ivf", recall=1.0, info=info)
-    exact_nbr, exact_sim = knn_graph(x, 8, method="exact")
-    np.testing.assert_allclose(sim, exact_sim, atol=1e-5)
-    assert info["knn_recall"] == pytest.approx(1.0)
+    nbr, sim = knn_graph(x, 10, method="ivf", recall=0.95, info=info)
+    assert info["knn_method"] == "exact" and info["knn_recall"] == 1.0 and info["knn_ivf_recall"] < 0.95
+    exact_nbr, exact_sim = knn_graph(x, 10, method="exact")
+    np.testing.assert_array_equal(nbr, exact_nbr)
+    np.testing.assert_allclose(sim, exact_sim, atol=1e-6)
 
 
 def test_tuned_graph_is_deterministic_and_default_target_is_used():
@@ -184,7 +183,10 @@ def test_tune_nprobe_ladder():
     assert tune_nprobe(search_sample, kth, 0.5, 64) == (8, 0.5)
     assert tried == [4, 8]
     tried.clear()
-    assert tune_nprobe(search_sample, kth, 1.0, 12) == (12, 0.75)  # capped at every cell
+    assert tune_nprobe(search_sample, kth, 1.0, 96) == (12, 0.75)  # capped at an eighth of the cells
+    assert tried == [4, 8, 12]
+    tried.clear()
+    assert tune_nprobe(search_sample, kth, 1.0, 12, max_share=1.0) == (12, 0.75)  # or at every cell
     assert tried == [4, 8, 12]
 
 

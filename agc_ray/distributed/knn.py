@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows,
+from agc_ray.core.knn import (IVF_NPROBE, FlatView, IVF_TRAIN_ITERATIONS, ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows,
                               kth_without_self, recall_at, resolve_method, sample_rows, search, to_gpu, tune_nprobe,
                               use_gpu)
 from agc_ray.distributed import level as lv
@@ -76,9 +76,7 @@ class ShardIndex:
             self.index.nprobe = assign[1].shape[1]  # the cells probed are the caller's (a tuned number)
             sim, idx = self.index.search_preassigned(queries, kk, assign[1], assign[0])
         elif exact and not isinstance(self.index, (faiss.IndexFlatIP, getattr(faiss, "GpuIndexFlatIP", ()))):
-            flat = faiss.IndexFlatIP(self.x.shape[1])
-            flat.add(np.ascontiguousarray(self.x, dtype=np.float32))
-            sim, idx = flat.search(queries, kk)
+            sim, idx = FlatView(self.x).search(queries, kk)
         else:
             sim, idx = self.index.search(queries, kk)
         return sim, np.where(idx >= 0, idx + self.offset, -1)
@@ -278,14 +276,21 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             t0 = time.perf_counter()
             nprobe, info["knn_recall"] = ray.get(_tune_nprobe.remote(
                 queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, ivf_nlist(n)))
-            log.info("%s: %d of %d IVF cells probed for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage, nprobe,
-                     ivf_nlist(n), info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
+            if info["knn_recall"] < recall_target:  # as the core: out of IVF's reach, search exactly
+                log.info("%s: IVF recall %.3f < %.2f with %d of %d cells probed: exact search", stage,
+                         info["knn_recall"], recall_target, nprobe, ivf_nlist(n))
+                info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=info["knn_recall"],
+                            knn_ivf_nprobe=int(nprobe))
+                method, centroids, nprobe = "exact", None, 0
+            else:
+                log.info("%s: %d of %d IVF cells probed for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage,
+                         nprobe, ivf_nlist(n), info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
     if method == "ivf":
         info["knn_nprobe"] = int(nprobe)
     sizes = np.diff(offsets).astype(int)
     chunks = [(s, lo, min(lo + SEARCH_CHUNK, n_s)) for s, n_s in enumerate(sizes)
               for lo in range(0, max(1, n_s), SEARCH_CHUNK)]
-    results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe)
+    results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe, method == "exact")
                for s, lo, hi in chunks]
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
     graph, _ = lv.concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
@@ -318,9 +323,10 @@ def _train_centroids(sample, n: int, seed: int, progress=None):
 
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
-def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, centroids=None, nprobe: int = 0):
+def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, centroids=None, nprobe: int = 0,
+                 exact: bool = False):
     """kNN graph rows of queries ``lo:hi`` of one shard (the shard is a direct argument: lineage)."""
-    return search_shard(x_shard[lo:hi], offset + lo, actors, k, False, centroids, nprobe)
+    return search_shard(x_shard[lo:hi], offset + lo, actors, k, exact, centroids, nprobe)
 
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
