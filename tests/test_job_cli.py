@@ -171,6 +171,7 @@ def test_model_dimension_mismatch(ray_session, bad_inputs, tmp_path, job_model, 
         (["--max-levels", "0"], "--max-levels must be >= 1, got 0"),
         (["--num-shards", "-1"], "--num-shards must be >= 0, got -1"),
         (["--knn", "bogus"], "invalid choice: 'bogus'"),
+        (["--knn-recall", "1.5"], "--knn-recall must be in [0.0, 1.0], got 1.5"),
         (["--k", "abc"], "invalid int value: 'abc'"),
         (["--model", "MODEL"], "--model and --unsupervised are exclusive"),
     ],
@@ -222,7 +223,7 @@ def test_help_documents_every_option(capsys):
     assert cli.main(["--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--input", "--output", "--model", "--unsupervised", "--k", "--tau", "--max-levels", "--knn",
-                 "--num-shards", "--seed", "--config", "--overwrite", "--id-column", "--embedding-column",
+                 "--knn-recall", "--num-shards", "--seed", "--config", "--overwrite", "--id-column", "--embedding-column",
                  "--label-column", "assignments/level=L", "manifest.json"):
         assert flag in text
 
