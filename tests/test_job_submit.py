@@ -21,14 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _own_processes(temp_dir: str):
-    """Processes of the cluster rooted in ``temp_dir``: those naming it, and all their descendants."""
+def _own_processes(temp_dir: str, gcs_port: int):
+    """Processes of the cluster rooted in ``temp_dir``: those naming it or its GCS address (the Ray client
+    server that `ray start` detaches names only that), and all their descendants."""
     import psutil
 
+    address = f":{gcs_port}"
     roots = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or ()):
+            cmdline = proc.info["cmdline"] or ()
+            if any(temp_dir in part or (part.startswith("--address=") and part.endswith(address)) for part in cmdline):
                 roots.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -43,16 +46,18 @@ def _own_processes(temp_dir: str):
     return list(found.values())
 
 
-def _stop_cluster(temp_dir: str):
+def _stop_cluster(temp_dir: str, gcs_port: int):
     import psutil
 
-    procs = _own_processes(temp_dir)
+    procs = _own_processes(temp_dir, gcs_port)
     for p in procs:
         try:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    # stopped all at once, the GCS, the raylet, the autoscaler monitor and the runtime-env agent were
+    # still running 10 s after SIGTERM (then killed): kill what is left after 3 s
+    _, alive = psutil.wait_procs(procs, timeout=3)
     for p in alive:
         try:
             p.kill()
@@ -67,9 +72,9 @@ def head_cluster():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     ports = [
-        "--port", str(free_port()), "--dashboard-port", str(dash), "--node-manager-port", str(free_port()),
+        "--port", str(gcs), "--dashboard-port", str(dash), "--node-manager-port", str(free_port()),
         "--object-manager-port", str(free_port()), "--ray-client-server-port", str(free_port()),
         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
@@ -81,7 +86,7 @@ def head_cluster():
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        _stop_cluster(temp_dir)
+        _stop_cluster(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

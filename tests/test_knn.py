@@ -202,3 +202,52 @@ def test_search_excludes_self_for_scattered_query_rows():
     nbr, _ = search(index, x[rows], 5, query_offset=rows)
     assert not (nbr == rows[:, None]).any()
     np.testing.assert_array_equal(nbr, knn_graph(x, 5, method="exact")[0][rows])
+
+
+# -- the IVF search cell by cell (core.cells) -----------------------------------------------------------
+@pytest.mark.parametrize("nprobe", [1, 4, 16])
+def test_cell_graph_equals_faiss_ivf_with_the_same_centroids(nprobe):
+    """knn_graph's CPU IVF search (one matrix product per cell) returns the graph of faiss' IndexIVFFlat
+    over the same centroids and probes: the same neighbours, ties aside, and the same similarities."""
+    from agc_ray.core.knn import build_index, search, unit_rows
+
+    x = unit_rows(make_faces(6000, dim=32, seed=11)[0])
+    info = {}
+    nbr, sim = knn_graph(x, 10, method="ivf", seed=2, nprobe=nprobe, normalize=False, info=info)
+    ref_nbr, ref_sim = search(build_index(x, "ivf", seed=2, nprobe=nprobe), x, 10)
+    assert info == {"knn_method": "ivf", "knn_nprobe": nprobe}
+    assert (nbr == ref_nbr).all(axis=1).mean() >= 0.999
+    np.testing.assert_allclose(np.sort(sim, axis=1), np.sort(ref_sim, axis=1), rtol=0, atol=2e-6)
+
+
+def test_cell_probes_are_the_best_centroids_in_order():
+    from agc_ray.core.cells import cell_probes
+
+    rng = np.random.default_rng(0)
+    x, c = (l2_normalize(rng.standard_normal(shape).astype(np.float32)) for shape in ((300, 16), (40, 16)))
+    probes = cell_probes(x, c, 5)
+    ref = np.argsort(-(x @ c.T), axis=1, kind="stable")[:, :5]
+    assert probes.shape == (300, 5) and probes.dtype == np.int32
+    assert (probes == ref).mean() > 0.999  # ties aside
+    assert cell_probes(x, c, 100).shape == (300, 40)  # at most every cell
+
+
+def test_cell_lists_search_known_answer_ties_and_padding():
+    """Every probed row is scanned, equal similarities come by increasing id, ids are global, and a
+    query that scans fewer than kk rows gets -1 with similarity -FLT_MAX."""
+    from agc_ray.core.cells import CellLists
+
+    x = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8], [1, 0]], dtype=np.float32)
+    cells = np.array([1, 0, 1, 0, 0])
+    lists = CellLists(x, cells, nlist=3, offset=100)
+    np.testing.assert_array_equal(lists.cells(), cells)
+    queries = np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32)
+    probes = np.array([[1, 0], [0, 1], [2, 2]])  # the third probes an empty cell only
+    sim, ids = lists.search(queries, probes, 4)
+    np.testing.assert_array_equal(ids[0], [100, 102, 104, 103])  # three copies of [1, 0]: by id
+    np.testing.assert_allclose(sim[0], [1, 1, 1, 0.6], atol=1e-6)
+    assert list(ids[1, :2]) == [101, 103] and set(ids[1, 2:]) < {100, 102, 104} and ids[1, 2] < ids[1, 3]
+    assert (ids[2] == -1).all() and (sim[2] == -np.finfo(np.float32).max).all()
+    # one probe: the query's own cell only
+    sim, ids = lists.search(queries[:1], probes[:1, :1], 4)
+    np.testing.assert_array_equal(ids[0], [100, 102, -1, -1])

@@ -2,9 +2,10 @@
 
 One Ray session for the module (4 logical CPUs on 2 cores: 1 CPU per Train worker leaves room for the
 controller, Ray Data and the preparation task). Every TorchTrainer.fit costs ~30-50 s, so the module
-runs four: 1 worker; 2 workers with a worker killed after epoch 2 (recovered in the same fit); and on
-S3, a run interrupted after epoch 1 followed by ``--resume``. Training is deterministic per epoch
-(seeded batch order and dropout), so every 2-worker run must produce the same history.
+runs four: 1 worker (the command line on its own local Ray, which is also the quiet-run check); 2
+workers with a worker killed after epoch 2 (recovered in the same fit); and on S3, a run interrupted
+after epoch 1 followed by ``--resume``. Training is deterministic per epoch (seeded batch order and
+dropout), so every 2-worker run must produce the same history.
 """
 
 from __future__ import annotations
@@ -159,27 +160,39 @@ def test_existing_output_and_yaml_config(cluster, data, tmp_path, capsys):
     assert rc == 2 and "unknown option 'epoch'" in err
 
 
-def test_help_documents_the_job():
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
+def test_help_documents_the_job(capsys):
+    # the script's own process runs in cli_one_worker below; here its main() in this one
+    with pytest.raises(SystemExit) as exit_:
+        job.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--num-workers", "--use-gpu", "--storage-path", "--resume", "--config", "--label-column"):
-        assert flag in out.stdout
+        assert flag in out
 
 
-def test_cli_run_is_quiet(data, tmp_path):
-    """The command line on its own local Ray: a run that succeeds prints nothing at WARNING or above, no
-    C++ error line, no library loader chatter (workers log as the driver does)."""
+@pytest.fixture(scope="module")
+def cli_one_worker(data):
+    """``python jobs/train.py`` on its own local Ray (2 CPUs): 1 worker, 3 epochs. Its model directory is
+    also the 1-worker trajectory that the 2-worker runs are compared with (one fit for both)."""
+    out = data["dir"] / "model_1w"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--input", str(data["table"]),
-                           "--output", str(tmp_path / "model"), *SMALL, "--epochs", "2", "--num-cpus", "2"],
+                           "--output", str(out), "--num-workers", "1", *SMALL, "--num-cpus", "2"],
                           capture_output=True, text=True, env=env, timeout=600)
+    return proc, out
+
+
+def test_cli_run_is_quiet(cli_one_worker):
+    """The command line on its own local Ray: a run that succeeds prints nothing at WARNING or above, no
+    C++ error line, no library loader chatter (workers log as the driver does)."""
+    proc, _ = cli_one_worker
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).splitlines()
     loud = [line for line in lines if re.search(
         r"\b(WARNING|ERROR|CRITICAL)\b|\[[^]]* [WE] \d+ \d+\]|Failed to |Could not load", line)]
     assert not loud, loud
-    assert any(line.startswith("trained 2 epochs") for line in lines)
+    assert any(line.startswith("trained 3 epochs") for line in lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,10 +207,9 @@ def _losses(history) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def one_worker(cluster, data):
-    out = data["dir"] / "model_1w"
-    rc = job.main([str(a) for a in ["--input", data["table"], "--output", out, "--num-workers", "1", *SMALL]])
-    assert rc == 0
+def one_worker(cli_one_worker):
+    proc, out = cli_one_worker
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
@@ -252,8 +264,7 @@ def test_model_dir_loads_and_clusters(two_workers_with_failure, data):
 
 
 def test_model_dir_clusters_through_cluster_job(two_workers_with_failure, data, tmp_path):
-    help_text = subprocess.run([sys.executable, str(ROOT / "jobs" / "cluster.py"), "--help"],
-                               capture_output=True, text=True).stdout
+    help_text = load_script("jobs/cluster.py").build_parser().format_help()
     if "--model" not in help_text or "--input" not in help_text:
         pytest.skip("jobs/cluster.py has no --model/--input yet (issue 5)")
     table = write_table(tmp_path / "test.parquet", data["x_test"], data["y_test"])

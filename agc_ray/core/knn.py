@@ -214,24 +214,26 @@ def search(index, queries: np.ndarray, k: int, query_offset: int | np.ndarray | 
         s, i = index.search(queries[start:stop], k + extra)
         if extra:
             if isinstance(query_offset, np.ndarray):
-                self_idx = np.asarray(query_offset[start:stop], dtype=np.int64)[:, None]
+                self_idx = np.asarray(query_offset[start:stop], dtype=np.int64)
             else:
-                self_idx = np.arange(start, stop, dtype=np.int64)[:, None] + query_offset
-            drop = i == self_idx
-            # With duplicate vectors the self match may be missing or not first: drop exactly one
-            # entry per row, the self match if present, else the last (weakest) one.
-            missing = ~drop.any(axis=1)
-            drop[missing, -1] = True
-            first = np.argmax(drop, axis=1)
-            keep = np.ones_like(drop)
-            keep[np.arange(stop - start), first] = False
-            i = i[keep].reshape(stop - start, k)
-            s = s[keep].reshape(stop - start, k)
-        pad = i < 0
-        s[pad] = 0.0
-        nbr[start:stop] = i
-        sim[start:stop] = s
+                self_idx = np.arange(start, stop, dtype=np.int64) + query_offset
+            i, s = drop_self(i, s, self_idx)
+        nbr[start:stop], sim[start:stop] = i, np.where(i < 0, 0.0, s)
     return nbr, sim
+
+
+def drop_self(idx: np.ndarray, sim: np.ndarray, self_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own row from its (Q, k + 1) result: ``(idx, sim)`` of shape (Q, k).
+
+    With duplicate vectors the self match may be missing or not first: exactly one entry per row is
+    dropped, the self match if present, else the last (weakest) one.
+    """
+    q, kk = idx.shape
+    drop = idx == np.asarray(self_idx, dtype=np.int64)[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    keep = np.ones_like(drop)
+    keep[np.arange(q), np.argmax(drop, axis=1)] = False
+    return idx[keep].reshape(q, kk - 1), sim[keep].reshape(q, kk - 1)
 
 
 def knn_graph(
@@ -271,9 +273,13 @@ def knn_graph(
     x = unit_rows(x) if normalize else np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
     method = resolve_method(method, n)
-    index = build_index(x, method, seed=seed, nprobe=nprobe, device=device)
     if info is not None:
         info["knn_method"] = method
+    if method == "ivf" and not use_gpu(device):
+        rows = ivf_train_rows(n, seed)
+        centroids = ivf_centroids(x if rows is None else x[rows], n, seed)
+        return cell_graph(x, centroids, k, nprobe=nprobe, recall=recall, seed=seed, info=info)
+    index = build_index(x, method, seed=seed, nprobe=nprobe, device=device)
     if method == "ivf":
         if recall is not None and nprobe is None:
             rows = sample_rows(n, RECALL_SAMPLE, seed)
@@ -296,6 +302,50 @@ def knn_graph(
         if info is not None:
             info["knn_nprobe"] = int(nprobe or IVF_NPROBE)
     return search(index, x, k)
+
+
+#: Probes per row computed with the rows' cells when the number is tuned (one product with the
+#: centroids serves the lists and the search; a tuned number above it costs a second product).
+PROBES_FIRST_PASS = 16
+
+
+def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | None = None,
+               recall: float | None = KNN_RECALL, seed: int = 0, info: dict | None = None):
+    """:func:`knn_graph`'s IVF search on CPU over the unit rows ``x`` and the given centroids, cell by
+    cell (:class:`~agc_ray.core.cells.CellLists`): the graph of an ``IndexIVFFlat`` with these
+    centroids, ``nprobe`` fixed or tuned to ``recall`` as :func:`knn_graph` says."""
+    from agc_ray.core.cells import CellLists, cell_probes
+
+    n, nlist = x.shape[0], centroids.shape[0]
+    tuning = recall is not None and nprobe is None
+    width = min(nlist, nprobe or (min(probe_cap(nlist), PROBES_FIRST_PASS) if tuning else IVF_NPROBE))
+    probes = cell_probes(x, centroids, width)
+    lists = CellLists(x, probes[:, 0], nlist)
+    nprobe = width
+    if tuning:
+        rows = sample_rows(n, RECALL_SAMPLE, seed)
+        kth = exact_kth(x, rows, k)
+
+        def search_sample(p):
+            probed = probes[rows, :p] if p <= width else cell_probes(x[rows], centroids, p)
+            sim, idx = lists.search(x[rows], probed, k + 1)
+            return drop_self(idx, sim, rows)
+
+        nprobe, measured = tune_nprobe(search_sample, kth, recall, nlist)
+        if info is not None:
+            info["knn_recall"] = measured
+        if measured < recall:  # out of IVF's reach at a cost below exact search's: search exactly
+            log.info("IVF recall %.3f < %.2f with %d of %d cells probed: exact search", measured, recall, nprobe, nlist)
+            if info is not None:
+                info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
+            return search(FlatView(x), x, k)
+        if nprobe > width:
+            probes = cell_probes(x, centroids, nprobe)
+    if info is not None:
+        info["knn_nprobe"] = int(nprobe)
+    sim, idx = lists.search(x, probes[:, :nprobe], k + 1)
+    nbr, sim = drop_self(idx, sim, np.arange(n))
+    return nbr, np.where(nbr < 0, np.float32(0), sim)
 
 
 class FlatView:
@@ -353,6 +403,11 @@ def recall_at(found_sim: np.ndarray, found_valid: np.ndarray, kth: np.ndarray) -
     return float(((found_sim >= kth[:, None] - 1e-5) & found_valid).sum() / (q * k))
 
 
+def probe_cap(nlist: int, start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> int:
+    """The most cells :func:`tune_nprobe` probes (``max_share`` of ``nlist``, at least ``start``)."""
+    return max(1, min(nlist, max(start, int(nlist * max_share))))
+
+
 def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int,
                 start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> tuple[int, float]:
     """The fewest probes (``start``, doubled each step, up to ``max_share`` of the ``nlist`` cells) whose
@@ -365,7 +420,7 @@ def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int,
     Returns:
         ``(nprobe, recall measured with it)``.
     """
-    cap = max(1, min(nlist, max(start, int(nlist * max_share))))
+    cap = probe_cap(nlist, start, max_share)
     nprobe = min(start, cap)
     while True:
         nbr, sim = search_sample(nprobe)

@@ -20,9 +20,10 @@ import time
 
 import numpy as np
 
-from agc_ray.core.knn import (IVF_NPROBE, FlatView, IVF_TRAIN_ITERATIONS, ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows,
-                              kth_without_self, recall_at, resolve_method, sample_rows, search, to_gpu, tune_nprobe,
-                              use_gpu)
+from agc_ray.core.cells import CellLists, cell_probes
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, ivf_centroids,
+                              ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_cap, recall_at, resolve_method,
+                              sample_rows, to_gpu, tune_nprobe, use_gpu)
 from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import lazy_remote
@@ -34,7 +35,9 @@ ADD_CHUNK = 65536  # rows per index.add: progress while a shard's index is built
 
 
 class ShardIndex:
-    """A faiss index over one shard's unit rows (global ids ``offset + local row``).
+    """The index over one shard's unit rows (global ids ``offset + local row``): IVF cell lists searched
+    cell by cell (:class:`~agc_ray.core.cells.CellLists`, as the core searches), a faiss index on GPU or
+    for exact search.
 
     Held by a :class:`ShardIndexActor`, which rebuilds it from the (reconstructed) shard object when
     Ray restarts the actor on a node loss.
@@ -45,36 +48,47 @@ class ShardIndex:
         method: 'exact' or 'ivf'.
         centroids: (nlist, D) shared IVF centroids (ivf only).
         nprobe: IVF cells probed per query.
+        probes: (ivf) the shard rows' best cells, :func:`~agc_ray.core.cells.cell_probes` of consecutive
+            row chunks (column 0: each row's cell).
     """
 
     def __init__(self, x: np.ndarray, offset: int, method: str, centroids: np.ndarray | None = None, nprobe: int = 0,
-                 report=None):
+                 probes: list | None = None, report=None):
         import faiss
 
-        d = x.shape[1]
-        index = faiss.IndexFlatIP(d) if method == "exact" else ivf_index(centroids, nprobe)
-        if use_gpu("auto"):  # a GPU actor with faiss-gpu
+        self.offset, self.x, self.centroids = int(offset), x, centroids
+        gpu = use_gpu("auto")  # a GPU actor with faiss-gpu
+        if method == "ivf" and not gpu:
+            cells = np.concatenate([p[:, 0] for p in probes]) if probes else np.zeros(0, dtype=np.int64)
+            self.index = CellLists(x, cells, centroids.shape[0], offset)
+            if report is not None:
+                report(x.shape[0])
+            return
+        index = faiss.IndexFlatIP(x.shape[1]) if method == "exact" else ivf_index(centroids, nprobe)
+        if gpu:
             index = to_gpu(index)
         for lo in range(0, x.shape[0], ADD_CHUNK):  # same index as one add; ``report`` gets each chunk's rows
             index.add(np.ascontiguousarray(x[lo:lo + ADD_CHUNK], dtype=np.float32))
             if report is not None:
                 report(min(ADD_CHUNK, x.shape[0] - lo))
-        self.index, self.offset, self.x = index, int(offset), x
+        self.index = index
 
     def ready(self) -> int:
         """Rows indexed (a call to wait for the constructor)."""
         return self.index.ntotal
 
-    def search(self, queries: np.ndarray, kk: int, exact: bool = False, assign=None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, kk: int, exact: bool = False, probes=None) -> tuple[np.ndarray, np.ndarray]:
         """``(sim, global ids)`` of the kk best rows of this shard for each query (-1 padded).
 
-        ``assign``: the queries' coarse IVF cells ``(Dq, Iq)`` (n, nprobe), computed once for all shards.
+        ``probes``: (Q, nprobe) the queries' IVF cells, best first, computed once for all shards.
         """
         import faiss
 
-        if assign is not None and not exact and isinstance(self.index, faiss.IndexIVF):
-            self.index.nprobe = assign[1].shape[1]  # the cells probed are the caller's (a tuned number)
-            sim, idx = self.index.search_preassigned(queries, kk, assign[1], assign[0])
+        if isinstance(self.index, CellLists) and not exact:
+            return self.index.search(queries, probes, kk)  # global ids already
+        if probes is not None and not exact and isinstance(self.index, faiss.IndexIVF):
+            self.index.nprobe = probes.shape[1]  # the cells probed are the caller's (a tuned number)
+            sim, idx = self.index.search_preassigned(queries, kk, np.ascontiguousarray(probes, dtype=np.int64), None)
         elif exact and not isinstance(self.index, (faiss.IndexFlatIP, getattr(faiss, "GpuIndexFlatIP", ()))):
             sim, idx = FlatView(self.x).search(queries, kk)
         else:
@@ -102,7 +116,12 @@ class ShardIndexActor:
 
     @staticmethod
     def _key(source: list):
-        return tuple(v.hex() if hasattr(v, "hex") and not isinstance(v, (int, float, str)) else v for v in source)
+        def key(v):
+            if isinstance(v, list):
+                return tuple(key(u) for u in v)
+            return v.hex() if hasattr(v, "hex") and not isinstance(v, (int, float, str)) else v
+
+        return key(source)
 
     def _index(self, source: list, progress=None) -> ShardIndex:
         key = self._key(source)
@@ -112,8 +131,9 @@ class ShardIndexActor:
             from agc_ray.distributed.progress import reporter
 
             self.index = None  # the last level's index goes before the next is built
-            x, centroids, offset, method, nprobe = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in source)
-            self.index = ShardIndex(x, offset, method, centroids, nprobe,
+            x, centroids, offset, method, nprobe, probes = (ray.get(v) if isinstance(v, (ray.ObjectRef, list)) else v
+                                                            for v in source)
+            self.index = ShardIndex(x, offset, method, centroids, nprobe, probes,
                                     report=reporter(*progress) if progress else None)
             self.key = key
         return self.index
@@ -122,16 +142,20 @@ class ShardIndexActor:
         """Build the index (rows added reported to ``progress = (counter, stage)``); rows indexed."""
         return self._index(source, progress).ready()
 
-    def search(self, source: list, queries: np.ndarray, kk: int, exact: bool = False, assign=None):
+    def search(self, source: list, queries: np.ndarray, kk: int, exact: bool = False, probes=None):
         """:meth:`ShardIndex.search`."""
-        return self._index(source).search(queries, kk, exact, assign)
+        return self._index(source).search(queries, kk, exact, probes)
 
     def ivf_state(self):
         """``(centroids, IVF cell of each shard row)`` for the output's assignment state; None if not IVF
         (or if the actor was restarted and has not rebuilt its index)."""
         from agc_ray.distributed.state import ivf_state
 
-        return None if self.index is None else ivf_state(self.index.index)
+        if self.index is None:
+            return None
+        if isinstance(self.index.index, CellLists):
+            return self.index.centroids, self.index.index.cells().astype(np.int32)
+        return ivf_state(self.index.index)
 
 
 class MergedIndex:
@@ -143,21 +167,21 @@ class MergedIndex:
     def __init__(self, actors, exact: bool = False, centroids: np.ndarray | None = None, nprobe: int = 0):
         self.actors = actors
         self.exact = exact
-        self.quantizer, self.nprobe = None, nprobe
-        if centroids is not None and not exact:
-            # The coarse quantisation (queries x nlist inner products) is the same for every shard:
-            # done once here instead of once per shard.
-            import faiss
+        self.centroids = None if exact else centroids
+        self.nprobe = nprobe
 
-            self.quantizer = faiss.IndexFlatIP(centroids.shape[1])
-            self.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
-
-    def search(self, queries: np.ndarray, kk: int):
+    def search(self, queries: np.ndarray, kk: int, probes: np.ndarray | None = None):
+        """``(sim, ids)`` (Q, kk) over every shard; ``probes`` (Q, >= nprobe): the queries' best cells,
+        computed here (once for all shards) when not given."""
         import ray
 
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         qref = ray.put(queries)
-        assign = None if self.quantizer is None else ray.put(self.quantizer.search(queries, self.nprobe))
+        assign = None
+        if self.centroids is not None:
+            if probes is None or probes.shape[1] < self.nprobe:
+                probes = cell_probes(queries, self.centroids, self.nprobe)
+            assign = ray.put(np.ascontiguousarray(probes[:, :self.nprobe]))
         parts = ray.get([a.search.remote(source, qref, kk, self.exact, assign) for a, source in self.actors])
         return merge_topk([p[0] for p in parts], [p[1] for p in parts], kk)
 
@@ -178,16 +202,24 @@ def merge_topk(sims: list[np.ndarray], ids: list[np.ndarray], kk: int) -> tuple[
     return out_sim, out_idx
 
 
-def search_shard(x_q: np.ndarray, offset: int, actors, k: int, exact: bool = False, centroids=None, nprobe: int = 0):
-    """kNN graph rows of one query shard (self excluded): ``(nbr, sim)`` of shape (n_s, k)."""
-    return search(MergedIndex(actors, exact, centroids, nprobe), x_q, k, query_offset=offset)
+def search_shard(x_q: np.ndarray, query_ids, actors, k: int, exact: bool = False, centroids=None, nprobe: int = 0,
+                 probes: np.ndarray | None = None):
+    """kNN graph rows of the queries ``x_q`` (global ids ``query_ids``: an array, or the first of
+    consecutive ids), self excluded: ``(nbr, sim)`` of shape (Q, k). ``probes``: their best IVF cells."""
+    if np.isscalar(query_ids):
+        query_ids = np.arange(x_q.shape[0], dtype=np.int64) + int(query_ids)
+    sim, idx = MergedIndex(actors, exact, centroids, nprobe).search(x_q, k + 1, probes)
+    nbr, sim = drop_self(idx, sim, query_ids)
+    return nbr, np.where(nbr < 0, np.float32(0), sim)
 
 
 # -- the sharded search, as Ray tasks and actors ----------------------------------------------------
 def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, nprobe: int, *,
-                 stage: str = "kNN index", counter=None, actors: list | None = None) -> list:
+                 probe_refs: list | None = None, stage: str = "kNN index", counter=None,
+                 actors: list | None = None) -> list:
     """One :class:`ShardIndexActor` per node shard (GPU actors when the cluster has GPUs; restartable).
 
+    ``probe_refs``: (ivf) per shard, the refs of its row chunks' best cells (:func:`_cell_probes`).
     ``actors``: actors of an earlier level to reuse (the first ones, one per shard; new ones are
     started for shards beyond them). Returns ``(actor, source)`` pairs, ``source`` the refs that the
     actor's calls carry. The build's progress is shown under ``stage`` (rows added, reported to
@@ -209,7 +241,9 @@ def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, npro
             max_restarts=3, max_task_retries=3,
         )
         actors += [cls.remote() for _ in range(shards - len(actors))]
-    pairs = [(a, [x, centroids, int(offsets[s]), method, nprobe]) for s, (a, x) in enumerate(zip(actors, x_refs))]
+    probe_refs = probe_refs or [[] for _ in x_refs]
+    pairs = [(a, [x, centroids, int(offsets[s]), method, nprobe, list(probe_refs[s])])
+             for s, (a, x) in enumerate(zip(actors, x_refs))]
     builds = [a.build.remote(source, progress=(counter, stage) if counter else None) for a, source in pairs]
     progress.wait(builds, stage, rows=np.diff(offsets).astype(int).tolist(), counter=counter)
     ray.get(builds)
@@ -246,7 +280,11 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
 
     n = int(offsets[-1])
     method = resolve_method(method, n)
-    centroids, nprobe = None, 0
+    centroids, nprobe, probe_refs = None, 0, None
+    sizes = np.diff(offsets).astype(int)
+    chunks = [(s, lo, min(lo + SEARCH_CHUNK, n_s)) for s, n_s in enumerate(sizes)
+              for lo in range(0, max(1, n_s), SEARCH_CHUNK)]
+    tuning = recall_sample > 0 and recall_target is not None
     t0 = time.perf_counter()
     if method == "ivf":
         rows = ivf_train_rows(n, seed)
@@ -256,14 +294,19 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         cpus = max([node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")] + [1.0])
         centroids = _train_centroids.options(num_cpus=cpus).remote(
             sample, n, seed, progress=(counter, training) if counter else None)
-        nprobe = IVF_NPROBE
+        nlist = ivf_nlist(n)
+        # each row's best cells, once: column 0 files the row in its cell's list, the first nprobe are
+        # the cells it probes as a query (a tuned number above the width costs the search a second product)
+        nprobe = min(nlist, min(probe_cap(nlist), PROBES_FIRST_PASS) if tuning else IVF_NPROBE)
+        probes = [_cell_probes.remote(x_refs[s], lo, hi, centroids, nprobe) for s, lo, hi in chunks]
+        probe_refs = [[p for p, (s_, _, _) in zip(probes, chunks) if s_ == s] for s in range(len(x_refs))]
         # the index build needs them anyway: k-means iterations as progress, then a line
         progress.wait([centroids], training, rows=[IVF_TRAIN_ITERATIONS], counter=counter, unit="iterations")
         log.info("%s: IVF quantizer of %d cells trained on %d rows, %.1fs", stage, ivf_nlist(n),
                  n if rows is None else rows.size, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    pairs = index_actors(x_refs, offsets, method, centroids, nprobe, stage=f"{stage} index build", counter=counter,
-                         actors=actors)
+    pairs = index_actors(x_refs, offsets, method, centroids, nprobe, probe_refs=probe_refs,
+                         stage=f"{stage} index build", counter=counter, actors=actors)
     log.info("%s: %s index of %d rows built in %d shard(s), %.1fs", stage, method, n, len(x_refs),
              time.perf_counter() - t0)
     info = {"knn_method": method}
@@ -274,8 +317,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         exact_nbr, exact_sim = _search_shard_exact.remote(queries, pairs, k)
         if recall_target is not None:
             t0 = time.perf_counter()
+            sample_probes = _gather.remote(offsets, rows, *[_concat.remote(*refs) for refs in probe_refs])
             nprobe, info["knn_recall"] = ray.get(_tune_nprobe.remote(
-                queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, ivf_nlist(n)))
+                queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, ivf_nlist(n), sample_probes))
             if info["knn_recall"] < recall_target:  # as the core: out of IVF's reach, search exactly
                 log.info("%s: IVF recall %.3f < %.2f with %d of %d cells probed: exact search", stage,
                          info["knn_recall"], recall_target, nprobe, ivf_nlist(n))
@@ -287,11 +331,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                          nprobe, ivf_nlist(n), info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
     if method == "ivf":
         info["knn_nprobe"] = int(nprobe)
-    sizes = np.diff(offsets).astype(int)
-    chunks = [(s, lo, min(lo + SEARCH_CHUNK, n_s)) for s, n_s in enumerate(sizes)
-              for lo in range(0, max(1, n_s), SEARCH_CHUNK)]
-    results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe, method == "exact")
-               for s, lo, hi in chunks]
+    results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe, method == "exact",
+                                   probes[c] if method == "ivf" else None)
+               for c, (s, lo, hi) in enumerate(chunks)]
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
     graph, _ = lv.concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
     ray.wait([graph], fetch_local=False)
@@ -322,11 +364,23 @@ def _train_centroids(sample, n: int, seed: int, progress=None):
         faiss.omp_set_num_threads(before)
 
 
+@lazy_remote(num_cpus=0.5)
+def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int):
+    """:func:`~agc_ray.core.cells.cell_probes` of rows ``lo:hi`` of one shard."""
+    return cell_probes(x_shard[lo:hi], centroids, nprobe)
+
+
+@lazy_remote(num_cpus=0.5)
+def _concat(*parts):
+    return np.concatenate(parts)
+
+
 @lazy_remote(num_cpus=0.5, num_returns=2)
 def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, centroids=None, nprobe: int = 0,
-                 exact: bool = False):
-    """kNN graph rows of queries ``lo:hi`` of one shard (the shard is a direct argument: lineage)."""
-    return search_shard(x_shard[lo:hi], offset + lo, actors, k, exact, centroids, nprobe)
+                 exact: bool = False, probes=None):
+    """kNN graph rows of queries ``lo:hi`` of one shard (the shard and the rows' best cells are direct
+    arguments: lineage)."""
+    return search_shard(x_shard[lo:hi], offset + lo, actors, k, exact, centroids, nprobe, probes)
 
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
@@ -347,11 +401,11 @@ def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
 
 
 @lazy_remote(num_cpus=0.5)
-def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, centroids, target, nlist):
+def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, centroids, target, nlist, probes):
     """:func:`agc_ray.core.knn.tune_nprobe` over the sharded index: ``(nprobe, recall)``."""
     kth = kth_without_self(exact_sim, exact_nbr, sample_rows, k)  # an IVF index has more than k rows
 
     def search_sample(nprobe):
-        return search(MergedIndex(actors, False, centroids, nprobe), queries, k, query_offset=sample_rows)
+        return search_shard(queries, sample_rows, actors, k, False, centroids, nprobe, probes)
 
     return tune_nprobe(search_sample, kth, target, nlist)
