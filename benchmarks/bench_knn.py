@@ -30,9 +30,10 @@ REGIMES = {"default": {}, "ann_hard": {"isotropic": 1.0}, "ann_hard_small": {"is
 K = 10
 
 
-def run(n: int, dim: int, regime: str, faiss16: bool) -> dict:
+def run(n: int, dim: int, regime: str, faiss16: bool, per_cell: list[int]) -> dict:
     import faiss
 
+    from agc_ray.core import knn
     from agc_ray.core.knn import (cell_graph, ivf_centroids, ivf_index, ivf_train_rows, knn_recall, sample_rows, search,
                                   unit_rows)
     from agc_ray.core.synthetic import make_faces
@@ -43,10 +44,12 @@ def run(n: int, dim: int, regime: str, faiss16: bool) -> dict:
     t0 = time.perf_counter()
     faiss.knn(np.ascontiguousarray(x[rows]), x, K + 1, metric=faiss.METRIC_INNER_PRODUCT)
     out["exact_seconds_estimate"] = round((time.perf_counter() - t0) * n / rows.size, 1)
-    t0 = time.perf_counter()
-    train = ivf_train_rows(n, 0)
-    centroids = ivf_centroids(x if train is None else x[train], n, 0)
-    out["quantizer_seconds"] = round(time.perf_counter() - t0, 1)
+
+    def quantizer():
+        t0 = time.perf_counter()
+        train = ivf_train_rows(n, 0)
+        centroids = ivf_centroids(x if train is None else x[train], n, 0)
+        return centroids, round(time.perf_counter() - t0, 1)
 
     def measure(name, graph):
         t0 = time.perf_counter()
@@ -65,6 +68,17 @@ def run(n: int, dim: int, regime: str, faiss16: bool) -> dict:
             return search(index, x, K)[0]
         return graph
 
+    default = knn.IVF_TRAIN_PER_CELL
+    for rows_a_cell in per_cell[1:]:  # other training sample sizes: quantizer + tuned search only
+        knn.IVF_TRAIN_PER_CELL = rows_a_cell
+        centroids, seconds = quantizer()
+        name = f"cells_recall_0.95_train_{rows_a_cell}_a_cell"
+        measure(name, lambda info: cell_graph(x, centroids, K, recall=0.95, info=info)[0])
+        out[name]["quantizer_seconds"] = seconds
+    knn.IVF_TRAIN_PER_CELL = per_cell[0]
+    centroids, out["quantizer_seconds"] = quantizer()
+    knn.IVF_TRAIN_PER_CELL = default
+    out["train_per_cell"] = per_cell[0]
     measure("cells_recall_0.95", lambda info: cell_graph(x, centroids, K, recall=0.95, info=info)[0])
     tuned = out["cells_recall_0.95"]["nprobe"]
     if tuned:  # the target was reached with IVF: the same probes through faiss
@@ -80,12 +94,15 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma list of {', '.join(REGIMES)}")
     p.add_argument("--faiss16", action="store_true", help="also faiss with 16 probes (slow at 1M: minutes)")
+    p.add_argument("--train-per-cell", default="64",
+                   help="IVF training rows per cell, comma list: the first is compared with faiss, the others "
+                        "measured as quantizer + tuned search (the choice of IVF_TRAIN_PER_CELL)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "knn.json"))
     args = p.parse_args()
     results = []
     for regime in args.regimes.split(","):
         for n in (int(v) for v in args.rows.split(",")):
-            results.append(run(n, args.dim, regime, args.faiss16))
+            results.append(run(n, args.dim, regime, args.faiss16, [int(v) for v in args.train_per_cell.split(',')]))
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
     print("\n| regime | rows | exact (est.) | quantizer | cells, target 0.95: s / nprobe / recall | faiss, same probes: "
@@ -97,6 +114,16 @@ def main() -> None:
                       f"{q + a['seconds']:.1f} s / {q + b['seconds']:.1f} s") if b else "- | - | -"
         print(f"| {r['regime']} | {r['rows']} | {r['exact_seconds_estimate']} s | {q} s | {a['seconds']} s / "
               f"{a['nprobe'] or a['method']} / {a['recall']} | {faiss_cols} |")
+    sweep = [(r, key) for r in results for key in r if key.startswith("cells_recall_0.95_train_")]
+    if sweep:
+        print("\n| regime | rows | training rows a cell | quantizer | search: s / nprobe / recall | end to end |")
+        print("|---|---|---|---|---|---|")
+        for r in results:
+            rows = [(r["train_per_cell"], r["quantizer_seconds"], r["cells_recall_0.95"])]
+            rows += [(int(key.split("_")[4]), r[key]["quantizer_seconds"], r[key]) for rr, key in sweep if rr is r]
+            for per_cell, q, a in sorted(rows, key=lambda t: -t[0]):
+                print(f"| {r['regime']} | {r['rows']} | {per_cell} | {q} s | {a['seconds']} s / "
+                      f"{a['nprobe'] or a['method']} / {a['recall']} | {q + a['seconds']:.1f} s |")
 
 
 if __name__ == "__main__":

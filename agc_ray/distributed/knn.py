@@ -1,6 +1,7 @@
-"""A faiss index sharded across Ray actors, searched with a top-k merge.
+"""An index sharded across Ray actors, searched with a top-k merge.
 
-Every shard actor holds the rows of one contiguous range of nodes. A query block is searched against
+Every shard actor holds the rows of one contiguous range of nodes (IVF: grouped by cell and searched
+cell by cell as the core does, :class:`agc_ray.core.cells.CellLists`; exact or on GPU: a faiss index). A query block is searched against
 every shard for its k + 1 best, the candidates are merged by decreasing similarity (stable, so ties go
 to the lower shard) and :func:`agc_ray.core.knn.search` removes the self match exactly as on a single
 index. With ``exact`` search the graph therefore equals a single ``IndexFlatIP``'s.
@@ -9,6 +10,8 @@ index. With ``exact`` search the graph therefore equals a single ``IndexFlatIP``
 :func:`agc_ray.core.knn.build_index` uses (:func:`~agc_ray.core.knn.ivf_train_rows`,
 :func:`~agc_ray.core.knn.ivf_centroids`), and shared by all shards; each shard probes the same
 cells, so the merged result equals a single IVF index with that quantizer, whatever the shard count.
+Each row's best cells are computed once, by tasks over chunks of rows: column 0 files the row in its
+shard's lists, the first ``nprobe`` are the cells it scans as a query.
 With a recall target, the cells probed are tuned as :func:`agc_ray.core.knn.knn_graph` tunes them (same
 seeded sample rows, same exact k-th similarities, same ladder), so the number chosen is the same too.
 """
