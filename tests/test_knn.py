@@ -251,3 +251,19 @@ def test_cell_lists_search_known_answer_ties_and_padding():
     # one probe: the query's own cell only
     sim, ids = lists.search(queries[:1], probes[:1, :1], 4)
     np.testing.assert_array_equal(ids[0], [100, 102, -1, -1])
+
+
+@pytest.mark.parametrize("per_cell", [16, 32, 64])
+def test_recall_sample_is_independent_of_the_ivf_training_sample(monkeypatch, per_cell):
+    """The rows that measure recall are not the quantizer's training rows (those find their neighbours
+    more easily): their overlap is what two independent samples share, not the whole recall sample
+    (drawn from one stream, 956 of 1000 rows were training rows at 32 a cell)."""
+    from agc_ray.core import knn
+    from agc_ray.core.knn import ivf_train_rows, recall_rows
+
+    monkeypatch.setattr(knn, "IVF_TRAIN_PER_CELL", per_cell)
+    for n in (300_000, 1_000_000):
+        train, rows = ivf_train_rows(n, 0), recall_rows(n, 1000, 0)
+        shared = np.intersect1d(train, rows).size
+        expected = rows.size * train.size / n
+        assert shared < expected + 5 * np.sqrt(expected), (n, shared, expected)

@@ -25,8 +25,8 @@ import numpy as np
 
 from agc_ray.core.cells import CellLists, cell_probes
 from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, ivf_centroids,
-                              ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_cap, recall_at, resolve_method,
-                              sample_rows, to_gpu, tune_nprobe, use_gpu)
+                              ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_cap, recall_at, recall_rows,
+                              resolve_method, to_gpu, tune_nprobe, use_gpu)
 from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import lazy_remote
@@ -301,7 +301,10 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         # each row's best cells, once: column 0 files the row in its cell's list, the first nprobe are
         # the cells it probes as a query (a tuned number above the width costs the search a second product)
         nprobe = min(nlist, min(probe_cap(nlist), PROBES_FIRST_PASS) if tuning else IVF_NPROBE)
+        t0 = time.perf_counter()
         probes = [_cell_probes.remote(x_refs[s], lo, hi, centroids, nprobe) for s, lo, hi in chunks]
+        progress.wait(probes, f"{stage} IVF cells", rows=[hi - lo for _, lo, hi in chunks])
+        log.info("%s: the %d best of %d IVF cells of %d rows, %.1fs", stage, nprobe, nlist, n, time.perf_counter() - t0)
         probe_refs = [[p for p, (s_, _, _) in zip(probes, chunks) if s_ == s] for s in range(len(x_refs))]
         # the index build needs them anyway: k-means iterations as progress, then a line
         progress.wait([centroids], training, rows=[IVF_TRAIN_ITERATIONS], counter=counter, unit="iterations")
@@ -315,7 +318,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     info = {"knn_method": method}
     measure = method != "exact" and recall_sample > 0
     if measure:  # the sample's exact neighbours: for the tuning (before the search) or the recall (after)
-        rows = sample_rows(n, recall_sample, seed)
+        rows = recall_rows(n, recall_sample, seed)
         queries = _gather.remote(offsets, rows, *x_refs)
         exact_nbr, exact_sim = _search_shard_exact.remote(queries, pairs, k)
         if recall_target is not None:
