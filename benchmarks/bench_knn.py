@@ -94,15 +94,18 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma list of {', '.join(REGIMES)}")
     p.add_argument("--faiss16", action="store_true", help="also faiss with 16 probes (slow at 1M: minutes)")
-    p.add_argument("--train-per-cell", default="64",
-                   help="IVF training rows per cell, comma list: the first is compared with faiss, the others "
+    p.add_argument("--train-per-cell", default=None,
+                   help="IVF training rows per cell, comma list (default: the library's): the first is compared with faiss, the others "
                         "measured as quantizer + tuned search (the choice of IVF_TRAIN_PER_CELL)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "knn.json"))
     args = p.parse_args()
+    from agc_ray.core.knn import IVF_TRAIN_PER_CELL
+
+    per_cell = [int(v) for v in args.train_per_cell.split(",")] if args.train_per_cell else [IVF_TRAIN_PER_CELL]
     results = []
     for regime in args.regimes.split(","):
         for n in (int(v) for v in args.rows.split(",")):
-            results.append(run(n, args.dim, regime, args.faiss16, [int(v) for v in args.train_per_cell.split(',')]))
+            results.append(run(n, args.dim, regime, args.faiss16, per_cell))
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
     print("\n| regime | rows | exact (est.) | quantizer | cells, target 0.95: s / nprobe / recall | faiss, same probes: "

@@ -323,7 +323,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         exact_nbr, exact_sim = _search_shard_exact.remote(queries, pairs, k)
         if recall_target is not None:
             t0 = time.perf_counter()
-            sample_probes = _gather.remote(offsets, rows, *[_concat.remote(*refs) for refs in probe_refs])
+            chunk_starts = np.array([offsets[s] + lo for s, lo, _ in chunks] + [n], dtype=np.int64)
+            sample_probes = _gather.remote(chunk_starts, rows, *probes)
             nprobe, info["knn_recall"] = ray.get(_tune_nprobe.remote(
                 queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, ivf_nlist(n), sample_probes))
             if info["knn_recall"] < recall_target:  # as the core: out of IVF's reach, search exactly
@@ -374,11 +375,6 @@ def _train_centroids(sample, n: int, seed: int, progress=None):
 def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int):
     """:func:`~agc_ray.core.cells.cell_probes` of rows ``lo:hi`` of one shard."""
     return cell_probes(x_shard[lo:hi], centroids, nprobe)
-
-
-@lazy_remote(num_cpus=0.5)
-def _concat(*parts):
-    return np.concatenate(parts)
 
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
