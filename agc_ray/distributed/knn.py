@@ -254,6 +254,9 @@ def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, npro
 
 
 SEARCH_CHUNK = 16384  # query rows per search task: enough tasks for progress lines, few enough for overheads
+#: Query rows per IVF search task: a shard's lists are scanned cell by cell for the task's queries, so
+#: each call costs a loop over the cells; with 16K queries a cell got ~16 of them (small products).
+IVF_SEARCH_CHUNK = 65536
 
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
@@ -269,7 +272,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         recall_sample: rows whose neighbours are checked against exact search (approximate search only).
         recall_target: with ``recall_sample`` rows, the IVF cells probed are raised until their recall
             reaches it (:func:`agc_ray.core.knn.tune_nprobe`); None: :data:`~agc_ray.core.knn.IVF_NPROBE`.
-        stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows).
+        stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows,
+            ``IVF_SEARCH_CHUNK`` with IVF).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
         actors: index actors of an earlier level to reuse (see :func:`index_actors`).
 
@@ -285,8 +289,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     method = resolve_method(method, n)
     centroids, nprobe, probe_refs = None, 0, None
     sizes = np.diff(offsets).astype(int)
-    chunks = [(s, lo, min(lo + SEARCH_CHUNK, n_s)) for s, n_s in enumerate(sizes)
-              for lo in range(0, max(1, n_s), SEARCH_CHUNK)]
+    step = IVF_SEARCH_CHUNK if method == "ivf" else SEARCH_CHUNK
+    chunks = [(s, lo, min(lo + step, n_s)) for s, n_s in enumerate(sizes) for lo in range(0, max(1, n_s), step)]
     tuning = recall_sample > 0 and recall_target is not None
     t0 = time.perf_counter()
     if method == "ivf":
