@@ -120,7 +120,6 @@ def role_job(work: Path, knn: str, num_cpus: int, num_shards: int) -> dict:
 
     logs.configure()  # the job's stage lines on stderr
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-    os.environ.setdefault("RAY_num_workers_soft_limit", str(2 * num_cpus + 2))  # as jobs/cluster.py starts Ray
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
     init_seconds = time.perf_counter() - t0

@@ -144,12 +144,8 @@ def init_ray(num_cpus: int | None = None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:
-        num_cpus = num_cpus or os.cpu_count()
-        # keep the workers that a level's 0.5-CPU tasks started alive between stages: with Ray's default
-        # (one idle worker per CPU) the raylet kills the rest a second after each stage and the next stage
-        # starts new ones, each importing torch and faiss again (~65 % of a small job's CPU time)
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(2 * num_cpus + 2))
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 logging_level=logging.WARNING)
 
 
 def dry_run(cfg, num_cpus: int | None) -> int:

@@ -301,7 +301,11 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         cpus = max([node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")] + [1.0])
         centroids = _train_centroids.options(num_cpus=cpus).remote(
             sample, n, seed, progress=(counter, training) if counter else None)
+        # the index build needs them anyway: k-means iterations as progress, then a line
+        progress.wait([centroids], training, rows=[IVF_TRAIN_ITERATIONS], counter=counter, unit="iterations")
         nlist = ivf_nlist(n)
+        log.info("%s: IVF quantizer of %d cells trained on %d rows, %.1fs", stage, nlist,
+                 n if rows is None else rows.size, time.perf_counter() - t0)
         # each row's best cells, once: column 0 files the row in its cell's list, the first nprobe are
         # the cells it probes as a query (a tuned number above the width costs the search a second product)
         nprobe = min(nlist, min(probe_cap(nlist), PROBES_FIRST_PASS) if tuning else IVF_NPROBE)
@@ -310,10 +314,6 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         progress.wait(probes, f"{stage} IVF cells", rows=[hi - lo for _, lo, hi in chunks])
         log.info("%s: the %d best of %d IVF cells of %d rows, %.1fs", stage, nprobe, nlist, n, time.perf_counter() - t0)
         probe_refs = [[p for p, (s_, _, _) in zip(probes, chunks) if s_ == s] for s in range(len(x_refs))]
-        # the index build needs them anyway: k-means iterations as progress, then a line
-        progress.wait([centroids], training, rows=[IVF_TRAIN_ITERATIONS], counter=counter, unit="iterations")
-        log.info("%s: IVF quantizer of %d cells trained on %d rows, %.1fs", stage, ivf_nlist(n),
-                 n if rows is None else rows.size, time.perf_counter() - t0)
     t0 = time.perf_counter()
     pairs = index_actors(x_refs, offsets, method, centroids, nprobe, probe_refs=probe_refs,
                          stage=f"{stage} index build", counter=counter, actors=actors)
