@@ -209,7 +209,8 @@ def test_new_rows_agree_with_a_full_recluster(runs):
 
 def test_state_ivf_index_reproduces_the_base_graph(runs):
     """The state's IVF cells and centroids rebuild the run's index: searching the base rows gives the
-    run's level-0 graph."""
+    run's level-0 graph (the run scans the cells as matrix products, the rebuilt faiss index query by
+    query: the same rows are found, near-equal similarities may come in another order)."""
     from agc_ray.distributed import state
 
     root, out, _ = runs
@@ -219,7 +220,8 @@ def test_state_ivf_index_reproduces_the_base_graph(runs):
     assert meta["level0_knn"] == "ivf" and len(meta["offsets"][0]) == 4  # 3 shards
     index = state.ivf_from_lists(level0["x_id"], level0["centroids"], level0["lists"], meta["nprobe"])
     nbr, sim = search(index, np.ascontiguousarray(level0["x_id"]), meta["k"])
-    np.testing.assert_array_equal(nbr, level0["nbr"])
+    assert (nbr == level0["nbr"]).all(axis=1).mean() >= 0.999
+    np.testing.assert_allclose(sim, level0["sim"], rtol=0, atol=2e-6)
     # the incremental output's state is the base's plus one shard of new rows per level that had any
     meta_a = state.read_meta(fs, str(root / "A"))
     assert meta_a["rows"] == meta["rows"] + out["A"]["incremental"]["new_rows"]
