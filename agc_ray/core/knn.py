@@ -245,7 +245,8 @@ def search(index, queries: np.ndarray, k: int, query_offset: int | np.ndarray | 
 
 
 def drop_self(idx: np.ndarray, sim: np.ndarray, self_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query's own row from its (Q, k + 1) result: ``(idx, sim)`` of shape (Q, k).
+    """Remove each query's own row from its (Q, k + 1) result: ``(idx, sim)`` of shape (Q, k), the
+    similarity of padding (-1) entries set to 0.
 
     With duplicate vectors the self match may be missing or not first: exactly one entry per row is
     dropped, the self match if present, else the last (weakest) one.
@@ -255,7 +256,8 @@ def drop_self(idx: np.ndarray, sim: np.ndarray, self_idx: np.ndarray) -> tuple[n
     drop[~drop.any(axis=1), -1] = True
     keep = np.ones_like(drop)
     keep[np.arange(q), np.argmax(drop, axis=1)] = False
-    return idx[keep].reshape(q, kk - 1), sim[keep].reshape(q, kk - 1)
+    idx, sim = idx[keep].reshape(q, kk - 1), sim[keep].reshape(q, kk - 1)
+    return idx, np.where(idx < 0, np.float32(0), sim)
 
 
 def knn_graph(
@@ -304,23 +306,14 @@ def knn_graph(
     index = build_index(x, method, seed=seed, nprobe=nprobe, device=device)
     if method == "ivf":
         if recall is not None and nprobe is None:
-            rows = recall_rows(n, RECALL_SAMPLE, seed)
-            kth = exact_kth(x, rows, k)
-
-            def search_sample(p):
+            def search_sample(p, rows):
                 set_nprobe(index, p)
                 return search(index, x[rows], k, query_offset=rows)
 
-            nprobe, measured = tune_nprobe(search_sample, kth, recall, ivf_nlist(n))
-            set_nprobe(index, nprobe)
-            if info is not None:
-                info["knn_recall"] = measured
-            if measured < recall:  # out of IVF's reach at a cost below exact search's: search exactly
-                log.info("IVF recall %.3f < %.2f with %d of %d cells probed: exact search", measured, recall,
-                         nprobe, ivf_nlist(n))
-                if info is not None:
-                    info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
+            nprobe = _tuned_nprobe(x, k, recall, seed, ivf_nlist(n), search_sample, info)
+            if nprobe is None:  # out of IVF's reach at a cost below exact search's: search exactly
                 return search(FlatView(x), x, k)
+            set_nprobe(index, nprobe)
         if info is not None:
             info["knn_nprobe"] = int(nprobe or IVF_NPROBE)
     return search(index, x, k)
@@ -345,29 +338,37 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
     lists = CellLists(x, probes[:, 0], nlist)
     nprobe = width
     if tuning:
-        rows = recall_rows(n, RECALL_SAMPLE, seed)
-        kth = exact_kth(x, rows, k)
-
-        def search_sample(p):
+        def search_sample(p, rows):
             probed = probes[rows, :p] if p <= width else cell_probes(x[rows], centroids, p)
             sim, idx = lists.search(x[rows], probed, k + 1)
             return drop_self(idx, sim, rows)
 
-        nprobe, measured = tune_nprobe(search_sample, kth, recall, nlist)
-        if info is not None:
-            info["knn_recall"] = measured
-        if measured < recall:  # out of IVF's reach at a cost below exact search's: search exactly
-            log.info("IVF recall %.3f < %.2f with %d of %d cells probed: exact search", measured, recall, nprobe, nlist)
-            if info is not None:
-                info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
+        nprobe = _tuned_nprobe(x, k, recall, seed, nlist, search_sample, info)
+        if nprobe is None:  # out of IVF's reach at a cost below exact search's: search exactly
             return search(FlatView(x), x, k)
         if nprobe > width:
             probes = cell_probes(x, centroids, nprobe)
     if info is not None:
         info["knn_nprobe"] = int(nprobe)
     sim, idx = lists.search(x, probes[:, :nprobe], k + 1)
-    nbr, sim = drop_self(idx, sim, np.arange(n))
-    return nbr, np.where(nbr < 0, np.float32(0), sim)
+    return drop_self(idx, sim, np.arange(n))
+
+
+def _tuned_nprobe(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample,
+                  info: dict | None) -> int | None:
+    """:func:`tune_nprobe` on the seeded :func:`recall_rows` of ``x``; ``search_sample(nprobe, rows)``
+    searches those rows. The probes chosen, or None when the target is out of IVF's reach (``info``
+    then says so; the caller searches exactly)."""
+    rows = recall_rows(x.shape[0], RECALL_SAMPLE, seed)
+    nprobe, measured = tune_nprobe(lambda p: search_sample(p, rows), exact_kth(x, rows, k), recall, nlist)
+    if info is not None:
+        info["knn_recall"] = measured
+    if measured >= recall:
+        return nprobe
+    log.info("IVF recall %.3f < %.2f with %d of %d cells probed: exact search", measured, recall, nprobe, nlist)
+    if info is not None:
+        info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
+    return None
 
 
 class FlatView:

@@ -212,8 +212,7 @@ def search_shard(x_q: np.ndarray, query_ids, actors, k: int, exact: bool = False
     if np.isscalar(query_ids):
         query_ids = np.arange(x_q.shape[0], dtype=np.int64) + int(query_ids)
     sim, idx = MergedIndex(actors, exact, centroids, nprobe).search(x_q, k + 1, probes)
-    nbr, sim = drop_self(idx, sim, query_ids)
-    return nbr, np.where(nbr < 0, np.float32(0), sim)
+    return drop_self(idx, sim, query_ids)
 
 
 # -- the sharded search, as Ray tasks and actors ----------------------------------------------------
