@@ -144,6 +144,40 @@ def test_ivf_independent_of_shards(ray_session, tmp_path, job_table, job_model, 
     np.testing.assert_array_equal(read_levels(tmp_path / "a")[0], ref[0])
 
 
+@pytest.fixture(scope="module")
+def small_identities(tmp_path_factory):
+    """3000 rows of identities of ~4: level 1 keeps over a thousand nodes, enough for an IVF index."""
+    from agc_ray.core.synthetic import make_faces
+    from agc_ray.distributed.demo import write_table
+
+    x, y = make_faces(3000, mean_identity_size=4, seed=5)
+    return x, write_table(tmp_path_factory.mktemp("small_identities"), x, y, files=3)
+
+
+@pytest.mark.parametrize("recall", [0.8, 0.7])
+def test_graph_from_the_level_below_equals_single_process(ray_session, tmp_path, small_identities, recall):
+    """Above level 0 the job searches the graph from the level below as the core does (same candidates,
+    rounds, recall and fallback), whatever the shards: 0.8 misses at level 1 (IVF, then exact) and holds
+    at level 2; 0.7 refines level 1 once."""
+    from agc_ray import HiLander
+
+    x, table = small_identities
+    params = dict(unsupervised=True, decode="sim", knn="ivf", knn_recall=recall)
+    est = HiLander(levels=3, **params)
+    ref = est.predict_hierarchy(x)
+    manifest = _run(table, tmp_path / "out", num_shards=3, max_levels=3, **params)
+    got = read_levels(tmp_path / "out")
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+    keys = ("knn_method", "knn_rounds", "knn_recall", "knn_coarse_recall")
+    assert [{key: lv.get(key) for key in keys} for lv in manifest["levels"]] == \
+        [{key: st.get(key) for key in keys} for st in est.stats_]
+    methods = [lv["knn_method"] for lv in manifest["levels"]]
+    assert methods == (["ivf", "exact", "coarse"] if recall == 0.8 else ["ivf", "coarse", "coarse"])
+    assert manifest["levels"][1].get("knn_rounds") == (None if recall == 0.8 else 1)
+
+
 @pytest.mark.parametrize("embedding_type", ["list", "tensor"])
 def test_string_ids_and_embedding_types(ray_session, tmp_path, job_model, job_data, embedding_type):
     from agc_ray.distributed.demo import write_table

@@ -309,9 +309,9 @@ class HiLander(ClusterMixin, BaseEstimator):
                  x_val.shape[0], self.taus_, self.n_levels_, self.validation_["scores"][-1]["fp"],
                  self.validation_["scores"][-1]["fb"], self.validation_["seconds"])
 
-    def _knn(self, feats, info: dict | None = None):
+    def _knn(self, feats, info: dict | None = None, below=None):
         return knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False, recall=self.knn_recall,
-                         info=info)
+                         info=info, below=below)
 
     def own_levels(self, X, y) -> list:
         """Training graphs of the higher levels this model builds from labelled X (labels carried by
@@ -364,9 +364,9 @@ class HiLander(ClusterMixin, BaseEstimator):
             infos.append(info)
             return parent
 
-        def knn(feats):
+        def knn(feats, below=None):
             knn_infos.append({})
-            return self._knn(feats, knn_infos[-1])
+            return self._knn(feats, knn_infos[-1], below=below)
 
         levels = build_hierarchy(
             X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=knn, stats=stats,

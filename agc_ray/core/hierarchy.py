@@ -199,7 +199,9 @@ def build_hierarchy(
         early_stop: stop after a level whose added-edge count E satisfies E_prev / E < k (the
             reference's rule with its k counting the node itself, i.e. our k + 1 - 1).
         labels: (N,) classes, carried to super-nodes (ground-truth hierarchy for training).
-        knn: ``knn(unit_features) -> (nbr, sim)``; default exact/IVF by size with this k.
+        knn: ``knn(unit_features, below=None) -> (nbr, sim)``; ``below`` is ``(nbr, comp)`` above level 0:
+            the level below's graph and its nodes' clusters (:func:`~agc_ray.core.knn.knn_graph`'s
+            ``below``). Default: :func:`~agc_ray.core.knn.knn_graph` with this k.
         on_level: called with each level's graph before it is decoded (training collects them).
         first_graph: a precomputed level-0 kNN graph (nbr, sim).
         stats: if given, one dict per decoded level is appended: nodes, edges, clusters and the
@@ -214,7 +216,7 @@ def build_hierarchy(
     """
     x = unit_rows(x)
     n = x.shape[0]
-    knn = knn or (lambda feats: knn_graph(feats, k, normalize=False))
+    knn = knn or (lambda feats, below=None: knn_graph(feats, k, normalize=False, below=below))
     t0 = time.perf_counter()
     nbr, sim = first_graph if first_graph is not None else knn(x)
     knn_seconds = time.perf_counter() - t0
@@ -253,7 +255,7 @@ def build_hierarchy(
         prev_edges = n_edges
         t0 = time.perf_counter()
         x_id, x_sum, size, peak_row, sup_labels = aggregate(g, comp, peaks)
-        nbr, sim = knn(x_id)
+        nbr, sim = knn(x_id, below=(g.nbr, comp))
         knn_seconds = time.perf_counter() - t0
         g = LevelGraph(x_id=x_id, x_sum=x_sum, size=size, nbr=nbr, sim=sim, peak_row=peak_row, labels=sup_labels)
         log.info("level %d kNN graph: %d nodes, %.1fs", level + 1, g.n, time.perf_counter() - t0)

@@ -271,6 +271,7 @@ def knn_graph(
     normalize: bool = True,
     recall: float | None = KNN_RECALL,
     info: dict | None = None,
+    below: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """kNN graph of the rows of ``x`` (cosine similarity), self excluded.
 
@@ -288,6 +289,10 @@ def knn_graph(
             against exact search; None: probe ``nprobe`` cells, measure nothing.
         info: if given, filled with ``knn_method`` and, for IVF, ``knn_nprobe`` and (with a recall
             target) the ``knn_recall`` measured.
+        below: ``(nbr, comp)`` when the rows of ``x`` are the clusters of a level below: its graph and
+            each of its nodes' cluster. Where ``method`` would build an IVF index, the graph is searched
+            from the level below's (:func:`~agc_ray.core.coarse.coarse_graph`, ``knn_method``
+            'coarse') and the index is built only when that misses the recall target.
 
     Returns:
         ``(nbr, sim)``: (N, k) int64 and (N, k) float32, sorted by decreasing similarity.
@@ -299,6 +304,19 @@ def knn_graph(
     method = resolve_method(method, n)
     if info is not None:
         info["knn_method"] = method
+    if method == "ivf" and below is not None and nprobe is None:
+        from agc_ray.core.coarse import coarse_graph
+
+        tried: dict = {}
+        graph = coarse_graph(x, *below, k, recall=recall, seed=seed, info=tried)
+        if graph is not None:
+            if info is not None:
+                info.update(tried)
+            return graph
+        log.info("coarse kNN recall %.3f < %.2f after %d rounds: IVF search", tried["knn_recall"], recall,
+                 tried["knn_rounds"])
+        if info is not None:
+            info["knn_coarse_recall"] = tried["knn_recall"]
     if method == "ivf" and not use_gpu(device):
         rows = ivf_train_rows(n, seed)
         centroids = ivf_centroids(x if rows is None else x[rows], n, seed)

@@ -120,7 +120,8 @@ def ground_truth_graphs(
             levels=levels,
             early_stop=False,
             labels=y,
-            knn=lambda feats, k=k: knn_graph(feats, k, method=knn_method, seed=seed, normalize=False),
+            knn=lambda feats, below=None, k=k: knn_graph(feats, k, method=knn_method, seed=seed, normalize=False,
+                                                         below=below),
             on_level=lambda level, g, k=k: collected.append(to_train_graph(g, k, level)),
             first_graph=(np.ascontiguousarray(nbr0[:, :k]), np.ascontiguousarray(sim0[:, :k])),
         )

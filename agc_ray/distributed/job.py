@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from agc_ray.core.hierarchy import stop_reason
-from agc_ray.core.knn import RECALL_SAMPLE
+from agc_ray.core.knn import RECALL_SAMPLE, resolve_method
 from agc_ray.core.validation import check_param
 from agc_ray.distributed import io, progress
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.errors import InputError
-from agc_ray.distributed.knn import JOB_METHODS, sharded_knn_graph
+from agc_ray.distributed.knn import JOB_METHODS, sharded_coarse_graph, sharded_knn_graph
 from agc_ray.distributed.remote import lazy_remote
 from agc_ray.distributed.stable import stable_id_maps
 
@@ -219,17 +219,31 @@ class Job:
         self.timings[stage] = self.timings.get(stage, 0.0) + dt
         return dt
 
-    def knn(self, level: _Level, level_no: int, stats: dict):
-        """The level's kNN graph as one object ``(nbr, sim)``, searched over the sharded index."""
+    def knn(self, level: _Level, level_no: int, stats: dict, below=None):
+        """The level's kNN graph as one object ``(nbr, sim)``: from the level below's graph where it holds
+        the recall (``below = (graph, clusters)`` refs, above level 0, as the core), else searched over
+        the sharded index."""
         import ray
 
         t0 = time.perf_counter()
+        recall_sample = self.cfg.knn_recall_sample if level_no == 0 or self.est.knn_recall is not None else 0
+        if below is not None and resolve_method(self.est.knn, level.n) == "ivf":
+            graph, info = sharded_coarse_graph(
+                level.x_id, level.offsets, self.est.k, *below, seed=self.est.seed, recall_sample=recall_sample,
+                recall_target=self.est.knn_recall, stage=f"level {level_no} kNN")
+            if graph is not None:
+                stats.update(info, knn_seconds=self._time("knn", t0))
+                self.knn_method = info["knn_method"]
+                log.info("level %d kNN: %d nodes, %d shards, coarse, %.1fs", level_no, level.n, level.shards,
+                         stats["knn_seconds"])
+                return graph
+            stats["knn_coarse_recall"] = info["knn_recall"]
         if self.ivf_parts:  # level 0's cells are read from the actors before they index the next level
             ray.wait(self.ivf_parts, num_returns=len(self.ivf_parts))
         graph, info, actors = sharded_knn_graph(
             level.x_id, level.offsets, self.est.k, self.est.knn, self.est.seed,
             # with a recall target every IVF level is tuned (as the core does); without, level 0 is measured
-            recall_sample=self.cfg.knn_recall_sample if level_no == 0 or self.est.knn_recall is not None else 0,
+            recall_sample=recall_sample,
             recall_target=self.est.knn_recall, stage=f"level {level_no} kNN",
             counter=self.row_counter(level.n), actors=self.actors,
         )
@@ -451,10 +465,10 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
     node_of_row = None
     kept: list[dict] = []  # per level: result ref, row labels refs, stats
     writes = []
-    prev_edges, stop = None, None
+    prev_edges, stop, below = None, None, None
     for level_no in range(est.max_levels()):
         stats = {"level": level_no, "nodes": level.n}
-        graph = job.knn(level, level_no, stats)
+        graph = job.knn(level, level_no, stats, below)
         result, counts, density, p = job.decode(level, graph, model_ref, level_no, stats)
         n_edges = counts["edges"]
         if n_edges == 0 and level_no > 0:
@@ -486,6 +500,7 @@ def _run_levels(job: Job, cfg: JobConfig, est, output, fs_in, files, schema, row
             break
         prev_edges = n_edges
         level = job.aggregate(level, result, counts["clusters"])
+        below = (graph, result)
 
     t0 = time.perf_counter()
     id_maps, id_info, counters = stable_id_maps(previous, rows.ids, [e["labels"] for e in kept],

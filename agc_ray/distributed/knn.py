@@ -14,6 +14,10 @@ Each row's best cells are computed once, by tasks over chunks of rows: column 0 
 shard's lists, the first ``nprobe`` are the cells it scans as a query.
 With a recall target, the cells probed are tuned as :func:`agc_ray.core.knn.knn_graph` tunes them (same
 seeded sample rows, same exact k-th similarities, same ladder), so the number chosen is the same too.
+
+Above level 0, :func:`sharded_coarse_graph` first searches the graph from the level below (the core's
+:mod:`agc_ray.core.coarse`, one task per shard of nodes, the same rounds and recall), and the index is
+built only when that misses the target.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import time
 import numpy as np
 
 from agc_ray.core.cells import CellLists, cell_probes
-from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, ivf_centroids,
+from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, exact_kth,
+                              ivf_centroids,
                               ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_cap, recall_at, recall_rows,
                               resolve_method, to_gpu, tune_nprobe, use_gpu)
 from agc_ray.distributed import level as lv
@@ -350,6 +356,81 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     if measure and "knn_recall" not in info:
         info["knn_recall"] = ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, k))
     return graph, info, [a for a, _ in pairs]
+
+
+def sharded_coarse_graph(x_refs: list, offsets: np.ndarray, k: int, below_graph, below_level, *, seed: int,
+                         recall_sample: int = 0, recall_target: float | None = None, stage: str = "kNN"):
+    """The next level's kNN graph from the level below, as :func:`agc_ray.core.coarse.coarse_graph`
+    computes it, one task per shard of the next level's nodes (the same graph whatever the shards).
+
+    Args:
+        x_refs, offsets: the next level's node shards (unit features) and their bounds.
+        below_graph: ref to the level below's ``(nbr, sim)``; below_level: ref to its clusters
+            (:func:`~agc_ray.distributed.level.global_components`' ``comp``).
+        recall_sample, recall_target: as :func:`sharded_knn_graph` (both needed to measure).
+
+    Returns:
+        ``(graph, info)``: a ref to ``(nbr, sim)`` (n, k), or None when the recall target was missed
+        (``info`` holds the recall reached).
+    """
+    import ray
+
+    n = int(offsets[-1])
+    bounds = [(int(offsets[s]), int(offsets[s + 1])) for s in range(len(x_refs))]
+    target = recall_target if recall_sample > 0 else None
+    kth = rows = None
+    if target is not None:
+        rows = recall_rows(n, recall_sample, seed)
+        kth = _exact_kth.remote(rows, k, *x_refs)
+    t0 = time.perf_counter()
+    parts = [_coarse_rows.remote(offsets, lo, hi, k, below_graph, below_level, *x_refs) for lo, hi in bounds]
+    rounds, measured = 0, None
+    while True:
+        progress.wait([p[0] for p in parts], f"{stage} (coarse, round {rounds})", rows=[hi - lo for lo, hi in bounds])
+        graph, _ = lv.concat_graph.remote(len(parts), *[p[0] for p in parts], *[p[1] for p in parts])
+        if target is not None:
+            measured = ray.get(_graph_recall.remote(graph, rows, kth))
+        if not refine_more(target, measured, rounds):
+            break
+        parts = [_refine_rows.remote(offsets, lo, hi, graph, *x_refs) for lo, hi in bounds]
+        rounds += 1
+    info = {"knn_method": "coarse", "knn_rounds": rounds}
+    if measured is not None:
+        info["knn_recall"] = measured
+        log.info("%s: graph from the level below, recall %.3f (target %.2f) after %d round(s), %.1fs", stage,
+                 measured, target, rounds, time.perf_counter() - t0)
+    if target is not None and measured < target:
+        return None, info
+    return graph, info
+
+
+def _rows_of(offsets, x_parts):
+    parts = dict(enumerate(x_parts))
+    return lambda ids: lv.gather_rows(parts, offsets, ids)
+
+
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def _coarse_rows(offsets, lo: int, hi: int, k: int, below_graph, below_level, *x_parts):
+    """:func:`~agc_ray.core.coarse.coarse_rows` of nodes ``lo:hi`` (the shards are direct arguments)."""
+    return coarse_rows(_rows_of(offsets, x_parts), int(offsets[-1]), below_graph[0], below_level["comp"], k, lo, hi)
+
+
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def _refine_rows(offsets, lo: int, hi: int, graph, *x_parts):
+    """:func:`~agc_ray.core.coarse.refine_rows` of nodes ``lo:hi``."""
+    return refine_rows(_rows_of(offsets, x_parts), graph[0], lo, hi)
+
+
+@lazy_remote(num_cpus=0.5)
+def _exact_kth(rows, k: int, *x_parts):
+    """:func:`~agc_ray.core.knn.exact_kth` over the whole table (the shards concatenated: the same product)."""
+    return exact_kth(np.concatenate(x_parts), rows, k)
+
+
+@lazy_remote(num_cpus=0.5)
+def _graph_recall(graph, rows, kth):
+    nbr, sim = graph
+    return recall_at(sim[rows], nbr[rows] >= 0, kth)
 
 
 @lazy_remote(num_cpus=0.5)
