@@ -6,7 +6,9 @@ decreasing similarity. Edges point from neighbour ``nbr[i, j]`` to centre ``i``.
 
 Methods:
 
-- ``exact``: ``IndexFlatIP``, O(N^2 D); deterministic.
+- ``exact``: O(N^2 D), deterministic: on CPU the table joined with itself in blocks, each similarity
+  computed once (:mod:`agc_ray.core.selfjoin`: half the products of ``IndexFlatIP``'s search), on GPU
+  faiss' ``IndexFlatIP``.
 - ``ivf``: inverted lists (exact similarities inside the probed cells), k-means trained on a seeded
   sample; deterministic for a fixed seed. On CPU the cells are searched one at a time as matrix
   products (:mod:`agc_ray.core.cells`: ``IndexIVFFlat``'s graph, 4-6x faster for a whole table of
@@ -321,6 +323,8 @@ def knn_graph(
         rows = ivf_train_rows(n, seed)
         centroids = ivf_centroids(x if rows is None else x[rows], n, seed)
         return cell_graph(x, centroids, k, nprobe=nprobe, recall=recall, seed=seed, info=info)
+    if method == "exact":
+        return exact_graph(x, k, device)
     index = build_index(x, method, seed=seed, nprobe=nprobe, device=device)
     if method == "ivf":
         if recall is not None and nprobe is None:
@@ -330,7 +334,7 @@ def knn_graph(
 
             nprobe = _tuned_nprobe(x, k, recall, seed, ivf_nlist(n), search_sample, info)
             if nprobe is None:  # out of IVF's reach at a cost below exact search's: search exactly
-                return search(FlatView(x), x, k)
+                return exact_graph(x, k, device)
             set_nprobe(index, nprobe)
         if info is not None:
             info["knn_nprobe"] = int(nprobe or IVF_NPROBE)
@@ -363,7 +367,7 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
 
         nprobe = _tuned_nprobe(x, k, recall, seed, nlist, search_sample, info)
         if nprobe is None:  # out of IVF's reach at a cost below exact search's: search exactly
-            return search(FlatView(x), x, k)
+            return exact_graph(x, k, "cpu")
         if nprobe > width:
             probes = cell_probes(x, centroids, nprobe)
     if info is not None:
@@ -387,6 +391,16 @@ def _tuned_nprobe(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, s
     if info is not None:
         info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
     return None
+
+
+def exact_graph(x: np.ndarray, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN graph of the unit rows ``x``: on CPU the self-join that computes each similarity once
+    (:func:`~agc_ray.core.selfjoin.self_join_graph`), on GPU faiss' flat search."""
+    if use_gpu(device):
+        return search(build_index(x, "exact", device=device), x, k)
+    from agc_ray.core.selfjoin import self_join_graph
+
+    return self_join_graph(x, k)
 
 
 class FlatView:

@@ -29,6 +29,7 @@ import numpy as np
 
 from agc_ray.core.cells import CellLists, cell_probes
 from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
+from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
 from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, exact_kth,
                               ivf_centroids,
                               ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_cap, recall_at, recall_rows,
@@ -319,12 +320,14 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         progress.wait(probes, f"{stage} IVF cells", rows=[hi - lo for _, lo, hi in chunks])
         log.info("%s: the %d best of %d IVF cells of %d rows, %.1fs", stage, nprobe, nlist, n, time.perf_counter() - t0)
         probe_refs = [[p for p, (s_, _, _) in zip(probes, chunks) if s_ == s] for s in range(len(x_refs))]
+    info = {"knn_method": method}
+    if method == "exact" and not ray.cluster_resources().get("GPU"):  # no index: the table joined with itself
+        return self_join(x_refs, offsets, k, stage), info, list(actors or [])
     t0 = time.perf_counter()
     pairs = index_actors(x_refs, offsets, method, centroids, nprobe, probe_refs=probe_refs,
                          stage=f"{stage} index build", counter=counter, actors=actors)
     log.info("%s: %s index of %d rows built in %d shard(s), %.1fs", stage, method, n, len(x_refs),
              time.perf_counter() - t0)
-    info = {"knn_method": method}
     measure = method != "exact" and recall_sample > 0
     if measure:  # the sample's exact neighbours: for the tuning (before the search) or the recall (after)
         rows = recall_rows(n, recall_sample, seed)
@@ -347,6 +350,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                          nprobe, ivf_nlist(n), info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
     if method == "ivf":
         info["knn_nprobe"] = int(nprobe)
+    elif not ray.cluster_resources().get("GPU"):
+        return self_join(x_refs, offsets, k, stage), info, [a for a, _ in pairs]
     results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe, method == "exact",
                                    probes[c] if method == "ivf" else None)
                for c, (s, lo, hi) in enumerate(chunks)]
@@ -356,6 +361,47 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     if measure and "knn_recall" not in info:
         info["knn_recall"] = ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, k))
     return graph, info, [a for a, _ in pairs]
+
+
+def self_join(x_refs: list, offsets: np.ndarray, k: int, stage: str = "kNN"):
+    """Exact kNN graph of the sharded table with itself (:mod:`agc_ray.core.selfjoin`: each pair's
+    similarity once), in tasks over ranges of blocks of equal work, merged per shard; the core's graph.
+
+    Returns a ref to ``(nbr, sim)`` (n, k).
+    """
+    import ray
+
+    n = int(offsets[-1])
+    t0 = time.perf_counter()
+    ranges = balanced_ranges(n, max(1, 2 * len(x_refs)))
+    joins = [_join_range.remote(offsets, k, b0, b1, *x_refs) for b0, b1 in ranges]
+    nb = n_blocks(n)
+    progress.wait([j[0] for j in joins], f"{stage} (exact)", rows=[sum(nb - i for i in range(b0, b1)) for b0, b1 in ranges],
+                  unit="block pairs")
+    starts = [b0 for b0, _ in ranges]
+    rows = [_merge_best.remote(n, k, int(offsets[s]), int(offsets[s + 1]), starts,
+                               *[j[0] for j in joins], *[j[1] for j in joins]) for s in range(len(x_refs))]
+    graph, _ = lv.concat_graph.remote(len(rows), *[r[0] for r in rows], *[r[1] for r in rows])
+    ray.wait([graph], fetch_local=False)
+    log.info("%s: exact self-join of %d rows (%d block pairs in %d tasks), %.1fs", stage, n, nb * (nb + 1) // 2,
+             len(ranges), time.perf_counter() - t0)
+    return graph
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def _join_range(offsets, k: int, b0: int, b1: int, *x_parts):
+    """:func:`~agc_ray.core.selfjoin.join_range` of blocks ``b0:b1`` (one CPU: its products are BLAS's)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return join_range(_rows_of(offsets, x_parts), int(offsets[-1]), k, b0, b1)
+
+
+@lazy_remote(num_cpus=0.5, num_returns=2)
+def _merge_best(n: int, k: int, lo: int, hi: int, starts: list, *parts):
+    """Rows ``lo:hi`` of the self-join's graph from every range's result."""
+    m = len(starts)
+    return merge_best(n, k, [(b0, s, i) for b0, s, i in zip(starts, parts[:m], parts[m:])], lo, hi)
 
 
 def sharded_coarse_graph(x_refs: list, offsets: np.ndarray, k: int, below_graph, below_level, *, seed: int,
