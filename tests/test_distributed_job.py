@@ -347,12 +347,12 @@ def test_long_stages_log_progress_and_nothing_louder(ray_session, tmp_path, job_
     monkeypatch.setenv("AGC_RAY_PROGRESS_S", "0")
     monkeypatch.setattr(progress, "COUNT_INSIDE_ROWS", 0)  # the tasks report their rows even on this small table
     with caplog.at_level(logging.INFO, logger="agc_ray"):
-        _run(job_table, tmp_path / "out", job_model, max_levels=1, knn="exact", num_shards=2)
+        _run(job_table, tmp_path / "out", job_model, max_levels=1, knn="ivf", num_shards=2)
     ours = [r for r in caplog.records if r.name == "agc_ray"]
     lines = [r.getMessage() for r in ours]
     knn = [line for line in lines if line.startswith("level 0 kNN: ") and " tasks, " in line]
     assert knn and knn[0].startswith("level 0 kNN: 1/2 tasks, 1250/2500 rows (50%)") and "ETA" in knn[0], knn
-    assert any(line.startswith("level 0 kNN: exact index of 2500 rows built in 2 shard(s)") for line in lines)
+    assert any(line.startswith("level 0 kNN: ivf index of 2500 rows built in 2 shard(s)") for line in lines)
     assert any(line.startswith("level 0 kNN index build: 1/2 tasks, ") for line in lines)
     for stage in ("level 0 scoring 1/2 (projections): ", "level 0 scoring 2/2 (edges): "):
         scoring = [line for line in lines if line.startswith(stage)]
