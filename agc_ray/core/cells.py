@@ -24,7 +24,7 @@ import torch
 ASSIGN_BLOCK = 16384
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
+def as_tensor(a: np.ndarray) -> torch.Tensor:
     """A float32/int tensor sharing ``a``'s memory (read-only arrays, e.g. Ray's, are only read here)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -42,7 +42,7 @@ def cell_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> np.ndarray
     """
     n, nlist = x.shape[0], centroids.shape[0]
     nprobe = min(int(nprobe), nlist)
-    xt, ct = _tensor(x), _tensor(centroids).T.contiguous()
+    xt, ct = as_tensor(x), as_tensor(centroids).T.contiguous()
     out = np.empty((n, nprobe), dtype=np.int32)
     for lo in range(0, n, ASSIGN_BLOCK):
         scores = xt[lo:lo + ASSIGN_BLOCK] @ ct
@@ -90,7 +90,7 @@ class CellLists:
         best_s = torch.full((q_count, kk), -float("inf"))
         best_i = torch.full((q_count, kk), -1, dtype=torch.int64)
         if q_count and kk:
-            xt, qt = _tensor(self.x), _tensor(queries)
+            xt, qt = as_tensor(self.x), as_tensor(queries)
             flat = probes.ravel()
             by_cell = np.argsort(flat, kind="stable")  # (query, probe) pairs grouped by cell
             query_of = torch.from_numpy(by_cell // probes.shape[1])

@@ -22,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from agc_ray.core.cells import as_tensor
+
 #: ``rows_of(ids) -> (len(ids), D)`` unit float32 features of the given nodes (a table, or its shards).
 RowsOf = Callable[[np.ndarray], np.ndarray]
 
@@ -41,7 +43,7 @@ REFINE_REACH = 0.05
 def _dot(xa: np.ndarray, xb: np.ndarray) -> torch.Tensor:
     """Inner products over the last axis, as one elementwise product and sum: the same floating-point
     result for a pair whatever else is in the block (a matrix product's blocking may differ)."""
-    return (torch.from_numpy(xa) * torch.from_numpy(xb)).sum(dim=-1)
+    return (as_tensor(xa) * as_tensor(xb)).sum(dim=-1)
 
 
 def _pair_similarity(rows_of: RowsOf, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -104,7 +106,7 @@ def refine_rows(rows_of: RowsOf, graph: np.ndarray, lo: int, hi: int):
         ``(nbr, sim)`` (hi - lo, k), best first (ties: smaller id), -1 / 0 padded.
     """
     k = graph.shape[1]
-    gt = torch.from_numpy(graph)
+    gt = as_tensor(graph)  # the job's graph is a read-only object-store array, only read here
     nbr = np.empty((hi - lo, k), dtype=np.int64)
     sim = np.empty((hi - lo, k), dtype=np.float32)
     for b0 in range(lo, hi, REFINE_BLOCK):

@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from agc_ray.core.cells import as_tensor
+
 #: Rows per block (a block pair's similarities: 4096 x 4096 floats, 64 MiB).
 BLOCK = 4096
 
@@ -157,8 +159,7 @@ def merge_best(n: int, k: int, parts: list[tuple[int, np.ndarray, np.ndarray]], 
             continue
         a = max(lo, start)
         best_s[a - lo:], best_i[a - lo:] = _merge(best_s[a - lo:], best_i[a - lo:],
-                                                  torch.from_numpy(np.ascontiguousarray(s[a - start:hi - start])),
-                                                  torch.from_numpy(np.ascontiguousarray(i[a - start:hi - start])), k)
+                                                  as_tensor(s[a - start:hi - start]), as_tensor(i[a - start:hi - start]), k)
     pad = torch.isinf(best_s)
     return torch.where(pad, -1, best_i).numpy(), torch.where(pad, 0.0, best_s).numpy().astype(np.float32)
 
