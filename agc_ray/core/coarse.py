@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from agc_ray.core.cells import as_tensor
+from agc_ray.core.graph import best_per_row
 
 #: ``rows_of(ids) -> (len(ids), D)`` unit float32 features of the given nodes (a table, or its shards).
 RowsOf = Callable[[np.ndarray], np.ndarray]
@@ -57,15 +58,11 @@ def _pair_similarity(rows_of: RowsOf, a: np.ndarray, b: np.ndarray) -> np.ndarra
 def _top_k_pairs(a: np.ndarray, b: np.ndarray, s: np.ndarray, lo: int, hi: int, k: int):
     """Each node ``a`` in ``[lo, hi)``'s k best partners ``b`` (distinct pairs) by similarity ``s``, ties:
     smaller id first; (hi - lo, k) int64 / float32, padded with -1 / 0."""
-    order = np.lexsort((b, -s, a))
-    a, b, s = a[order], b[order], s[order]
-    start = np.searchsorted(a, np.arange(lo, hi))
-    rank = np.arange(a.size) - start[a - lo]
-    keep = rank < k
+    a, rank, b, s = best_per_row(a, b, s, k)
     nbr = np.full((hi - lo, k), -1, dtype=np.int64)
     sim = np.zeros((hi - lo, k), dtype=np.float32)
-    nbr[a[keep] - lo, rank[keep]] = b[keep]
-    sim[a[keep] - lo, rank[keep]] = s[keep]
+    nbr[a - lo, rank] = b
+    sim[a - lo, rank] = s
     return nbr, sim
 
 
@@ -89,11 +86,12 @@ def coarse_rows(rows_of: RowsOf, n_clusters: int, nbr: np.ndarray, comp: np.ndar
     dst = comp[nbr[valid]]
     cross = src != dst
     src, dst = src[cross], dst[cross]
-    a = np.concatenate([src, dst])
-    b = np.concatenate([dst, src])
-    mine = (a >= lo) & (a < hi)
+    out = (src >= lo) & (src < hi)  # edges leaving a cluster of this range, and those entering one
+    back = (dst >= lo) & (dst < hi)
+    a = np.concatenate([src[out], dst[back]])
+    b = np.concatenate([dst[out], src[back]])
     c = np.int64(n_clusters)
-    pair = np.unique(a[mine] * c + b[mine])
+    pair = np.unique(a * c + b)
     a, b = pair // c, pair % c
     return _top_k_pairs(a, b, _pair_similarity(rows_of, a, b), lo, hi, k)
 

@@ -27,6 +27,21 @@ N_EDGE_FEATURES = len(EDGE_FEATURES)
 _CHUNK = 8192
 
 
+def best_per_row(rows: np.ndarray, ids: np.ndarray, sims: np.ndarray, k: int):
+    """The k best of candidate edges ``(rows[m], ids[m], sims[m])`` per row, by similarity descending
+    then id ascending (one total order, so the choice does not depend on the candidates' order).
+
+    Returns:
+        ``(rows, rank, ids, sims)`` of the kept edges (rank: 0 for a row's best); write them with
+        ``out[rows, rank] = ids``.
+    """
+    order = np.lexsort((ids, -sims, rows))
+    rows, ids, sims = rows[order], ids[order], sims[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows)
+    keep = rank < k
+    return rows[keep], rank[keep], ids[keep], sims[keep]
+
+
 def valid_mask(nbr: np.ndarray | torch.Tensor):
     """(N, k) boolean mask of real (non-padded) edges."""
     return nbr >= 0

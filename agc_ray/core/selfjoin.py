@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from agc_ray.core.cells import as_tensor
+from agc_ray.core.graph import best_per_row
 
 #: Rows per block (a block pair's similarities: 4096 x 4096 floats, 64 MiB).
 BLOCK = 4096
@@ -54,15 +55,10 @@ def _merge_sparse(best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, ids:
     :func:`_merge`."""
     k = best_s.shape[1]
     touched = np.unique(rows)
-    r = np.concatenate([np.repeat(touched, k), rows])
-    s = np.concatenate([best_s[touched].ravel(), sims])
-    i = np.concatenate([best_i[touched].ravel(), ids])
-    order = np.lexsort((i, -s, r))
-    r, s, i = r[order], s[order], i[order]
-    rank = np.arange(r.size) - np.searchsorted(r, r)
-    keep = rank < k
-    best_s[r[keep], rank[keep]] = s[keep]
-    best_i[r[keep], rank[keep]] = i[keep]
+    r, rank, i, s = best_per_row(np.concatenate([np.repeat(touched, k), rows]),
+                                 np.concatenate([best_i[touched].ravel(), ids]),
+                                 np.concatenate([best_s[touched].ravel(), sims]), k)
+    best_s[r, rank], best_i[r, rank] = s, i
 
 
 def _block_top(scores: torch.Tensor, first_id: int, k: int):

@@ -321,7 +321,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         log.info("%s: the %d best of %d IVF cells of %d rows, %.1fs", stage, nprobe, nlist, n, time.perf_counter() - t0)
         probe_refs = [[p for p, (s_, _, _) in zip(probes, chunks) if s_ == s] for s in range(len(x_refs))]
     info = {"knn_method": method}
-    if method == "exact" and not ray.cluster_resources().get("GPU"):  # no index: the table joined with itself
+    self_joined = not ray.cluster_resources().get("GPU")  # exact on CPU: no index, the table joined with itself
+    if method == "exact" and self_joined:
         return self_join(x_refs, offsets, k, stage), info, list(actors or [])
     t0 = time.perf_counter()
     pairs = index_actors(x_refs, offsets, method, centroids, nprobe, probe_refs=probe_refs,
@@ -350,7 +351,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                          nprobe, ivf_nlist(n), info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
     if method == "ivf":
         info["knn_nprobe"] = int(nprobe)
-    elif not ray.cluster_resources().get("GPU"):
+    elif self_joined:
         return self_join(x_refs, offsets, k, stage), info, [a for a, _ in pairs]
     results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe, method == "exact",
                                    probes[c] if method == "ivf" else None)
