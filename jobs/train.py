@@ -59,7 +59,7 @@ _HELP = {
     "batch_size": "global batch of seed nodes per step (each worker takes 1/N)",
     "lr": "peak learning rate (AdamW, one-cycle cosine)",
     "weight_decay": "AdamW weight decay",
-    "train_levels": "ground-truth hierarchy levels used for training",
+    "train_levels": "hierarchy levels trained on (ground truth: levels 0-1; self-training: own levels up to this)",
     "conn_edges": "linkage loss on 'all' edges or 'denser' ones",
     "balance": "class-balanced linkage loss",
     "focal_gamma": "focal loss gamma (0: plain BCE)",

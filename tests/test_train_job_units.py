@@ -19,7 +19,7 @@ from agc_ray.distributed.train import (
 
 class _G:
     def __init__(self, n):
-        self.n = n
+        self.n = self.seeds_per_epoch = n
 
 
 def test_epoch_batches_are_identical_per_seed_and_epoch_and_cover_every_node():

@@ -27,7 +27,9 @@ from agc_ray.core.hierarchy import (
 from agc_ray.core.inference import DECODE_MODES, decode, score_level
 from agc_ray.core.knn import METHODS, knn_graph
 from agc_ray.core.lander import Lander
-from agc_ray.core.train import deterministic_training, ground_truth_graphs, to_train_graph, train_lander
+from agc_ray.core.train import (
+    deterministic_training, ground_truth_graphs, self_training_graphs, to_train_graph, train_lander,
+)
 from agc_ray.core.validation import check_param, invalid_rows
 
 log = logging.getLogger("agc_ray")
@@ -101,8 +103,10 @@ class HiLander(ClusterMixin, BaseEstimator):
         conv: 'lander' (similarity-weighted mean conv) or 'gat'.
         hidden_channels, edge_channels, dropout: model sizes and raw-feature dropout.
         batch_size, lr, weight_decay: optimiser settings (AdamW, one-cycle cosine schedule).
-        train_levels: levels of the ground-truth hierarchy used for training (the model is trained at
-            this k only: its relational inputs are k-specific).
+        train_levels: hierarchy levels trained on: levels 0 and 1 of the ground-truth hierarchy (its
+            levels above are degenerate, see :data:`~agc_ray.core.train.GROUND_TRUTH_LEVELS`) and,
+            with ``self_training``, the model's own levels 1 to ``train_levels - 1``. The model is
+            trained at this k only: its relational inputs are k-specific.
         conn_edges: train the linkage loss on 'all' edges or only on edges to 'denser' neighbours
             (the reference); density and decode use the denser ones either way.
         balance, focal_gamma: class-balanced and focal linkage loss.
@@ -290,7 +294,8 @@ class HiLander(ClusterMixin, BaseEstimator):
             own = self.own_levels(X, y)
             log.info("self-training: %d more level graphs (%s nodes)", len(own), [g.n for g in own])
             self.history_ += train_lander(
-                model, graphs + own, epochs=self.epochs - first, refit_normalization=False, **train_kwargs
+                model, self_training_graphs(graphs, own), epochs=self.epochs - first, refit_normalization=False,
+                **train_kwargs,
             )
         self.model_ = model.cpu().eval()
 

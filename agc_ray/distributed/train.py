@@ -526,7 +526,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     logs.configure(config.get("verbose", False))  # this process's loggers, as the driver's (before faiss loads)
     from agc_ray.core.lander import Lander
-    from agc_ray.core.train import fit_normalization
+    from agc_ray.core.train import epoch_steps, fit_normalization, self_training_graphs
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -578,9 +578,9 @@ def train_loop_per_worker(config: dict) -> None:
                 boundary = {k: v.detach().cpu().clone() for k, v in lander.state_dict().items()}
             est = _estimator(params, src.eval(), dim, "cuda" if device.type == "cuda" else "cpu")
             own = est.own_levels(data["x_train"], data["y_train"])
-            loss_module.graphs = graphs + [g.to(device) for g in own]
+            loss_module.graphs = self_training_graphs(graphs, [g.to(device) for g in own])
             log.info("rank %d: self-training with %d own level graphs (%s nodes)", rank, len(own), [g.n for g in own])
-        steps = sum(math.ceil(g.n / bs) for g in loss_module.graphs)
+        steps = epoch_steps(loss_module.graphs, bs)
         opt = torch.optim.AdamW(lander.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=params["lr"], total_steps=max(1, (phase.stop - phase.start) * steps), pct_start=0.1,
