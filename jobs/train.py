@@ -46,7 +46,7 @@ _HELP = {
     "val_fraction": "fraction of classes held out for validation (0: none)",
     "epochs": "training epochs",
     "k": "neighbours per node",
-    "tau": "decode threshold used for validation clustering and saved with the model",
+    "tau": "decode threshold at every level, used for validation clustering and saved with the model (None: 0.9 at level 0, 0.6 above)",
     "levels": "maximum hierarchy levels when clustering",
     "seed": "seed of the split, weights, batch order and dropout",
     "knn": "kNN method: auto, exact, ivf, hnsw",
@@ -61,10 +61,12 @@ _HELP = {
     "weight_decay": "AdamW weight decay",
     "train_levels": "hierarchy levels trained on (ground truth: levels 0-1; self-training: own levels up to this)",
     "conn_edges": "linkage loss on 'all' edges or 'denser' ones",
-    "balance": "class-balanced linkage loss",
+    "balance": "class-balanced linkage loss at level 0 (levels above keep their own class shares)",
     "focal_gamma": "focal loss gamma (0: plain BCE)",
     "self_training": "second half of the epochs also on the model's own levels",
 }
+#: Options whose default is None (so their type cannot be read off the default).
+_OPTIONAL_TYPES = {"tau": float}
 _GROUPS = {
     "input/output": ("input", "output", "id_column", "embedding_column", "label_column", "overwrite"),
     "distribution": ("num_workers", "use_gpu", "cpus_per_worker", "storage_path", "run_name", "checkpoint_every",
@@ -97,7 +99,7 @@ def build_parser():
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            kind = {int: int, float: float}.get(type(default), str)
+            kind = _OPTIONAL_TYPES.get(name) or {int: int, float: float}.get(type(default), str)
             group.add_argument(flag, type=kind, default=default, help=help_text, metavar=name.upper())
     return parser
 

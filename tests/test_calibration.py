@@ -1,6 +1,7 @@
 """Decode thresholds and levels chosen on held-out identities; the adaptive unsupervised threshold;
 reproducible training."""
 
+import copy
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from agc_ray import HiLander
 from agc_ray.core.calibration import TAU_GRID, holdout_classes
-from agc_ray.core.estimator import DEFAULT_LEVELS, DEFAULT_TAU
+from agc_ray.core.estimator import DEFAULT_LEVELS, DEFAULT_TAUS, LEGACY_TAU
 from agc_ray.core.knn import knn_graph
 from agc_ray.metrics import pairwise
 
@@ -60,18 +61,31 @@ def test_user_tau_and_levels_override_the_chosen_ones(faces_split, validated):
 
 
 def test_model_directory_without_validation_still_loads(tmp_path, faces_split, trained):
-    """A directory saved before the validation pass: params carry tau 0.9 / levels 10, no validation block."""
+    """A directory saved before the validation pass and the per-level defaults: no validation block,
+    no default_taus (trained class-balanced at every level): tau 0.9 at every level, as then."""
     _, _, x_test, _ = faces_split
     path = trained.save(tmp_path / "old")
     config = json.loads((path / "config.json").read_text())
     config.pop("validation")
+    config.pop("default_taus")
     config["params"].pop("validation_fraction")
-    config["params"].update(tau=0.9, levels=10)
     (path / "config.json").write_text(json.dumps(config))
     old = HiLander.load(path)
-    assert old.taus_ is None and old.level_tau(0) == DEFAULT_TAU == 0.9 and old.max_levels() == DEFAULT_LEVELS
-    for a, b in zip(old.predict_hierarchy(x_test), trained.predict_hierarchy(x_test)):
+    assert old.taus_ is None and old.max_levels() == DEFAULT_LEVELS
+    assert old.level_tau(0) == old.level_tau(1) == old.level_tau(5) == LEGACY_TAU == 0.9
+    as_then = copy.deepcopy(trained).set_params(tau=0.9)
+    for a, b in zip(old.predict_hierarchy(x_test), as_then.predict_hierarchy(x_test)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_default_taus_per_level_round_trip(tmp_path, faces_split, trained):
+    _, _, x_test, _ = faces_split
+    assert trained.taus_ is None and [trained.level_tau(i) for i in range(4)] == [0.9, 0.6, 0.6, 0.6]
+    loaded = HiLander.load(trained.save(tmp_path / "m"))
+    assert loaded.default_taus() == list(DEFAULT_TAUS) == [0.9, 0.6]
+    loaded.predict_hierarchy(x_test)
+    assert [st["tau"] for st in loaded.stats_] == [0.9, 0.6, 0.6, 0.6][: len(loaded.stats_)]
+    assert loaded.set_params(tau=0.7).level_tau(0) == loaded.level_tau(3) == 0.7  # a user's tau wins
 
 
 def _blobs(n_clusters: int, size: int, dim: int, within: float, seed: int):

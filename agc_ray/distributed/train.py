@@ -99,7 +99,7 @@ class TrainJobConfig:
     # model / optimiser (HiLander parameters)
     epochs: int = 6
     k: int = 10
-    tau: float = 0.9
+    tau: float | None = None  # None: the model's per-level defaults (core.estimator.DEFAULT_TAUS)
     levels: int = 10
     seed: int = 0
     knn: str = "auto"
