@@ -59,3 +59,33 @@ def test_self_training_weights_own_levels_without_touching_the_inputs():
     assert [g.passes for g in mixed] == [BASE_LEVEL_PASSES, 1.0, OWN_LEVEL_PASSES]
     assert [g.passes for g in gt + own] == [1.0, 1.0, 1.0]
     assert mixed[0].nbr is gt[0].nbr
+
+
+def test_only_level_0_is_trained_class_balanced():
+    from agc_ray.core.lander import Lander
+    from agc_ray.core.train import batch_loss
+
+    graphs = _graphs()
+    torch.manual_seed(0)
+    model = Lander(32, 5).eval()  # no dropout: the two calls see the same logits
+    losses = {}
+    for g in graphs:
+        seeds = torch.arange(g.n)
+        losses[g.level] = [batch_loss(model, g, seeds, balance=b)[0] for b in (True, False)]
+    assert not torch.allclose(*losses[0])  # level 0 balanced (its classes are far from equal)
+    assert torch.equal(*losses[1])
+
+
+def test_schedule_of_a_few_steps_runs_to_its_end():
+    from agc_ray.core.train import optimizer
+
+    model = torch.nn.Linear(2, 1)
+    for total in (1, 4, 7, 10, 11, 40):
+        opt, sched = optimizer(model, lr=1e-2, weight_decay=0.0, total_steps=total)
+        lrs = []
+        for _ in range(total):
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        assert max(lrs) <= 1e-2 + 1e-12
+        assert total < 4 or lrs[-1] < max(lrs)  # warmed up, then annealed

@@ -196,6 +196,20 @@ def epoch_batches(graphs: list[TrainGraph], batch_size: int, gen: torch.Generato
     return [batches[i] for i in order]
 
 
+def optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, total_steps: int):
+    """AdamW and its one-cycle cosine schedule over ``total_steps`` (warm-up: the first 10 %).
+
+    Torch divides by the warm-up's length in steps minus one, so a run of 10 steps or fewer (a few
+    thousand rows) warms up over 2.5 steps instead of failing with a ZeroDivisionError.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total = max(4, total_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=total, pct_start=0.1 if total > 10 else 2.5 / total, anneal_strategy="cos"
+    )
+    return opt, sched
+
+
 def epoch_steps(graphs: list[TrainGraph], batch_size: int) -> int:
     """Number of batches in one epoch of :func:`epoch_batches`."""
     return sum(math.ceil(g.seeds_per_epoch / batch_size) for g in graphs)
@@ -237,10 +251,7 @@ def train_lander(
     model.to(device)
     graphs = [g.to(device) for g in graphs]
     steps_per_epoch = epoch_steps(graphs, batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.1, anneal_strategy="cos"
-    )
+    opt, sched = optimizer(model, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch)
     history = []
     for epoch in range(epochs):
         model.train()

@@ -526,7 +526,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     logs.configure(config.get("verbose", False))  # this process's loggers, as the driver's (before faiss loads)
     from agc_ray.core.lander import Lander
-    from agc_ray.core.train import epoch_steps, fit_normalization, self_training_graphs
+    from agc_ray.core.train import epoch_steps, fit_normalization, optimizer, self_training_graphs
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -581,11 +581,8 @@ def train_loop_per_worker(config: dict) -> None:
             loss_module.graphs = self_training_graphs(graphs, [g.to(device) for g in own])
             log.info("rank %d: self-training with %d own level graphs (%s nodes)", rank, len(own), [g.n for g in own])
         steps = epoch_steps(loss_module.graphs, bs)
-        opt = torch.optim.AdamW(lander.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=params["lr"], total_steps=max(1, (phase.stop - phase.start) * steps), pct_start=0.1,
-            anneal_strategy="cos",
-        )
+        opt, sched = optimizer(lander, lr=params["lr"], weight_decay=params["weight_decay"],
+                               total_steps=(phase.stop - phase.start) * steps)
         if state is not None and state["phase"] == phase.index and phase.start < start:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
