@@ -80,13 +80,13 @@ def job_data():
 
 @pytest.fixture(scope="session")
 def job_model(tmp_path_factory):
-    """A small model trained once (few epochs), saved; returns its directory."""
+    """A small model trained once (4 epochs of 2000 rows, about a second), saved; returns its directory."""
     from agc_ray import HiLander
     from agc_ray.core.synthetic import make_faces
 
     x, y = make_faces(2000, seed=1)
     path = tmp_path_factory.mktemp("model")
-    HiLander(epochs=2, seed=0).fit(x, y).save(path)
+    HiLander(epochs=4, seed=0).fit(x, y).save(path)  # 2 epochs of 2000 rows: no edge above tau
     return path
 
 
