@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no model: similarity density and similarity decode")
     m.add_argument("--k", type=int, help="neighbours per node (must match the model's; default 10 unsupervised)")
     m.add_argument("--tau", type=float, help="decode threshold on p_ij (prob) or s_ij (sim) at every level "
-                   "(default: the model's, per level when chosen on validation; unsupervised: derived from the table)")
+                   "(default: the model's per-level taus, chosen on validation or 0.9 at level 0 and 0.6 above; "
+                   "unsupervised: derived from the table)")
     m.add_argument("--max-levels", type=int, help="maximum number of hierarchy levels")
     m.add_argument("--knn", choices=("auto", "exact", "ivf"),
                    help="kNN search: exact (flat), ivf (approximate, recall reported), auto (exact up to 20K nodes)")
