@@ -25,22 +25,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tree_pss(pid: int) -> int:
-    """PSS (bytes) of a process and all its descendants (RSS where PSS is unavailable)."""
+def _tree_pss(pid: int) -> dict[str, int]:
+    """PSS (bytes) of a process and each of its descendants by process title (RSS where PSS is
+    unavailable): Ray names its workers after what they run (``ray::ShardIndex``, ``ray::IDLE``)."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return {}
+    by_title: dict[str, int] = {}
     for p in procs:
         try:
-            total += _pss(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
+            title = " ".join(p.cmdline()[:1]) or p.name()
+            title = os.path.basename(title.split()[0]) if not title.startswith("ray::") else title.split()[0]
+            by_title[title] = by_title.get(title, 0) + _pss(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError, IndexError):
             continue
-    return total
+    return by_title
 
 
 def _pss(p) -> int:
@@ -59,16 +62,19 @@ def _pss(p) -> int:
 
 class PeakPss:
     """``with PeakPss(pid) as peak:`` samples the PSS of ``pid``'s process tree every ``every`` seconds in a
-    thread; ``peak.bytes`` is the largest sample once the block ends."""
+    thread; ``peak.bytes`` is the largest sample once the block ends, ``peak.by_title`` that sample's
+    PSS per process title (where the memory was)."""
 
     def __init__(self, pid: int, every: float = 1.0):
-        self.pid, self.every, self.bytes = pid, every, 0
+        self.pid, self.every, self.bytes, self.by_title = pid, every, 0, {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self):
         while not self._done.is_set():
-            self.bytes = max(self.bytes, _tree_pss(self.pid))
+            by_title = _tree_pss(self.pid)
+            if sum(by_title.values()) > self.bytes:
+                self.bytes, self.by_title = sum(by_title.values()), by_title
             self._done.wait(self.every)
 
     def __enter__(self):
@@ -89,6 +95,9 @@ def run_child(args: list[str]) -> dict:
         raise SystemExit(f"child {args[:2]} failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_memory_gb"] = peak.bytes / 2**30
+    result["peak_memory_by_process_gb"] = {
+        title: round(b / 2**30, 3) for title, b in sorted(peak.by_title.items(), key=lambda kv: -kv[1])
+    }
     return result
 
 
@@ -203,6 +212,8 @@ def main() -> None:
     for name, r in (("single", single), ("job", job)):
         stages = " ".join(f"{k.replace('_seconds', '')}={v:.1f}" for k, v in r["stages"].items())
         print(f"{name:>8} {r['wall_seconds']:>8.1f} {r['peak_memory_gb']:>8.2f}  {stages}")
+        top = ", ".join(f"{t} {gb:.2f}" for t, gb in list(r["peak_memory_by_process_gb"].items())[:8])
+        print(f"{'':>8} at the peak (GB): {top}")
     print(f"job / single: time {result['time_ratio_job_over_single']:.2f}x, memory "
           f"{result['memory_ratio_job_over_single']:.2f}x; identical partitions: {identical}")
     for lv, (ms, mj) in enumerate(zip(metrics["single"], metrics["job"])):
