@@ -160,6 +160,9 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--num-shards", type=int, default=0, help="node shards (0: one per CPU)")
     p.add_argument("--work", default=None, help="scratch directory (default: agc_output/bench_job_<n>)")
+    p.add_argument("--reuse-single", action="store_true",
+                   help="take the single-process run from the last results of this --n and --work (the job's "
+                        "side only is run again)")
     p.add_argument("--role", choices=("single", "job"), help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work or ROOT / "agc_output" / f"bench_job_{args.n}")
@@ -177,22 +180,28 @@ def main() -> None:
     from agc_ray.distributed.demo import write_table
     from agc_ray.metrics import evaluate
 
+    out = ROOT / "benchmarks" / "results" / f"job_{args.n}.json"
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    x, y = make_faces(args.n, seed=2)
-    np.save(work / "x.npy", x)
-    write_table(work / "table", x, y, files=16)
-    del x
-    prep = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if args.model:
-        HiLander.load(args.model).save(work / "model")
-    else:
-        xt, yt = make_faces(args.train_rows, seed=1)
-        HiLander(epochs=args.epochs).fit(xt, yt).save(work / "model")
-    train = time.perf_counter() - t0
     common = ["--n", str(args.n), "--work", str(work), "--knn", args.knn]
-    single = run_child([*common, "--role", "single"])
+    if args.reuse_single:  # same table, model and single-process run as last time
+        last = json.loads(out.read_text())
+        y = make_faces(args.n, seed=2)[1]
+        prep, train, single = last["prepare_seconds"], last["train_seconds"], last["single"]
+    else:
+        t0 = time.perf_counter()
+        x, y = make_faces(args.n, seed=2)
+        np.save(work / "x.npy", x)
+        write_table(work / "table", x, y, files=16)
+        del x
+        prep = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if args.model:
+            HiLander.load(args.model).save(work / "model")
+        else:
+            xt, yt = make_faces(args.train_rows, seed=1)
+            HiLander(epochs=args.epochs).fit(xt, yt).save(work / "model")
+        train = time.perf_counter() - t0
+        single = run_child([*common, "--role", "single"])
     job = run_child([*common, "--role", "job", "--num-cpus", str(args.num_cpus), "--num-shards", str(args.num_shards)])
     a, b = np.load(work / "single_levels.npy"), np.load(work / "job_levels.npy")
     identical = a.shape == b.shape and bool((a == b).all())
@@ -204,7 +213,6 @@ def main() -> None:
         "memory_ratio_job_over_single": job["peak_memory_gb"] / max(single["peak_memory_gb"], 1e-9),
         "metrics": metrics,
     }
-    out = ROOT / "benchmarks" / "results" / f"job_{args.n}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
     print(f"\n{args.n} rows, knn={args.knn}, {args.num_cpus} CPUs")

@@ -84,7 +84,8 @@ def edge_features(
     """Per-edge structural features (see :data:`EDGE_FEATURES`) of rows ``start:stop`` (or of the given
     ``rows``), (M, k, F) float32.
 
-    ``x_mean`` (N, D) unit member means and ``size`` (N,) member counts describe super-nodes; leave
+    ``x_mean`` (N, D) unit member means (an array, a tensor, or any object whose ``[ids]`` returns
+    those rows as a tensor) and ``size`` (N,) member counts describe super-nodes; leave
     them None at level 0 (every node its own only member). A caller that asks for many row ranges
     passes ``mean_sim`` (:func:`mean_valid` of the whole graph's similarities) to compute it once.
     ``to_local``: maps global node ids (a tensor) to the rows of ``x_mean``, ``size`` and ``mean_sim``
@@ -105,7 +106,7 @@ def edge_features(
     rank = torch.arange(k, dtype=torch.float32) / max(k, 1)
     # Padded neighbours point at node 0 in gathers; their features are zeroed at the end.
     safe = nbr_t.clamp_min(0)
-    xm = None if x_mean is None else torch.as_tensor(x_mean)
+    xm = torch.as_tensor(x_mean) if isinstance(x_mean, np.ndarray) else x_mean  # or any row-indexable (N, D)
     log_size = None if size is None else torch.log(torch.as_tensor(size, dtype=torch.float32))
     node = (lambda ids: ids) if to_local is None else to_local
     for lo in range(0, row_ids.shape[0], _CHUNK):

@@ -256,6 +256,8 @@ class Job:
             self.nprobe = info.get("knn_nprobe")
         if level_no == 0 and self.cfg.assign_state and info["knn_method"] == "ivf":
             self.ivf_parts = [a.ivf_state.remote() for a in self.actors]
+        for a in self.actors:  # after ivf_state (an actor runs its calls in order): the scoring's memory
+            a.release.remote()
         log.info("level %d kNN: %d nodes, %d shards, %s, %.1fs", level_no, level.n, level.shards, info["knn_method"],
                  stats["knn_seconds"])
         return graph

@@ -156,6 +156,11 @@ class ShardIndexActor:
         """:meth:`ShardIndex.search`."""
         return self._index(source).search(queries, kk, exact, probes)
 
+    def release(self) -> None:
+        """Drop the index (its cell lists are a copy of the shard's rows) once the level's graph is
+        complete; a later call for this level (Ray reconstructing a lost graph) rebuilds it."""
+        self.index, self.key = None, None
+
     def ivf_state(self):
         """``(centroids, IVF cell of each shard row)`` for the output's assignment state; None if not IVF
         (or if the actor was restarted and has not rebuilt its index)."""

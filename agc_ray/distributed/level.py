@@ -119,17 +119,43 @@ class LocalGraph:
         return np.where(g >= 0, local, -1).astype(np.int64)
 
 
-def _local_features(lg: LocalGraph, s: int, offsets, owners, parts, aggregated: bool):
-    """(x_id, x_mean, size) of the shard's local nodes; x_mean is x_id at level 0."""
-    from agc_ray.core.knn import l2_normalize
+class LocalRows:
+    """Rows of a sharded (N, D) array for a shard's local nodes (own rows, then its halo: local ids of a
+    :class:`LocalGraph`), gathered from the shard parts when indexed, as ``rows[local_ids]`` -> tensor.
 
-    torch = _torch_single_thread()
-    x_id_t = torch.from_numpy(with_halo(parts, 0, s, owners, offsets, lg.halo))
+    Never an own + halo copy: at level 0 in random row order the halo is nearly every other shard's
+    rows, so a copy doubled each scoring task's features (1 GB a task at 10^6 x 256 rows on two shards).
+    ``normalize``: unit rows (member means from member sums), normalised as gathered, row by row as
+    :func:`~agc_ray.core.knn.l2_normalize` of the whole array would.
+    """
+
+    def __init__(self, by_shard: dict, offsets: np.ndarray, lg: LocalGraph, normalize: bool = False):
+        self.by_shard, self.offsets, self.nodes, self.normalize = by_shard, offsets, lg.nodes, normalize
+        dim = next(iter(by_shard.values())).shape[1]
+        self.shape = (lg.nodes.size, dim)
+        torch = _torch_single_thread()
+        self.dtype, self.device = torch.float32, torch.device("cpu")  # what the core's gathers ask of x
+
+    def __getitem__(self, local_ids):
+        import torch
+
+        from agc_ray.core.knn import l2_normalize
+
+        ids = np.asarray(local_ids, dtype=np.int64)
+        out = gather_rows(self.by_shard, self.offsets, self.nodes[ids.reshape(-1)])
+        if self.normalize:
+            out = l2_normalize(out)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(ids.shape + (self.shape[1],)))
+
+
+def _local_features(lg: LocalGraph, s: int, offsets, owners, parts, aggregated: bool):
+    """(x_id, x_mean, size) of the shard's local nodes: x_id and x_mean as :class:`LocalRows` (x_mean is
+    x_id at level 0), size (own + halo) as an array."""
+    x_id = LocalRows(parts_by_shard(parts, 0, s, owners), offsets, lg)
     if not aggregated:
-        return x_id_t, x_id_t, None
-    x_sum = with_halo(parts, 1, s, owners, offsets, lg.halo)
-    size = with_halo(parts, 2, s, owners, offsets, lg.halo)
-    return x_id_t, torch.from_numpy(l2_normalize(x_sum)), size
+        return x_id, x_id, None
+    x_mean = LocalRows(parts_by_shard(parts, 1, s, owners), offsets, lg, normalize=True)
+    return x_id, x_mean, with_halo(parts, 2, s, owners, offsets, lg.halo)
 
 
 def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None):
