@@ -25,9 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tree_pss(pid: int) -> dict[str, int]:
+def _tree_pss(pid: int) -> dict[str, dict[str, int]]:
     """PSS (bytes) of a process and each of its descendants by process title (RSS where PSS is
-    unavailable): Ray names its workers after what they run (``ray::ShardIndex``, ``ray::IDLE``)."""
+    unavailable), split into heap ("anon"), shared memory ("shmem": Ray's object store) and mapped files
+    ("file": libraries): Ray names its workers after what they run (``ray::ShardIndexActor``,
+    ``ray::IDLE``)."""
     import psutil
 
     try:
@@ -35,35 +37,39 @@ def _tree_pss(pid: int) -> dict[str, int]:
         procs = [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
         return {}
-    by_title: dict[str, int] = {}
+    by_title: dict[str, dict[str, int]] = {}
     for p in procs:
         try:
             title = " ".join(p.cmdline()[:1]) or p.name()
             title = os.path.basename(title.split()[0]) if not title.startswith("ray::") else title.split()[0]
-            by_title[title] = by_title.get(title, 0) + _pss(p)
+            parts = _pss(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError, IndexError):
             continue
+        total = by_title.setdefault(title, {})
+        for key, value in parts.items():
+            total[key] = total.get(key, 0) + value
     return by_title
 
 
-def _pss(p) -> int:
-    """A process's PSS from /proc/PID/smaps_rollup (cheap: psutil's full smaps walk costs a core when
-    sampled often), else psutil's (RSS where PSS is unavailable)."""
+def _pss(p) -> dict[str, int]:
+    """A process's PSS and its anon / shmem / file parts from /proc/PID/smaps_rollup (cheap: psutil's
+    full smaps walk costs a core when sampled often), else psutil's (RSS where PSS is unavailable)."""
+    fields = {"Pss:": "pss", "Pss_Anon:": "anon", "Pss_Shmem:": "shmem", "Pss_File:": "file"}
     try:
         with open(f"/proc/{p.pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+            out = {fields[line.split()[0]]: int(line.split()[1]) * 1024 for line in f if line.split()[0] in fields}
+        if "pss" in out:
+            return out
     except (FileNotFoundError, PermissionError):
         pass
     info = p.memory_full_info()
-    return getattr(info, "pss", info.rss)
+    return {"pss": getattr(info, "pss", info.rss)}
 
 
 class PeakPss:
     """``with PeakPss(pid) as peak:`` samples the PSS of ``pid``'s process tree every ``every`` seconds in a
     thread; ``peak.bytes`` is the largest sample once the block ends, ``peak.by_title`` that sample's
-    PSS per process title (where the memory was)."""
+    PSS parts per process title (where the memory was)."""
 
     def __init__(self, pid: int, every: float = 1.0):
         self.pid, self.every, self.bytes, self.by_title = pid, every, 0, {}
@@ -73,8 +79,9 @@ class PeakPss:
     def _sample(self):
         while not self._done.is_set():
             by_title = _tree_pss(self.pid)
-            if sum(by_title.values()) > self.bytes:
-                self.bytes, self.by_title = sum(by_title.values()), by_title
+            total = sum(parts["pss"] for parts in by_title.values())
+            if total > self.bytes:
+                self.bytes, self.by_title = total, by_title
             self._done.wait(self.every)
 
     def __enter__(self):
@@ -84,6 +91,17 @@ class PeakPss:
     def __exit__(self, *exc):
         self._done.set()
         self._thread.join()
+
+    def breakdown_gb(self) -> dict:
+        """At the peak: the PSS parts summed over the tree, and each title's PSS and heap, in GB."""
+        gb = lambda b: round(b / 2**30, 3)  # noqa: E731
+        parts = {}
+        for by in self.by_title.values():
+            for key, value in by.items():
+                parts[key] = parts.get(key, 0) + value
+        titles = sorted(self.by_title.items(), key=lambda kv: -kv[1]["pss"])
+        return {"total": {k: gb(v) for k, v in parts.items()},
+                "by_process": {t: {k: gb(v) for k, v in by.items()} for t, by in titles}}
 
 
 def run_child(args: list[str]) -> dict:
@@ -95,9 +113,7 @@ def run_child(args: list[str]) -> dict:
         raise SystemExit(f"child {args[:2]} failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_memory_gb"] = peak.bytes / 2**30
-    result["peak_memory_by_process_gb"] = {
-        title: round(b / 2**30, 3) for title, b in sorted(peak.by_title.items(), key=lambda kv: -kv[1])
-    }
+    result["peak_memory_breakdown_gb"] = peak.breakdown_gb()
     return result
 
 
@@ -220,8 +236,10 @@ def main() -> None:
     for name, r in (("single", single), ("job", job)):
         stages = " ".join(f"{k.replace('_seconds', '')}={v:.1f}" for k, v in r["stages"].items())
         print(f"{name:>8} {r['wall_seconds']:>8.1f} {r['peak_memory_gb']:>8.2f}  {stages}")
-        top = ", ".join(f"{t} {gb:.2f}" for t, gb in list(r["peak_memory_by_process_gb"].items())[:8])
-        print(f"{'':>8} at the peak (GB): {top}")
+        at_peak = r.get("peak_memory_breakdown_gb", {"total": {}, "by_process": {}})
+        print(f"{'':>8} at the peak (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in at_peak["total"].items()))
+        print(f"{'':>8}   by process (PSS / heap): " + ", ".join(
+            f"{t} {v['pss']:.2f} / {v.get('anon', 0):.2f}" for t, v in list(at_peak["by_process"].items())[:8]))
     print(f"job / single: time {result['time_ratio_job_over_single']:.2f}x, memory "
           f"{result['memory_ratio_job_over_single']:.2f}x; identical partitions: {identical}")
     for lv, (ms, mj) in enumerate(zip(metrics["single"], metrics["job"])):
