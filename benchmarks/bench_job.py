@@ -73,6 +73,7 @@ class PeakPss:
 
     def __init__(self, pid: int, every: float = 1.0):
         self.pid, self.every, self.bytes, self.by_title = pid, every, 0, {}
+        self.series: list[tuple] = []  # (unix time, PSS, heap, shmem) of every sample, bytes
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -80,6 +81,8 @@ class PeakPss:
         while not self._done.is_set():
             by_title = _tree_pss(self.pid)
             total = sum(parts["pss"] for parts in by_title.values())
+            self.series.append((round(time.time(), 1), total, *(sum(parts.get(key, 0) for parts in by_title.values())
+                                                                 for key in ("anon", "shmem"))))
             if total > self.bytes:
                 self.bytes, self.by_title = total, by_title
             self._done.wait(self.every)
@@ -114,6 +117,7 @@ def run_child(args: list[str]) -> dict:
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_memory_gb"] = peak.bytes / 2**30
     result["peak_memory_breakdown_gb"] = peak.breakdown_gb()
+    result["memory_series"] = {"columns": ["unix_time", "pss", "anon", "shmem"], "rows": peak.series}
     return result
 
 
