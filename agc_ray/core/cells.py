@@ -20,8 +20,9 @@ import warnings
 import numpy as np
 import torch
 
-#: Rows per block of the rows x centroids product (16384 x 4096 cells: 256 MiB of scores).
-ASSIGN_BLOCK = 16384
+#: Rows per block of the rows x centroids product (4096 x 4096 cells: 64 MiB of scores; four tasks of the
+#: sharded job hold one each at once, which at 16384 rows took 1 GB beside the table at 10^6 rows).
+ASSIGN_BLOCK = 4096
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:

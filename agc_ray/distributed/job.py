@@ -280,13 +280,13 @@ class Job:
                                                   *lv.shard_inputs(level.arrays(), s, owners[s]),
                                                   progress=(counter, names[0]) if counter else None)
                       for s in range(level.shards)]
-            proj = [r[0] for r in stage1]
-            stage2 = [lv.shard_probabilities.remote(model_ref, s, offs, graph, stage1[s][1], owners[s],
-                                                    *lv.shard_inputs([proj], s, owners[s]),
+            means = [] if level.x_sum is None else [level.x_sum, level.size]  # the edge features' inputs
+            stage2 = [lv.shard_probabilities.remote(model_ref, s, offs, graph, owners[s],
+                                                    *lv.shard_inputs([stage1, *means], s, owners[s]),
                                                     progress=(counter, names[1]) if counter else None)
                       for s in range(level.shards)]
             p, density = [r[0] for r in stage2], [r[1] for r in stage2]
-            progress.wait([r[1] for r in stage1], names[0], rows=level.shard_rows(), counter=counter)
+            progress.wait(stage1, names[0], rows=level.shard_rows(), counter=counter)
             progress.wait(density, names[1], rows=level.shard_rows(), counter=counter)
         stats["score_seconds"] = self._time("score", t0)
         t0 = time.perf_counter()

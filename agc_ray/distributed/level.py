@@ -4,9 +4,9 @@ A level's nodes are cut into contiguous shards (``offsets``); each shard's array
 member-feature sums, sizes, peak rows) are objects in Ray's object store, and so are the level's
 kNN graph arrays ``(nbr, sim)`` (n, k), which are small. Stages, each one Ray task per shard:
 
-1. :func:`shard_projections`: takes the features of the shard's neighbours (its halo) from their
-   owners, computes LANDER's node projections and the shard's edge features.
-2. :func:`shard_probabilities`: edge probabilities (neighbours' projections read from their owners' parts
+1. :func:`shard_projections`: reads the features of the shard's neighbours (its halo) from their
+   owners' parts, computes LANDER's node projections.
+2. :func:`shard_probabilities`: edge features and probabilities (neighbours' projections read from their owners' parts
    chunk by chunk) and densities.
 3. :func:`shard_decode`: each node keeps its best denser edge; a local union-find (connected
    components of the intra-shard edges) reduces the shard to its local roots.
@@ -148,18 +148,16 @@ class LocalRows:
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(ids.shape + (self.shape[1],)))
 
 
-def _local_features(lg: LocalGraph, s: int, offsets, owners, parts, aggregated: bool):
-    """(x_id, x_mean, size) of the shard's local nodes: x_id and x_mean as :class:`LocalRows` (x_mean is
-    x_id at level 0), size (own + halo) as an array."""
-    x_id = LocalRows(parts_by_shard(parts, 0, s, owners), offsets, lg)
-    if not aggregated:
-        return x_id, x_id, None
-    x_mean = LocalRows(parts_by_shard(parts, 1, s, owners), offsets, lg, normalize=True)
-    return x_id, x_mean, with_halo(parts, 2, s, owners, offsets, lg.halo)
+def _local_means(lg: LocalGraph, s: int, offsets, owners, parts, i: int):
+    """Aggregated levels: ``(x_mean, size)`` of the shard's local nodes from array ``i`` (member sums)
+    and ``i + 1`` (sizes) of :func:`shard_inputs`'s ``parts``; x_mean as :class:`LocalRows`."""
+    x_mean = LocalRows(parts_by_shard(parts, i, s, owners), offsets, lg, normalize=True)
+    return x_mean, with_halo(parts, i + 1, s, owners, offsets, lg.halo)
 
 
 def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None):
-    """:func:`agc_ray.core.graph.edge_features` of the shard's own rows only, (n_s, k, F).
+    """:func:`agc_ray.core.graph.edge_features` of the shard's own rows, as ``feats(a, b)`` -> the
+    (b - a, k, F) features of own rows a:b (computed per chunk, never held for the whole shard).
 
     ``nbr``/``sim`` are the level's global arrays (neighbours' neighbour lists are needed);
     ``x_mean_loc``/``size_loc`` and the mean similarities are local (own rows, then the halo).
@@ -170,13 +168,17 @@ def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None
     nbr_t = torch.as_tensor(nbr)
     nodes = torch.from_numpy(lg.nodes)
     mean_sim = mean_valid(torch.as_tensor(sim, dtype=torch.float32)[nodes], nbr_t[nodes] >= 0)
-    return edge_features(nbr, sim, x_mean_loc, size_loc, start=lg.lo, stop=lg.hi, mean_sim=mean_sim,
-                         to_local=lambda ids: torch.from_numpy(lg.to_local(ids.numpy())))
+
+    def feats(a: int, b: int):
+        return edge_features(nbr, sim, x_mean_loc, size_loc, start=lg.lo + a, stop=lg.lo + b, mean_sim=mean_sim,
+                             to_local=lambda ids: torch.from_numpy(lg.to_local(ids.numpy())))
+
+    return feats
 
 
-@lazy_remote(num_cpus=1, num_returns=2)
+@lazy_remote(num_cpus=1)
 def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts, progress=None):
-    """Stage 1: ``(proj (n_s, 3E), edge features (n_s, k, F))`` of shard ``s``.
+    """Stage 1: the node projections (n_s, 3E) of shard ``s``.
 
     ``parts``: :func:`shard_inputs` of ``[x_id]`` (level 0) or ``[x_id, x_sum, size]``.
     ``progress``: ``(counter, stage)`` that the rows done are reported to (see
@@ -188,25 +190,26 @@ def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts, 
     torch = _torch_single_thread()
     nbr, sim = graph
     lg = LocalGraph(nbr, int(offsets[s]), int(offsets[s + 1]))
-    aggregated = len(parts) > 1 + len(owners)
-    x_id, x_mean, size = _local_features(lg, s, offsets, owners, parts, aggregated)
+    x_id = LocalRows(parts_by_shard(parts, 0, s, owners), offsets, lg)
+    x_mean = _local_means(lg, s, offsets, owners, parts, 1)[0] if len(parts) > 1 + len(owners) else x_id
     nbr_loc = torch.full((lg.nodes.size, nbr.shape[1]), -1, dtype=torch.int64)
     nbr_loc[: lg.n_own] = torch.from_numpy(lg.nbr_own)
     sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
     model.eval()
     proj = node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(lg.n_own),
                             report=reporter(*progress) if progress else None)
-    feats = shard_edge_features(nbr, sim, lg, x_mean if aggregated else None, size)
-    return proj.numpy(), feats.numpy()
+    return proj.numpy()
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
-def shard_probabilities(model, s: int, offsets, graph, feats, owners: list[int], *proj_parts, progress=None):
-    """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``; ``proj_parts``: :func:`shard_inputs` of ``[proj]``.
-    ``progress`` as in :func:`shard_projections`.
+def shard_probabilities(model, s: int, offsets, graph, owners: list[int], *parts, progress=None):
+    """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``; ``parts``: :func:`shard_inputs` of
+    ``[proj]`` (level 0) or ``[proj, x_sum, size]``. ``progress`` as in :func:`shard_projections`.
 
     The neighbours' projections are read from the parts chunk by chunk (no own + halo copy: at level
-    0 in random row order the halo is nearly every other row, 1.5 GB of projections at 10^6 rows).
+    0 in random row order the halo is nearly every other row, 1.5 GB of projections at 10^6 rows), and
+    the edge features are computed chunk by chunk here (stage 1 returning them put (n, k, F) floats,
+    0.4 GB at 10^6 rows, in the object store beside the projections).
     """
     from agc_ray.core.inference import edge_probabilities
     from agc_ray.core.lander import predicted_density
@@ -215,7 +218,7 @@ def shard_probabilities(model, s: int, offsets, graph, feats, owners: list[int],
     torch = _torch_single_thread()
     nbr, sim = graph
     lo, hi = int(offsets[s]), int(offsets[s + 1])
-    by_shard = parts_by_shard(proj_parts, 0, s, owners)
+    by_shard = parts_by_shard(parts, 0, s, owners)
     readable = np.zeros(offsets.size - 1, dtype=bool)
     readable[list(by_shard)] = True
 
@@ -224,9 +227,12 @@ def shard_probabilities(model, s: int, offsets, graph, feats, owners: list[int],
         flat = np.where(readable[shard_of(offsets, flat)], flat, lo)
         return torch.from_numpy(gather_rows(by_shard, offsets, flat)).reshape(*ids.shape, -1)
 
+    lg = LocalGraph(nbr, lo, hi)
+    means = _local_means(lg, s, offsets, owners, parts, 1) if len(parts) > 1 + len(owners) else (None, None)
     nbr_rows = torch.from_numpy(np.ascontiguousarray(nbr[lo:hi]))
     model.eval()
-    p = edge_probabilities(model, proj_of, torch.from_numpy(by_shard[s]), nbr_rows, torch.from_numpy(feats),
+    p = edge_probabilities(model, proj_of, torch.from_numpy(by_shard[s]), nbr_rows,
+                           shard_edge_features(nbr, sim, lg, *means),
                            report=reporter(*progress) if progress else None)
     sim_rows = torch.from_numpy(np.ascontiguousarray(sim[lo:hi]))
     density = predicted_density(p, sim_rows, nbr_rows >= 0)
@@ -349,14 +355,15 @@ def assemble_next(t: int, bounds, level: dict, *parts):
 
     ``parts``: every old shard's part for ``t`` from :func:`split_members`, in shard order.
 
-    The member sums are added in node order with ``index_add_``, as :func:`agc_ray.core.hierarchy.aggregate`.
+    The member sums are added in node order with ``index_add_``, as :func:`agc_ray.core.hierarchy.aggregate`:
+    one call per old shard, in shard order, is the same sequence of additions as one call over their
+    concatenation (one thread), without the copy of every member row that concatenating makes.
     """
     torch = _torch_single_thread()
     c0, c1 = int(bounds[t]), int(bounds[t + 1])
-    idx = np.concatenate([p[0] for p in parts])
-    rows = np.concatenate([p[1] for p in parts])
-    x_sum = torch.zeros((c1 - c0, rows.shape[1]), dtype=torch.float32)
-    x_sum.index_add_(0, torch.from_numpy(idx), torch.from_numpy(np.ascontiguousarray(rows)))
+    x_sum = torch.zeros((c1 - c0, parts[0][1].shape[1]), dtype=torch.float32)
+    for p in parts:
+        x_sum.index_add_(0, torch.from_numpy(p[0]), torch.from_numpy(np.ascontiguousarray(p[1], dtype=np.float32)))
     x_id = np.empty((c1 - c0, parts[0][3].shape[1]), dtype=parts[0][3].dtype)
     for p in parts:  # every cluster has exactly one peak, in exactly one old shard
         x_id[p[2]] = p[3]
