@@ -316,6 +316,10 @@ def test_index_actors_serve_every_level(ray_session, job_data):
         pairs0 = index_actors(refs0, off0, "exact", None, 0, actors=actors)  # level 0 again, as a reconstruction
         sim, ids = MergedIndex(pairs0, exact=True).search(x[:50], 11)
         np.testing.assert_array_equal(ids[:, 0], np.arange(50))
+        ray_session.get([a.release.remote() for a in actors])  # as the job does once a level's graph is done
+        again = MergedIndex(pairs0, exact=True).search(x[:50], 11)  # rebuilt from the call's source
+        np.testing.assert_array_equal(again[1], ids)
+        np.testing.assert_array_equal(again[0], sim)
     finally:
         for a in actors:
             ray_session.kill(a)
@@ -391,3 +395,29 @@ def test_row_counter_counts_rows_reported_inside_tasks(ray_session):
     ray.kill(counter)
     assert progress.reporter(None, "stage") is None
     progress.reporter(counter, "stage")(5)  # a dead counter does not fail the task
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_local_rows_gather_like_a_halo_copy(normalize):
+    """The scoring tasks' rows of a shard's local nodes, gathered from the shard parts on demand, equal
+    the own + halo copy they replace (normalised rows: bit for bit as l2_normalize of the whole array)."""
+    from agc_ray.core.knn import l2_normalize
+    from agc_ray.distributed.io import shard_bounds
+    from agc_ray.distributed.level import LocalGraph, LocalRows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32) * 3
+    nbr = rng.integers(-1, 300, size=(300, 5))
+    offsets = shard_bounds(300, 3)
+    parts = {s: x[offsets[s]:offsets[s + 1]] for s in range(3)}
+    lg = LocalGraph(nbr, int(offsets[1]), int(offsets[2]))
+    assert lg.halo.size > 0
+    copy = x[lg.nodes]
+    copy = l2_normalize(copy) if normalize else copy
+    rows = LocalRows(parts, offsets, lg, normalize=normalize)
+    assert rows.shape == copy.shape
+    local = rng.integers(0, lg.nodes.size, size=(40, 5))
+    np.testing.assert_array_equal(rows[local].numpy(), copy[local])
+    np.testing.assert_array_equal(rows[np.arange(lg.n_own)].numpy(), copy[:lg.n_own])
+    if normalize:  # the core normalises the whole level's member sums at once
+        np.testing.assert_array_equal(rows[local].numpy(), l2_normalize(x)[lg.nodes[local]])
