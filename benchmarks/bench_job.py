@@ -66,6 +66,15 @@ def _pss(p) -> dict[str, int]:
     return {"pss": getattr(info, "pss", info.rss)}
 
 
+def _machine_shmem() -> int:
+    """Shared memory in use on the machine (bytes): /proc/meminfo's Shmem (0 where unavailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Shmem:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 class PeakPss:
     """``with PeakPss(pid) as peak:`` samples the PSS of ``pid``'s process tree every ``every`` seconds in a
     thread; ``peak.bytes`` is the largest sample once the block ends, ``peak.by_title`` that sample's
@@ -73,7 +82,10 @@ class PeakPss:
 
     def __init__(self, pid: int, every: float = 1.0):
         self.pid, self.every, self.bytes, self.by_title = pid, every, 0, {}
-        self.series: list[tuple] = []  # (unix time, PSS, heap, shmem) of every sample, bytes
+        # (unix time, PSS, heap, shmem, the machine's Shmem) of every sample, bytes. The object store's
+        # freed pages stay in shared memory until Ray reuses them; they leave the tree's PSS when the
+        # workers that mapped them exit, not the machine's Shmem.
+        self.series: list[tuple] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -82,7 +94,7 @@ class PeakPss:
             by_title = _tree_pss(self.pid)
             total = sum(parts["pss"] for parts in by_title.values())
             self.series.append((round(time.time(), 1), total, *(sum(parts.get(key, 0) for parts in by_title.values())
-                                                                 for key in ("anon", "shmem"))))
+                                                                 for key in ("anon", "shmem")), _machine_shmem()))
             if total > self.bytes:
                 self.bytes, self.by_title = total, by_title
             self._done.wait(self.every)
@@ -117,7 +129,8 @@ def run_child(args: list[str]) -> dict:
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_memory_gb"] = peak.bytes / 2**30
     result["peak_memory_breakdown_gb"] = peak.breakdown_gb()
-    result["memory_series"] = {"columns": ["unix_time", "pss", "anon", "shmem"], "rows": peak.series}
+    result["memory_series"] = {"columns": ["unix_time", "pss", "anon", "shmem", "machine_shmem"],
+                               "rows": peak.series}
     return result
 
 
