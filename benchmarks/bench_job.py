@@ -153,6 +153,7 @@ def role_single(work: Path, knn: str) -> dict:
 
 
 def role_job(work: Path, knn: str, num_cpus: int, num_shards: int) -> dict:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # as jobs/cluster.py: chosen, not Ray's WARNING-level default
     import numpy as np
     import ray
 
