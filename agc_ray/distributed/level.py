@@ -148,11 +148,16 @@ class LocalRows:
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(ids.shape + (self.shape[1],)))
 
 
-def _local_means(lg: LocalGraph, s: int, offsets, owners, parts, i: int):
-    """Aggregated levels: ``(x_mean, size)`` of the shard's local nodes from array ``i`` (member sums)
-    and ``i + 1`` (sizes) of :func:`shard_inputs`'s ``parts``; x_mean as :class:`LocalRows`."""
-    x_mean = LocalRows(parts_by_shard(parts, i, s, owners), offsets, lg, normalize=True)
-    return x_mean, with_halo(parts, i + 1, s, owners, offsets, lg.halo)
+def _aggregated(parts: tuple, owners: list[int]) -> bool:
+    """Whether :func:`shard_inputs`'s ``parts`` carry member sums and sizes after their first array
+    (a level above 0)."""
+    return len(parts) > 1 + len(owners)
+
+
+def _mean_rows(lg: LocalGraph, s: int, offsets, owners, parts) -> LocalRows:
+    """Aggregated levels: the unit member means of the shard's local nodes, from array 1 (member sums)
+    of :func:`shard_inputs`'s ``parts``."""
+    return LocalRows(parts_by_shard(parts, 1, s, owners), offsets, lg, normalize=True)
 
 
 def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None):
@@ -191,7 +196,7 @@ def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts, 
     nbr, sim = graph
     lg = LocalGraph(nbr, int(offsets[s]), int(offsets[s + 1]))
     x_id = LocalRows(parts_by_shard(parts, 0, s, owners), offsets, lg)
-    x_mean = _local_means(lg, s, offsets, owners, parts, 1)[0] if len(parts) > 1 + len(owners) else x_id
+    x_mean = _mean_rows(lg, s, offsets, owners, parts) if _aggregated(parts, owners) else x_id
     nbr_loc = torch.full((lg.nodes.size, nbr.shape[1]), -1, dtype=torch.int64)
     nbr_loc[: lg.n_own] = torch.from_numpy(lg.nbr_own)
     sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
@@ -228,7 +233,9 @@ def shard_probabilities(model, s: int, offsets, graph, owners: list[int], *parts
         return torch.from_numpy(gather_rows(by_shard, offsets, flat)).reshape(*ids.shape, -1)
 
     lg = LocalGraph(nbr, lo, hi)
-    means = _local_means(lg, s, offsets, owners, parts, 1) if len(parts) > 1 + len(owners) else (None, None)
+    means = (None, None)
+    if _aggregated(parts, owners):  # member means and sizes (array 2) of the local nodes
+        means = (_mean_rows(lg, s, offsets, owners, parts), with_halo(parts, 2, s, owners, offsets, lg.halo))
     nbr_rows = torch.from_numpy(np.ascontiguousarray(nbr[lo:hi]))
     model.eval()
     p = edge_probabilities(model, proj_of, torch.from_numpy(by_shard[s]), nbr_rows,
