@@ -40,10 +40,11 @@ def _tree_pss(pid: int) -> dict[str, dict[str, int]]:
     by_title: dict[str, dict[str, int]] = {}
     for p in procs:
         try:
-            title = " ".join(p.cmdline()[:1]) or p.name()
-            title = os.path.basename(title.split()[0]) if not title.startswith("ray::") else title.split()[0]
+            cmdline = p.cmdline()
+            title = cmdline[0].split()[0] if cmdline and cmdline[0].strip() else p.name()
+            title = title if title.startswith("ray::") else os.path.basename(title)
             parts = _pss(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError, IndexError):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
             continue
         total = by_title.setdefault(title, {})
         for key, value in parts.items():
@@ -64,6 +65,15 @@ def _pss(p) -> dict[str, int]:
         pass
     info = p.memory_full_info()
     return {"pss": getattr(info, "pss", info.rss)}
+
+
+def _totals(by_title: dict[str, dict[str, int]]) -> dict[str, int]:
+    """:func:`_tree_pss`'s parts summed over the processes."""
+    out: dict[str, int] = {}
+    for parts in by_title.values():
+        for key, value in parts.items():
+            out[key] = out.get(key, 0) + value
+    return out
 
 
 def _machine_shmem() -> int:
@@ -92,9 +102,10 @@ class PeakPss:
     def _sample(self):
         while not self._done.is_set():
             by_title = _tree_pss(self.pid)
-            total = sum(parts["pss"] for parts in by_title.values())
-            self.series.append((round(time.time(), 1), total, *(sum(parts.get(key, 0) for parts in by_title.values())
-                                                                 for key in ("anon", "shmem")), _machine_shmem()))
+            totals = _totals(by_title)
+            total = totals.get("pss", 0)
+            self.series.append((round(time.time(), 1), total, totals.get("anon", 0), totals.get("shmem", 0),
+                                _machine_shmem()))
             if total > self.bytes:
                 self.bytes, self.by_title = total, by_title
             self._done.wait(self.every)
@@ -110,12 +121,8 @@ class PeakPss:
     def breakdown_gb(self) -> dict:
         """At the peak: the PSS parts summed over the tree, and each title's PSS and heap, in GB."""
         gb = lambda b: round(b / 2**30, 3)  # noqa: E731
-        parts = {}
-        for by in self.by_title.values():
-            for key, value in by.items():
-                parts[key] = parts.get(key, 0) + value
         titles = sorted(self.by_title.items(), key=lambda kv: -kv[1]["pss"])
-        return {"total": {k: gb(v) for k, v in parts.items()},
+        return {"total": {k: gb(v) for k, v in _totals(self.by_title).items()},
                 "by_process": {t: {k: gb(v) for k, v in by.items()} for t, by in titles}}
 
 
@@ -219,12 +226,13 @@ def main() -> None:
     common = ["--n", str(args.n), "--work", str(work), "--knn", args.knn]
     if args.reuse_single:  # same table, model and single-process run as last time
         last = json.loads(out.read_text())
-        y = make_faces(args.n, seed=2)[1]
+        y = np.load(work / "y.npy")
         prep, train, single = last["prepare_seconds"], last["train_seconds"], last["single"]
     else:
         t0 = time.perf_counter()
         x, y = make_faces(args.n, seed=2)
         np.save(work / "x.npy", x)
+        np.save(work / "y.npy", y)  # the labels, for --reuse-single
         write_table(work / "table", x, y, files=16)
         del x
         prep = time.perf_counter() - t0
