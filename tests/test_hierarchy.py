@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from agc_ray.core.hierarchy import (
+    AdaptiveSchedule,
     LevelGraph,
     aggregate,
     build_hierarchy,
@@ -111,3 +112,18 @@ def test_unsupervised_hierarchy_groups_identities():
     from agc_ray.metrics import pairwise
 
     assert pairwise(y, levels[-1])[2] > 0.4
+
+
+def test_adaptive_schedule_selects_one_step_below_tau_0():
+    schedule = AdaptiveSchedule(0.6, 0.2, decay=0.5)
+    assert schedule.tau() == 0.6
+    assert schedule.accept(0, nodes=1000, edges=500)  # merges at tau_0: level 0 kept, selected
+    assert schedule.selected_level == 0 and schedule.tau() == 0.6
+    assert not schedule.accept(1, nodes=500, edges=2)  # under 1 %: decode level 1 again, one step down
+    assert schedule.tau() == pytest.approx(0.4)
+    assert schedule.accept(1, nodes=500, edges=100)
+    assert schedule.selected_level == 1  # one step below tau_0
+    assert schedule.tau() == pytest.approx(0.3)
+    assert schedule.accept(2, nodes=400, edges=100)
+    assert schedule.selected_level == 1  # two steps below: a coarser option, not selected
+    assert schedule.tau() == pytest.approx(0.25)

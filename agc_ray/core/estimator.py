@@ -399,8 +399,8 @@ class HiLander(ClusterMixin, BaseEstimator):
         for level_stats, info, knn_info in zip(stats, infos, knn_infos):
             level_stats.update(knn_info, **info)
         self.stats_ = stats
-        # Unsupervised with the adaptive thresholds: the last level at tau_0, the table's best guess;
-        # the levels above are coarser options. Otherwise the top level (validated depth, or user's).
+        # Unsupervised with the adaptive thresholds: the schedule's selected level (one step below
+        # tau_0, the table's best guess); the levels above are coarser options. Otherwise the top level (validated depth, or user's).
         adaptive = self.unsupervised and self.tau is None
         self.selected_level_ = min(self._schedule.selected_level, len(levels) - 1) if adaptive else len(levels) - 1
         return levels
@@ -408,7 +408,7 @@ class HiLander(ClusterMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         """The (N,) int64 labels of the selected level (``selected_level_``): the top level, which is
         the depth chosen on validation when there was one; unsupervised without tau, the last level decoded
-        at the table's own threshold (see :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`)."""
+        one step below the table's own threshold (see :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`)."""
         levels = self.predict_hierarchy(X)
         return levels[self.selected_level_]
 
