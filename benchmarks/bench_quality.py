@@ -3,8 +3,8 @@
     python benchmarks/bench_quality.py                      # every regime, seeds 0,1,2, 20K rows (hours on 2 cores)
     python benchmarks/bench_quality.py --regimes size20 --seeds 0 --n-train 3000 --n-test 3000 --n-val 1500 --epochs 2
 
-A regime is a set of make_faces arguments (REGIMES); a transfer case trains on one regime and tests on
-another (TRANSFERS). Train, validation and test splits come from different make_faces seeds (1, 3, 2:
+A regime is a set of make_faces arguments, or another generator's (REGIMES); a transfer case trains on
+one regime and tests on another (TRANSFERS). Train, validation and test splits come from different seeds (1, 3, 2:
 disjoint identities); the validation split is drawn from the training regime, because in a transfer the
 target's labels are not available: every threshold or resolution a baseline needs is chosen on it.
 
@@ -35,7 +35,8 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-#: make_faces arguments of each regime (make_faces' own defaults: mean identity size 60, 256-d).
+#: make_faces arguments of each regime (make_faces' own defaults: mean identity size 60, 256-d); a
+#: ``generator`` key names another generator (see ``generate``) and the rest are its arguments.
 REGIMES = {
     "size5": dict(mean_identity_size=5),
     "size20": dict(mean_identity_size=20),
@@ -48,6 +49,8 @@ REGIMES = {
     "dim128": dict(dim=128),
     "dim512": dict(dim=512),
     "ann_hard": dict(isotropic=1.0),
+    # another generator (make_subspace_clusters): clusters stretched along their own 8-dim subspace
+    "subspace": dict(generator="subspace", spread=(0.35, 0.6)),
 }
 #: (train regime, test regime) of each transfer case.
 TRANSFERS = {
@@ -217,14 +220,22 @@ def unsupervised_run(x, y, seed: int) -> dict:
     return predict_with_full(un, x, y) | fitted_choices(un)
 
 
+def generate(regime: str, n: int, seed: int):
+    """``(x, y)`` of ``n`` rows of a regime (make_faces unless its arguments name another generator)."""
+    from agc_ray.core.synthetic import make_faces, make_subspace_clusters
+
+    kwargs = dict(REGIMES[regime])
+    generator = {"faces": make_faces, "subspace": make_subspace_clusters}[kwargs.pop("generator", "faces")]
+    return generator(n, seed=seed, **kwargs)
+
+
 def make_data(train: str, test: str, args) -> dict:
     from agc_ray.core.knn import knn_graph
-    from agc_ray.core.synthetic import make_faces
 
     d = {}
-    d["x_train"], d["y_train"] = make_faces(args.n_train, seed=TRAIN_SEED, **REGIMES[train])
-    d["x_val"], d["y_val"] = make_faces(args.n_val, seed=VAL_SEED, **REGIMES[train])
-    d["x_test"], d["y_test"] = make_faces(args.n_test, seed=TEST_SEED, **REGIMES[test])
+    d["x_train"], d["y_train"] = generate(train, args.n_train, TRAIN_SEED)
+    d["x_val"], d["y_val"] = generate(train, args.n_val, VAL_SEED)
+    d["x_test"], d["y_test"] = generate(test, args.n_test, TEST_SEED)
     for split in ("train", "val", "test"):
         d[f"g_{split}"] = knn_graph(d[f"x_{split}"], K, seed=0)
     return d

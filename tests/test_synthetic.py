@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from agc_ray.core.synthetic import make_faces
+from agc_ray.core.synthetic import make_faces, make_subspace_clusters
 
 
 def test_shapes_norms_and_determinism():
@@ -46,3 +46,19 @@ def test_iter_faces_chunks_are_make_faces_rows():
     np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), y)
     with pytest.raises(ValueError, match="n_samples must be >= 1"):
         next(iter_faces(0))
+
+
+def test_subspace_clusters_stretch_along_their_own_subspace():
+    x, y = make_subspace_clusters(3000, dim=64, mean_cluster_size=30, subspace_dim=4, seed=3)
+    assert x.shape == (3000, 64) and x.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert 80 <= np.unique(y).size <= 100  # Zipf sizes: a few of the 100 clusters may draw no row
+    again, y_again = make_subspace_clusters(3000, dim=64, mean_cluster_size=30, subspace_dim=4, seed=3)
+    np.testing.assert_array_equal(x, again)
+    np.testing.assert_array_equal(y, y_again)
+    # a big cluster's deviations from its mean span about subspace_dim directions, not 64
+    big = x[y == np.bincount(y).argmax()]
+    sv = np.linalg.svd(big - big.mean(0), compute_uv=False)
+    assert (sv[:4] ** 2).sum() / (sv**2).sum() > 0.9
+    with pytest.raises(ValueError, match="subspace_dim"):
+        make_subspace_clusters(10, dim=4, subspace_dim=5)

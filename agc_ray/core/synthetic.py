@@ -167,3 +167,52 @@ def iter_faces(
             first = stop - sum(b.shape[0] for b in out)
             yield first, out[0] if len(out) == 1 else np.concatenate(out), y[first:stop]
             out = []
+
+
+def make_subspace_clusters(
+    n_samples: int,
+    dim: int = 128,
+    *,
+    mean_cluster_size: float = 20.0,
+    subspace_dim: int = 8,
+    spread: tuple[float, float] = (0.25, 0.45),
+    size_exponent: float = 0.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Another generator than :func:`make_faces`: clusters stretched along their own low-dim subspace.
+
+    Each cluster is a random unit centre plus a deviation confined to a ``subspace_dim``-dimensional
+    subspace of its own (a random basis per cluster), so its members lie along an elongated sheet
+    (pose, viewpoint or style manifolds) rather than in a ball around the centre; cluster sizes follow
+    a Zipf law. Density-peak and centroid methods fragment such clusters; boundary links join them.
+
+    Args:
+        n_samples: number of rows N (>= 1).
+        dim: embedding dimension D (>= 2).
+        mean_cluster_size: N / number of clusters.
+        subspace_dim: dimension of each cluster's own deviation subspace (1 <= it <= D).
+        spread: range of the per-cluster deviation scale, per subspace direction, relative to the
+            centre's norm.
+        size_exponent: Zipf exponent of the cluster sizes (0: equal expected sizes).
+        seed: random seed.
+
+    Returns:
+        ``(x, y)``: x of shape (N, D), float32, unit rows; y of shape (N,), int64.
+    """
+    if n_samples < 1:
+        raise ValueError(f"make_subspace_clusters: n_samples must be >= 1, got {n_samples}")
+    if not 1 <= subspace_dim <= dim:
+        raise ValueError(f"make_subspace_clusters: subspace_dim must be in [1, dim={dim}], got {subspace_dim}")
+    rng = np.random.default_rng(seed)
+    n_clusters = max(1, int(round(n_samples / mean_cluster_size)))
+    weight = 1.0 / np.arange(1, n_clusters + 1) ** size_exponent
+    y = rng.choice(n_clusters, size=n_samples, p=weight / weight.sum()).astype(np.int64)
+    centres = _unit(rng.standard_normal((n_clusters, dim), dtype=np.float32))
+    basis = rng.standard_normal((n_clusters, subspace_dim, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
+    scale = rng.uniform(spread[0], spread[1], size=n_clusters).astype(np.float32)
+    x = np.empty((n_samples, dim), dtype=np.float32)
+    for start in range(0, n_samples, _CHUNK):  # O(chunk * subspace_dim * D) temporaries
+        ids = y[start:start + _CHUNK]
+        coef = rng.standard_normal((ids.size, subspace_dim), dtype=np.float32)
+        x[start:start + ids.size] = centres[ids] + np.einsum("ns,nsd->nd", coef, basis[ids]) * scale[ids, None]
+    return _unit(x), y
