@@ -17,9 +17,11 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 def spilled_mib() -> float:
     """MiB spilled so far, from Ray's memory summary (the line ``Spilled N MiB, M objects``)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    found = re.search(r"Spilled (\d+) MiB", summary)
     return float(found.group(1)) if found else 0.0
 
 

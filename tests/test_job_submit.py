@@ -20,6 +20,10 @@ from _job_fixtures import free_port, job_data, job_model, job_table, read_levels
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
+#: A line that a quiet run does not print: a logger's WARNING and above (Python's or Ray's C++ "[... W ...]")
+#: or a Python warning.
+LOUD = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|^\[[^]]* [WE] \d+ \d+\]|\b\w*Warning: ")
+
 
 def _own_processes(temp_dir: str, gcs_port: int):
     """Processes of the cluster rooted in ``temp_dir``: those naming it or its GCS address (the Ray client
@@ -100,10 +104,11 @@ def test_ray_job_submit(head_cluster, job_table, job_model, job_data, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "clustered 2500 rows" in proc.stdout
-    # a run that succeeds logs nothing at WARNING or above (ours, Ray's Python or C++ loggers, faiss's);
+    # a run that succeeds logs nothing at WARNING or above (ours, Ray's Python or C++ loggers, faiss's)
+    # and no Python warning (UserWarning, DeprecationWarning, ... printed by a worker);
     # the job's own lines follow the CLI's "Tailing logs" (the CLI's packaging notes come before)
     job_lines = proc.stdout.split("Tailing logs until the job exits", 1)[-1].splitlines()
-    loud = [line for line in job_lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|^\[[^]]* [WE] \d+ \d+\]", line)]
+    loud = [line for line in job_lines if LOUD.search(line)]
     assert not loud, loud
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "succeeded"
@@ -121,7 +126,7 @@ def test_ray_job_submit(head_cluster, job_table, job_model, job_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "assigned 20 new rows" in proc.stdout
     job_lines = proc.stdout.split("Tailing logs until the job exits", 1)[-1].splitlines()
-    loud = [line for line in job_lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|^\[[^]]* [WE] \d+ \d+\]", line)]
+    loud = [line for line in job_lines if LOUD.search(line)]
     assert not loud, loud
     # scaled copies of base rows are the same directions: they join those rows' clusters
     got = read_levels(inc, np.concatenate([np.arange(len(job_data[0])), np.arange(20) + 10**9]))

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
+from agc_ray.core.cells import as_tensor
 from agc_ray.core.graph import edge_features, mean_valid
 from agc_ray.core.knn import knn_graph, l2_normalize, unit_rows
 
@@ -152,8 +153,8 @@ def aggregate(g: LevelGraph, comp: np.ndarray, peaks: np.ndarray) -> tuple[np.nd
 
 def similarity_density(nbr, sim) -> torch.Tensor:
     """Label-free density: mean similarity to the valid neighbours, (n,)."""
-    nbr = torch.as_tensor(nbr)
-    return mean_valid(torch.as_tensor(sim), nbr >= 0)
+    nbr = as_tensor(nbr)  # the job's graph parts are read-only object-store arrays, only read here
+    return mean_valid(as_tensor(sim), nbr >= 0)
 
 
 #: A level decoder maps a level graph to each node's parent (-1 for peaks).
