@@ -253,16 +253,19 @@ def test_failure_before_commit_keeps_previous_output(ray_session, tmp_path, job_
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # staging removed
 
 
-@pytest.mark.parametrize("case", ["exact", "ivf", "ivf-target", "ivf-out-of-reach"])
-def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case):
+@pytest.mark.parametrize("case", ["exact", "ivf", "ivf-small-calls", "ivf-target", "ivf-out-of-reach"])
+def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monkeypatch):
     """The graph of the sharded index (3 shards, top-k merge) equals the core's single-index graph; with a
     recall target both probe the same number of cells, with the same recall measured, or both fall back
-    to exact search when the target is out of IVF's reach."""
+    to exact search when the target is out of IVF's reach. Small calls: each task searches its rows in
+    calls of 100 rows (the bound on query x probe pairs that keeps a high nprobe's memory in check)."""
     from agc_ray.core.knn import RECALL_SAMPLE, knn_graph, l2_normalize
     from agc_ray.core.synthetic import make_faces
     from agc_ray.distributed.io import shard_bounds
-    from agc_ray.distributed.knn import sharded_knn_graph
+    from agc_ray.distributed import knn as sharded
 
+    if case == "ivf-small-calls":
+        monkeypatch.setattr(sharded, "IVF_PROBE_PAIRS", 100 * 16)  # 16 probes: 100 rows a call
     method = case.split("-")[0]
     target = {"ivf-target": 0.99, "ivf-out-of-reach": 0.95}.get(case)
     # out of reach: small identities in isotropic spread (an eighth of the cells: recall 0.93)
@@ -272,8 +275,8 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case):
     nbr, sim = knn_graph(x, 10, method=method, seed=0, normalize=False, recall=target, info=info)
     offsets = shard_bounds(x.shape[0], 3)
     refs = [ray_session.put(x[offsets[s]:offsets[s + 1]]) for s in range(3)]
-    graph, stats, actors = sharded_knn_graph(refs, offsets, 10, method, 0, recall_sample=RECALL_SAMPLE,
-                                             recall_target=target)
+    graph, stats, actors = sharded.sharded_knn_graph(refs, offsets, 10, method, 0, recall_sample=RECALL_SAMPLE,
+                                                     recall_target=target)
     try:
         got_nbr, got_sim = ray_session.get(graph)
     finally:
@@ -287,7 +290,7 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case):
     if method == "ivf":
         assert 0.9 <= stats["knn_recall"] <= 1.0
         assert stats.get("knn_nprobe") == info.get("knn_nprobe")
-    if case == "ivf":
+    if case in ("ivf", "ivf-small-calls"):
         assert stats["knn_nprobe"] == 16
     if target is not None:
         assert stats["knn_recall"] == pytest.approx(info["knn_recall"]) and stats["knn_recall"] >= target

@@ -268,6 +268,11 @@ SEARCH_CHUNK = 16384  # query rows per search task: enough tasks for progress li
 #: Query rows per IVF search task: a shard's lists are scanned cell by cell for the task's queries, so
 #: each call costs a loop over the cells; with 16K queries a cell got ~16 of them (small products).
 IVF_SEARCH_CHUNK = 65536
+#: (query, probed cell) pairs per call to the index actors: a task searches its rows in calls of
+#: ``IVF_PROBE_PAIRS // nprobe`` rows, so that a tuned nprobe far above 16 (2048 of 16384 cells at
+#: 10M rows of make_faces) does not multiply the probe arrays and the actors' per-cell query lists (a
+#: 10M run's search tasks reached 8 GB and its actors 7 GB each at 64K rows a call, and were killed).
+IVF_PROBE_PAIRS = IVF_SEARCH_CHUNK * 16
 
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
@@ -358,8 +363,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         info["knn_nprobe"] = int(nprobe)
     elif self_joined:
         return self_join(x_refs, offsets, k, stage), info, [a for a, _ in pairs]
+    call_rows = max(1, IVF_PROBE_PAIRS // max(1, nprobe)) if method == "ivf" else SEARCH_CHUNK
     results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe, method == "exact",
-                                   probes[c] if method == "ivf" else None)
+                                   probes[c] if method == "ivf" else None, call_rows)
                for c, (s, lo, hi) in enumerate(chunks)]
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
     graph, _ = lv.concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
@@ -515,10 +521,17 @@ def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int):
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
 def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, centroids=None, nprobe: int = 0,
-                 exact: bool = False, probes=None):
+                 exact: bool = False, probes=None, call_rows: int | None = None):
     """kNN graph rows of queries ``lo:hi`` of one shard (the shard and the rows' best cells are direct
-    arguments: lineage)."""
-    return search_shard(x_shard[lo:hi], offset + lo, actors, k, exact, centroids, nprobe, probes)
+    arguments: lineage), searched in calls of ``call_rows`` rows (default: all at once; each row is
+    searched on its own, so any split gives the same rows)."""
+    step = max(1, call_rows or hi - lo)
+    parts = [search_shard(x_shard[a:min(a + step, hi)], offset + a, actors, k, exact, centroids, nprobe,
+                          None if probes is None else probes[a - lo:min(a + step, hi) - lo])
+             for a in range(lo, max(lo + 1, hi), step)]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
