@@ -220,6 +220,25 @@ def test_cell_graph_equals_faiss_ivf_with_the_same_centroids(nprobe):
     np.testing.assert_allclose(np.sort(sim, axis=1), np.sort(ref_sim, axis=1), rtol=0, atol=2e-6)
 
 
+def test_cell_graph_in_blocks_equals_one_block(monkeypatch):
+    """Rows searched in blocks (a high nprobe's memory bound, probes computed per block) give the graph
+    of one search over every row."""
+    from agc_ray.core import knn
+
+    x = knn.unit_rows(make_faces(10000, dim=32, seed=12)[0])
+    # a fixed nprobe (probes of the first pass), and a tuned one above them (32: probes per block)
+    for params in ({"nprobe": 24, "recall": None}, {"recall": 0.995}):
+        monkeypatch.setattr(knn, "PROBE_PAIRS", 1 << 24)
+        info = {}
+        whole = knn_graph(x, 10, method="ivf", seed=2, normalize=False, info=info, **params)
+        assert info["knn_method"] == "ivf" and info["knn_nprobe"] > knn.PROBES_FIRST_PASS
+        monkeypatch.setattr(knn, "PROBE_PAIRS", info["knn_nprobe"] * 700)  # blocks of 700 rows, the last shorter
+        blocks = knn_graph(x, 10, method="ivf", seed=2, normalize=False, **params)
+        np.testing.assert_array_equal(blocks[0], whole[0])
+        np.testing.assert_array_equal(blocks[1], whole[1])
+        assert blocks[0].dtype == np.int64 and blocks[1].dtype == np.float32
+
+
 def test_cell_probes_are_the_best_centroids_in_order():
     from agc_ray.core.cells import cell_probes
 

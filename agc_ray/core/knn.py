@@ -344,6 +344,10 @@ def knn_graph(
 #: Probes per row computed with the rows' cells when the number is tuned (one product with the
 #: centroids serves the lists and the search; a tuned number above it costs a second product).
 PROBES_FIRST_PASS = 16
+#: (row, probed cell) pairs searched at once: above it the rows go in blocks of PROBE_PAIRS // nprobe.
+#: 1M rows at 16 probes stay one block; at 3M x 128 of make_faces the tuning chose 512 probes, and the
+#: whole table's probes and per-cell query lists (~6 GB each) got the process killed at 24 GB.
+PROBE_PAIRS = 1 << 24
 
 
 def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | None = None,
@@ -368,12 +372,17 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
         nprobe = _tuned_nprobe(x, k, recall, seed, nlist, search_sample, info)
         if nprobe is None:  # out of IVF's reach at a cost below exact search's: search exactly
             return exact_graph(x, k, "cpu")
-        if nprobe > width:
-            probes = cell_probes(x, centroids, nprobe)
     if info is not None:
         info["knn_nprobe"] = int(nprobe)
-    sim, idx = lists.search(x, probes[:, :nprobe], k + 1)
-    return drop_self(idx, sim, np.arange(n))
+    step = n if n * nprobe <= PROBE_PAIRS else max(1, PROBE_PAIRS // nprobe)
+    nbr = np.empty((n, k), dtype=np.int64)
+    sim = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, step):  # each row is searched on its own: any blocking gives the same rows
+        hi = min(lo + step, n)
+        block = probes[lo:hi, :nprobe] if nprobe <= width else cell_probes(x[lo:hi], centroids, nprobe)
+        found_sim, found = lists.search(x[lo:hi], block, k + 1)
+        nbr[lo:hi], sim[lo:hi] = drop_self(found, found_sim, np.arange(lo, hi))
+    return nbr, sim
 
 
 def _tuned_nprobe(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample,
