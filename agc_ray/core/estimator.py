@@ -400,7 +400,8 @@ class HiLander(ClusterMixin, BaseEstimator):
             level_stats.update(knn_info, **info)
         self.stats_ = stats
         # Unsupervised with the adaptive thresholds: the schedule's selected level (one step below
-        # tau_0, the table's best guess); the levels above are coarser options. Otherwise the top level (validated depth, or user's).
+        # tau_0, the table's best guess); the levels above are coarser options. Otherwise the top
+        # level (validated depth, or user's).
         adaptive = self.unsupervised and self.tau is None
         self.selected_level_ = min(self._schedule.selected_level, len(levels) - 1) if adaptive else len(levels) - 1
         return levels

@@ -350,6 +350,13 @@ PROBES_FIRST_PASS = 16
 PROBE_PAIRS = 1 << 24
 
 
+def probe_blocks(lo: int, hi: int, nprobe: int, pairs: int) -> list[tuple[int, int]]:
+    """Ranges ``[a, b)`` covering rows ``lo:hi`` in order, each of at most ``pairs`` (row, probed cell)
+    pairs at ``nprobe`` probes a row (one row at least; one empty range when ``lo == hi``)."""
+    step = max(1, pairs // max(1, nprobe))
+    return [(a, min(a + step, hi)) for a in range(lo, max(lo + 1, hi), step)]
+
+
 def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | None = None,
                recall: float | None = KNN_RECALL, seed: int = 0, info: dict | None = None):
     """:func:`knn_graph`'s IVF search on CPU over the unit rows ``x`` and the given centroids, cell by
@@ -374,11 +381,9 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
             return exact_graph(x, k, "cpu")
     if info is not None:
         info["knn_nprobe"] = int(nprobe)
-    step = n if n * nprobe <= PROBE_PAIRS else max(1, PROBE_PAIRS // nprobe)
     nbr = np.empty((n, k), dtype=np.int64)
     sim = np.empty((n, k), dtype=np.float32)
-    for lo in range(0, n, step):  # each row is searched on its own: any blocking gives the same rows
-        hi = min(lo + step, n)
+    for lo, hi in probe_blocks(0, n, nprobe, PROBE_PAIRS):  # rows are searched on their own: any blocks do
         block = probes[lo:hi, :nprobe] if nprobe <= width else cell_probes(x[lo:hi], centroids, nprobe)
         found_sim, found = lists.search(x[lo:hi], block, k + 1)
         nbr[lo:hi], sim[lo:hi] = drop_self(found, found_sim, np.arange(lo, hi))

@@ -31,9 +31,8 @@ from agc_ray.core.cells import CellLists, cell_probes
 from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
 from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, exact_kth,
-                              ivf_centroids,
-                              ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_cap, recall_at, recall_rows,
-                              resolve_method, to_gpu, tune_nprobe, use_gpu)
+                              ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_blocks,
+                              probe_cap, recall_at, recall_rows, resolve_method, to_gpu, tune_nprobe, use_gpu)
 from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import lazy_remote
@@ -363,9 +362,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         info["knn_nprobe"] = int(nprobe)
     elif self_joined:
         return self_join(x_refs, offsets, k, stage), info, [a for a, _ in pairs]
-    call_rows = max(1, IVF_PROBE_PAIRS // max(1, nprobe)) if method == "ivf" else SEARCH_CHUNK
+    probe_pairs = IVF_PROBE_PAIRS if method == "ivf" else SEARCH_CHUNK  # exact: one call (nprobe 0)
     results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe, method == "exact",
-                                   probes[c] if method == "ivf" else None, call_rows)
+                                   probes[c] if method == "ivf" else None, probe_pairs)
                for c, (s, lo, hi) in enumerate(chunks)]
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
     graph, _ = lv.concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
@@ -521,14 +520,15 @@ def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int):
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
 def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, centroids=None, nprobe: int = 0,
-                 exact: bool = False, probes=None, call_rows: int | None = None):
+                 exact: bool = False, probes=None, probe_pairs: int | None = None):
     """kNN graph rows of queries ``lo:hi`` of one shard (the shard and the rows' best cells are direct
-    arguments: lineage), searched in calls of ``call_rows`` rows (default: all at once; each row is
-    searched on its own, so any split gives the same rows)."""
-    step = max(1, call_rows or hi - lo)
-    parts = [search_shard(x_shard[a:min(a + step, hi)], offset + a, actors, k, exact, centroids, nprobe,
-                          None if probes is None else probes[a - lo:min(a + step, hi) - lo])
-             for a in range(lo, max(lo + 1, hi), step)]
+    arguments: lineage), searched in calls of at most ``probe_pairs`` (row, probed cell) pairs
+    (:func:`~agc_ray.core.knn.probe_blocks`; default: one call; rows are searched on their own, so
+    any split gives the same rows)."""
+    blocks = probe_blocks(lo, hi, nprobe, probe_pairs) if probe_pairs else [(lo, hi)]
+    parts = [search_shard(x_shard[a:b], offset + a, actors, k, exact, centroids, nprobe,
+                          None if probes is None else probes[a - lo:b - lo])
+             for a, b in blocks]
     if len(parts) == 1:
         return parts[0]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
