@@ -99,6 +99,26 @@ def job_table(tmp_path_factory, job_data):
     return write_table(tmp_path_factory.mktemp("table"), x, y, files=3)
 
 
+def run_result_script(script, *args, **env) -> tuple[dict, "subprocess.CompletedProcess"]:
+    """Run a helper script of tests/ (its own Ray: no RAY_ADDRESS, auth and usage stats off, ``env``
+    added) that prints its outcome as JSON on a line "RESULT ..."; assert it exited 0 with such a
+    line and no "error" in it; return ``(result, completed process)``."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environ = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **env)
+    environ.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script), *map(str, args)],
+                          env=environ, capture_output=True, text=True, timeout=540)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert "error" not in result, result
+    return result, proc
+
+
 def reference_levels(model_dir, x, **params) -> list[np.ndarray]:
     """Single-process ``HiLander.predict_hierarchy`` of the saved model (params override)."""
     from agc_ray import HiLander

@@ -6,17 +6,10 @@ so that the session's Ray instance keeps its own.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-from _job_fixtures import read_levels
+from _job_fixtures import read_levels, run_result_script
 
-HERE = Path(__file__).resolve().parent
 STORE_BYTES = 76 * 2**20  # Ray's smallest object store is 75 MiB
 ROWS, DIM = 100_000, 256  # 98 MiB of float32 embeddings, 1.3x the store
 
@@ -30,15 +23,7 @@ def test_table_larger_than_the_object_store_spills(tmp_path):
     x, y = make_faces(ROWS, dim=DIM, seed=2)
     assert x.nbytes > 1.2 * STORE_BYTES
     table = write_table(tmp_path / "table", x, y, files=4)
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(HERE / "_spill_job.py"), str(table), str(tmp_path / "out"),
-                           str(tmp_path / "spill"), str(STORE_BYTES)],
-                          env=env, capture_output=True, text=True, timeout=540)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
-    assert "error" not in result, result
+    result, proc = run_result_script("_spill_job.py", table, tmp_path / "out", tmp_path / "spill", STORE_BYTES)
     assert "Warning: " not in proc.stderr, proc.stderr[-3000:]  # e.g. torch's on read-only object-store arrays
     assert result["store_bytes"] <= STORE_BYTES  # the store really was the small one
     assert result["spilled_mib"] > 0  # objects went to disk instead of failing the job
