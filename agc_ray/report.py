@@ -393,6 +393,7 @@ table.data tbody tr:hover{background:#f0f4f8}
 table.data td.left,table.data th.left{text-align:left}
 code{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;word-break:break-all}
 .muted{color:var(--muted)}
+.warn{color:#b42318;font-weight:600}
 .chips{display:flex;flex-wrap:wrap;gap:5px 6px}
 .chip{border:1px solid var(--line);border-radius:4px;padding:1px 7px;background:#fafbfc;font-size:13px;word-break:break-all}
 details{margin-top:6px}
@@ -455,6 +456,8 @@ def _knn_cell(lv: dict) -> str:
         cell += f' <span class="muted">nprobe</span> {int(lv["knn_nprobe"])}'
     if _is_num(lv.get("knn_recall")):
         cell += f' <span class="muted">recall</span> {float(lv["knn_recall"]):.3f}'
+    if lv.get("knn_recall_target_met") is False:
+        cell += ' <span class="warn">below target</span>'
     return cell
 
 

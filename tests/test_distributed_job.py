@@ -253,12 +253,16 @@ def test_failure_before_commit_keeps_previous_output(ray_session, tmp_path, job_
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # staging removed
 
 
-@pytest.mark.parametrize("case", ["exact", "ivf", "ivf-small-calls", "ivf-target", "ivf-out-of-reach"])
-def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monkeypatch):
+@pytest.mark.parametrize("case", ["exact", "ivf", "ivf-small-calls", "ivf-target", "ivf-out-of-reach",
+                                  "ivf-out-of-reach-kept"])
+def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monkeypatch, caplog):
     """The graph of the sharded index (3 shards, top-k merge) equals the core's single-index graph; with a
     recall target both probe the same number of cells, with the same recall measured, or both fall back
     to exact search when the target is out of IVF's reach. Small calls: each task searches its rows in
-    calls of 100 rows (the bound on query x probe pairs that keeps a high nprobe's memory in check)."""
+    calls of 100 rows (the bound on query x probe pairs that keeps a high nprobe's memory in check).
+    Kept: a table over the exact-search bound (5000 rows here) keeps its IVF graph below the target,
+    says so in its info and warns."""
+    from agc_ray.core import knn as core_knn
     from agc_ray.core.knn import RECALL_SAMPLE, knn_graph, l2_normalize
     from agc_ray.core.synthetic import make_faces
     from agc_ray.distributed.io import shard_bounds
@@ -266,17 +270,22 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
 
     if case == "ivf-small-calls":
         monkeypatch.setattr(sharded, "IVF_PROBE_PAIRS", 100 * 16)  # 16 probes: 100 rows a call
+    kept = case == "ivf-out-of-reach-kept"
+    if kept:
+        monkeypatch.setattr(core_knn, "EXACT_FALLBACK_MAX_ROWS", 5000)
     method = case.split("-")[0]
-    target = {"ivf-target": 0.99, "ivf-out-of-reach": 0.95}.get(case)
+    target = 0.95 if "out-of-reach" in case else {"ivf-target": 0.99}.get(case)
     # out of reach: small identities in isotropic spread (an eighth of the cells: recall 0.93)
     x = l2_normalize(make_faces(10000, dim=64, isotropic=1.0, mean_identity_size=5, seed=8)[0]
-                     if case == "ivf-out-of-reach" else job_data[0])
+                     if "out-of-reach" in case else job_data[0])
     info = {}
-    nbr, sim = knn_graph(x, 10, method=method, seed=0, normalize=False, recall=target, info=info)
+    with caplog.at_level("WARNING", logger="agc_ray.core.knn"):
+        nbr, sim = knn_graph(x, 10, method=method, seed=0, normalize=False, recall=target, info=info)
+    assert ("too many to search exactly" in caplog.text) == kept
     offsets = shard_bounds(x.shape[0], 3)
     refs = [ray_session.put(x[offsets[s]:offsets[s + 1]]) for s in range(3)]
     graph, stats, actors = sharded.sharded_knn_graph(refs, offsets, 10, method, 0, recall_sample=RECALL_SAMPLE,
-                                                     recall_target=target)
+                                                     recall_target=target, exact_fallback_rows=5000 if kept else None)
     try:
         got_nbr, got_sim = ray_session.get(graph)
     finally:
@@ -292,11 +301,15 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
         assert stats.get("knn_nprobe") == info.get("knn_nprobe")
     if case in ("ivf", "ivf-small-calls"):
         assert stats["knn_nprobe"] == 16
-    if target is not None:
+    if target is not None and not kept:
         assert stats["knn_recall"] == pytest.approx(info["knn_recall"]) and stats["knn_recall"] >= target
     if case == "ivf-out-of-reach":
         assert stats["knn_recall"] == 1.0 and stats["knn_ivf_recall"] < 0.95
         assert stats["knn_ivf_recall"] == pytest.approx(info["knn_ivf_recall"])
+    if kept:
+        assert stats["knn_recall_target_met"] is info["knn_recall_target_met"] is False
+        assert stats["knn_recall"] == pytest.approx(info["knn_recall"]) and 0.5 < stats["knn_recall"] < 0.95
+        assert stats["knn_nprobe"] == info["knn_nprobe"] == core_knn.probe_cap(core_knn.ivf_nlist(10000), 10000)
 
 
 def test_index_actors_serve_every_level(ray_session, job_data):

@@ -134,6 +134,25 @@ def test_dry_run_plans_and_writes_nothing(ray_session, job_table, tmp_path, job_
     assert [p.name for p in out.iterdir()] == ["old.txt"] and [p.name for p in out.parent.iterdir()] == ["out"]
 
 
+def test_dry_run_says_what_a_missed_recall_target_leads_to(ray_session, tmp_path, capsys, monkeypatch):
+    """IVF above 20K rows: the plan names the most probes the tuning may use and what follows when the
+    target is still missed: exact search on a table that small, the IVF graph kept on a larger one."""
+    from agc_ray.core import knn as core_knn
+
+    _write(tmp_path / "t.parquet", **_table(30000))
+    argv = ["--input", str(tmp_path / "t.parquet"), "--output", str(tmp_path / "out"), "--unsupervised", "--dry-run"]
+
+    def detail():
+        assert cli.main(argv) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_detail"]
+
+    cap = core_knn.probe_cap(core_knn.ivf_nlist(30000), 30000)
+    assert detail().endswith(f"at most {cap}, then exact search)")
+    monkeypatch.setattr(core_knn, "EXACT_FALLBACK_MAX_ROWS", 20000)
+    assert detail().endswith(f"at most {cap}, then the IVF graph kept, reported below target (too many rows to search exactly))")
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_samples_large_tables(tmp_path, monkeypatch):
     """Above the sample size, rows are checked in evenly spread row groups: a bad row there is found."""
     from agc_ray.distributed import io, plan

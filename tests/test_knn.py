@@ -159,6 +159,23 @@ def test_target_out_of_ivf_reach_searches_exactly():
     np.testing.assert_allclose(sim, exact_sim, atol=1e-6)
 
 
+def test_target_out_of_ivf_reach_on_a_table_too_large_for_exact_search_keeps_ivf(monkeypatch, caplog):
+    """Over EXACT_FALLBACK_MAX_ROWS (5000 here) the IVF graph with the most probes is kept, below the
+    target: the info says so and a warning says what to change."""
+    from agc_ray.core import knn as core_knn
+
+    monkeypatch.setattr(core_knn, "EXACT_FALLBACK_MAX_ROWS", 5000)
+    x, _ = make_faces(10000, dim=64, isotropic=1.0, mean_identity_size=5, seed=8)
+    info = {}
+    with caplog.at_level("WARNING", logger="agc_ray.core.knn"):
+        nbr, _ = knn_graph(x, 10, method="ivf", recall=0.95, info=info)
+    assert info["knn_method"] == "ivf" and info["knn_recall_target_met"] is False
+    assert info["knn_nprobe"] == core_knn.probe_cap(core_knn.ivf_nlist(10000), 10000) and 0.5 < info["knn_recall"] < 0.95
+    assert "below the target 0.95" in caplog.text and "--knn-recall" in caplog.text
+    capped, _ = knn_graph(x, 10, method="ivf", recall=None, nprobe=info["knn_nprobe"])
+    np.testing.assert_array_equal(nbr, capped)  # the graph of the capped probes, not the exact one
+
+
 def test_tuned_graph_is_deterministic_and_default_target_is_used():
     x, _ = make_faces(3000, dim=32, seed=4)
     a_info, b_info = {}, {}
@@ -166,6 +183,17 @@ def test_tuned_graph_is_deterministic_and_default_target_is_used():
     b = knn_graph(x, 10, method="ivf", seed=5, info=b_info)
     np.testing.assert_array_equal(a[0], b[0])
     assert a_info == b_info and a_info["knn_recall"] >= 0.95  # KNN_RECALL by default
+
+
+def test_probe_cap_bounds_the_rows_a_query_scans():
+    """An eighth of the cells, and no more than IVF_MAX_SCAN_ROWS rows a query once the table's size is known."""
+    from agc_ray.core.knn import IVF_MAX_SCAN_ROWS, probe_cap
+
+    assert probe_cap(1024) == probe_cap(1024, 100_000) == 128  # 98 rows a cell: the share binds
+    assert probe_cap(16384) == 2048
+    ten_million = probe_cap(16384, 10_000_000)  # 610 rows a cell: the scan bound binds
+    assert ten_million == IVF_MAX_SCAN_ROWS * 16384 // 10_000_000 and ten_million * 10_000_000 / 16384 <= IVF_MAX_SCAN_ROWS
+    assert probe_cap(16, 10**9) == 4  # never below the first step
 
 
 def test_tune_nprobe_ladder():

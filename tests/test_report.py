@@ -157,8 +157,17 @@ def test_levels_table_counts():
     assert "25.0%" in level0  # 3 of 12 clusters are singletons
     assert "3.0%" in level0  # 3 of 100 rows are singletons
     assert level0[9] == "30" and level0[10] == "30.0%"  # max size, largest cluster's share of rows
-    assert "ivf nprobe 8 recall 0.988" in level0
+    assert "ivf nprobe 8 recall 0.988" in level0 and "below target" not in level0
     assert rows[1][11] == "exact"
+
+
+def test_levels_table_says_when_the_recall_target_was_missed():
+    """A table too large to search exactly keeps its IVF graph below the recall target: the kNN cell says so."""
+    manifest = make_manifest()
+    manifest["levels"][0].update(knn_recall=0.8123, knn_recall_target_met=False)
+    page = render_report(manifest, SIZES, {lv: largest_of(lv) for lv in SIZES})
+    level0 = _rows(_section(page, "Levels"))[0]
+    assert "ivf nprobe 8 recall 0.812 below target" in level0
 
 
 def test_header_and_run():

@@ -83,6 +83,14 @@ NPROBE_START = 4
 #: the exact search's matrix products (measured here: 16 probes of 1024 cells at 100K rows took 1/7 of
 #: the exact search's time, 256 probes as long as it), so a table that needs more is searched exactly.
 IVF_MAX_PROBE_SHARE = 1 / 8
+#: Most rows one query scans (probes x rows per cell) while the probes are raised. The share above alone
+#: grows with the table: at 10M x 128 rows the tuning climbed to 2048 of 16384 cells (1.25M rows a
+#: query, days of search on 2 cores) and its probe lists got the job's workers OOM-killed.
+IVF_MAX_SCAN_ROWS = 65_536
+#: Largest table searched exactly when the IVF search misses the recall target with its most probes.
+#: Exact search costs N^2 D (1M x 256 rows: about half an hour on 2 cores); above it the IVF graph is
+#: kept, and its measured recall is logged as a warning and reported (``knn_recall_target_met``).
+EXACT_FALLBACK_MAX_ROWS = 250_000
 
 
 def ivf_nlist(n: int) -> int:
@@ -333,7 +341,7 @@ def knn_graph(
                 return search(index, x[rows], k, query_offset=rows)
 
             nprobe = _tuned_nprobe(x, k, recall, seed, ivf_nlist(n), search_sample, info)
-            if nprobe is None:  # out of IVF's reach at a cost below exact search's: search exactly
+            if nprobe is None:  # out of IVF's reach on a table small enough: search exactly
                 return exact_graph(x, k, device)
             set_nprobe(index, nprobe)
         if info is not None:
@@ -366,7 +374,7 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
 
     n, nlist = x.shape[0], centroids.shape[0]
     tuning = recall is not None and nprobe is None
-    width = min(nlist, nprobe or (min(probe_cap(nlist), PROBES_FIRST_PASS) if tuning else IVF_NPROBE))
+    width = min(nlist, nprobe or (min(probe_cap(nlist, n), PROBES_FIRST_PASS) if tuning else IVF_NPROBE))
     probes = cell_probes(x, centroids, width)
     lists = CellLists(x, probes[:, 0], nlist)
     nprobe = width
@@ -377,7 +385,7 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
             return drop_self(idx, sim, rows)
 
         nprobe = _tuned_nprobe(x, k, recall, seed, nlist, search_sample, info)
-        if nprobe is None:  # out of IVF's reach at a cost below exact search's: search exactly
+        if nprobe is None:  # out of IVF's reach on a table small enough: search exactly
             return exact_graph(x, k, "cpu")
     if info is not None:
         info["knn_nprobe"] = int(nprobe)
@@ -393,15 +401,19 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
 def _tuned_nprobe(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample,
                   info: dict | None) -> int | None:
     """:func:`tune_nprobe` on the seeded :func:`recall_rows` of ``x``; ``search_sample(nprobe, rows)``
-    searches those rows. The probes chosen, or None when the target is out of IVF's reach (``info``
-    then says so; the caller searches exactly)."""
-    rows = recall_rows(x.shape[0], RECALL_SAMPLE, seed)
-    nprobe, measured = tune_nprobe(lambda p: search_sample(p, rows), exact_kth(x, rows, k), recall, nlist)
+    searches those rows. The probes chosen, or None when the target is out of IVF's reach on a table
+    small enough to search exactly (``info`` then says so; the caller searches exactly)."""
+    n = x.shape[0]
+    rows = recall_rows(n, RECALL_SAMPLE, seed)
+    nprobe, measured = tune_nprobe(lambda p: search_sample(p, rows), exact_kth(x, rows, k), recall, nlist, n)
     if info is not None:
         info["knn_recall"] = measured
     if measured >= recall:
         return nprobe
-    log.info("IVF recall %.3f < %.2f with %d of %d cells probed: exact search", measured, recall, nprobe, nlist)
+    if not missed_target_goes_exact(n, measured, recall, nprobe, nlist):
+        if info is not None:
+            info["knn_recall_target_met"] = False
+        return nprobe
     if info is not None:
         info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
     return None
@@ -472,24 +484,28 @@ def recall_at(found_sim: np.ndarray, found_valid: np.ndarray, kth: np.ndarray) -
     return float(((found_sim >= kth[:, None] - 1e-5) & found_valid).sum() / (q * k))
 
 
-def probe_cap(nlist: int, start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> int:
-    """The most cells :func:`tune_nprobe` probes (``max_share`` of ``nlist``, at least ``start``)."""
-    return max(1, min(nlist, max(start, int(nlist * max_share))))
+def probe_cap(nlist: int, n: int = 0, start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> int:
+    """The most cells :func:`tune_nprobe` probes: ``max_share`` of ``nlist`` and, for a table of ``n``
+    rows (0: unknown), no more than :data:`IVF_MAX_SCAN_ROWS` rows a query; at least ``start``."""
+    cap = int(nlist * max_share)
+    if n > 0:
+        cap = min(cap, IVF_MAX_SCAN_ROWS * nlist // n)
+    return max(1, min(nlist, max(start, cap)))
 
 
-def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int,
+def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0,
                 start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> tuple[int, float]:
-    """The fewest probes (``start``, doubled each step, up to ``max_share`` of the ``nlist`` cells) whose
-    recall reaches ``target``; the last tried when none does (the caller then searches exactly).
+    """The fewest probes (``start``, doubled each step, up to :func:`probe_cap`) whose recall reaches
+    ``target``; the last tried when none does (see :func:`missed_target_goes_exact`).
 
     ``search_sample(nprobe) -> (nbr, sim)`` searches the sampled rows with that many probes ((Q, k),
-    -1 where a row found fewer), ``kth`` (Q,) their exact k-th best similarity. With every cell
-    probed an IVF search is exhaustive, but slower than exact search long before that.
+    -1 where a row found fewer), ``kth`` (Q,) their exact k-th best similarity, ``n`` the table's rows.
+    With every cell probed an IVF search is exhaustive, but slower than exact search long before that.
 
     Returns:
         ``(nprobe, recall measured with it)``.
     """
-    cap = probe_cap(nlist, start, max_share)
+    cap = probe_cap(nlist, n, start, max_share)
     nprobe = min(start, cap)
     while True:
         nbr, sim = search_sample(nprobe)
@@ -498,6 +514,24 @@ def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int,
         if measured >= target or nprobe >= cap:
             return nprobe, measured
         nprobe = min(2 * nprobe, cap)
+
+
+def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int, nlist: int, *,
+                             stage: str = "kNN", max_rows: int | None = None) -> bool:
+    """Whether a table whose tuned IVF search missed the recall ``target`` is searched exactly: up to
+    ``max_rows`` rows (default :data:`EXACT_FALLBACK_MAX_ROWS`); above, the IVF graph is kept and a
+    warning says what to change."""
+    max_rows = EXACT_FALLBACK_MAX_ROWS if max_rows is None else max_rows
+    if n <= max_rows:
+        log.info("%s: IVF recall %.3f < %.2f with %d of %d cells probed: exact search", stage, measured, target,
+                 nprobe, nlist)
+        return True
+    log.warning("%s: IVF recall %.3f is below the target %.2f with %d of %d cells probed (the most within %d "
+                "rows scanned a query), and %d rows are too many to search exactly (over %d): the IVF graph "
+                "is kept. Lower the recall target (knn_recall, --knn-recall) or ask for exact search (knn="
+                "'exact', --knn exact; hours on CPU, minutes on a GPU)", stage, measured, target, nprobe, nlist,
+                IVF_MAX_SCAN_ROWS, n, max_rows)
+    return False
 
 
 def knn_recall(

@@ -32,7 +32,8 @@ from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
 from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, exact_kth,
                               ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_blocks,
-                              probe_cap, recall_at, recall_rows, resolve_method, to_gpu, tune_nprobe, use_gpu)
+                              missed_target_goes_exact, probe_cap, recall_at, recall_rows, resolve_method, to_gpu,
+                              tune_nprobe, use_gpu)
 from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import lazy_remote
@@ -276,7 +277,7 @@ IVF_PROBE_PAIRS = IVF_SEARCH_CHUNK * 16
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
                       recall_sample: int = 0, recall_target: float | None = None, stage: str = "kNN", counter=None,
-                      actors: list | None = None) -> tuple:
+                      actors: list | None = None, exact_fallback_rows: int | None = None) -> tuple:
     """kNN graph of rows sharded over the object store, searched over an index sharded across actors.
 
     Args:
@@ -291,6 +292,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             ``IVF_SEARCH_CHUNK`` with IVF).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
         actors: index actors of an earlier level to reuse (see :func:`index_actors`).
+        exact_fallback_rows: the largest table searched exactly when the tuned IVF search misses
+            ``recall_target`` (default :data:`~agc_ray.core.knn.EXACT_FALLBACK_MAX_ROWS`); a larger one
+            keeps the IVF graph, ``knn_recall_target_met`` False in ``info``.
 
     Returns:
         ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_nprobe",
@@ -323,7 +327,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                  n if rows is None else rows.size, time.perf_counter() - t0)
         # each row's best cells, once: column 0 files the row in its cell's list, the first nprobe are
         # the cells it probes as a query (a tuned number above the width costs the search a second product)
-        nprobe = min(nlist, min(probe_cap(nlist), PROBES_FIRST_PASS) if tuning else IVF_NPROBE)
+        nprobe = min(nlist, min(probe_cap(nlist, n), PROBES_FIRST_PASS) if tuning else IVF_NPROBE)
         t0 = time.perf_counter()
         probes = [_cell_probes.remote(x_refs[s], lo, hi, centroids, nprobe) for s, lo, hi in chunks]
         progress.wait(probes, f"{stage} IVF cells", rows=[hi - lo for _, lo, hi in chunks])
@@ -348,10 +352,12 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             chunk_starts = np.array([offsets[s] + lo for s, lo, _ in chunks] + [n], dtype=np.int64)
             sample_probes = _gather.remote(chunk_starts, rows, *probes)
             nprobe, info["knn_recall"] = ray.get(_tune_nprobe.remote(
-                queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, ivf_nlist(n), sample_probes))
-            if info["knn_recall"] < recall_target:  # as the core: out of IVF's reach, search exactly
-                log.info("%s: IVF recall %.3f < %.2f with %d of %d cells probed: exact search", stage,
-                         info["knn_recall"], recall_target, nprobe, ivf_nlist(n))
+                queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, ivf_nlist(n), n, sample_probes))
+            missed = info["knn_recall"] < recall_target
+            if missed and not missed_target_goes_exact(n, info["knn_recall"], recall_target, nprobe, ivf_nlist(n),
+                                                       stage=stage, max_rows=exact_fallback_rows):
+                info["knn_recall_target_met"] = False  # as the core: too large to search exactly, kept
+            elif missed:  # as the core: out of IVF's reach on a table small enough, search exactly
                 info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=info["knn_recall"],
                             knn_ivf_nprobe=int(nprobe))
                 method, centroids, nprobe = "exact", None, 0
@@ -552,11 +558,11 @@ def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
 
 
 @lazy_remote(num_cpus=0.5)
-def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, centroids, target, nlist, probes):
+def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, centroids, target, nlist, n, probes):
     """:func:`agc_ray.core.knn.tune_nprobe` over the sharded index: ``(nprobe, recall)``."""
     kth = kth_without_self(exact_sim, exact_nbr, sample_rows, k)  # an IVF index has more than k rows
 
     def search_sample(nprobe):
         return search_shard(queries, sample_rows, actors, k, False, centroids, nprobe, probes)
 
-    return tune_nprobe(search_sample, kth, target, nlist)
+    return tune_nprobe(search_sample, kth, target, nlist, n)

@@ -224,7 +224,7 @@ def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs:
 
 def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     """Check everything the job can check without running it (InputError as the real run) and plan it."""
-    from agc_ray.core.knn import IVF_NPROBE, ivf_nlist, resolve_method
+    from agc_ray.core.knn import EXACT_FALLBACK_MAX_ROWS, IVF_NPROBE, ivf_nlist, probe_cap, resolve_method
     from agc_ray.distributed.job import _check_dim, _tau_source, load_estimator, validate_config
 
     validate_config(cfg)
@@ -248,8 +248,11 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     if method != "ivf":
         detail = "flat index, exact"
     elif est.knn_recall is not None and cfg.knn_recall_sample > 0:
-        detail = (f"{ivf_nlist(schema.rows)} cells, probes raised until recall >= {est.knn_recall} on "
-                  f"{cfg.knn_recall_sample} sampled rows (estimate: {IVF_NPROBE})")
+        nlist = ivf_nlist(schema.rows)
+        missed = ("exact search" if schema.rows <= EXACT_FALLBACK_MAX_ROWS
+                  else "the IVF graph kept, reported below target (too many rows to search exactly)")
+        detail = (f"{nlist} cells, probes raised until recall >= {est.knn_recall} on {cfg.knn_recall_sample} "
+                  f"sampled rows (estimate: {IVF_NPROBE}; at most {probe_cap(nlist, schema.rows)}, then {missed})")
     else:
         detail = f"{ivf_nlist(schema.rows)} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
     memory, seconds = estimate(schema.rows, dim, nodes, cpus, est.knn, levels=est.max_levels(),
