@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no model: similarity density and similarity decode")
     m.add_argument("--k", type=int, help="neighbours per node (must match the model's; default 10 unsupervised)")
     m.add_argument("--tau", type=float, help="decode threshold on p_ij (prob) or s_ij (sim) at every level "
-                   "(default: the model's per-level taus, chosen on validation or 0.9 at level 0 and 0.6 above; "
+                   "(default: the model's per-level taus, chosen on validation or 0.9 at level 0, 0.5 at 1, 0.95 above; "
                    "unsupervised: derived from the table)")
     m.add_argument("--max-levels", type=int, help="maximum number of hierarchy levels")
     m.add_argument("--knn", choices=("auto", "exact", "ivf"),

@@ -46,7 +46,7 @@ _HELP = {
     "val_fraction": "fraction of classes held out for validation (0: none)",
     "epochs": "training epochs",
     "k": "neighbours per node",
-    "tau": "decode threshold at every level, used for validation clustering and saved with the model (None: 0.9 at level 0, 0.6 above)",
+    "tau": "decode threshold at every level, used for validation clustering and saved with the model (None: 0.9 at level 0, 0.5 at level 1, 0.95 above)",
     "levels": "maximum hierarchy levels when clustering",
     "seed": "seed of the split, weights, batch order and dropout",
     "knn": "kNN method: auto, exact, ivf, hnsw",

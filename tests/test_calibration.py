@@ -80,11 +80,11 @@ def test_model_directory_without_validation_still_loads(tmp_path, faces_split, t
 
 def test_default_taus_per_level_round_trip(tmp_path, faces_split, trained):
     _, _, x_test, _ = faces_split
-    assert trained.taus_ is None and [trained.level_tau(i) for i in range(4)] == [0.9, 0.6, 0.6, 0.6]
+    assert trained.taus_ is None and [trained.level_tau(i) for i in range(4)] == [0.9, 0.5, 0.95, 0.95]
     loaded = HiLander.load(trained.save(tmp_path / "m"))
-    assert loaded.default_taus() == list(DEFAULT_TAUS) == [0.9, 0.6]
+    assert loaded.default_taus() == list(DEFAULT_TAUS) == [0.9, 0.5, 0.95]
     loaded.predict_hierarchy(x_test)
-    assert [st["tau"] for st in loaded.stats_] == [0.9, 0.6, 0.6, 0.6][: len(loaded.stats_)]
+    assert [st["tau"] for st in loaded.stats_] == [0.9, 0.5, 0.95, 0.95][: len(loaded.stats_)]
     assert loaded.set_params(tau=0.7).level_tau(0) == loaded.level_tau(3) == 0.7  # a user's tau wins
 
 
