@@ -285,7 +285,7 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
     offsets = shard_bounds(x.shape[0], 3)
     refs = [ray_session.put(x[offsets[s]:offsets[s + 1]]) for s in range(3)]
     graph, stats, actors = sharded.sharded_knn_graph(refs, offsets, 10, method, 0, recall_sample=RECALL_SAMPLE,
-                                                     recall_target=target, exact_fallback_rows=5000 if kept else None)
+                                                     recall_target=target)
     try:
         got_nbr, got_sim = ray_session.get(graph)
     finally:

@@ -97,7 +97,11 @@ def largest_of(level):
 @functools.lru_cache(maxsize=None)
 def render(*, metrics=False, churn=False):
     """The page of the hand-made output (cached: matplotlib takes a fraction of a second per page)."""
-    manifest = make_manifest(metrics=metrics, churn=churn)
+    return render_page(make_manifest(metrics=metrics, churn=churn))
+
+
+def render_page(manifest: dict) -> str:
+    """The page of ``manifest`` over the hand-made cluster sizes."""
     return render_report(manifest, SIZES, {lv: largest_of(lv) for lv in SIZES})
 
 
@@ -165,8 +169,7 @@ def test_levels_table_says_when_the_recall_target_was_missed():
     """A table too large to search exactly keeps its IVF graph below the recall target: the kNN cell says so."""
     manifest = make_manifest()
     manifest["levels"][0].update(knn_recall=0.8123, knn_recall_target_met=False)
-    page = render_report(manifest, SIZES, {lv: largest_of(lv) for lv in SIZES})
-    level0 = _rows(_section(page, "Levels"))[0]
+    level0 = _rows(_section(render_page(manifest), "Levels"))[0]
     assert "ivf nprobe 8 recall 0.812 below target" in level0
 
 

@@ -409,14 +409,8 @@ def _tuned_nprobe(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, s
     nprobe, measured = tune_nprobe(lambda p: search_sample(p, rows), exact_kth(x, rows, k), recall, nlist, n)
     if info is not None:
         info["knn_recall"] = measured
-    if measured >= recall:
+    if measured >= recall or not missed_target_goes_exact(n, measured, recall, nprobe, nlist, info=info):
         return nprobe
-    if not missed_target_goes_exact(n, measured, recall, nprobe, nlist):
-        if info is not None:
-            info["knn_recall_target_met"] = False
-        return nprobe
-    if info is not None:
-        info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
     return None
 
 
@@ -518,20 +512,24 @@ def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
 
 
 def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int, nlist: int, *,
-                             stage: str = "kNN", max_rows: int | None = None) -> bool:
+                             stage: str = "kNN", info: dict | None = None) -> bool:
     """Whether a table whose tuned IVF search missed the recall ``target`` is searched exactly: up to
-    ``max_rows`` rows (default :data:`EXACT_FALLBACK_MAX_ROWS`); above, the IVF graph is kept and a
-    warning says what to change."""
-    max_rows = EXACT_FALLBACK_MAX_ROWS if max_rows is None else max_rows
-    if n <= max_rows:
+    :data:`EXACT_FALLBACK_MAX_ROWS` rows; above, the IVF graph is kept and a warning says what to change.
+    ``info`` (if given) records which: the exact search's method and recall with the IVF's, or
+    ``knn_recall_target_met`` False."""
+    if n <= EXACT_FALLBACK_MAX_ROWS:
         log.info("%s: IVF recall %.3f < %.2f with %d of %d cells probed: exact search", stage, measured, target,
                  nprobe, nlist)
+        if info is not None:
+            info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
         return True
-    log.warning("%s: IVF recall %.3f is below the target %.2f with %d of %d cells probed (the most within %d "
-                "rows scanned a query), and %d rows are too many to search exactly (over %d): the IVF graph "
-                "is kept. Lower the recall target (knn_recall, --knn-recall) or ask for exact search (knn="
-                "'exact', --knn exact; hours on CPU, minutes on a GPU)", stage, measured, target, nprobe, nlist,
-                IVF_MAX_SCAN_ROWS, n, max_rows)
+    log.warning("%s: IVF recall %.3f is below the target %.2f with %d of %d cells probed (the most the tuning "
+                "probes: an eighth of the cells, at most %d rows a query), and %d rows are too many to search "
+                "exactly (over %d): the IVF graph is kept. Lower the recall target (knn_recall, --knn-recall) or "
+                "ask for exact search (knn='exact', --knn exact; hours on CPU, minutes on a GPU)", stage, measured,
+                target, nprobe, nlist, IVF_MAX_SCAN_ROWS, n, EXACT_FALLBACK_MAX_ROWS)
+    if info is not None:
+        info["knn_recall_target_met"] = False
     return False
 
 

@@ -277,7 +277,7 @@ IVF_PROBE_PAIRS = IVF_SEARCH_CHUNK * 16
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
                       recall_sample: int = 0, recall_target: float | None = None, stage: str = "kNN", counter=None,
-                      actors: list | None = None, exact_fallback_rows: int | None = None) -> tuple:
+                      actors: list | None = None) -> tuple:
     """kNN graph of rows sharded over the object store, searched over an index sharded across actors.
 
     Args:
@@ -292,9 +292,6 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             ``IVF_SEARCH_CHUNK`` with IVF).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
         actors: index actors of an earlier level to reuse (see :func:`index_actors`).
-        exact_fallback_rows: the largest table searched exactly when the tuned IVF search misses
-            ``recall_target`` (default :data:`~agc_ray.core.knn.EXACT_FALLBACK_MAX_ROWS`); a larger one
-            keeps the IVF graph, ``knn_recall_target_met`` False in ``info``.
 
     Returns:
         ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_nprobe",
@@ -352,18 +349,13 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             chunk_starts = np.array([offsets[s] + lo for s, lo, _ in chunks] + [n], dtype=np.int64)
             sample_probes = _gather.remote(chunk_starts, rows, *probes)
             nprobe, info["knn_recall"] = ray.get(_tune_nprobe.remote(
-                queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, ivf_nlist(n), n, sample_probes))
-            missed = info["knn_recall"] < recall_target
-            if missed and not missed_target_goes_exact(n, info["knn_recall"], recall_target, nprobe, ivf_nlist(n),
-                                                       stage=stage, max_rows=exact_fallback_rows):
-                info["knn_recall_target_met"] = False  # as the core: too large to search exactly, kept
-            elif missed:  # as the core: out of IVF's reach on a table small enough, search exactly
-                info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=info["knn_recall"],
-                            knn_ivf_nprobe=int(nprobe))
-                method, centroids, nprobe = "exact", None, 0
-            else:
+                queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, nlist, n, sample_probes))
+            if info["knn_recall"] >= recall_target:
                 log.info("%s: %d of %d IVF cells probed for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage,
-                         nprobe, ivf_nlist(n), info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
+                         nprobe, nlist, info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
+            elif missed_target_goes_exact(n, info["knn_recall"], recall_target, nprobe, nlist, stage=stage,
+                                          info=info):  # as the core: a table small enough is searched exactly
+                method, centroids, nprobe = "exact", None, 0
     if method == "ivf":
         info["knn_nprobe"] = int(nprobe)
     elif self_joined:

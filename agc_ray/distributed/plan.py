@@ -244,17 +244,16 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
         check_ids(fs, schema)
     _check_dim(est, dim, cfg)  # after the rows and ids, as the real run
     nodes, cpus, node_memory = cluster_shape(num_cpus)
-    method = resolve_method(est.knn, schema.rows)
+    method, nlist = resolve_method(est.knn, schema.rows), ivf_nlist(schema.rows)
     if method != "ivf":
         detail = "flat index, exact"
     elif est.knn_recall is not None and cfg.knn_recall_sample > 0:
-        nlist = ivf_nlist(schema.rows)
         missed = ("exact search" if schema.rows <= EXACT_FALLBACK_MAX_ROWS
                   else "the IVF graph kept, reported below target (too many rows to search exactly)")
         detail = (f"{nlist} cells, probes raised until recall >= {est.knn_recall} on {cfg.knn_recall_sample} "
                   f"sampled rows (estimate: {IVF_NPROBE}; at most {probe_cap(nlist, schema.rows)}, then {missed})")
     else:
-        detail = f"{ivf_nlist(schema.rows)} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
+        detail = f"{nlist} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
     memory, seconds = estimate(schema.rows, dim, nodes, cpus, est.knn, levels=est.max_levels(),
                                hidden=None if est.unsupervised else est.hidden_channels)
     taus = _tau_source(est)
