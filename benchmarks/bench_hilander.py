@@ -68,7 +68,8 @@ def cluster(args) -> dict:
     rss_data = peak_rss_mb()
     est = HiLander.load(args.model)
     t0 = time.perf_counter()
-    levels = est.predict_hierarchy(x)
+    result = est.hierarchy(x)
+    levels = result.levels
     total = time.perf_counter() - t0
     rss_cluster = peak_rss_mb()
     out = {
@@ -79,7 +80,7 @@ def cluster(args) -> dict:
         "cluster_peak_rss_mb": round(rss_cluster),
         "rss_after_data_mb": round(rss_data),
         "rss_target_mb": round(3 * x.nbytes / 2**20 + 1024),
-        "levels": [st | metrics(y, lv) for st, lv in zip(est.stats_, levels)],
+        "levels": [st | metrics(y, lv) for st, lv in zip(result.stats, levels)],
     }
     if args.skip_baselines:
         return out

@@ -150,13 +150,13 @@ def role_single(work: Path, knn: str) -> dict:
     est = HiLander.load(work / "model")
     est.set_params(knn=knn)
     t0 = time.perf_counter()
-    levels = est.predict_hierarchy(np.asarray(x))
+    result = est.hierarchy(np.asarray(x))
     wall = time.perf_counter() - t0
-    np.save(work / "single_levels.npy", np.stack(levels))
-    stages = {"knn_seconds": sum(s.get("knn_seconds", 0.0) for s in est.stats_),
-              "inference_seconds": sum(s.get("inference_seconds", 0.0) for s in est.stats_)}
+    np.save(work / "single_levels.npy", np.stack(result.levels))
+    stages = {"knn_seconds": sum(s.get("knn_seconds", 0.0) for s in result.stats),
+              "inference_seconds": sum(s.get("inference_seconds", 0.0) for s in result.stats)}
     stages["decode_aggregate_seconds"] = wall - stages["knn_seconds"] - stages["inference_seconds"]
-    return {"wall_seconds": wall, "stages": stages, "levels": est.stats_}
+    return {"wall_seconds": wall, "stages": stages, "levels": result.stats}
 
 
 def role_job(work: Path, knn: str, num_cpus: int, num_shards: int) -> dict:

@@ -78,10 +78,10 @@ def metrics(y, labels) -> dict:
     }
 
 
-def hierarchy_report(est, x, y, levels: list, seconds: float) -> dict:
-    """Every level's metrics (with the estimator's per-level stats) and the best level by Fp."""
-    stats = list(getattr(est, "stats_", None) or [])
-    stats += [{}] * (len(levels) - len(stats))
+def hierarchy_report(result, y, seconds: float) -> dict:
+    """Every level's metrics (with the run's per-level stats) and the best level by Fp."""
+    levels = result.levels
+    stats = list(result.stats) + [{}] * (len(levels) - len(result.stats))
     per_level = [{k: v for k, v in st.items() if np.isscalar(v)} | metrics(y, lv) for st, lv in zip(stats, levels)]
     best = int(np.argmax([lv["fp"] for lv in per_level]))
     return {"predict_seconds": round(seconds, 2), "n_levels": len(levels), "best_index": best,
@@ -91,11 +91,11 @@ def hierarchy_report(est, x, y, levels: list, seconds: float) -> dict:
 def predict_with_full(est, x, y) -> dict:
     """The returned (last) level of ``est`` and the best level of its full FULL_LEVELS-level hierarchy."""
     t0 = time.perf_counter()
-    levels = est.predict_hierarchy(x)
+    result = est.hierarchy(x)
     seconds = time.perf_counter() - t0
-    selected = getattr(est, "selected_level_", len(levels) - 1)  # what predict returns
-    out = {"returned": metrics(y, levels[selected]) | {"index": selected},
-           "hierarchy": hierarchy_report(est, x, y, levels, seconds), "predict_seconds": round(seconds, 2)}
+    selected = result.selected_level  # what predict returns
+    out = {"returned": metrics(y, result.labels) | {"index": selected},
+           "hierarchy": hierarchy_report(result, y, seconds), "predict_seconds": round(seconds, 2)}
     if est.get_params()["levels"] == FULL_LEVELS:
         out["full"] = out["hierarchy"]  # the same call: predict is deterministic
         return out
@@ -103,8 +103,7 @@ def predict_with_full(est, x, y) -> dict:
         full = copy.deepcopy(est)
         full.set_params(levels=FULL_LEVELS)
         t0 = time.perf_counter()
-        full_levels = full.predict_hierarchy(x)
-        out["full"] = hierarchy_report(full, x, y, full_levels, time.perf_counter() - t0)
+        out["full"] = hierarchy_report(full.hierarchy(x), y, time.perf_counter() - t0)
     except Exception as e:  # the returned level still counts; say why the full hierarchy is missing
         logging.warning("full hierarchy failed: %r", e)
         out["full"] = {"error": repr(e)}

@@ -36,9 +36,10 @@ def test_validation_chooses_a_tau_per_level(faces_split, validated):
     assert set(validated.taus_) <= set(TAU_GRID)
     scores = [s["score"] for s in validated.validation_["scores"]]
     assert scores == sorted(scores)  # every kept level improved the held-out score
-    levels = validated.predict_hierarchy(x_test)
+    result = validated.hierarchy(x_test)
+    levels = result.levels
     assert len(levels) <= validated.n_levels_
-    assert [st["tau"] for st in validated.stats_][: len(levels)] == validated.taus_[: len(levels)]
+    assert [st["tau"] for st in result.stats][: len(levels)] == validated.taus_[: len(levels)]
     assert validated.max_levels() == validated.n_levels_
 
 
@@ -52,12 +53,10 @@ def test_chosen_tau_and_level_round_trip(tmp_path, faces_split, validated):
 
 def test_user_tau_and_levels_override_the_chosen_ones(faces_split, validated):
     _, _, x_test, _ = faces_split
-    est = HiLander(**validated.get_params()).set_params(tau=0.42, levels=3)
-    est.model_, est.n_features_in_ = validated.model_, validated.n_features_in_
-    est.taus_, est.n_levels_ = validated.taus_, validated.n_levels_
-    levels = est.predict_hierarchy(x_test)
+    est = copy.deepcopy(validated).set_params(tau=0.42, levels=3)
+    result = est.hierarchy(x_test)
     assert est.level_tau(0) == est.level_tau(7) == 0.42 and est.max_levels() == 3
-    assert {st["tau"] for st in est.stats_} == {0.42} and len(levels) <= 3
+    assert {st["tau"] for st in result.stats} == {0.42} and len(result.levels) <= 3
 
 
 def test_model_directory_without_validation_still_loads(tmp_path, faces_split, trained):
@@ -83,8 +82,8 @@ def test_default_taus_per_level_round_trip(tmp_path, faces_split, trained):
     assert trained.taus_ is None and [trained.level_tau(i) for i in range(4)] == [0.9, 0.5, 0.95, 0.95]
     loaded = HiLander.load(trained.save(tmp_path / "m"))
     assert loaded.default_taus() == list(DEFAULT_TAUS) == [0.9, 0.5, 0.95]
-    loaded.predict_hierarchy(x_test)
-    assert [st["tau"] for st in loaded.stats_] == [0.9, 0.5, 0.95, 0.95][: len(loaded.stats_)]
+    stats = loaded.hierarchy(x_test).stats
+    assert [st["tau"] for st in stats] == [0.9, 0.5, 0.95, 0.95][: len(stats)]
     assert loaded.set_params(tau=0.7).level_tau(0) == loaded.level_tau(3) == 0.7  # a user's tau wins
 
 
@@ -105,11 +104,12 @@ def _blobs(n_clusters: int, size: int, dim: int, within: float, seed: int):
 def test_unsupervised_finds_clusters_at_any_scale_without_tau(within):
     x, y = _blobs(40, 30, 256, within, seed=int(within * 10))
     est = HiLander(unsupervised=True)
-    levels = est.predict_hierarchy(x)
-    taus = [st["tau"] for st in est.stats_][: len(levels)]
+    result = est.hierarchy(x)
+    levels = result.levels
+    taus = [st["tau"] for st in result.stats][: len(levels)]
     nearest = knn_graph(x, 10)[1][:, 0]
     assert 0.0 < taus[0] < np.median(nearest)  # between chance (~0 in 256 dimensions) and a nearest neighbour
-    selected = levels[est.selected_level_]
+    selected = result.labels
     np.testing.assert_array_equal(est.predict(x), selected)
     assert pairwise(y, selected)[2] > 0.95
     assert np.unique(selected).size <= 2 * 40
@@ -120,11 +120,9 @@ def test_unsupervised_finds_clusters_at_any_scale_without_tau(within):
 
 
 def test_adaptive_thresholds_follow_the_table_scale():
-    low = HiLander(unsupervised=True)
-    low.predict_hierarchy(_blobs(40, 30, 256, 0.3, seed=1)[0])
-    high = HiLander(unsupervised=True)
-    high.predict_hierarchy(_blobs(40, 30, 256, 0.8, seed=1)[0])
-    assert high.stats_[0]["tau"] > low.stats_[0]["tau"] + 0.1
+    low = HiLander(unsupervised=True).hierarchy(_blobs(40, 30, 256, 0.3, seed=1)[0])
+    high = HiLander(unsupervised=True).hierarchy(_blobs(40, 30, 256, 0.8, seed=1)[0])
+    assert high.stats[0]["tau"] > low.stats[0]["tau"] + 0.1
 
 
 def test_two_fits_with_one_seed_are_identical(faces_split, validated):

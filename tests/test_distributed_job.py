@@ -164,7 +164,8 @@ def test_graph_from_the_level_below_equals_single_process(ray_session, tmp_path,
     x, table = small_identities
     params = dict(unsupervised=True, decode="sim", knn="ivf", knn_recall=recall)
     est = HiLander(levels=3, **params)
-    ref = est.predict_hierarchy(x)
+    result = est.hierarchy(x)
+    ref = result.levels
     manifest = _run(table, tmp_path / "out", num_shards=3, max_levels=3, **params)
     got = read_levels(tmp_path / "out")
     assert len(got) == len(ref) == 3
@@ -172,7 +173,7 @@ def test_graph_from_the_level_below_equals_single_process(ray_session, tmp_path,
         np.testing.assert_array_equal(a, b)
     keys = ("knn_method", "knn_rounds", "knn_recall", "knn_coarse_recall")
     assert [{key: lv.get(key) for key in keys} for lv in manifest["levels"]] == \
-        [{key: st.get(key) for key in keys} for st in est.stats_]
+        [{key: st.get(key) for key in keys} for st in result.stats]
     methods = [lv["knn_method"] for lv in manifest["levels"]]
     assert methods == (["ivf", "exact", "coarse"] if recall == 0.8 else ["ivf", "coarse", "coarse"])
     assert manifest["levels"][1].get("knn_rounds") == (None if recall == 0.8 else 1)
@@ -345,9 +346,9 @@ def test_unsupervised_adaptive_tau_equals_single_process(ray_session, tmp_path, 
     """No tau: the job derives the core's threshold from the same seeded row sample, for any sharding."""
     from agc_ray import HiLander
 
-    est = HiLander(unsupervised=True, decode="sim", knn="exact")
-    ref = est.predict_hierarchy(job_data[0])
-    taus = [st["tau"] for st in est.stats_][: len(ref)]
+    result = HiLander(unsupervised=True, decode="sim", knn="exact").hierarchy(job_data[0])
+    ref = result.levels
+    taus = [st["tau"] for st in result.stats][: len(ref)]
     manifest = _run(job_table, tmp_path / "a", unsupervised=True, knn="exact", num_shards=3)
     got = read_levels(tmp_path / "a")
     assert len(got) == len(ref)
@@ -355,7 +356,7 @@ def test_unsupervised_adaptive_tau_equals_single_process(ray_session, tmp_path, 
         np.testing.assert_array_equal(a, b)
     assert manifest["parameters"]["tau_source"] == "adaptive"
     assert manifest["parameters"]["tau"] == pytest.approx(taus)
-    assert manifest["selected_level"] == est.selected_level_
+    assert manifest["selected_level"] == result.selected_level
 
 
 def test_long_stages_log_progress_and_nothing_louder(ray_session, tmp_path, job_table, job_model, monkeypatch, caplog):

@@ -1,10 +1,15 @@
+import copy
 import json
 
 import numpy as np
 import pytest
+import scipy.sparse
+import torch
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from agc_ray import HiLander
+from agc_ray.core.validation import check_labels
 from agc_ray.core.baselines import best_threshold
 from agc_ray.core.knn import knn_graph
 from agc_ray.metrics import pairwise
@@ -70,8 +75,12 @@ def test_small_inputs(trained):
     rng = np.random.default_rng(0)
     one = trained.predict_hierarchy(rng.standard_normal((1, 256)))
     assert len(one) == 1 and one[0].tolist() == [0]
-    few = trained.predict_hierarchy(rng.standard_normal((5, 256)))  # N <= k
-    assert len(few) >= 1 and few[0].shape == (5,)
+    # N <= k: every row's neighbours are all the others; two near-duplicate pairs and a stranger
+    a, b, c = rng.standard_normal((3, 256))
+    few = np.stack([a, a + 0.01 * rng.standard_normal(256), b, b + 0.01 * rng.standard_normal(256), c])
+    top = trained.predict(few)
+    assert top[0] == top[1] and top[2] == top[3]
+    assert len({top[0], top[2], top[4]}) == 3
 
 
 def test_identical_vectors(trained):
@@ -96,15 +105,18 @@ def test_unsupervised_mode_needs_no_labels(faces_split):
 @pytest.mark.parametrize(
     "X, y, message",
     [
-        (np.ones(10), np.zeros(10, dtype=int), r"2-D array .* got shape \(10,\)"),
-        (np.empty((0, 4)), np.empty(0, dtype=int), "has 0 rows; at least 2 required"),
+        (np.ones(10), np.zeros(10, dtype=int), "Expected 2D array, got 1D array instead"),
+        (np.empty((0, 4)), np.empty(0, dtype=int), r"0 sample\(s\) \(shape=\(0, 4\)\) while a minimum of 2 is required"),
+        (np.ones((1, 4)), np.zeros(1, dtype=int), r"1 sample\(s\) \(shape=\(1, 4\)\) while a minimum of 2 is required"),
         (np.array([[1.0, np.nan], [1.0, 2.0]]), np.array([0, 1]), "NaN or Inf in 1 rows \\(first at row 0\\)"),
         (np.array([[1.0, 2.0], [np.inf, 2.0]]), np.array([0, 1]), "NaN or Inf in 1 rows \\(first at row 1\\)"),
         (np.array([[1.0, 2.0], [0.0, 0.0]]), np.array([0, 1]), "1 all-zero rows \\(first at row 1\\)"),
         (np.ones((3, 2)), np.array([0, 1]), "different numbers of rows: 3 vs 2"),
-        (np.ones((3, 2)), np.array([0.5, 1.0, 2.0]), "integer class labels, got dtype float64"),
+        (np.ones((3, 2)), np.array([0.5, 1.0, 2.0]), "class labels .* got continuous values"),
         (np.ones((3, 2)), np.array([4, 4, 4]), "single class"),
-        (np.array([["a", "b"], ["c", "d"]]), np.array([0, 1]), "real numbers"),
+        (np.ones((3, 2)), None, "requires y to be passed"),
+        (np.array([["a", "b"], ["c", "d"]]), np.array([0, 1]), "could not convert string to float"),
+        (np.ones((2, 2)) + 1j, np.array([0, 1]), "Complex data not supported"),
     ],
 )
 def test_bad_fit_input(X, y, message):
@@ -131,9 +143,45 @@ def test_bad_params(params, message):
 def test_predict_errors(trained):
     with pytest.raises(NotFittedError, match="not fitted yet"):
         HiLander().predict(np.eye(3))
-    assert issubclass(NotFittedError, ValueError)
-    with pytest.raises(ValueError, match="X has 8 features, but HiLander was fitted with 256 features"):
+    with pytest.raises(ValueError, match="X has 8 features, but HiLander is expecting 256 features"):
         trained.predict(np.ones((4, 8)))
+    with pytest.raises(TypeError, match="Sparse data was passed"):
+        trained.predict(scipy.sparse.csr_matrix(np.ones((4, 256))))
+
+
+def test_labels_of_any_discrete_type():
+    np.testing.assert_array_equal(check_labels(np.array(["b", "a", "b"]), 3), [1, 0, 1])
+    np.testing.assert_array_equal(check_labels(np.array([2.0, 7.0, 2.0]), 3), [0, 1, 0])
+    np.testing.assert_array_equal(check_labels(np.array([7, 2, 7]), 3), [7, 2, 7])  # integers kept as they are
+
+
+def test_predict_leaves_the_estimator_unchanged(faces_split, trained):
+    _, _, x_test, _ = faces_split
+    weights = copy.deepcopy(trained.model_.state_dict())
+    for est in (trained, HiLander(unsupervised=True)):
+        before = {key: value for key, value in est.__dict__.items() if key != "model_"}
+        before = copy.deepcopy(before)
+        result = est.hierarchy(x_test[:500])
+        np.testing.assert_array_equal(est.predict(x_test[:500]), result.labels)
+        after = {key: value for key, value in est.__dict__.items() if key != "model_"}
+        assert after == before
+    assert all(torch.equal(weights[key], value) for key, value in trained.model_.state_dict().items())
+
+
+def test_clone_gives_an_unfitted_copy_of_the_parameters(trained):
+    twin = clone(trained)
+    assert twin.get_params() == trained.get_params()
+    assert not hasattr(twin, "model_")
+    with pytest.raises(NotFittedError):
+        twin.predict(np.eye(3, 256))
+
+
+def test_unsupervised_fit_clusters_its_table(faces_split):
+    _, _, x_test, _ = faces_split
+    est = HiLander(unsupervised=True, tau=0.35)
+    assert est.fit_predict(x_test[:2000]) is est.labels_
+    np.testing.assert_array_equal(est.labels_, HiLander(unsupervised=True, tau=0.35).predict(x_test[:2000]))
+    assert est.n_features_in_ == x_test.shape[1]
 
 
 def test_gat_conv_and_focal_loss_train_and_predict(faces_split):
@@ -144,3 +192,36 @@ def test_gat_conv_and_focal_loss_train_and_predict(faces_split):
     assert_coarsening(levels)
     assert np.isfinite([h["loss_conn"] for h in model.history_]).all()
     assert pairwise(y_test[:2000], levels[-1])[2] > 0.3
+
+
+#: scikit-learn's estimator checks that cannot apply, and why (both modes).
+_NOT_APPLICABLE = {
+    "check_estimators_dtypes": "its integer-cast random data has all-zero rows, which have no cosine similarity: "
+                               "HiLander refuses them by name",
+    "check_methods_sample_order_invariance": "cluster ids are numbered by row order (the clustering itself does not "
+                                             "depend on it): a permuted table gets permuted ids",
+    "check_methods_subset_invariance": "predict clusters the rows it is given together (transductive): a subset of "
+                                       "the rows is another table",
+}
+_NOT_APPLICABLE_SUPERVISED = {
+    "check_clustering": "it fits without labels; supervised HiLander learns from labelled identities",
+}
+_NOT_APPLICABLE_UNSUPERVISED = {
+    "check_clustering": "3 Gaussian blobs of 50 points in 2 dimensions around the origin: HiLander clusters "
+                        "embedding directions (cosine similarity), which 2-D blobs do not separate",
+}
+
+
+@pytest.mark.parametrize("unsupervised", [False, True])
+def test_scikit_learn_estimator_checks(unsupervised):
+    from sklearn.utils.estimator_checks import check_estimator
+
+    if unsupervised:
+        est, expected = HiLander(unsupervised=True), _NOT_APPLICABLE | _NOT_APPLICABLE_UNSUPERVISED
+    else:
+        est, expected = HiLander(epochs=1, knn="exact"), _NOT_APPLICABLE | _NOT_APPLICABLE_SUPERVISED
+    results = check_estimator(est, expected_failed_checks=expected, on_fail=None)
+    failed = {r["check_name"] for r in results if r["status"] == "failed"}
+    assert not failed, failed
+    xfailed = {r["check_name"] for r in results if r["status"] == "xfail"}
+    assert xfailed <= set(expected)

@@ -3,6 +3,7 @@
 >>> from agc_ray import HiLander
 >>> model = HiLander(k=10, epochs=4).fit(X_train, y_train)
 >>> levels = model.predict_hierarchy(X_test)   # finest level first
+>>> result = model.hierarchy(X_test)            # the same levels, per-level stats, the selected level
 >>> model.save("model_dir"); HiLander.load("model_dir").predict(X_test)
 """
 
@@ -12,25 +13,26 @@ import json
 import logging
 import os
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import validate_data
 
-from agc_ray import __version__
 from agc_ray.core.calibration import holdout_classes, select_levels
-from agc_ray.core.hierarchy import (
-    AdaptiveSchedule, adaptive_similarity_threshold, background_rows, build_hierarchy, unsupervised_parents,
-)
-from agc_ray.core.inference import DECODE_MODES, decode, score_level
-from agc_ray.core.knn import METHODS, knn_graph
+from agc_ray.core.hierarchy import build_hierarchy
+from agc_ray.core.inference import Hierarchy, LevelDecoder, decode, score_level
+from agc_ray.core.knn import knn_graph
 from agc_ray.core.lander import Lander
+from agc_ray.core.params import DEFAULTS as D
+from agc_ray.core.params import PARAMS
 from agc_ray.core.train import (
-    deterministic_training, ground_truth_graphs, self_training_graphs, to_train_graph, train_lander,
+    deterministic_training, ground_truth_graphs, self_training_graphs, to_train_graph, train_lander, training_phases,
 )
-from agc_ray.core.validation import check_param, invalid_rows
+from agc_ray.core.validation import check_labels, check_param, check_rows
 
 log = logging.getLogger("agc_ray")
 
@@ -53,45 +55,18 @@ LEGACY_TAU = 0.9
 DEFAULT_LEVELS = 10
 
 
-def check_features(X, *, name: str = "X", min_rows: int = 1) -> np.ndarray:
-    """Validate an (N, D) feature matrix and return it as float32. ValueError names the problem."""
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array of shape (n_samples, n_features), got shape {X.shape}")
-    if X.shape[0] < min_rows:
-        raise ValueError(f"{name} has {X.shape[0]} rows; at least {min_rows} required")
-    if X.shape[1] < 1:
-        raise ValueError(f"{name} has 0 features (shape {X.shape})")
-    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
-        raise ValueError(f"{name} must be real numbers, got dtype {X.dtype}")
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    nonfinite, zero = invalid_rows(X)
-    if nonfinite.size:
-        raise ValueError(f"{name} contains NaN or Inf in {nonfinite.size} rows (first at row {nonfinite[0]})")
-    if zero.size:
-        raise ValueError(f"{name} has {zero.size} all-zero rows (first at row {zero[0]}): cosine similarity is undefined")
-    return X
-
-
-def check_labels(y, n_rows: int) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise ValueError(f"y must be 1-D of shape (n_samples,), got shape {y.shape}")
-    if y.shape[0] != n_rows:
-        raise ValueError(f"X and y have different numbers of rows: {n_rows} vs {y.shape[0]}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-    if np.unique(y).size < 2:
-        raise ValueError(f"y has a single class ({y[0]}); supervised training needs at least 2")
-    return y.astype(np.int64)
-
-
-def _check_param(name, value, kind, low=None, high=None, options=None):
-    check_param(f"HiLander: {name}", value, kind, low, high, options)
+def _package_version() -> str:
+    try:
+        return metadata.version("agc_ray")
+    except metadata.PackageNotFoundError:  # a source checkout on the path, not installed
+        return "unknown"
 
 
 class HiLander(ClusterMixin, BaseEstimator):
     """Hierarchical GNN clustering (Hi-LANDER, Xing et al., ICCV 2021) of embedding vectors.
+
+    Parameters are declared once in :data:`agc_ray.core.params.PARAMS` (defaults, ranges, the jobs'
+    help); what each does:
 
     Args:
         k: neighbours per node in every level's kNN graph (not counting the node).
@@ -109,7 +84,8 @@ class HiLander(ClusterMixin, BaseEstimator):
             recall against exact search reaches it, at every IVF level); None: a fixed 16 probes.
         decode: 'prob' or 'sim' (see :func:`agc_ray.core.inference.decode`).
         early_stop: stop when a level adds more than 1/k of the previous level's edges.
-        unsupervised: cluster without labels or a model (similarity density, 'sim' decode).
+        unsupervised: cluster without labels or a model (similarity density, 'sim' decode); ``fit(X)``
+            clusters X (``labels_``) and ``predict`` needs no fit.
         conv: 'lander' (similarity-weighted mean conv) or 'gat'.
         hidden_channels, edge_channels, dropout: model sizes and raw-feature dropout.
         batch_size, lr, weight_decay: optimiser settings (AdamW, one-cycle cosine schedule).
@@ -134,37 +110,38 @@ class HiLander(ClusterMixin, BaseEstimator):
         taus_: per-level decode thresholds chosen on validation (None without validation).
         n_levels_: number of levels chosen on validation (None without validation).
         validation_: the validation pass: rows, per-level tau / Fp / Fb / clusters, seconds.
-        stats_: per-level counts and timings of the last ``predict_hierarchy`` (kNN, model
-            inference, decode, tau). ``predict_hierarchy`` sets it, nothing else.
-        selected_level_: the level of the last ``predict_hierarchy`` that ``predict`` returns.
+        labels_: unsupervised, the labels ``fit(X)`` gave X (the selected level).
+
+    ``predict`` and ``predict_hierarchy`` leave the estimator unchanged; :meth:`hierarchy` returns
+    the per-level stats and the selected level with the labels.
     """
 
     def __init__(
         self,
-        k: int = 10,
-        tau: float | None = None,
-        levels: int | None = None,
-        epochs: int = 6,
-        seed: int = 0,
-        device: str = "auto",
-        knn: str = "auto",
-        knn_recall: float | None = 0.95,
-        decode: str = "prob",
-        early_stop: bool = True,
-        unsupervised: bool = False,
-        conv: str = "lander",
-        hidden_channels: int = 128,
-        edge_channels: int = 128,
-        dropout: float = 0.5,
-        batch_size: int = 1024,
-        lr: float = 3e-3,
-        weight_decay: float = 1e-2,
-        train_levels: int = 4,
-        conn_edges: str = "all",
-        balance: bool = True,
-        focal_gamma: float = 0.0,
-        self_training: bool = True,
-        validation_fraction: float = 0.0,
+        k: int = D.k,
+        tau: float | None = D.tau,
+        levels: int | None = D.levels,
+        epochs: int = D.epochs,
+        seed: int = D.seed,
+        device: str = D.device,
+        knn: str = D.knn,
+        knn_recall: float | None = D.knn_recall,
+        decode: str = D.decode,
+        early_stop: bool = D.early_stop,
+        unsupervised: bool = D.unsupervised,
+        conv: str = D.conv,
+        hidden_channels: int = D.hidden_channels,
+        edge_channels: int = D.edge_channels,
+        dropout: float = D.dropout,
+        batch_size: int = D.batch_size,
+        lr: float = D.lr,
+        weight_decay: float = D.weight_decay,
+        train_levels: int = D.train_levels,
+        conn_edges: str = D.conn_edges,
+        balance: bool = D.balance,
+        focal_gamma: float = D.focal_gamma,
+        self_training: bool = D.self_training,
+        validation_fraction: float = D.validation_fraction,
     ):
         self.k = k
         self.tau = tau
@@ -191,32 +168,28 @@ class HiLander(ClusterMixin, BaseEstimator):
         self.self_training = self_training
         self.validation_fraction = validation_fraction
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Unsupervised, the model is the table's own similarities: predict needs no fit and no labels.
+        tags.requires_fit = not self.unsupervised
+        tags.target_tags.required = not self.unsupervised
+        return tags
+
     # -- validation ---------------------------------------------------------------------------
     def validate_params(self) -> None:
         """Check every hyper-parameter (ValueError naming the parameter, the value and the range)."""
-        _check_param("k", self.k, int, 1)
-        if self.levels is not None:
-            _check_param("levels", self.levels, int, 1)
-        _check_param("epochs", self.epochs, int, 1)
-        _check_param("seed", self.seed, int)
-        _check_param("device", self.device, None, options=("auto", "cpu", "cuda"))
-        _check_param("knn", self.knn, None, options=METHODS)
-        if self.knn_recall is not None:
-            _check_param("knn_recall", self.knn_recall, float, 0.0, 1.0)
-        _check_param("decode", self.decode, None, options=DECODE_MODES)
-        if self.tau is not None:
-            _check_param("tau", self.tau, float, -1.0 if self.decode == "sim" or self.unsupervised else 0.0, 1.0)
-        _check_param("conv", self.conv, None, options=("lander", "gat"))
-        _check_param("hidden_channels", self.hidden_channels, int, 1)
-        _check_param("edge_channels", self.edge_channels, int, 1)
-        _check_param("dropout", self.dropout, float, 0.0, 0.99)
-        _check_param("batch_size", self.batch_size, int, 1)
-        _check_param("lr", self.lr, float, 1e-8)
-        _check_param("weight_decay", self.weight_decay, float, 0.0)
-        _check_param("train_levels", self.train_levels, int, 1)
-        _check_param("conn_edges", self.conn_edges, None, options=("all", "denser"))
-        _check_param("focal_gamma", self.focal_gamma, float, 0.0)
-        _check_param("validation_fraction", self.validation_fraction, float, 0.0, 0.9)
+        for name, param in PARAMS.items():
+            param.check(f"HiLander: {name}", getattr(self, name))
+        if self.tau is not None and self.decode == "prob" and not self.unsupervised:
+            check_param("HiLander: tau", self.tau, float, 0.0, 1.0)
+
+    def _validate_X(self, X, *, reset: bool) -> np.ndarray:
+        """X as a float32 (N, D) array checked as scikit-learn checks it (2-D, dense, real, not empty,
+        the fitted feature count unless ``reset``), then per row (NaN/Inf, all-zero)."""
+        min_rows = 2 if reset and not self.unsupervised else 1
+        X = validate_data(self, X, reset=reset, dtype=np.float32, order="C", ensure_all_finite=False,
+                          ensure_min_samples=min_rows)
+        return check_rows(X)
 
     # -- decode settings per level ------------------------------------------------------------------
     def level_tau(self, level: int) -> float | None:
@@ -244,6 +217,10 @@ class HiLander(ClusterMixin, BaseEstimator):
             return int(self.levels)
         return int(getattr(self, "n_levels_", None) or DEFAULT_LEVELS)
 
+    def level_decoder(self, tau: float | None = None) -> LevelDecoder:
+        """A decoder for the levels of one hierarchy run (see :class:`LevelDecoder`)."""
+        return LevelDecoder(self, tau)
+
     def _torch_device(self) -> torch.device:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("HiLander: device='cuda' but torch sees no CUDA device")
@@ -257,24 +234,43 @@ class HiLander(ClusterMixin, BaseEstimator):
         if getattr(self, "model_", None) is None:
             raise NotFittedError("This HiLander instance is not fitted yet: call fit(X, y) or HiLander.load(path) first")
 
+    # -- the model ---------------------------------------------------------------------------------
+    def new_model(self, n_features: int) -> Lander:
+        """An untrained :class:`~agc_ray.core.lander.Lander` of this estimator's sizes for
+        ``n_features``-dimensional embeddings (the one place a Lander is built)."""
+        return Lander(n_features, self.k, hidden_channels=self.hidden_channels, edge_channels=self.edge_channels,
+                      conv=self.conv, dropout=self.dropout)
+
+    @classmethod
+    def from_weights(cls, state_dict: dict, n_features_in: int, *, history=(), **params) -> "HiLander":
+        """A fitted estimator of ``params`` around trained weights (a Lander state dict), as the
+        training job's workers and model writer build it; the weights are copied."""
+        est = cls(**params)
+        model = est.new_model(n_features_in)
+        model.load_state_dict(state_dict)
+        est.model_, est.n_features_in_, est.history_ = model.eval(), n_features_in, list(history)
+        return est
+
     # -- fit / predict ---------------------------------------------------------------------------
     def fit(self, X, y=None):
-        """Train LANDER on labelled embeddings X (N, D) with integer classes y (N,). Returns self.
+        """Train LANDER on labelled embeddings X (N, D) with class labels y (N,). Returns self.
 
         With ``validation_fraction`` > 0 a seeded share of the classes is held out of training and
         used to choose each level's tau and the number of levels (``taus_``, ``n_levels_``).
+        Unsupervised, there is nothing to train: ``fit(X)`` clusters X (``labels_``).
         """
         self.validate_params()
-        X = check_features(X, min_rows=2)
-        self.n_features_in_ = X.shape[1]
+        X = self._validate_X(X, reset=True)
         self.taus_, self.n_levels_, self.validation_ = None, None, None
         self.default_taus_ = list(DEFAULT_TAUS)
         if self.unsupervised:
             self.model_ = None
             self.history_ = []
+            self.labels_ = self.hierarchy(X).labels
             return self
         if y is None:
-            raise ValueError("HiLander.fit needs labels y (or set unsupervised=True)")
+            raise ValueError("HiLander requires y to be passed, but the target y is None: supervised training needs "
+                             "class labels (or set unsupervised=True)")
         y = check_labels(y, X.shape[0])
         t0 = time.perf_counter()
         val = holdout_classes(y, self.validation_fraction, self.seed)
@@ -294,24 +290,21 @@ class HiLander(ClusterMixin, BaseEstimator):
         torch.manual_seed(self.seed)
         device = self._torch_device()
         graphs = ground_truth_graphs(X, y, ((self.k, self.train_levels),), knn_method=self.knn, seed=self.seed)
-        model = Lander(
-            X.shape[1], self.k, hidden_channels=self.hidden_channels, edge_channels=self.edge_channels,
-            conv=self.conv, dropout=self.dropout,
-        )
+        model = self.new_model(X.shape[1])
         train_kwargs = dict(
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, balance=self.balance,
             focal_gamma=self.focal_gamma, seed=self.seed, all_edges=self.conn_edges == "all", device=device,
         )
-        first = max(1, self.epochs // 2) if self.self_training and self.epochs > 1 else self.epochs
-        self.history_ = train_lander(model, graphs, epochs=first, **train_kwargs)
-        if first < self.epochs:
+        ground_truth, own_levels = training_phases(self.epochs, self.self_training)
+        self.history_ = train_lander(model, graphs, epochs=ground_truth.epochs, **train_kwargs)
+        if own_levels is not None:
             # Higher levels at inference are built from the model's own (imperfect) merges, which the
             # ground-truth hierarchy never shows: add the model's own levels of the training data.
             self.model_ = model.cpu().eval()
             own = self.own_levels(X, y)
             log.info("self-training: %d more level graphs (%s nodes)", len(own), [g.n for g in own])
             self.history_ += train_lander(
-                model, self_training_graphs(graphs, own), epochs=self.epochs - first, refit_normalization=False,
+                model, self_training_graphs(graphs, own), epochs=own_levels.epochs, refit_normalization=False,
                 **train_kwargs,
             )
         self.model_ = model.cpu().eval()
@@ -345,52 +338,25 @@ class HiLander(ClusterMixin, BaseEstimator):
         0.751 / 0.713, size60 0.775 / 0.761, distractors 0.786 / 0.774, size20 0.797 / 0.798).
         """
         collected = []
-        tau = self.level_tau(0)
+        decoder = self.level_decoder(tau=self.level_tau(0))
         build_hierarchy(
-            X, lambda g, level: self.decode_level(g, level, tau)[0], k=self.k, levels=self.train_levels,
+            X, lambda g, level: decoder(g, level)[0], k=self.k, levels=self.train_levels,
             early_stop=False, labels=y, knn=self._knn,
             on_level=lambda level, g: collected.append(to_train_graph(g, self.k, level)) if level > 0 else None,
         )
         return collected
 
-    def decode_level(self, g, level: int, tau: float | None = None) -> tuple[np.ndarray, dict]:
-        """Parents of one level graph and what it took: ``(parent, {"tau", "inference_seconds"})``;
-        ``tau`` (default: :meth:`level_tau`) overrides the level's threshold."""
-        tau = self.level_tau(level) if tau is None else tau
-        if self.unsupervised:
-            if tau is not None:
-                return unsupervised_parents(g, tau), {"tau": tau}
-            # Level 0's rows fix the table's scale once; the levels above decode peaks on that scale
-            # (re-deriving tau_0 from a level of peaks, whose neighbours are other clusters, merged
-            # look-alikes at once).
-            if level == 0 or self._schedule is None:
-                self._schedule = AdaptiveSchedule(*adaptive_similarity_threshold(
-                    g.sim, g.x_id[background_rows(g.n, self.seed)], seed=self.seed))
-            while True:
-                tau = self._schedule.tau()
-                parent = unsupervised_parents(g, tau)
-                if self._schedule.accept(level, g.n, int((parent >= 0).sum())):
-                    return parent, {"tau": tau}
-        t0 = time.perf_counter()
-        p, density = score_level(self.model_, g, device=self._torch_device())
-        info = {"tau": tau, "inference_seconds": time.perf_counter() - t0}
-        return decode(p, density, g.nbr, g.sim, tau=tau, mode=self.decode), info
-
-    def predict_hierarchy(self, X) -> list[np.ndarray]:
-        """Cluster X (N, D): every level's (N,) int64 labels, finest first, each coarsening the last."""
+    def hierarchy(self, X) -> Hierarchy:
+        """Cluster X (N, D): every level's labels with each level's stats and the selected level."""
         self.validate_params()
         self._check_fitted()
-        X = check_features(X)
-        if getattr(self, "n_features_in_", None) is not None and X.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {X.shape[1]} features, but HiLander was fitted with {self.n_features_in_} features"
-            )
+        X = self._validate_X(X, reset=False)
         torch.manual_seed(self.seed)
+        decoder = self.level_decoder()
         stats, infos, knn_infos = [], [], []
-        self._schedule = None
 
         def decode_level(g, level):
-            parent, info = self.decode_level(g, level)
+            parent, info = decoder(g, level)
             infos.append(info)
             return parent
 
@@ -403,23 +369,23 @@ class HiLander(ClusterMixin, BaseEstimator):
         )
         for level_stats, info, knn_info in zip(stats, infos, knn_infos):
             level_stats.update(knn_info, **info)
-        self.stats_ = stats
-        # Unsupervised with the adaptive thresholds: the schedule's selected level (one step below
-        # tau_0, the table's best guess); the levels above are coarser options. Otherwise the top
-        # level (validated depth, or user's).
-        adaptive = self.unsupervised and self.tau is None
-        self.selected_level_ = min(self._schedule.selected_level, len(levels) - 1) if adaptive else len(levels) - 1
-        return levels
+        return Hierarchy(levels, stats, decoder.selected_level(len(levels)))
+
+    def predict_hierarchy(self, X) -> list[np.ndarray]:
+        """Cluster X (N, D): every level's (N,) int64 labels, finest first, each coarsening the last."""
+        return self.hierarchy(X).levels
 
     def predict(self, X) -> np.ndarray:
-        """The (N,) int64 labels of the selected level (``selected_level_``): the top level, which is
-        the depth chosen on validation when there was one; unsupervised without tau, the last level decoded
-        one step below the table's own threshold (see :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`)."""
-        levels = self.predict_hierarchy(X)
-        return levels[self.selected_level_]
+        """The (N,) int64 labels of the selected level: the top level, which is the depth chosen on
+        validation when there was one; unsupervised without tau, the last level decoded one step below
+        the table's own threshold (see :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`)."""
+        return self.hierarchy(X).labels
 
     def fit_predict(self, X, y=None):
-        return self.fit(X, y).predict(X)
+        """Fit, then cluster X: unsupervised, ``labels_``; supervised, ``predict(X)`` of the model
+        trained on X and y."""
+        self.fit(X, y)
+        return self.labels_ if self.unsupervised else self.predict(X)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -430,7 +396,7 @@ class HiLander(ClusterMixin, BaseEstimator):
         params = self.get_params()
         config = {
             "format": "agc_ray.HiLander",
-            "agc_ray_version": __version__,
+            "agc_ray_version": _package_version(),
             "params": params,
             "n_features_in": getattr(self, "n_features_in_", None),
             "history": getattr(self, "history_", []),
@@ -457,6 +423,14 @@ class HiLander(ClusterMixin, BaseEstimator):
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{cfg_file} is not a valid HiLander config: {e}") from e
         est = cls(**params)
+        if not est.unsupervised:
+            weights = path / WEIGHTS_FILE
+            if not weights.is_file():
+                raise ValueError(f"{path}: {WEIGHTS_FILE} not found")
+            est = cls.from_weights(torch.load(weights, map_location="cpu", weights_only=True),
+                                   config.get("n_features_in"), **params)
+        else:
+            est.model_ = None
         est.n_features_in_ = config.get("n_features_in")
         est.history_ = config.get("history", [])
         # Directories saved before the validation pass have none: their params carry tau and levels.
@@ -465,15 +439,4 @@ class HiLander(ClusterMixin, BaseEstimator):
         est.n_levels_ = est.validation_["levels"] if est.validation_ else None
         # Directories saved before the per-level defaults were trained class-balanced at every level.
         est.default_taus_ = config.get("default_taus", [LEGACY_TAU])
-        est.model_ = None
-        if not est.unsupervised:
-            weights = path / WEIGHTS_FILE
-            if not weights.is_file():
-                raise ValueError(f"{path}: {WEIGHTS_FILE} not found")
-            model = Lander(
-                est.n_features_in_, est.k, hidden_channels=est.hidden_channels,
-                edge_channels=est.edge_channels, conv=est.conv, dropout=est.dropout,
-            )
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-            est.model_ = model.eval()
         return est

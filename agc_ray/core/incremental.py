@@ -406,13 +406,13 @@ def hierarchy_state(est, X) -> tuple[list[np.ndarray], list[BaseLevel], list[flo
     est._check_fitted()
     x = unit_rows(np.asarray(X))
     states, taus = [], []
-    est._schedule = None
+    decoder = est.level_decoder()
     torch.manual_seed(est.seed)
 
     def decode_level(g, level):
         p = None
         if est.unsupervised:
-            parent, info = est.decode_level(g, level)
+            parent, info = decoder(g, level)
             density, tau = similarity_density(g.nbr, g.sim).numpy(), info["tau"]
         else:
             tau = est.level_tau(level)

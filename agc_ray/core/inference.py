@@ -6,18 +6,26 @@
    and the edge features; then the parameter-free density and the decode.
 
 Memory: the projections are (n, 3 edge_channels); h is never held for all nodes.
+
+:class:`LevelDecoder` decodes the levels of one hierarchy run of an estimator (with or without a
+model), and :class:`Hierarchy` is what the run returns.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from agc_ray.core.graph import mean_valid
-from agc_ray.core.hierarchy import LevelGraph, select_parents
+from agc_ray.core.hierarchy import (
+    AdaptiveSchedule, LevelGraph, adaptive_similarity_threshold, background_rows, select_parents, unsupervised_parents,
+)
 from agc_ray.core.lander import Lander, predicted_density
+from agc_ray.core.params import DECODE_MODES
 
-DECODE_MODES = ("prob", "sim")
 _CHUNK = 4096
 
 
@@ -94,3 +102,64 @@ def decode(p, density, nbr, sim, *, tau: float, mode: str = "prob") -> np.ndarra
         raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
     score = p if mode == "prob" else torch.as_tensor(sim)
     return select_parents(score, nbr, density, threshold=tau)
+
+
+@dataclass
+class Hierarchy:
+    """One clustering of a table: every level's (N,) int64 labels (finest first, each coarsening the
+    last), each level's counts and timings (kNN, model inference, decode, tau), and the level that
+    ``predict`` returns."""
+
+    levels: list[np.ndarray]
+    stats: list[dict]
+    selected_level: int
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The selected level's labels (what ``predict`` returns)."""
+        return self.levels[self.selected_level]
+
+
+class LevelDecoder:
+    """Parents of the levels of one hierarchy run: ``decoder(graph, level) -> (parent, info)`` with
+    ``info`` the level's ``tau`` (and ``inference_seconds`` with a model).
+
+    Unsupervised without a tau, level 0's rows fix the table's threshold schedule once
+    (:class:`~agc_ray.core.hierarchy.AdaptiveSchedule`), which the levels above decode on; the
+    schedule belongs to the run, not to the estimator. ``tau``: one threshold for every level
+    (default: the estimator's per-level :meth:`HiLander.level_tau`).
+    """
+
+    def __init__(self, est, tau: float | None = None):  # est: a HiLander
+        self.est = est
+        self.tau = tau
+        self.schedule: AdaptiveSchedule | None = None
+
+    def __call__(self, g, level: int) -> tuple[np.ndarray, dict]:
+        est = self.est
+        tau = est.level_tau(level) if self.tau is None else self.tau
+        if est.unsupervised:
+            if tau is not None:
+                return unsupervised_parents(g, tau), {"tau": tau}
+            # Re-deriving tau_0 from a level of peaks, whose neighbours are other clusters, merged
+            # look-alikes at once: the levels above decode peaks on level 0's scale.
+            if level == 0 or self.schedule is None:
+                self.schedule = AdaptiveSchedule(*adaptive_similarity_threshold(
+                    g.sim, g.x_id[background_rows(g.n, est.seed)], seed=est.seed))
+            while True:
+                tau = self.schedule.tau()
+                parent = unsupervised_parents(g, tau)
+                if self.schedule.accept(level, g.n, int((parent >= 0).sum())):
+                    return parent, {"tau": tau}
+        t0 = time.perf_counter()
+        p, density = score_level(est.model_, g, device=est._torch_device())
+        info = {"tau": tau, "inference_seconds": time.perf_counter() - t0}
+        return decode(p, density, g.nbr, g.sim, tau=tau, mode=est.decode), info
+
+    def selected_level(self, n_levels: int) -> int:
+        """The level ``predict`` returns out of ``n_levels``: unsupervised with the adaptive thresholds,
+        the schedule's (one step below tau_0, the table's best guess; the levels above are coarser
+        options); otherwise the top level (validated depth, or the user's)."""
+        if self.est.unsupervised and self.est.tau is None and self.schedule is not None:
+            return min(self.schedule.selected_level, n_levels - 1)
+        return n_levels - 1

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agc_ray.core.graph import N_EDGE_FEATURES, aggregation_weights, mean_valid, weighted_neighbor_mean
+from agc_ray.core.params import DEFAULTS
 
 
 def node_inputs(x_id: torch.Tensor, x_mean: torch.Tensor, nbr: torch.Tensor, sim: torch.Tensor, rows: torch.Tensor):
@@ -131,6 +132,12 @@ class GATLanderConv(nn.Module):
         self.lin_rel = nn.Linear(2 * rel_channels, out_channels, bias=False)
         self.norm = nn.LayerNorm(out_channels)
 
+    def reset_parameters(self):
+        self.gat.reset_parameters()
+        self.lin_self.reset_parameters()
+        self.lin_rel.reset_parameters()
+        self.norm.reset_parameters()
+
     def forward(self, u_src, u_dst, edge_index, edge_sim, rel):
         u_src = F.dropout(u_src, self.dropout, self.training)
         u_dst = F.dropout(u_dst, self.dropout, self.training)
@@ -156,7 +163,8 @@ class EdgeHead(nn.Module):
         forward: proj_j (S, k, 3 hidden), proj_i (S, 3 hidden), f (S, k, F) -> logits (S, k).
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int = 128, n_edge_features: int = N_EDGE_FEATURES):
+    def __init__(self, in_channels: int, hidden_channels: int = DEFAULTS.edge_channels,
+                 n_edge_features: int = N_EDGE_FEATURES):
         super().__init__()
         self.hidden_channels = hidden_channels
         self.proj = nn.Linear(in_channels, 3 * hidden_channels)
@@ -167,6 +175,12 @@ class EdgeHead(nn.Module):
             nn.PReLU(hidden_channels),
             nn.Linear(hidden_channels, 1),
         )
+
+    def reset_parameters(self):
+        self.proj.reset_parameters()
+        self.feat.reset_parameters()
+        for layer in self.mlp:
+            layer.reset_parameters()
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h)
@@ -206,18 +220,18 @@ class Lander(nn.Module):
         dropout: dropout on the raw-feature input of the conv.
 
     Shapes:
-        embed: lander: inputs (M, 4D) -> h (M, hidden); gat: see :class:`GATLanderConv`.
-        edge_logits: h_dst (S, hidden), h_src (S, k, hidden) or their projections, f (S, k, F) -> (S, k).
+        embed: x_id, x_mean (N, D), nbr, sim (N, k), rows (M,) -> h (M, hidden).
+        edge_logits: h (M, hidden), seeds (S,), nbr_local (S, k), f (S, k, F) -> (S, k).
     """
 
     def __init__(
         self,
         in_features: int,
         k: int,
-        hidden_channels: int = 256,
-        edge_channels: int = 128,
-        conv: str = "lander",
-        dropout: float = 0.5,
+        hidden_channels: int = DEFAULTS.hidden_channels,
+        edge_channels: int = DEFAULTS.edge_channels,
+        conv: str = DEFAULTS.conv,
+        dropout: float = DEFAULTS.dropout,
     ):
         super().__init__()
         self.k = k
@@ -225,17 +239,29 @@ class Lander(nn.Module):
             raise ValueError(f"Lander: conv must be 'lander' or 'gat', got {conv!r}")
         self.in_features = in_features
         self.conv_type = conv
-        if conv == "lander":
-            self.conv = LanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
-        else:
-            self.conv = GATLanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
-        self.edge_head = EdgeHead(hidden_channels, edge_channels)
-        # Input standardisation (fitted on the training graphs by `fit_normalization`): similarities
-        # vary by a few hundredths, which an unscaled first layer learns from slowly.
-        self.register_buffer("feat_mean", torch.zeros(N_EDGE_FEATURES))
-        self.register_buffer("feat_std", torch.ones(N_EDGE_FEATURES))
-        self.register_buffer("rel_mean", torch.zeros(2 * k))
-        self.register_buffer("rel_std", torch.ones(2 * k))
+        # Built on the meta device, then initialised once by reset_parameters (PyG's convention): each
+        # weight is drawn once, in construction order, as the layers' own constructors would draw it.
+        with torch.device("meta"):
+            if conv == "lander":
+                self.conv = LanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
+            else:
+                self.conv = GATLanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
+            self.edge_head = EdgeHead(hidden_channels, edge_channels)
+            # Input standardisation (fitted on the training graphs by `fit_normalization`): similarities
+            # vary by a few hundredths, which an unscaled first layer learns from slowly.
+            self.register_buffer("feat_mean", torch.empty(N_EDGE_FEATURES))
+            self.register_buffer("feat_std", torch.empty(N_EDGE_FEATURES))
+            self.register_buffer("rel_mean", torch.empty(2 * k))
+            self.register_buffer("rel_std", torch.empty(2 * k))
+        self.to_empty(device="cpu")
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Fresh weights and the identity standardisation."""
+        self.conv.reset_parameters()
+        self.edge_head.reset_parameters()
+        for buffer, value in ((self.feat_mean, 0.0), (self.feat_std, 1.0), (self.rel_mean, 0.0), (self.rel_std, 1.0)):
+            buffer.fill_(value)
 
     @torch.no_grad()
     def fit_normalization(self, feats: torch.Tensor, rel: torch.Tensor) -> None:

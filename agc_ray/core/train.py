@@ -22,6 +22,7 @@ import torch
 from agc_ray.core.hierarchy import LevelGraph, build_hierarchy, ground_truth_parents
 from agc_ray.core.knn import knn_graph
 from agc_ray.core.lander import Lander, connectivity_loss, ground_truth_density, predicted_density
+from agc_ray.core.params import DEFAULTS
 
 log = logging.getLogger("agc_ray")
 
@@ -233,14 +234,14 @@ def train_lander(
     graphs: list[TrainGraph],
     *,
     epochs: int,
-    batch_size: int = 4096,
-    lr: float = 3e-3,
-    weight_decay: float = 1e-5,
-    balance: bool = True,
-    focal_gamma: float = 0.0,
-    seed: int = 0,
+    batch_size: int = DEFAULTS.batch_size,
+    lr: float = DEFAULTS.lr,
+    weight_decay: float = DEFAULTS.weight_decay,
+    balance: bool = DEFAULTS.balance,
+    focal_gamma: float = DEFAULTS.focal_gamma,
+    seed: int = DEFAULTS.seed,
     progress: bool = False,
-    all_edges: bool = False,
+    all_edges: bool = DEFAULTS.conn_edges == "all",
     device: torch.device | str = "cpu",
     refit_normalization: bool = True,
 ) -> list[dict]:
@@ -284,3 +285,23 @@ def train_lander(
         history.append(rec)
         log.info("epoch %d/%d: conn %.4f den %.4f (%.1fs)", epoch + 1, epochs, rec["loss_conn"], rec["loss_den"], rec["seconds"])
     return history
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Epochs ``start`` (0-based) to ``stop`` (exclusive) of one training phase."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def epochs(self) -> int:
+        return self.stop - self.start
+
+
+def training_phases(epochs: int, self_training: bool) -> tuple[Phase, Phase | None]:
+    """The training schedule: the first half of the epochs on the ground-truth levels, the rest with
+    the model's own levels added (``None`` without self-training or with a single epoch)."""
+    first = max(1, epochs // 2) if self_training and epochs > 1 else epochs
+    return Phase(0, 0, first), (Phase(1, first, epochs) if first < epochs else None)

@@ -42,3 +42,35 @@ def invalid_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nonfinite = np.flatnonzero(~np.isfinite(X).all(axis=1))
     zero = np.flatnonzero(~X.any(axis=1))
     return nonfinite, zero
+
+
+def check_rows(X: np.ndarray, *, name: str = "X") -> np.ndarray:
+    """``X`` unchanged; ValueError naming the count and the first row with NaN/Inf or all zeros (an
+    all-zero embedding has no cosine similarity)."""
+    nonfinite, zero = invalid_rows(X)
+    if nonfinite.size:
+        raise ValueError(f"{name} contains NaN or Inf in {nonfinite.size} rows (first at row {nonfinite[0]})")
+    if zero.size:
+        raise ValueError(f"{name} has {zero.size} all-zero rows (first at row {zero[0]}): cosine similarity is undefined")
+    return X
+
+
+def check_labels(y, n_rows: int) -> np.ndarray:
+    """Class labels (N,) as int64: integers as they are, other discrete labels (strings, integral
+    floats) as their index in the sorted unique values. ValueError for continuous targets, a length
+    that differs from X's, or a single class."""
+    from sklearn.utils.multiclass import type_of_target
+
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D of shape (n_samples,), got shape {y.shape}")
+    if y.shape[0] != n_rows:
+        raise ValueError(f"X and y have different numbers of rows: {n_rows} vs {y.shape[0]}")
+    kind = type_of_target(y, input_name="y", raise_unknown=True)
+    if kind not in ("binary", "multiclass"):
+        raise ValueError(f"y must hold class labels (integers or strings), got {kind} values of dtype {y.dtype}")
+    if np.unique(y).size < 2:
+        raise ValueError(f"y has a single class ({y[0]}); supervised training needs at least 2")
+    if np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    return np.unique(y, return_inverse=True)[1].astype(np.int64)
