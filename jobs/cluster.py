@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--decode", choices=("prob", "sim"), help="decode on edge probabilities or similarities")
     m.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
                    help="disable the early-stop rule (E_prev / E < k)")
+    m.add_argument("--knn-recall-sample", type=int, metavar="ROWS",
+                   help="rows whose neighbours are searched exactly to tune the IVF search to --knn-recall and report "
+                        "its recall (default: 1000; 0: no tuning, 16 cells, no recall reported)")
     m.add_argument("--seed", type=int, help="seed of the IVF training sample")
     m.add_argument("--num-shards", type=int, help="node shards (default 0: one per CPU of the Ray cluster)")
     io_.add_argument("--dry-run", action="store_true",
@@ -102,15 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-JOB_KEYS = ("input", "output", "overwrite", "previous", "id_column", "embedding_column", "label_column", "model",
-            "unsupervised", "k", "tau", "max_levels", "knn", "knn_recall", "decode", "early_stop", "seed", "num_shards", "assign_state")
+def job_keys() -> tuple[str, ...]:
+    """The job's settings: JobConfig's fields (each has a flag above, YAML keys by the same names)."""
+    from agc_ray.distributed.job import JobConfig
+
+    return tuple(JobConfig.fields())
 
 
 def load_config(path: str) -> dict:
     """The YAML file as a dict of option names (``no-early-stop: true`` becomes ``early_stop: False``)."""
     from agc_ray.distributed.config import load_options
 
-    out = load_options(path, JOB_KEYS + ("num_cpus", "no_early_stop", "no_assign_state"))
+    out = load_options(path, job_keys() + ("num_cpus", "no_early_stop", "no_assign_state"))
     if "no_early_stop" in out:
         out["early_stop"] = not out.pop("no_early_stop")
     if "no_assign_state" in out:
@@ -123,7 +129,7 @@ def job_config(args: argparse.Namespace):
     from agc_ray.distributed.job import JobConfig
 
     values = load_config(args.config) if args.config else {}
-    for name in JOB_KEYS + ("num_cpus",):
+    for name in job_keys() + ("num_cpus",):
         flag = getattr(args, name, None)
         if flag is not None:
             values[name] = flag

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 
+#: Help of the job's own settings; the model's come with their declaration (agc_ray.core.params).
 _HELP = {
     "input": "input table: Parquet file, directory or glob, local or s3:// (required)",
     "output": "output model directory, local (required)",
@@ -44,29 +45,8 @@ _HELP = {
     "resume": "continue the run's latest checkpoint (an interrupted run)",
     "overwrite": "replace an existing non-empty output directory",
     "val_fraction": "fraction of classes held out for validation (0: none)",
-    "epochs": "training epochs",
-    "k": "neighbours per node",
-    "tau": "decode threshold at every level, used for validation clustering and saved with the model (None: 0.9 at level 0, 0.5 at level 1, 0.95 above)",
-    "levels": "maximum hierarchy levels when clustering",
-    "seed": "seed of the split, weights, batch order and dropout",
-    "knn": "kNN method: auto, exact, ivf, hnsw",
-    "decode": "decode mode: prob or sim",
-    "early_stop": "early-stop rule when clustering",
-    "conv": "graph conv: lander or gat",
-    "hidden_channels": "node embedding size",
-    "edge_channels": "edge MLP width",
-    "dropout": "dropout on the raw-feature input",
     "batch_size": "global batch of seed nodes per step (each worker takes 1/N)",
-    "lr": "peak learning rate (AdamW, one-cycle cosine)",
-    "weight_decay": "AdamW weight decay",
-    "train_levels": "hierarchy levels trained on (ground truth: levels 0-1; self-training: own levels up to this)",
-    "conn_edges": "linkage loss on 'all' edges or 'denser' ones",
-    "balance": "class-balanced linkage loss at level 0 (levels above keep their own class shares)",
-    "focal_gamma": "focal loss gamma (0: plain BCE)",
-    "self_training": "second half of the epochs also on the model's own levels",
 }
-#: Options whose default is None (so their type cannot be read off the default).
-_OPTIONAL_TYPES = {"tau": float}
 _GROUPS = {
     "input/output": ("input", "output", "id_column", "embedding_column", "label_column", "overwrite"),
     "distribution": ("num_workers", "use_gpu", "cpus_per_worker", "storage_path", "run_name", "checkpoint_every",
@@ -75,7 +55,8 @@ _GROUPS = {
 
 
 def build_parser():
-    from agc_ray.distributed.train import TrainJobConfig, config_fields
+    from agc_ray.core.params import PARAMS
+    from agc_ray.distributed.train import TrainJobConfig, config_fields, flag
 
     defaults = TrainJobConfig()
     parser = argparse.ArgumentParser(
@@ -93,14 +74,14 @@ def build_parser():
     groups = {name: parser.add_argument_group(name) for name in (*_GROUPS, "model and optimiser")}
     for name, f in config_fields().items():
         group = next((groups[g] for g, names in _GROUPS.items() if name in names), groups["model and optimiser"])
-        flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        help_text = f"{_HELP.get(name, '')} (default: {default})"
+        param = PARAMS.get(name)
+        help_text = f"{_HELP.get(name) or param.help} (default: {default})"
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            kind = _OPTIONAL_TYPES.get(name) or {int: int, float: float}.get(type(default), str)
-            group.add_argument(flag, type=kind, default=default, help=help_text, metavar=name.upper())
+            kind = param.kind if param else {int: int, float: float}.get(type(default), str)
+            group.add_argument(flag(name), type=kind, default=default, help=help_text, metavar=name.upper())
     return parser
 
 

@@ -238,13 +238,22 @@ def test_config_file_and_flags_win(ray_session, job_table, tmp_path, job_model, 
     assert rc == 2 and "unknown option 'bogus_option'" in lines[0]
 
 
-def test_help_documents_every_option(capsys):
+def test_every_setting_has_a_flag_and_is_documented(capsys):
+    """Each JobConfig field is set by a flag (the flag's destination is the field's name), and --help
+    documents each flag of the parser."""
+    from agc_ray.distributed.job import JobConfig
+
+    parser = cli.build_parser()
+    dests = {action.dest: action for action in parser._actions}
+    assert set(JobConfig.fields()) <= set(dests), set(JobConfig.fields()) - set(dests)
     assert cli.main(["--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--input", "--output", "--model", "--unsupervised", "--k", "--tau", "--max-levels", "--knn",
-                 "--knn-recall", "--num-shards", "--seed", "--config", "--overwrite", "--id-column", "--embedding-column",
-                 "--label-column", "assignments/level=L", "manifest.json"):
-        assert flag in text
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in text, flag
+    for name in ("--previous", "--decode", "--no-early-stop", "--num-cpus", "--knn-recall-sample",
+                 "assignments/level=L", "manifest.json"):
+        assert name in text
 
 
 def test_demo_runs(ray_session, tmp_path, monkeypatch, capsys):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from agc_ray.core.train import training_phases
 from agc_ray.distributed.train import (
     InputError,
     TrainJobConfig,
-    _phases,
     data_fingerprint,
     epoch_batches,
     rank_share,
@@ -26,8 +26,8 @@ def test_epoch_batches_are_identical_per_seed_and_epoch_and_cover_every_node():
     graphs = [_G(1000), _G(130)]
     a, b = epoch_batches(graphs, 256, seed=3, epoch=1), epoch_batches(graphs, 256, seed=3, epoch=1)
     assert [(gi, s.tolist()) for gi, s in a] == [(gi, s.tolist()) for gi, s in b]
-    assert [gi for gi, _ in a] != [gi for gi, _ in epoch_batches(graphs, 256, seed=3, epoch=2)] or not torch.equal(
-        a[0][1], epoch_batches(graphs, 256, seed=3, epoch=2)[0][1])
+    other_epoch = epoch_batches(graphs, 256, seed=3, epoch=2)
+    assert [(gi, s.tolist()) for gi, s in a] != [(gi, s.tolist()) for gi, s in other_epoch]
     for gi, g in enumerate(graphs):
         seen = torch.cat([s for i, s in a if i == gi])
         assert sorted(seen.tolist()) == list(range(g.n))
@@ -55,11 +55,18 @@ def test_split_by_class_holds_out_whole_classes():
     assert not split_by_class(y, 0.0, seed=0).any()
 
 
-def test_phases_follow_the_core_schedule():
-    assert [(p.start, p.stop) for p in _phases(6, True)] == [(0, 3), (3, 6)]
-    assert [(p.start, p.stop) for p in _phases(3, True)] == [(0, 1), (1, 3)]
-    assert [(p.start, p.stop) for p in _phases(1, True)] == [(0, 1)]
-    assert [(p.start, p.stop) for p in _phases(4, False)] == [(0, 4)]
+def test_phases_are_the_ones_hilander_fit_trains(faces_split):
+    """The worker runs core.train.training_phases; HiLander.fit's history shows the same split (each
+    phase's epochs numbered from 1)."""
+    from agc_ray import HiLander
+
+    x_train, y_train, _, _ = faces_split
+    for epochs, self_training in ((3, True), (2, False)):
+        est = HiLander(epochs=epochs, self_training=self_training, batch_size=512).fit(x_train[:1500], y_train[:1500])
+        phases = [p for p in training_phases(epochs, self_training) if p is not None]
+        assert [h["epoch"] for h in est.history_] == [e + 1 for p in phases for e in range(p.epochs)]
+        assert sum(p.epochs for p in phases) == epochs and phases[0].start == 0
+    assert [(p.start, p.stop) for p in training_phases(6, True)] == [(0, 3), (3, 6)]
 
 
 def test_fingerprint_depends_on_every_column():
@@ -85,12 +92,12 @@ def test_config_validation_names_the_flag(field, value, message):
 
 
 def test_model_dir_replaced_meanwhile_is_a_conflict(tmp_path):
-    from agc_ray.core.lander import Lander
+    from agc_ray import HiLander
     from agc_ray.distributed.commit import OutputConflict
     from agc_ray.distributed.train import check_output, write_model_dir
 
     cfg = TrainJobConfig(input="unused", output=str(tmp_path / "model"), overwrite=True, hidden_channels=8)
-    model = Lander(4, cfg.k, hidden_channels=8, edge_channels=cfg.edge_channels, conv=cfg.conv, dropout=cfg.dropout)
+    model = HiLander(**cfg.model_params()).new_model(4)
     state = {"model": model.state_dict(), "history": []}
     (tmp_path / ".model.staging-0123456789ab").mkdir()  # a killed run's staging: removed by the next check
     loser_saw, winner_saw = check_output(cfg), check_output(cfg)  # two runs start on an empty output
