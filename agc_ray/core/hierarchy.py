@@ -305,7 +305,7 @@ BACKGROUND_PAIRS = 100_000
 
 def background_rows(n: int, seed: int) -> np.ndarray:
     """The sorted row sample of :func:`adaptive_similarity_threshold` for an n-row table."""
-    from agc_ray.core.knn import sample_rows
+    from agc_ray.core.recall import sample_rows
 
     return sample_rows(n, BACKGROUND_ROWS, seed)
 

@@ -30,10 +30,10 @@ import numpy as np
 from agc_ray.core.cells import CellLists, cell_probes
 from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
-from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, exact_kth,
-                              ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_blocks,
-                              missed_target_goes_exact, probe_cap, recall_at, recall_rows, resolve_method, to_gpu,
-                              tune_nprobe, use_gpu)
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, ivf_centroids,
+                              ivf_index, ivf_nlist, ivf_train_rows, missed_target_goes_exact, probe_blocks,
+                              resolve_method, to_gpu, use_gpu)
+from agc_ray.core.recall import exact_kth, kth_without_self, probe_cap, recall_at, recall_rows, tune_nprobe
 from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import lazy_remote
@@ -287,7 +287,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         seed: seed of the IVF training sample and k-means.
         recall_sample: rows whose neighbours are checked against exact search (approximate search only).
         recall_target: with ``recall_sample`` rows, the IVF cells probed are raised until their recall
-            reaches it (:func:`agc_ray.core.knn.tune_nprobe`); None: :data:`~agc_ray.core.knn.IVF_NPROBE`.
+            reaches it (:func:`agc_ray.core.recall.tune_nprobe`); None: :data:`~agc_ray.core.knn.IVF_NPROBE`.
         stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows,
             ``IVF_SEARCH_CHUNK`` with IVF).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
@@ -478,7 +478,7 @@ def _refine_rows(offsets, lo: int, hi: int, graph, *x_parts):
 
 @lazy_remote(num_cpus=0.5)
 def _exact_kth(rows, k: int, *x_parts):
-    """:func:`~agc_ray.core.knn.exact_kth` over the whole table (the shards concatenated: the same product)."""
+    """:func:`~agc_ray.core.recall.exact_kth` over the whole table (the shards concatenated: the same product)."""
     return exact_kth(np.concatenate(x_parts), rows, k)
 
 
@@ -551,7 +551,7 @@ def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
 
 @lazy_remote(num_cpus=0.5)
 def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, centroids, target, nlist, n, probes):
-    """:func:`agc_ray.core.knn.tune_nprobe` over the sharded index: ``(nprobe, recall)``."""
+    """:func:`agc_ray.core.recall.tune_nprobe` over the sharded index: ``(nprobe, recall)``."""
     kth = kth_without_self(exact_sim, exact_nbr, sample_rows, k)  # an IVF index has more than k rows
 
     def search_sample(nprobe):
