@@ -318,7 +318,8 @@ def test_index_actors_serve_every_level(ray_session, job_data):
     search for the earlier level (a lost graph being reconstructed) still searches that level's rows."""
     from agc_ray.core.knn import knn_graph, l2_normalize
     from agc_ray.distributed.io import shard_bounds
-    from agc_ray.distributed.knn import MergedIndex, index_actors, sharded_knn_graph
+    from agc_ray.distributed.index import MergedIndex, index_actors
+    from agc_ray.distributed.knn import sharded_knn_graph
 
     x = l2_normalize(job_data[0])
     upper = x[::5]  # another "level": other rows, other offsets
