@@ -34,8 +34,8 @@ def run(n: int, dim: int, regime: str, faiss16: bool, per_cell: list[int]) -> di
     import faiss
 
     from agc_ray.core import knn
-    from agc_ray.core.knn import (cell_graph, ivf_centroids, ivf_index, ivf_train_rows, knn_recall, sample_rows, search,
-                                  unit_rows)
+    from agc_ray.core.knn import cell_graph, ivf_centroids, ivf_index, ivf_train_rows, knn_recall, search, unit_rows
+    from agc_ray.core.recall import sample_rows
     from agc_ray.core.synthetic import make_faces
 
     x = unit_rows(make_faces(n, dim=dim, seed=0, **REGIMES[regime])[0])

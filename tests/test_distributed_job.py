@@ -264,7 +264,8 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
     Kept: a table over the exact-search bound (5000 rows here) keeps its IVF graph below the target,
     says so in its info and warns."""
     from agc_ray.core import knn as core_knn
-    from agc_ray.core.knn import RECALL_SAMPLE, knn_graph, l2_normalize
+    from agc_ray.core.knn import knn_graph, l2_normalize
+    from agc_ray.core.recall import RECALL_SAMPLE
     from agc_ray.core.synthetic import make_faces
     from agc_ray.distributed.io import shard_bounds
     from agc_ray.distributed import knn as sharded
@@ -318,7 +319,8 @@ def test_index_actors_serve_every_level(ray_session, job_data):
     search for the earlier level (a lost graph being reconstructed) still searches that level's rows."""
     from agc_ray.core.knn import knn_graph, l2_normalize
     from agc_ray.distributed.io import shard_bounds
-    from agc_ray.distributed.knn import MergedIndex, index_actors, sharded_knn_graph
+    from agc_ray.distributed.index import MergedIndex, index_actors
+    from agc_ray.distributed.knn import sharded_knn_graph
 
     x = l2_normalize(job_data[0])
     upper = x[::5]  # another "level": other rows, other offsets

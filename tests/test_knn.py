@@ -86,7 +86,7 @@ def test_unit_rows_copies_only_when_needed():
 
 @pytest.mark.parametrize("n,size", [(10, 3), (100, 90), (100, 200), (1_000_000, 5000)])
 def test_sample_rows_distinct_sorted_seeded(n, size):
-    from agc_ray.core.knn import sample_rows
+    from agc_ray.core.recall import sample_rows
 
     rows = sample_rows(n, size, seed=3)
     assert rows.size == min(n, size)
@@ -99,7 +99,7 @@ def test_sample_rows_uniform_and_small():
     """Every row equally likely; memory follows the sample, not n (no arange(n) at n = 10^8)."""
     import tracemalloc
 
-    from agc_ray.core.knn import sample_rows
+    from agc_ray.core.recall import sample_rows
 
     counts = np.zeros(500)
     for seed in range(2000):
@@ -187,7 +187,7 @@ def test_tuned_graph_is_deterministic_and_default_target_is_used():
 
 def test_probe_cap_bounds_the_rows_a_query_scans():
     """An eighth of the cells, and no more than IVF_MAX_SCAN_ROWS rows a query once the table's size is known."""
-    from agc_ray.core.knn import IVF_MAX_SCAN_ROWS, probe_cap
+    from agc_ray.core.recall import IVF_MAX_SCAN_ROWS, probe_cap
 
     assert probe_cap(1024) == probe_cap(1024, 100_000) == 128  # 98 rows a cell: the share binds
     assert probe_cap(16384) == 2048
@@ -197,7 +197,7 @@ def test_probe_cap_bounds_the_rows_a_query_scans():
 
 
 def test_tune_nprobe_ladder():
-    from agc_ray.core.knn import tune_nprobe
+    from agc_ray.core.recall import tune_nprobe
 
     kth = np.full(4, 0.5, dtype=np.float32)
     tried = []
@@ -306,7 +306,8 @@ def test_recall_sample_is_independent_of_the_ivf_training_sample(monkeypatch, pe
     more easily): their overlap is what two independent samples share, not the whole recall sample
     (drawn from one stream, 956 of 1000 rows were training rows at 32 a cell)."""
     from agc_ray.core import knn
-    from agc_ray.core.knn import ivf_train_rows, recall_rows
+    from agc_ray.core.knn import ivf_train_rows
+    from agc_ray.core.recall import recall_rows
 
     monkeypatch.setattr(knn, "IVF_TRAIN_PER_CELL", per_cell)
     for n in (300_000, 1_000_000):

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 
 from agc_ray.core.graph import edge_features
-from agc_ray.core.hierarchy import canonical_labels
+from agc_ray.core.hierarchy import canonical_labels, weak_components
 from agc_ray.metrics.clustering import pairwise
 
 
@@ -26,9 +25,7 @@ def components_of_edges(nbr: np.ndarray, keep: np.ndarray) -> np.ndarray:
     n = nbr.shape[0]
     keep = keep & (nbr >= 0)
     rows = np.repeat(np.arange(n), keep.sum(axis=1))
-    graph = sp.csr_matrix((np.ones(rows.size, dtype=np.int8), (rows, nbr[keep])), shape=(n, n))
-    _, comp = connected_components(graph, directed=True, connection="weak")
-    return canonical_labels(comp)
+    return canonical_labels(weak_components(rows, nbr[keep], n))
 
 
 def threshold_components(nbr: np.ndarray, sim: np.ndarray, threshold: float) -> np.ndarray:

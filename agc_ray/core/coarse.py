@@ -143,7 +143,7 @@ def coarse_graph(x: np.ndarray, nbr: np.ndarray, comp: np.ndarray, k: int, *, re
         x: (C, D) unit float32 features of the clusters.
         nbr: (n, k_L) the level-L graph; comp: (n,) cluster of each level-L node.
         k: neighbours per cluster.
-        recall: target recall@k, measured after each round on :func:`~agc_ray.core.knn.recall_rows`
+        recall: target recall@k, measured after each round on :func:`~agc_ray.core.recall.recall_rows`
             against exact search; None: :data:`MAX_ROUNDS` rounds, nothing measured.
         info: filled with ``knn_method`` ('coarse'), ``knn_rounds`` and ``knn_recall``.
 
@@ -151,7 +151,7 @@ def coarse_graph(x: np.ndarray, nbr: np.ndarray, comp: np.ndarray, k: int, *, re
         ``(nbr, sim)`` (C, k), or None when ``recall`` was not reached (``info`` then holds the recall
         reached: the caller searches another way).
     """
-    from agc_ray.core.knn import RECALL_SAMPLE, exact_kth, recall_at, recall_rows
+    from agc_ray.core.recall import RECALL_SAMPLE, exact_kth, recall_at, recall_rows
 
     c = x.shape[0]
     x = np.ascontiguousarray(x, dtype=np.float32)

@@ -118,6 +118,28 @@ def canonical_labels(labels: np.ndarray) -> np.ndarray:
     return rank[inverse.ravel()]
 
 
+def weak_components(src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray:
+    """Weakly connected components of the directed edges ``src[e] -> dst[e]`` over nodes ``0..n-1``.
+
+    The one graph-to-components step of the forest decode, the local and global union-find of the
+    sharded job and the baselines' edge components. Components are numbered as scipy numbers them;
+    :func:`canonical_labels` renumbers them by first node.
+
+    Shapes:
+        src, dst (E,) int -> comp (n,) int32.
+    """
+    graph = sp.csr_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
+    return connected_components(graph, directed=True, connection="weak")[1]
+
+
+def forest_peaks(comp: np.ndarray, parent: np.ndarray) -> np.ndarray:
+    """(C,) int64 root of each component ``comp`` (numbered 0..C-1) of a parent forest (-1: a root)."""
+    roots = np.flatnonzero(parent < 0)
+    peaks = np.empty(int(comp.max()) + 1 if comp.size else 0, dtype=np.int64)
+    peaks[comp[roots]] = roots
+    return peaks
+
+
 def forest_components(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Clusters of a parent forest: connected components, numbered by their first node.
 
@@ -125,15 +147,9 @@ def forest_components(parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ``(comp, peaks)``: comp (n,) int64 cluster of each node; peaks (C,) the root node of each
         cluster (the node with no parent; exactly one per tree).
     """
-    n = parent.shape[0]
     child = np.flatnonzero(parent >= 0)
-    graph = sp.csr_matrix((np.ones(child.size, dtype=np.int8), (child, parent[child])), shape=(n, n))
-    n_comp, comp = connected_components(graph, directed=True, connection="weak")
-    comp = canonical_labels(comp)
-    roots = np.flatnonzero(parent < 0)
-    peaks = np.empty(n_comp, dtype=np.int64)
-    peaks[comp[roots]] = roots
-    return comp, peaks
+    comp = canonical_labels(weak_components(child, parent[child], parent.shape[0]))
+    return comp, forest_peaks(comp, parent)
 
 
 def aggregate(g: LevelGraph, comp: np.ndarray, peaks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -289,7 +305,7 @@ BACKGROUND_PAIRS = 100_000
 
 def background_rows(n: int, seed: int) -> np.ndarray:
     """The sorted row sample of :func:`adaptive_similarity_threshold` for an n-row table."""
-    from agc_ray.core.knn import sample_rows
+    from agc_ray.core.recall import sample_rows
 
     return sample_rows(n, BACKGROUND_ROWS, seed)
 

@@ -15,7 +15,8 @@ Methods:
   queries), on GPU by faiss' ``IndexIVFFlat``. Recall is a property of the data as much as of the index
   (0.98 with 16 probes on one table, 0.80 on another): given a recall target, the cells probed per
   query are raised until the recall measured on a seeded sample against exact search reaches it
-  (:func:`tune_nprobe`), so easy tables are searched with few probes and hard ones with many.
+  (:func:`~agc_ray.core.recall.tune_nprobe`), so easy tables are searched with few probes and hard
+  ones with many.
 - ``hnsw``: ``IndexHNSWFlat``; fast to build, but its multi-threaded construction is not
   deterministic, so it is offered but never chosen by ``auto``.
 - ``auto``: exact up to ``exact_max_rows`` rows, ivf above.
@@ -30,6 +31,9 @@ import logging
 import math
 
 import numpy as np
+
+from agc_ray.core.recall import (IVF_MAX_SCAN_ROWS, RECALL_SAMPLE, exact_kth, probe_cap, recall_at, recall_rows,
+                                 sample_rows, tune_nprobe)
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +79,6 @@ def use_gpu(device: str) -> bool:
 IVF_NPROBE = 16
 #: Default recall@k target of the approximate search, measured against exact search.
 KNN_RECALL = 0.95
-#: Rows whose neighbours are searched exactly to measure recall (seeded: the same rows for any sharding).
-RECALL_SAMPLE = 1000
-#: Smallest number of probes tried by :func:`tune_nprobe`; each step doubles it.
-NPROBE_START = 4
-#: Largest share of the cells an IVF search probes. Scanning cells costs several times more per row than
-#: the exact search's matrix products (measured here: 16 probes of 1024 cells at 100K rows took 1/7 of
-#: the exact search's time, 256 probes as long as it), so a table that needs more is searched exactly.
-IVF_MAX_PROBE_SHARE = 1 / 8
-#: Most rows one query scans (probes x rows per cell) while the probes are raised. The share above alone
-#: grows with the table: at 10M x 128 rows the tuning climbed to 2048 of 16384 cells (1.25M rows a
-#: query, days of search on 2 cores) and its probe lists got the job's workers OOM-killed. At 3M x 128
-#: of make_faces (8192 cells) this cap is 178 probes: recall 0.935 of a 0.95 target, 25 minutes.
-IVF_MAX_SCAN_ROWS = 65_536
 #: Largest table searched exactly when the IVF search misses the recall target with its most probes.
 #: Exact search costs N^2 D (1M x 256 rows: about half an hour on 2 cores); above it the IVF graph is
 #: kept, and its measured recall is logged as a warning and reported (``knn_recall_target_met``).
@@ -99,40 +90,11 @@ def ivf_nlist(n: int) -> int:
     return int(min(2 ** round(math.log2(max(4 * math.sqrt(n), 16))), max(16, n // 39)))
 
 
-def sample_rows(n: int, size: int, seed: int | tuple[int, ...]) -> np.ndarray:
-    """``min(size, n)`` distinct rows of ``range(n)``, uniformly at random (seeded), sorted.
-
-    Memory is O(size), not O(n): ``Generator.choice(n, replace=False)`` permutes all n rows once the
-    sample is over 2 % of them (800 MB at n = 10^8 for the IVF training sample).
-    """
-    rng = np.random.default_rng(seed)
-    if size >= n:
-        return np.arange(n, dtype=np.int64)
-    if 4 * size > n:
-        return np.sort(rng.choice(n, size=size, replace=False))
-    # Draws with replacement, deduplicated and topped up, then cut to size at random: every step is
-    # symmetric in the rows, so every subset of that size is equally likely.
-    rows = np.unique(rng.integers(0, n, size=size + size // 8 + 64))
-    while rows.size < size:
-        rows = np.unique(np.concatenate([rows, rng.integers(0, n, size=size - rows.size + 64)]))
-    return np.sort(rng.choice(rows, size=size, replace=False))
-
-
 #: Rows of the IVF training sample per cell. The k-means costs (sample x cells x D) per iteration; a
 #: coarser quantizer makes the recall target probe more cells or the lists less even. Measured at 1M x
 #: 256 on two regimes (benchmarks/bench_knn.py --train-per-cell): 64 a cell 85-88 s of k-means, 32
 #: a cell half that with the same probes and search time, 16 a cell uneven lists (search 1.6x slower).
 IVF_TRAIN_PER_CELL = 32
-
-
-def recall_rows(n: int, size: int, seed: int) -> np.ndarray:
-    """The seeded rows whose neighbours are searched exactly to measure (and tune) recall.
-
-    Drawn from a stream of their own: with the IVF training sample's stream the two samples overlap,
-    and rows the quantizer was trained on find their neighbours more easily (measured: recall 0.967 on
-    the overlapping sample, 0.945 on independent rows).
-    """
-    return sample_rows(n, size, (seed, 1))
 
 
 def ivf_train_rows(n: int, seed: int) -> np.ndarray | None:
@@ -292,12 +254,12 @@ def knn_graph(
             real neighbours and the rest padded with -1 / 0.
         method: 'auto', 'exact', 'ivf' or 'hnsw' (see module docstring).
         seed: seed of the IVF training sample and k-means.
-        nprobe: IVF cells probed per query; default: tuned to ``recall`` (:func:`tune_nprobe`), or
-            :data:`IVF_NPROBE` when ``recall`` is None.
+        nprobe: IVF cells probed per query; default: tuned to ``recall``
+            (:func:`~agc_ray.core.recall.tune_nprobe`), or :data:`IVF_NPROBE` when ``recall`` is None.
         device: 'auto', 'cpu' or 'cuda' (faiss-gpu).
         normalize: L2-normalise rows first (set False when ``x`` already has unit rows).
-        recall: recall@k target of the IVF search, measured on :data:`RECALL_SAMPLE` seeded rows
-            against exact search; None: probe ``nprobe`` cells, measure nothing.
+        recall: recall@k target of the IVF search, measured on :data:`~agc_ray.core.recall.RECALL_SAMPLE`
+            seeded rows against exact search; None: probe ``nprobe`` cells, measure nothing.
         info: if given, filled with ``knn_method`` and, for IVF, ``knn_nprobe`` and (with a recall
             target) the ``knn_recall`` measured.
         below: ``(nbr, comp)`` when the rows of ``x`` are the clusters of a level below: its graph and
@@ -401,9 +363,10 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
 
 def _tuned_nprobe(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample,
                   info: dict | None) -> int | None:
-    """:func:`tune_nprobe` on the seeded :func:`recall_rows` of ``x``; ``search_sample(nprobe, rows)``
-    searches those rows. The probes chosen, or None when the target is out of IVF's reach on a table
-    small enough to search exactly (``info`` then says so; the caller searches exactly)."""
+    """:func:`~agc_ray.core.recall.tune_nprobe` on the seeded :func:`~agc_ray.core.recall.recall_rows`
+    of ``x``; ``search_sample(nprobe, rows)`` searches those rows. The probes chosen, or None when the
+    target is out of IVF's reach on a table small enough to search exactly (``info`` then says so; the
+    caller searches exactly)."""
     n = x.shape[0]
     rows = recall_rows(n, RECALL_SAMPLE, seed)
     nprobe, measured = tune_nprobe(lambda p: search_sample(p, rows), exact_kth(x, rows, k), recall, nlist, n)
@@ -445,70 +408,6 @@ def set_nprobe(index, nprobe: int) -> None:
         index.nprobe = int(nprobe)
     else:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
-
-
-def exact_kth(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """(len(rows),) exact k-th best similarity of each sampled row to the other rows of unit ``x``.
-
-    Brute force over ``x`` in place (``faiss.knn``: no copy of the table). With n <= k rows the
-    (n - 1)-th is returned.
-    """
-    import faiss
-
-    n = x.shape[0]
-    n_true = min(k, n - 1)
-    sim, idx = faiss.knn(np.ascontiguousarray(x[rows]), x, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
-    return kth_without_self(sim, idx, rows, n_true)
-
-
-def kth_without_self(sim: np.ndarray, idx: np.ndarray, rows: np.ndarray, n_true: int) -> np.ndarray:
-    """The ``n_true``-th best of each row of an exact (Q, k + 1) result that includes the queries
-    themselves (``rows``), their self match dropped."""
-    sim = np.where(idx == np.asarray(rows)[:, None], -np.inf, sim)
-    return -np.sort(-sim, axis=1)[:, n_true - 1]
-
-
-def recall_at(found_sim: np.ndarray, found_valid: np.ndarray, kth: np.ndarray) -> float:
-    """Share of found neighbours (Q, k) whose similarity reaches the exact k-th best ``kth`` (Q,).
-
-    Similarity, not identity: ties and duplicate vectors make neighbour identity ambiguous.
-    """
-    q, k = found_sim.shape
-    if q == 0 or k == 0:
-        return 1.0
-    return float(((found_sim >= kth[:, None] - 1e-5) & found_valid).sum() / (q * k))
-
-
-def probe_cap(nlist: int, n: int = 0, start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> int:
-    """The most cells :func:`tune_nprobe` probes: ``max_share`` of ``nlist`` and, for a table of ``n``
-    rows (0: unknown), no more than :data:`IVF_MAX_SCAN_ROWS` rows a query; at least ``start``."""
-    cap = int(nlist * max_share)
-    if n > 0:
-        cap = min(cap, IVF_MAX_SCAN_ROWS * nlist // n)
-    return max(1, min(nlist, max(start, cap)))
-
-
-def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0,
-                start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> tuple[int, float]:
-    """The fewest probes (``start``, doubled each step, up to :func:`probe_cap`) whose recall reaches
-    ``target``; the last tried when none does (see :func:`missed_target_goes_exact`).
-
-    ``search_sample(nprobe) -> (nbr, sim)`` searches the sampled rows with that many probes ((Q, k),
-    -1 where a row found fewer), ``kth`` (Q,) their exact k-th best similarity, ``n`` the table's rows.
-    With every cell probed an IVF search is exhaustive, but slower than exact search long before that.
-
-    Returns:
-        ``(nprobe, recall measured with it)``.
-    """
-    cap = probe_cap(nlist, n, start, max_share)
-    nprobe = min(start, cap)
-    while True:
-        nbr, sim = search_sample(nprobe)
-        measured = recall_at(sim, nbr >= 0, kth)
-        log.debug("IVF nprobe %d: recall %.4f (target %.3f)", nprobe, measured, target)
-        if measured >= target or nprobe >= cap:
-            return nprobe, measured
-        nprobe = min(2 * nprobe, cap)
 
 
 def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int, nlist: int, *,

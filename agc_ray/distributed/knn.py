@@ -1,10 +1,13 @@
 """An index sharded across Ray actors, searched with a top-k merge.
 
-Every shard actor holds the rows of one contiguous range of nodes (IVF: grouped by cell and searched
-cell by cell as the core does, :class:`agc_ray.core.cells.CellLists`; exact or on GPU: a faiss index). A query block is searched against
-every shard for its k + 1 best, the candidates are merged by decreasing similarity (stable, so ties go
-to the lower shard) and :func:`agc_ray.core.knn.search` removes the self match exactly as on a single
-index. With ``exact`` search the graph therefore equals a single ``IndexFlatIP``'s.
+Every shard actor (:mod:`agc_ray.distributed.index`) holds the rows of one contiguous range of nodes
+(IVF: grouped by cell and searched cell by cell as the core does, :class:`agc_ray.core.cells.CellLists`;
+exact or on GPU: a faiss index). A query block is searched against every shard for its k + 1 best, the
+candidates are merged by decreasing similarity (stable, so ties go to the lower shard) and
+:func:`agc_ray.core.knn.drop_self` removes the self match exactly as on a single index. With ``exact``
+search the graph therefore equals a single ``IndexFlatIP``'s. The driver calls the actors with the refs
+it owns (a shard, its rows' cells), and tasks merge their results, taken as arguments: no task puts or
+waits on an actor (see :func:`agc_ray.distributed.level.shard_inputs`).
 
 ``ivf``: the coarse quantizer is trained once, on the same seeded sample of rows that
 :func:`agc_ray.core.knn.build_index` uses (:func:`~agc_ray.core.knn.ivf_train_rows`,
@@ -27,241 +30,20 @@ import time
 
 import numpy as np
 
-from agc_ray.core.cells import CellLists, cell_probes
+from agc_ray.core.cells import cell_probes
 from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
-from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, exact_kth,
-                              ivf_centroids, ivf_index, ivf_nlist, ivf_train_rows, kth_without_self, probe_blocks,
-                              missed_target_goes_exact, probe_cap, recall_at, recall_rows, resolve_method, to_gpu,
-                              tune_nprobe, use_gpu)
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, ivf_centroids, ivf_nlist,
+                              ivf_train_rows, missed_target_goes_exact, probe_blocks, resolve_method)
+from agc_ray.core.recall import exact_kth, kth_without_self, probe_cap, recall_at, recall_rows, tune_nprobe
 from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
+from agc_ray.distributed.index import index_actors, merge_topk, shard_searches
 from agc_ray.distributed.remote import lazy_remote
 
 log = logging.getLogger("agc_ray")
 
 JOB_METHODS = ("auto", "exact", "ivf")
-ADD_CHUNK = 65536  # rows per index.add: progress while a shard's index is built
-
-
-class ShardIndex:
-    """The index over one shard's unit rows (global ids ``offset + local row``): IVF cell lists searched
-    cell by cell (:class:`~agc_ray.core.cells.CellLists`, as the core searches), a faiss index on GPU or
-    for exact search.
-
-    Held by a :class:`ShardIndexActor`, which rebuilds it from the (reconstructed) shard object when
-    Ray restarts the actor on a node loss.
-
-    Args:
-        x: (n_s, D) unit rows of the shard.
-        offset: global id of the shard's first row.
-        method: 'exact' or 'ivf'.
-        centroids: (nlist, D) shared IVF centroids (ivf only).
-        nprobe: IVF cells probed per query.
-        probes: (ivf) the shard rows' best cells, :func:`~agc_ray.core.cells.cell_probes` of consecutive
-            row chunks (column 0: each row's cell).
-    """
-
-    def __init__(self, x: np.ndarray, offset: int, method: str, centroids: np.ndarray | None = None, nprobe: int = 0,
-                 probes: list | None = None, report=None):
-        import faiss
-
-        self.offset, self.x, self.centroids = int(offset), x, centroids
-        gpu = use_gpu("auto")  # a GPU actor with faiss-gpu
-        if method == "ivf" and not gpu:
-            cells = np.concatenate([p[:, 0] for p in probes]) if probes else np.zeros(0, dtype=np.int64)
-            self.index = CellLists(x, cells, centroids.shape[0], offset)
-            if report is not None:
-                report(x.shape[0])
-            return
-        index = faiss.IndexFlatIP(x.shape[1]) if method == "exact" else ivf_index(centroids, nprobe)
-        if gpu:
-            index = to_gpu(index)
-        for lo in range(0, x.shape[0], ADD_CHUNK):  # same index as one add; ``report`` gets each chunk's rows
-            index.add(np.ascontiguousarray(x[lo:lo + ADD_CHUNK], dtype=np.float32))
-            if report is not None:
-                report(min(ADD_CHUNK, x.shape[0] - lo))
-        self.index = index
-
-    def ready(self) -> int:
-        """Rows indexed (a call to wait for the constructor)."""
-        return self.index.ntotal
-
-    def search(self, queries: np.ndarray, kk: int, exact: bool = False, probes=None) -> tuple[np.ndarray, np.ndarray]:
-        """``(sim, global ids)`` of the kk best rows of this shard for each query (-1 padded).
-
-        ``probes``: (Q, nprobe) the queries' IVF cells, best first, computed once for all shards.
-        """
-        import faiss
-
-        if isinstance(self.index, CellLists) and not exact:
-            return self.index.search(queries, probes, kk)  # global ids already
-        if probes is not None and not exact and isinstance(self.index, faiss.IndexIVF):
-            self.index.nprobe = probes.shape[1]  # the cells probed are the caller's (a tuned number)
-            sim, idx = self.index.search_preassigned(queries, kk, np.ascontiguousarray(probes, dtype=np.int64), None)
-        elif exact and not isinstance(self.index, (faiss.IndexFlatIP, getattr(faiss, "GpuIndexFlatIP", ()))):
-            sim, idx = FlatView(self.x).search(queries, kk)
-        else:
-            sim, idx = self.index.search(queries, kk)
-        return sim, np.where(idx >= 0, idx + self.offset, -1)
-
-
-class ShardIndexActor:
-    """Ray actor holding one :class:`ShardIndex`, built on first use from the refs that each call carries.
-
-    Not from constructor arguments: Ray does not lineage-count actor creation arguments that live in
-    the object store (ray-project/ray#53727), so a restarted actor could not get them back, and Ray
-    says so with an error-level line. Every call brings ``source = [x_ref, centroids_ref, offset,
-    method, nprobe]`` (refs the driver owns, nested so that they stay refs); a restarted actor (a node
-    lost) rebuilds the same index on its next call, from lineage if the shard was lost too.
-
-    One actor serves every level of a job (an actor is a process: starting one per shard and level
-    cost seconds per level): a call whose source differs from the index held rebuilds it, so a late
-    call for an earlier level (Ray reconstructing a lost graph) still searches that level's rows.
-    """
-
-    def __init__(self):
-        self.index: ShardIndex | None = None
-        self.key = None
-
-    @staticmethod
-    def _key(source: list):
-        def key(v):
-            if isinstance(v, list):
-                return tuple(key(u) for u in v)
-            return v.hex() if hasattr(v, "hex") and not isinstance(v, (int, float, str)) else v
-
-        return key(source)
-
-    def _index(self, source: list, progress=None) -> ShardIndex:
-        key = self._key(source)
-        if self.index is None or self.key != key:
-            import ray
-
-            from agc_ray.distributed.progress import reporter
-
-            self.index = None  # the last level's index goes before the next is built
-            x, centroids, offset, method, nprobe, probes = (ray.get(v) if isinstance(v, (ray.ObjectRef, list)) else v
-                                                            for v in source)
-            self.index = ShardIndex(x, offset, method, centroids, nprobe, probes,
-                                    report=reporter(*progress) if progress else None)
-            self.key = key
-        return self.index
-
-    def build(self, source: list, progress=None) -> int:
-        """Build the index (rows added reported to ``progress = (counter, stage)``); rows indexed."""
-        return self._index(source, progress).ready()
-
-    def search(self, source: list, queries: np.ndarray, kk: int, exact: bool = False, probes=None):
-        """:meth:`ShardIndex.search`."""
-        return self._index(source).search(queries, kk, exact, probes)
-
-    def release(self) -> None:
-        """Drop the index (its cell lists are a copy of the shard's rows) once the level's graph is
-        complete; a later call for this level (Ray reconstructing a lost graph) rebuilds it."""
-        self.index, self.key = None, None
-
-    def ivf_state(self):
-        """``(centroids, IVF cell of each shard row)`` for the output's assignment state; None if not IVF
-        (or if the actor was restarted and has not rebuilt its index)."""
-        from agc_ray.distributed.state import ivf_state
-
-        if self.index is None:
-            return None
-        if isinstance(self.index.index, CellLists):
-            return self.index.centroids, self.index.index.cells().astype(np.int32)
-        return ivf_state(self.index.index)
-
-
-class MergedIndex:
-    """Looks like a faiss index to :func:`agc_ray.core.knn.search`; searches every shard actor.
-
-    ``actors``: ``(actor, source)`` pairs of :func:`index_actors`.
-    """
-
-    def __init__(self, actors, exact: bool = False, centroids: np.ndarray | None = None, nprobe: int = 0):
-        self.actors = actors
-        self.exact = exact
-        self.centroids = None if exact else centroids
-        self.nprobe = nprobe
-
-    def search(self, queries: np.ndarray, kk: int, probes: np.ndarray | None = None):
-        """``(sim, ids)`` (Q, kk) over every shard; ``probes`` (Q, >= nprobe): the queries' best cells,
-        computed here (once for all shards) when not given."""
-        import ray
-
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        qref = ray.put(queries)
-        assign = None
-        if self.centroids is not None:
-            if probes is None or probes.shape[1] < self.nprobe:
-                probes = cell_probes(queries, self.centroids, self.nprobe)
-            assign = ray.put(np.ascontiguousarray(probes[:, :self.nprobe]))
-        parts = ray.get([a.search.remote(source, qref, kk, self.exact, assign) for a, source in self.actors])
-        return merge_topk([p[0] for p in parts], [p[1] for p in parts], kk)
-
-
-def merge_topk(sims: list[np.ndarray], ids: list[np.ndarray], kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard results (each (Q, kk), sorted) into the global kk best, stable in shard order.
-
-    Shapes:
-        sims, ids: S arrays of (Q, kk) -> (Q, kk) float32 similarities, (Q, kk) int64 ids.
-    """
-    sim = np.concatenate(sims, axis=1)
-    idx = np.concatenate(ids, axis=1)
-    sim = np.where(idx >= 0, sim, -np.inf).astype(np.float32)
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :kk]
-    out_sim = np.take_along_axis(sim, order, axis=1)
-    out_idx = np.take_along_axis(idx, order, axis=1)
-    out_sim[out_idx < 0] = -np.finfo(np.float32).max
-    return out_sim, out_idx
-
-
-def search_shard(x_q: np.ndarray, query_ids, actors, k: int, exact: bool = False, centroids=None, nprobe: int = 0,
-                 probes: np.ndarray | None = None):
-    """kNN graph rows of the queries ``x_q`` (global ids ``query_ids``: an array, or the first of
-    consecutive ids), self excluded: ``(nbr, sim)`` of shape (Q, k). ``probes``: their best IVF cells."""
-    if np.isscalar(query_ids):
-        query_ids = np.arange(x_q.shape[0], dtype=np.int64) + int(query_ids)
-    sim, idx = MergedIndex(actors, exact, centroids, nprobe).search(x_q, k + 1, probes)
-    return drop_self(idx, sim, query_ids)
-
-
-# -- the sharded search, as Ray tasks and actors ----------------------------------------------------
-def index_actors(x_refs: list, offsets: np.ndarray, method: str, centroids, nprobe: int, *,
-                 probe_refs: list | None = None, stage: str = "kNN index", counter=None,
-                 actors: list | None = None) -> list:
-    """One :class:`ShardIndexActor` per node shard (GPU actors when the cluster has GPUs; restartable).
-
-    ``probe_refs``: (ivf) per shard, the refs of its row chunks' best cells (:func:`_cell_probes`).
-    ``actors``: actors of an earlier level to reuse (the first ones, one per shard; new ones are
-    started for shards beyond them). Returns ``(actor, source)`` pairs, ``source`` the refs that the
-    actor's calls carry. The build's progress is shown under ``stage`` (rows added, reported to
-    ``counter`` if given).
-    """
-    import ray
-
-    shards = len(x_refs)
-    actors = list(actors or [])[:shards]
-    if len(actors) < shards:
-        resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0.0)
-        # num_cpus=0: the actors compute only while the search tasks (which hold CPUs) wait on them, and
-        # they stay alive after the kNN stage (Ray may need them to reconstruct a lost graph object):
-        # reserving CPUs would starve the scoring tasks of the level.
-        cls = ray.remote(ShardIndexActor).options(
-            num_cpus=0, scheduling_strategy="SPREAD",
-            num_gpus=min(1.0, gpus / shards) if gpus else 0,
-            max_restarts=3, max_task_retries=3,
-        )
-        actors += [cls.remote() for _ in range(shards - len(actors))]
-    probe_refs = probe_refs or [[] for _ in x_refs]
-    pairs = [(a, [x, centroids, int(offsets[s]), method, nprobe, list(probe_refs[s])])
-             for s, (a, x) in enumerate(zip(actors, x_refs))]
-    builds = [a.build.remote(source, progress=(counter, stage) if counter else None) for a, source in pairs]
-    progress.wait(builds, stage, rows=np.diff(offsets).astype(int).tolist(), counter=counter)
-    ray.get(builds)
-    return pairs
 
 
 SEARCH_CHUNK = 16384  # query rows per search task: enough tasks for progress lines, few enough for overheads
@@ -287,7 +69,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         seed: seed of the IVF training sample and k-means.
         recall_sample: rows whose neighbours are checked against exact search (approximate search only).
         recall_target: with ``recall_sample`` rows, the IVF cells probed are raised until their recall
-            reaches it (:func:`agc_ray.core.knn.tune_nprobe`); None: :data:`~agc_ray.core.knn.IVF_NPROBE`.
+            reaches it (:func:`agc_ray.core.recall.tune_nprobe`); None: :data:`~agc_ray.core.knn.IVF_NPROBE`.
         stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows,
             ``IVF_SEARCH_CHUNK`` with IVF).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
@@ -343,13 +125,14 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     if measure:  # the sample's exact neighbours: for the tuning (before the search) or the recall (after)
         rows = recall_rows(n, recall_sample, seed)
         queries = _gather.remote(offsets, rows, *x_refs)
-        exact_nbr, exact_sim = _search_shard_exact.remote(queries, pairs, k)
+        # the sample's own rows are in the results; the recall uses the k-th best of k + 1
+        exact_nbr, exact_sim = _merge.remote(len(pairs), k + 1, None, *shard_searches(pairs, queries, k + 1, True))
         if recall_target is not None:
             t0 = time.perf_counter()
             chunk_starts = np.array([offsets[s] + lo for s, lo, _ in chunks] + [n], dtype=np.int64)
             sample_probes = _gather.remote(chunk_starts, rows, *probes)
-            nprobe, info["knn_recall"] = ray.get(_tune_nprobe.remote(
-                queries, rows, exact_nbr, exact_sim, pairs, k, centroids, recall_target, nlist, n, sample_probes))
+            nprobe, info["knn_recall"] = _tune_nprobe(queries, rows, exact_nbr, exact_sim, pairs, k, recall_target,
+                                                      nlist, n, sample_probes)
             if info["knn_recall"] >= recall_target:
                 log.info("%s: %d of %d IVF cells probed for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage,
                          nprobe, nlist, info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
@@ -361,8 +144,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     elif self_joined:
         return self_join(x_refs, offsets, k, stage), info, [a for a, _ in pairs]
     probe_pairs = IVF_PROBE_PAIRS if method == "ivf" else SEARCH_CHUNK  # exact: one call (nprobe 0)
-    results = [_search_rows.remote(x_refs[s], lo, hi, int(offsets[s]), pairs, k, centroids, nprobe, method == "exact",
-                                   probes[c] if method == "ivf" else None, probe_pairs)
+    results = [_search_rows(x_refs[s], lo, hi, int(offsets[s]), pairs, k, nprobe, method == "exact",
+                            probes[c] if method == "ivf" else None, probe_pairs)
                for c, (s, lo, hi) in enumerate(chunks)]
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
     graph, _ = lv.concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
@@ -478,7 +261,7 @@ def _refine_rows(offsets, lo: int, hi: int, graph, *x_parts):
 
 @lazy_remote(num_cpus=0.5)
 def _exact_kth(rows, k: int, *x_parts):
-    """:func:`~agc_ray.core.knn.exact_kth` over the whole table (the shards concatenated: the same product)."""
+    """:func:`~agc_ray.core.recall.exact_kth` over the whole table (the shards concatenated: the same product)."""
     return exact_kth(np.concatenate(x_parts), rows, k)
 
 
@@ -516,26 +299,39 @@ def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int):
     return cell_probes(x_shard[lo:hi], centroids, nprobe)
 
 
-@lazy_remote(num_cpus=0.5, num_returns=2)
-def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, centroids=None, nprobe: int = 0,
-                 exact: bool = False, probes=None, probe_pairs: int | None = None):
-    """kNN graph rows of queries ``lo:hi`` of one shard (the shard and the rows' best cells are direct
-    arguments: lineage), searched in calls of at most ``probe_pairs`` (row, probed cell) pairs
+def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, nprobe: int = 0, exact: bool = False,
+                 probes=None, probe_pairs: int | None = None):
+    """Refs to the kNN graph rows ``(nbr, sim)`` of queries ``lo:hi`` of one shard: every index actor
+    searches them, in calls of at most ``probe_pairs`` (row, probed cell) pairs
     (:func:`~agc_ray.core.knn.probe_blocks`; default: one call; rows are searched on their own, so
-    any split gives the same rows)."""
+    any split gives the same rows), and a :func:`_merge` task merges the calls' results.
+
+    The driver calls the actors with refs it owns (the shard ``x_shard`` and the rows' best cells
+    ``probes``), so that no task waits on the actors while it holds a CPU, and no task puts.
+    """
     blocks = probe_blocks(lo, hi, nprobe, probe_pairs) if probe_pairs else [(lo, hi)]
-    parts = [search_shard(x_shard[a:b], offset + a, actors, k, exact, centroids, nprobe,
-                          None if probes is None else probes[a - lo:b - lo])
-             for a, b in blocks]
-    if len(parts) == 1:
-        return parts[0]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    found = [ref for a, b in blocks
+             for ref in shard_searches(actors, x_shard, k + 1, exact, probes, nprobe, (a, b), (a - lo, b - lo))]
+    return _merge.remote(len(actors), k + 1, offset + lo, *found)
 
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
-def _search_shard_exact(queries, actors, k):
-    sim, idx = MergedIndex(actors, exact=True).search(queries, k + 1)
-    return idx, sim  # the sample's own rows are in the results; the recall uses the k-th best of k + 1
+def _merge(shards: int, kk: int, first_id, *found):
+    """The index actors' results ``found`` merged (:func:`~agc_ray.distributed.index.merge_topk`): one
+    ``(sim, ids)`` per shard for each block of queries, blocks in row order, shards in shard order.
+
+    ``first_id``: the global id of the first query (consecutive rows) or each query's id (an array), whose
+    self match is dropped (:func:`~agc_ray.core.knn.drop_self`): ``(nbr, sim)`` (Q, kk - 1); None: the
+    merged ``(ids, sim)`` (Q, kk), self matches kept.
+    """
+    blocks = [found[b:b + shards] for b in range(0, len(found), shards)]
+    sim, idx = (np.concatenate(parts) for parts in zip(*[merge_topk([f[0] for f in blk], [f[1] for f in blk], kk)
+                                                         for blk in blocks]))
+    if first_id is None:
+        return idx, sim
+    if np.isscalar(first_id):
+        first_id = np.arange(idx.shape[0], dtype=np.int64) + int(first_id)
+    return drop_self(idx, sim, first_id)
 
 
 @lazy_remote(num_cpus=0.5)
@@ -549,12 +345,21 @@ def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
     return recall_at(sim[sample_rows, :n_true], nbr[sample_rows, :n_true] >= 0, kth)
 
 
-@lazy_remote(num_cpus=0.5)
-def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, centroids, target, nlist, n, probes):
-    """:func:`agc_ray.core.knn.tune_nprobe` over the sharded index: ``(nprobe, recall)``."""
-    kth = kth_without_self(exact_sim, exact_nbr, sample_rows, k)  # an IVF index has more than k rows
+def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, nlist, n, probes):
+    """:func:`agc_ray.core.recall.tune_nprobe` over the sharded index, run by the driver (each step's
+    actor calls take the sample's refs, a :func:`_merge` task their results): ``(nprobe, recall)``."""
+    import ray
+
+    kth = ray.get(_sample_kth.remote(exact_sim, exact_nbr, sample_rows, k))  # an IVF index has more than k rows
 
     def search_sample(nprobe):
-        return search_shard(queries, sample_rows, actors, k, False, centroids, nprobe, probes)
+        return ray.get(_merge.remote(len(actors), k + 1, sample_rows,
+                                     *shard_searches(actors, queries, k + 1, False, probes, nprobe)))
 
     return tune_nprobe(search_sample, kth, target, nlist, n)
+
+
+@lazy_remote(num_cpus=0.5)
+def _sample_kth(exact_sim, exact_nbr, sample_rows, k):
+    """:func:`~agc_ray.core.recall.kth_without_self` of the sample's exact search."""
+    return kth_without_self(exact_sim, exact_nbr, sample_rows, k)

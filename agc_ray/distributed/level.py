@@ -262,14 +262,11 @@ def local_roots(parent: np.ndarray, lo: int, hi: int) -> np.ndarray:
     The forest restricted to a shard is a forest too; every local tree has exactly one node whose
     parent is outside the shard (or none): its root.
     """
-    import scipy.sparse as sp
-    from scipy.sparse.csgraph import connected_components
+    from agc_ray.core.hierarchy import weak_components
 
-    n = hi - lo
     local = (parent >= lo) & (parent < hi)
     child = np.flatnonzero(local)
-    graph = sp.csr_matrix((np.ones(child.size, dtype=np.int8), (child, parent[child] - lo)), shape=(n, n))
-    _, comp = connected_components(graph, directed=True, connection="weak")
+    comp = weak_components(child, parent[child] - lo, hi - lo)
     tops = np.flatnonzero(~local)
     root_of_comp = np.empty(tops.size, dtype=np.int64)
     root_of_comp[comp[tops]] = tops + lo
@@ -310,10 +307,7 @@ def global_components(n_shards: int, *parts):
         by first node; peaks (C,) root node of each cluster; size (C,) original rows per cluster;
         peak_row (C,) original row of each cluster's peak; and the counts.
     """
-    import scipy.sparse as sp
-    from scipy.sparse.csgraph import connected_components
-
-    from agc_ray.core.hierarchy import canonical_labels
+    from agc_ray.core.hierarchy import canonical_labels, forest_peaks, weak_components
 
     parent = np.concatenate(parts[:n_shards])
     root = np.concatenate(parts[n_shards:2 * n_shards])
@@ -321,14 +315,9 @@ def global_components(n_shards: int, *parts):
     n = parent.size
     tops = np.flatnonzero(root == np.arange(n))
     cross = tops[parent[tops] >= 0]
-    u = np.searchsorted(tops, cross)
-    v = np.searchsorted(tops, root[parent[cross]])
-    graph = sp.csr_matrix((np.ones(u.size, dtype=np.int8), (u, v)), shape=(tops.size, tops.size))
-    _, top_comp = connected_components(graph, directed=True, connection="weak")
+    top_comp = weak_components(np.searchsorted(tops, cross), np.searchsorted(tops, root[parent[cross]]), tops.size)
     comp = canonical_labels(top_comp[np.searchsorted(tops, root)])
-    roots = np.flatnonzero(parent < 0)
-    peaks = np.empty(roots.size, dtype=np.int64)
-    peaks[comp[roots]] = roots
+    peaks = forest_peaks(comp, parent)
     size = np.ones(n, dtype=np.int64) if sizes[0] is None else np.concatenate(sizes)
     peak_row = np.arange(n, dtype=np.int64) if peak_rows[0] is None else np.concatenate(peak_rows)
     cluster_size = np.bincount(comp, weights=size, minlength=peaks.size).astype(np.int64)

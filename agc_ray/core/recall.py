@@ -1,0 +1,123 @@
+"""Recall of a kNN search against exact search, and the probe ladder that tunes IVF to a recall target.
+
+Recall@k is measured on a seeded sample of rows (:func:`recall_rows`, the same rows for any sharding):
+their exact k-th best similarity (:func:`exact_kth`) against what the search found (:func:`recall_at`).
+:func:`tune_nprobe` doubles the IVF cells probed until that recall reaches a target, within
+:func:`probe_cap`. Used by the single-process search (:mod:`agc_ray.core.knn`), the graph from the
+level below (:mod:`agc_ray.core.coarse`) and the sharded search of the job.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger("agc_ray.core.knn")  # the tuning's lines stay under the kNN search's logger
+
+#: Rows whose neighbours are searched exactly to measure recall (seeded: the same rows for any sharding).
+RECALL_SAMPLE = 1000
+#: Smallest number of probes tried by :func:`tune_nprobe`; each step doubles it.
+NPROBE_START = 4
+#: Largest share of the cells an IVF search probes. Scanning cells costs several times more per row than
+#: the exact search's matrix products (measured here: 16 probes of 1024 cells at 100K rows took 1/7 of
+#: the exact search's time, 256 probes as long as it), so a table that needs more is searched exactly.
+IVF_MAX_PROBE_SHARE = 1 / 8
+#: Most rows one query scans (probes x rows per cell) while the probes are raised. The share above alone
+#: grows with the table: at 10M x 128 rows the tuning climbed to 2048 of 16384 cells (1.25M rows a
+#: query, days of search on 2 cores) and its probe lists got the job's workers OOM-killed. At 3M x 128
+#: of make_faces (8192 cells) this cap is 178 probes: recall 0.935 of a 0.95 target, 25 minutes.
+IVF_MAX_SCAN_ROWS = 65_536
+
+
+def sample_rows(n: int, size: int, seed: int | tuple[int, ...]) -> np.ndarray:
+    """``min(size, n)`` distinct rows of ``range(n)``, uniformly at random (seeded), sorted.
+
+    Memory is O(size), not O(n): ``Generator.choice(n, replace=False)`` permutes all n rows once the
+    sample is over 2 % of them (800 MB at n = 10^8 for the IVF training sample).
+    """
+    rng = np.random.default_rng(seed)
+    if size >= n:
+        return np.arange(n, dtype=np.int64)
+    if 4 * size > n:
+        return np.sort(rng.choice(n, size=size, replace=False))
+    # Draws with replacement, deduplicated and topped up, then cut to size at random: every step is
+    # symmetric in the rows, so every subset of that size is equally likely.
+    rows = np.unique(rng.integers(0, n, size=size + size // 8 + 64))
+    while rows.size < size:
+        rows = np.unique(np.concatenate([rows, rng.integers(0, n, size=size - rows.size + 64)]))
+    return np.sort(rng.choice(rows, size=size, replace=False))
+
+
+def recall_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """The seeded rows whose neighbours are searched exactly to measure (and tune) recall.
+
+    Drawn from a stream of their own: with the IVF training sample's stream the two samples overlap,
+    and rows the quantizer was trained on find their neighbours more easily (measured: recall 0.967 on
+    the overlapping sample, 0.945 on independent rows).
+    """
+    return sample_rows(n, size, (seed, 1))
+
+
+def exact_kth(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """(len(rows),) exact k-th best similarity of each sampled row to the other rows of unit ``x``.
+
+    Brute force over ``x`` in place (``faiss.knn``: no copy of the table). With n <= k rows the
+    (n - 1)-th is returned.
+    """
+    import faiss
+
+    n = x.shape[0]
+    n_true = min(k, n - 1)
+    sim, idx = faiss.knn(np.ascontiguousarray(x[rows]), x, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
+    return kth_without_self(sim, idx, rows, n_true)
+
+
+def kth_without_self(sim: np.ndarray, idx: np.ndarray, rows: np.ndarray, n_true: int) -> np.ndarray:
+    """The ``n_true``-th best of each row of an exact (Q, k + 1) result that includes the queries
+    themselves (``rows``), their self match dropped."""
+    sim = np.where(idx == np.asarray(rows)[:, None], -np.inf, sim)
+    return -np.sort(-sim, axis=1)[:, n_true - 1]
+
+
+def recall_at(found_sim: np.ndarray, found_valid: np.ndarray, kth: np.ndarray) -> float:
+    """Share of found neighbours (Q, k) whose similarity reaches the exact k-th best ``kth`` (Q,).
+
+    Similarity, not identity: ties and duplicate vectors make neighbour identity ambiguous.
+    """
+    q, k = found_sim.shape
+    if q == 0 or k == 0:
+        return 1.0
+    return float(((found_sim >= kth[:, None] - 1e-5) & found_valid).sum() / (q * k))
+
+
+def probe_cap(nlist: int, n: int = 0, start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> int:
+    """The most cells :func:`tune_nprobe` probes: ``max_share`` of ``nlist`` and, for a table of ``n``
+    rows (0: unknown), no more than :data:`IVF_MAX_SCAN_ROWS` rows a query; at least ``start``."""
+    cap = int(nlist * max_share)
+    if n > 0:
+        cap = min(cap, IVF_MAX_SCAN_ROWS * nlist // n)
+    return max(1, min(nlist, max(start, cap)))
+
+
+def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0,
+                start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> tuple[int, float]:
+    """The fewest probes (``start``, doubled each step, up to :func:`probe_cap`) whose recall reaches
+    ``target``; the last tried when none does (see :func:`~agc_ray.core.knn.missed_target_goes_exact`).
+
+    ``search_sample(nprobe) -> (nbr, sim)`` searches the sampled rows with that many probes ((Q, k),
+    -1 where a row found fewer), ``kth`` (Q,) their exact k-th best similarity, ``n`` the table's rows.
+    With every cell probed an IVF search is exhaustive, but slower than exact search long before that.
+
+    Returns:
+        ``(nprobe, recall measured with it)``.
+    """
+    cap = probe_cap(nlist, n, start, max_share)
+    nprobe = min(start, cap)
+    while True:
+        nbr, sim = search_sample(nprobe)
+        measured = recall_at(sim, nbr >= 0, kth)
+        log.debug("IVF nprobe %d: recall %.4f (target %.3f)", nprobe, measured, target)
+        if measured >= target or nprobe >= cap:
+            return nprobe, measured
+        nprobe = min(2 * nprobe, cap)
