@@ -17,7 +17,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -63,34 +62,6 @@ def find_chromium(explicit: str | None = None) -> str | None:
     return None
 
 
-def load_manifest(fs, path: str, uri: str) -> dict:
-    """The manifest of a completed output (InputError otherwise)."""
-    import posixpath
-
-    import pyarrow.fs as pafs
-
-    from agc_ray.distributed.errors import InputError
-
-    mpath = posixpath.join(path, "manifest.json")
-    shown = uri.rstrip("/") + "/manifest.json"
-    try:
-        if fs.get_file_info(mpath).type != pafs.FileType.File:
-            raise InputError(f"{uri} has no manifest.json: not a completed clustering output")
-        with fs.open_input_stream(mpath) as f:
-            manifest = json.loads(f.read().decode())
-    except InputError:
-        raise
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-        lines = str(e).strip().splitlines()
-        raise InputError(f"cannot read {shown}: {lines[0] if lines else type(e).__name__}") from e
-    if not isinstance(manifest, dict):
-        raise InputError(f"{shown} is not a JSON object")
-    status = manifest.get("status")
-    if status != "succeeded":
-        raise InputError(f"{uri} is not a completed output (manifest status {status!r}, expected 'succeeded')")
-    return manifest
-
-
 def screenshot(chromium: str, html_path: str, png: str, window_size: str = "1280,2400", timeout: float = 120) -> str:
     """Render a local HTML file with headless Chromium into ``png``; RuntimeError with Chromium's output on failure."""
     png = os.path.abspath(png)
@@ -117,6 +88,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help (0) or a bad flag (2, one line already printed)
         return int(e.code or 0)
     from agc_ray.distributed import logs
+    from agc_ray.distributed.commit import read_manifest
     from agc_ray.distributed.errors import InputError
     from agc_ray.distributed.io import filesystem_for
 
@@ -132,8 +104,8 @@ def main(argv=None) -> int:
             return EXIT_FAILURE
     try:
         fs, path = filesystem_for(args.output)
-        manifest = load_manifest(fs, path, args.output)
-        from agc_ray.report import REPORT_NAME, build_report
+        manifest, _ = read_manifest(fs, path, args.output)  # InputError unless a completed output
+        from agc_ray.distributed.report import REPORT_NAME, build_report
 
         text = build_report(fs, path, manifest)
         if args.out:

@@ -1,4 +1,4 @@
-"""agc_ray.report and jobs/report.py: the self-contained HTML run report (no Ray)."""
+"""agc_ray.distributed.report and jobs/report.py: the self-contained HTML run report (no Ray)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from _job_fixtures import s3_endpoint  # noqa: F401
 from _scripts import load_script
 
-from agc_ray.report import largest_clusters, read_clusters, render_report, write_report
+from agc_ray.distributed.report import largest_clusters, read_clusters, render_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
@@ -299,7 +299,7 @@ def test_write_report_with_manifest_argument(tmp_path):
 
 
 def test_report_module_is_ray_free():
-    code = ("import sys, agc_ray.report, agc_ray.distributed.io; "
+    code = ("import sys, agc_ray.distributed.report, agc_ray.distributed.io; "
             "assert 'ray' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

@@ -38,8 +38,8 @@ class DECClusterHead(BaseClusterHead):
 
     Shapes:
         - **input:** :math:`(|\mathcal{V}|, F)`
-        - **output:** ``forward``: scalar; ``cluster``: :math:`(|\mathcal{V}|,)` or
-          :math:`(|\mathcal{V}|, K)`
+        - **output:** ``forward``: scalar KL loss; ``cluster``: :math:`(|\mathcal{V}|,)` or
+          :math:`(|\mathcal{V}|, K)` (Student-t assignments)
     """
 
     def __init__(

@@ -91,8 +91,8 @@ class KMeansClusterHead(BaseClusterHead):
 
     Shapes:
         - **input:** :math:`(|\mathcal{V}|, F)`
-        - **output:** ``forward``: scalar; ``cluster``: :math:`(|\mathcal{V}|,)` or
-          :math:`(|\mathcal{V}|, K)`
+        - **output:** ``forward``: scalar inertia; ``cluster``: :math:`(|\mathcal{V}|,)` or
+          :math:`(|\mathcal{V}|, K)` (softmax of the negative distances)
     """
 
     def __init__(

@@ -26,8 +26,10 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -80,6 +82,81 @@ def observe(fs: pafs.FileSystem, path: str, name: str = "manifest.json") -> Vers
             return version_of(f.read())
     except FileNotFoundError:
         return Version(None)
+
+
+@dataclass(frozen=True)
+class ManifestWording:
+    """How :func:`read_manifest` words its refusals for one kind of caller.
+
+    Each field is a ``str.format`` template over ``uri`` (the output as the user named it), ``flag``
+    (the option that named it), ``shown`` (``uri``'s manifest.json), ``status`` (the manifest's),
+    ``error`` (the first line of a read error) and ``hint`` (see :func:`read_manifest`).
+    """
+
+    missing: str
+    unreadable: str
+    not_object: str
+    not_completed: str
+    needs_levels: bool = False  # also refuse a manifest without a non-empty ``levels`` list
+
+
+#: An output to report on (``jobs/report.py``, :func:`agc_ray.distributed.report.build_report`).
+REPORT_WORDING = ManifestWording(
+    missing="{uri} has no manifest.json: not a completed clustering output",
+    unreadable="cannot read {shown}: {error}",
+    not_object="{shown} is not a JSON object",
+    not_completed="{uri} is not a completed output (manifest status {status!r}, expected 'succeeded')",
+)
+
+#: An earlier output that a run builds on (``--previous``, ``--base``): its levels are read too.
+PREVIOUS_WORDING = ManifestWording(
+    missing="{flag} {uri} is not a completed output (no manifest.json){hint}",
+    unreadable="cannot read {flag} {uri}/manifest.json: {error}",
+    not_object="{flag} {uri} is not a completed output (status None)",
+    not_completed="{flag} {uri} is not a completed output (status {status!r})",
+    needs_levels=True,
+)
+
+
+def read_manifest(
+    fs: pafs.FileSystem,
+    path: str,
+    uri: str,
+    wording: ManifestWording = REPORT_WORDING,
+    *,
+    flag: str = "",
+    missing_hint: Callable[[], str] | None = None,
+) -> tuple[dict, Version]:
+    """The manifest of the completed output at ``path`` on ``fs``, and its :class:`Version`.
+
+    Raises :class:`InputError`, worded by ``wording``, when the manifest is absent, unreadable (not
+    UTF-8 or not JSON too), not a JSON object, or its status is not ``"succeeded"`` (or, with
+    ``wording.needs_levels``, it has no levels).
+
+    Args:
+        fs, path: the output's filesystem and path on it.
+        uri: the output as the user named it (what the messages show).
+        wording: the caller's messages (:data:`REPORT_WORDING`, :data:`PREVIOUS_WORDING`).
+        flag: the option that named the output (``--previous``), for the messages.
+        missing_hint: called only when the manifest is absent; its text ends that message.
+    """
+    words = {"uri": uri, "flag": flag, "shown": uri.rstrip("/") + "/manifest.json", "hint": ""}
+    try:
+        with fs.open_input_stream(posixpath.join(path, "manifest.json")) as f:
+            data = f.read()
+        manifest = json.loads(data)
+    except FileNotFoundError:
+        words["hint"] = missing_hint() if missing_hint is not None else ""
+        raise InputError(wording.missing.format(**words)) from None
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        lines = str(e).strip().splitlines()
+        raise InputError(wording.unreadable.format(**words, error=lines[0] if lines else type(e).__name__)) from e
+    if not isinstance(manifest, dict):
+        raise InputError(wording.not_object.format(**words))
+    levels = manifest.get("levels")
+    if manifest.get("status") != "succeeded" or (wording.needs_levels and not (isinstance(levels, list) and levels)):
+        raise InputError(wording.not_completed.format(**words, status=manifest.get("status")))
+    return manifest, version_of(data)
 
 
 def require_unchanged(seen: Version, now: Version, what: str) -> None:

@@ -12,7 +12,6 @@ in this chain of runs (levels that a run does not reach keep their counter), so 
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from agc_ray.distributed import io
-from agc_ray.distributed.commit import Version, version_of
+from agc_ray.distributed.commit import PREVIOUS_WORDING, Version, read_manifest
 from agc_ray.distributed.errors import InputError
 from agc_ray.distributed.remote import lazy_remote
 
@@ -52,22 +51,8 @@ def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> P
     """Check that ``uri`` is a completed output whose ids can be matched with ``id_type`` (InputError
     naming ``flag``)."""
     fs, path = io.filesystem_for(uri)
-    manifest_path = posixpath.join(path, "manifest.json")
-    try:
-        with fs.open_input_stream(manifest_path) as f:
-            data = f.read()
-        manifest = json.loads(data)
-    except FileNotFoundError:
-        hint = ""
-        if _exists(fs, posixpath.join(path, io.COMMIT_MARKER)):
-            hint = " (its commit was interrupted: any run with --output on it finishes the commit)"
-        raise InputError(f"{flag} {uri} is not a completed output (no manifest.json){hint}") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {flag} {uri}/manifest.json: {io._one_line(e)}") from e
-    if not isinstance(manifest, dict) or manifest.get("status") != "succeeded" or not isinstance(manifest.get("levels"), list) \
-            or not manifest["levels"]:
-        status = manifest.get("status") if isinstance(manifest, dict) else None
-        raise InputError(f"{flag} {uri} is not a completed output (status {status!r})")
+    manifest, version = read_manifest(fs, path, uri, PREVIOUS_WORDING, flag=flag,
+                                      missing_hint=lambda: _interrupted_hint(fs, path))
     levels = len(manifest["levels"])
     prev_type = None
     try:
@@ -89,7 +74,14 @@ def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> P
             raise InputError(f"{whose} uint64 ids: cast them to int64 or string to match runs")
     if _id_kind(prev_type) != _id_kind(id_type):
         raise InputError(f"{flag} {uri} has {prev_type} ids, this input has {id_type} ids")
-    return PreviousOutput(uri, fs, path, manifest, levels, version_of(data))
+    return PreviousOutput(uri, fs, path, manifest, levels, version)
+
+
+def _interrupted_hint(fs, path: str) -> str:
+    """Why an output has no manifest when a killed commit left its marker (empty otherwise)."""
+    if _exists(fs, posixpath.join(path, io.COMMIT_MARKER)):
+        return " (its commit was interrupted: any run with --output on it finishes the commit)"
+    return ""
 
 
 def _exists(fs, path: str) -> bool:

@@ -144,7 +144,8 @@ class ClusteringModel(torch.nn.Module):
     - :meth:`embed`: checks the graph and returns ``z = encoder(x, edge_index)``;
     - :meth:`forward`: the head's loss on ``z``, the head getting only the arguments its ``forward``
       names (``edge_index``, ``edge_weight``, ``adj``/``adjacency``, ``graph``/``data``, ``x``,
-      ``num_nodes``), so ``cluster_head`` may be replaced by any head;
+      ``num_nodes``), so ``cluster_head``, a plain attribute, may be replaced by any
+      :class:`~agc_ray.clusters.BaseClusterHead`;
     - :meth:`infer_full`: (N,) int64 labels of every node (or (N, K) probabilities with
       ``soft=True``), checked for shape and type.
 
@@ -182,6 +183,12 @@ class ClusteringModel(torch.nn.Module):
                 f"was built with n_features={self.n_features}"
             )
         return z, g, data
+
+    def reset_parameters(self):
+        """Reset the encoder's and the cluster head's parameters (each that has ``reset_parameters``)."""
+        for module in (getattr(self, "encoder", None), getattr(self, "cluster_head", None)):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
     def embed(self, data: Any) -> Tensor:
         """Node embeddings z = encoder(x, edge_index), shape (N, F)."""

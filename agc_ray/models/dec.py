@@ -38,8 +38,7 @@ class DEC(ClusteringModel):
     first trains the encoder on reconstruction alone and then initialises them (DEC's two-stage
     recipe), which is optional.
 
-    ``cluster_head`` is a plain attribute: replace it with any
-    :class:`~agc_ray.clusters.BaseClusterHead` (its ``forward`` gets only the arguments it names).
+    ``cluster_head`` may be replaced by any head (see :class:`~agc_ray.models.ClusteringModel`).
 
     Args:
         encoder (torch.nn.Module): called as ``encoder(x, edge_index)``, returns (N, n_features).
@@ -51,7 +50,8 @@ class DEC(ClusteringModel):
     Shapes:
         - **input:** ``data`` with x :math:`(|\mathcal{V}|, F_{in})` and edge_index
           :math:`(2, |\mathcal{E}|)`
-        - **output:** ``forward``: scalar loss; ``infer_full``: :math:`(|\mathcal{V}|,)`
+        - **output:** ``forward``: scalar loss (KL plus ``recon_weight`` times reconstruction);
+          ``infer_full``: :math:`(|\mathcal{V}|,)`
     """
 
     def __init__(
@@ -71,11 +71,6 @@ class DEC(ClusteringModel):
         self.recon_weight = float(recon_weight)
         self.encoder = encoder
         self.cluster_head = DECClusterHead(n_clusters, n_features, alpha=alpha)
-
-    def reset_parameters(self):
-        for module in (self.encoder, self.cluster_head):
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
 
     def forward(self, data: Any) -> Tensor:
         z, g, data = self._embed(data)

@@ -14,8 +14,7 @@ class DMoN(ClusteringModel):
     <https://arxiv.org/abs/2006.16904>`_ (Tsitsulin et al., JMLR 2023): ``encoder`` followed by a
     :class:`~agc_ray.clusters.DMoNClusterHead`, trained jointly on the head's loss.
 
-    ``cluster_head`` is a plain attribute: replace it with any
-    :class:`~agc_ray.clusters.BaseClusterHead` (its ``forward`` gets only the arguments it names).
+    ``cluster_head`` may be replaced by any head (see :class:`~agc_ray.models.ClusteringModel`).
 
     Args:
         encoder (torch.nn.Module): called as ``encoder(x, edge_index)``, returns (N, n_features).
@@ -27,7 +26,8 @@ class DMoN(ClusteringModel):
     Shapes:
         - **input:** ``data`` with x :math:`(|\mathcal{V}|, F_{in})` and edge_index
           :math:`(2, |\mathcal{E}|)`
-        - **output:** ``forward``: scalar loss; ``infer_full``: :math:`(|\mathcal{V}|,)`
+        - **output:** ``forward``: scalar loss (modularity plus collapse regularisation);
+          ``infer_full``: :math:`(|\mathcal{V}|,)`
     """
 
     def __init__(
@@ -45,8 +45,3 @@ class DMoN(ClusteringModel):
         self.dropout = dropout
         self.encoder = encoder
         self.cluster_head = DMoNClusterHead(n_clusters, n_features, lam=lam, dropout=dropout)
-
-    def reset_parameters(self):
-        for module in (self.encoder, self.cluster_head):
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
