@@ -80,11 +80,11 @@ def rank_share(seeds, rank: int, world: int):
     return mine, 1.0
 
 
-def _estimator(params: dict, lander, dim: int, device) -> "HiLander":  # noqa: F821
-    """A fitted HiLander of the job's parameters around a copy of ``lander``'s current weights."""
+def _estimator(params: dict, weights: dict, dim: int, device) -> "HiLander":  # noqa: F821
+    """A fitted HiLander of the job's parameters around a copy of ``weights`` (a Lander state dict)."""
     from agc_ray.core.estimator import HiLander
 
-    return HiLander.from_weights(lander.state_dict(), dim, **{**params, "device": "cuda" if device.type == "cuda" else "cpu"})
+    return HiLander.from_weights(weights, dim, **{**params, "device": "cuda" if device.type == "cuda" else "cpu"})
 
 
 def _validate_epoch(lander, val_graphs, x_val, y_val, params, batch_size, device) -> dict:
@@ -109,7 +109,7 @@ def _validate_epoch(lander, val_graphs, x_val, y_val, params, batch_size, device
                 sums += (conn.item(), den.item())
                 count += 1
     t0 = time.perf_counter()
-    est = _estimator(params, lander, x_val.shape[1], device)
+    est = _estimator(params, lander.state_dict(), x_val.shape[1], device)
     levels = est.predict_hierarchy(x_val)
     scores = evaluate(y_val, levels[-1])
     lander.train()
@@ -214,7 +214,7 @@ class _WorkerRun:
 
         if boundary is None:
             boundary = {k: v.detach().cpu().clone() for k, v in self.lander.state_dict().items()}
-        est = _estimator(self.params, _Weights(boundary), self.dim, self.device)
+        est = _estimator(self.params, boundary, self.dim, self.device)
         own = est.own_levels(self.data["x_train"], self.data["y_train"])
         loss_module.graphs = self_training_graphs(self.graphs, [g.to(self.device) for g in own])
         log.info("rank %d: self-training with %d own level graphs (%s nodes)", self.rank, len(own), [g.n for g in own])
@@ -268,16 +268,6 @@ class _WorkerRun:
         }
         return _save_checkpoint(state_out, {"fingerprint": self.config["fingerprint"], "epoch": epoch,
                                             "params": self.params})
-
-
-class _Weights:
-    """A state dict where :func:`_estimator` expects a module (the phase boundary's weights)."""
-
-    def __init__(self, state: dict):
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
 
 
 def train_loop_per_worker(config: dict) -> None:
