@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     from agc_ray.distributed import logs
     from agc_ray.distributed.errors import InputError
-    from agc_ray.distributed.io import filesystem_for
+    from agc_ray.distributed.input import filesystem_for
 
     logs.configure(args.verbose)
 

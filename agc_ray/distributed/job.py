@@ -20,11 +20,14 @@ import numpy as np
 from agc_ray.core.hierarchy import stop_reason
 from agc_ray.core.knn import RECALL_SAMPLE, resolve_method
 from agc_ray.core.validation import check_param
-from agc_ray.distributed import io, progress
+from agc_ray.distributed import progress
 from agc_ray.distributed import level as lv
-from agc_ray.distributed.errors import InputError
+from agc_ray.distributed.errors import InputError, one_line
+from agc_ray.distributed.input import check_schema, read_shards, resolve_input
 from agc_ray.distributed.knn import JOB_METHODS, sharded_coarse_graph, sharded_knn_graph
+from agc_ray.distributed.output import Output, write_table
 from agc_ray.distributed.remote import lazy_remote
+from agc_ray.distributed.shards import shard_bounds
 from agc_ray.distributed.stable import stable_id_maps
 
 log = logging.getLogger("agc_ray")
@@ -117,7 +120,7 @@ def load_estimator(cfg: JobConfig):
         try:
             est = HiLander.load(cfg.model)
         except (ValueError, OSError, RuntimeError, KeyError, TypeError) as e:
-            raise InputError(f"cannot load model {cfg.model}: {io._one_line(e)}") from e
+            raise InputError(f"cannot load model {cfg.model}: {one_line(e)}") from e
         if cfg.k is not None and cfg.k != est.k:
             raise InputError(f"invalid --k {cfg.k}: the model {cfg.model} was trained with k={est.k} (its inputs are k-specific)")
     else:
@@ -153,7 +156,7 @@ def _write_assignments(fs, path: str, ids, labels, id_map=None):
 
     if id_map is not None:
         labels = id_map[labels]
-    return io.write_table(fs, path, pa.table({"id": ids, "cluster_id": pa.array(labels, pa.int64())}))
+    return write_table(fs, path, pa.table({"id": ids, "cluster_id": pa.array(labels, pa.int64())}))
 
 
 @lazy_remote(num_cpus=0.5)
@@ -168,7 +171,7 @@ def _write_clusters(fs, path: str, level: dict, parent_comp, id_map, parent_map,
     parent = pa.nulls(c, pa.int64()) if parent_comp is None else pa.array(parent_comp, pa.int64())
     table = pa.table({"cluster_id": pa.array(cluster_id), "size": pa.array(level["size"]),
                       "peak_id": peak_ids, "parent_cluster_id": parent})
-    return io.write_table(fs, path, table)
+    return write_table(fs, path, table)
 
 
 @lazy_remote(num_cpus=0.5)
@@ -344,7 +347,7 @@ class Job:
         import ray
 
         t0 = time.perf_counter()
-        bounds = io.shard_bounds(clusters, self.num_shards)
+        bounds = shard_bounds(clusters, self.num_shards)
         x_sum = level.x_sum if level.x_sum is not None else level.x_id
         n_next = bounds.size - 1
         parts = [lv.split_members.options(num_returns=n_next).remote(s, level.offsets, result, x_sum[s],
@@ -403,13 +406,13 @@ def run_job(cfg: JobConfig) -> dict:
     t_start = time.perf_counter()
     validate_config(cfg)
     est = load_estimator(cfg)
-    output = io.Output(cfg.output, cfg.overwrite)
+    output = Output(cfg.output, cfg.overwrite)
     output.check()  # records the output's version; from here on a failure removes this run's staging
     job = None
     try:
         t0 = time.perf_counter()
-        fs, files = io.resolve_input(cfg.input)
-        schema = io.check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column, default_label="label")
+        fs, files = resolve_input(cfg.input)
+        schema = check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column, default_label="label")
         _check_dim(est, schema.dim, cfg)
         num_shards = cfg.num_shards or default_num_shards()
         log.info("input: %d rows in %d file(s), %d shards", schema.rows, len(files), num_shards)
@@ -418,7 +421,7 @@ def run_job(cfg: JobConfig) -> dict:
             from agc_ray.distributed.stable import open_previous
 
             previous = open_previous(cfg.previous, schema.schema.field(schema.id_column).type)
-        rows = io.read_shards(fs, schema, num_shards)
+        rows = read_shards(fs, schema, num_shards)
         _check_dim(est, rows.dim, cfg)
         timings = {"read_seconds": time.perf_counter() - t0}
         log.info("read + validate: %d rows, dimension %d, %.1fs", rows.n, rows.dim, timings["read_seconds"])
@@ -448,7 +451,7 @@ def _write_report(output, manifest: dict) -> None:
     try:
         write_report(output.fs, output.staging, manifest)
     except Exception as e:  # noqa: BLE001 - the clustering result matters more than its report
-        log.warning("report.html not written: %s", io._one_line(e))
+        log.warning("report.html not written: %s", one_line(e))
 
 
 def _check_dim(est, dim, cfg):

@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from agc_ray.distributed import io
 from agc_ray.distributed.commit import Version, version_of
-from agc_ray.distributed.errors import InputError
+from agc_ray.distributed.errors import InputError, one_line
+from agc_ray.distributed.input import filesystem_for
+from agc_ray.distributed.output import COMMIT_MARKER
 from agc_ray.distributed.remote import lazy_remote
 
 log = logging.getLogger("agc_ray")
@@ -51,7 +52,7 @@ class PreviousOutput:
 def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> PreviousOutput:
     """Check that ``uri`` is a completed output whose ids can be matched with ``id_type`` (InputError
     naming ``flag``)."""
-    fs, path = io.filesystem_for(uri)
+    fs, path = filesystem_for(uri)
     manifest_path = posixpath.join(path, "manifest.json")
     try:
         with fs.open_input_stream(manifest_path) as f:
@@ -59,11 +60,11 @@ def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> P
         manifest = json.loads(data)
     except FileNotFoundError:
         hint = ""
-        if _exists(fs, posixpath.join(path, io.COMMIT_MARKER)):
+        if _exists(fs, posixpath.join(path, COMMIT_MARKER)):
             hint = " (its commit was interrupted: any run with --output on it finishes the commit)"
         raise InputError(f"{flag} {uri} is not a completed output (no manifest.json){hint}") from None
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {flag} {uri}/manifest.json: {io._one_line(e)}") from e
+        raise InputError(f"cannot read {flag} {uri}/manifest.json: {one_line(e)}") from e
     if not isinstance(manifest, dict) or manifest.get("status") != "succeeded" or not isinstance(manifest.get("levels"), list) \
             or not manifest["levels"]:
         status = manifest.get("status") if isinstance(manifest, dict) else None
@@ -83,7 +84,7 @@ def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> P
     except (OSError, KeyError, ValueError) as e:
         if isinstance(e, InputError):
             raise
-        raise InputError(f"cannot read {flag} {uri}: {io._one_line(e)}") from e
+        raise InputError(f"cannot read {flag} {uri}: {one_line(e)}") from e
     for t, whose in ((prev_type, f"{flag} {uri} has"), (id_type, "this input has")):
         if pa.types.is_uint64(t):
             raise InputError(f"{whose} uint64 ids: cast them to int64 or string to match runs")
