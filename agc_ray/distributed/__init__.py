@@ -11,7 +11,8 @@
 - :mod:`~agc_ray.distributed.logs`: the jobs' logging set-up.
 - :mod:`~agc_ray.distributed.level`: per-shard LANDER inference and decode, local and global
   union-find, aggregation into the next level.
-- :mod:`~agc_ray.distributed.job`: :class:`JobConfig` and :func:`run_job`, the level loop.
+- :mod:`~agc_ray.distributed.job`: :class:`JobConfig` and :func:`run_job` (validation, manifest, commit).
+- :mod:`~agc_ray.distributed.levels_run`: the level loop over node shards and its writes.
 
 Imports point one way: ``distributed -> core``.
 """
