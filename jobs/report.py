@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     from agc_ray.distributed import logs
     from agc_ray.distributed.commit import read_manifest
     from agc_ray.distributed.errors import InputError
-    from agc_ray.distributed.io import filesystem_for
+    from agc_ray.distributed.input import filesystem_for
 
     logs.configure(args.verbose)
 

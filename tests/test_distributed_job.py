@@ -15,7 +15,7 @@ from agc_ray.distributed.job import JobConfig, run_job
 @pytest.fixture(scope="module", autouse=True)
 def ray_data_reads():
     """This module reads every table with Ray Data (the path of tables over a few thousand rows; the
-    other modules' small tables are read by the driver, see agc_ray.distributed.io.DIRECT_READ_BYTES)."""
+    other modules' small tables are read by the driver, see agc_ray.distributed.input.DIRECT_READ_BYTES)."""
     import os
 
     old = os.environ.get("AGC_RAY_DIRECT_READ_BYTES")
@@ -29,13 +29,13 @@ def ray_data_reads():
 
 def test_direct_read_equals_ray_data_read(ray_session, job_table, monkeypatch):
     """Small tables are read by the driver: same shards, ids, labels and normalisation as Ray Data's."""
-    from agc_ray.distributed import io
+    from agc_ray.distributed.input import check_schema, read_shards, resolve_input
 
-    fs, files = io.resolve_input(str(job_table))
-    schema = io.check_schema(fs, files, "id", "embedding", None, default_label="label")
-    ray_data = io.read_shards(fs, schema, 3)
+    fs, files = resolve_input(str(job_table))
+    schema = check_schema(fs, files, "id", "embedding", None, default_label="label")
+    ray_data = read_shards(fs, schema, 3)
     monkeypatch.setenv("AGC_RAY_DIRECT_READ_BYTES", str(10**9))
-    direct = io.read_shards(fs, schema, 3)
+    direct = read_shards(fs, schema, 3)
     np.testing.assert_array_equal(direct.offsets, ray_data.offsets)
     assert direct.dim == ray_data.dim
     for a, b in zip(direct.x + direct.labels, ray_data.x + ray_data.labels):
@@ -267,7 +267,7 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
     from agc_ray.core.knn import knn_graph, l2_normalize
     from agc_ray.core.recall import RECALL_SAMPLE
     from agc_ray.core.synthetic import make_faces
-    from agc_ray.distributed.io import shard_bounds
+    from agc_ray.distributed.shards import shard_bounds
     from agc_ray.distributed import knn as sharded
 
     if case == "ivf-small-calls":
@@ -318,9 +318,9 @@ def test_index_actors_serve_every_level(ray_session, job_data):
     """The next level reuses the index actors (one fewer shard: the extra actor is not used), and a late
     search for the earlier level (a lost graph being reconstructed) still searches that level's rows."""
     from agc_ray.core.knn import knn_graph, l2_normalize
-    from agc_ray.distributed.io import shard_bounds
     from agc_ray.distributed.index import MergedIndex, index_actors
     from agc_ray.distributed.knn import sharded_knn_graph
+    from agc_ray.distributed.shards import shard_bounds
 
     x = l2_normalize(job_data[0])
     upper = x[::5]  # another "level": other rows, other offsets
@@ -421,8 +421,8 @@ def test_local_rows_gather_like_a_halo_copy(normalize):
     """The scoring tasks' rows of a shard's local nodes, gathered from the shard parts on demand, equal
     the own + halo copy they replace (normalised rows: bit for bit as l2_normalize of the whole array)."""
     from agc_ray.core.knn import l2_normalize
-    from agc_ray.distributed.io import shard_bounds
     from agc_ray.distributed.level import LocalGraph, LocalRows
+    from agc_ray.distributed.shards import shard_bounds
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 8)).astype(np.float32) * 3

@@ -155,15 +155,17 @@ def test_dry_run_says_what_a_missed_recall_target_leads_to(ray_session, tmp_path
 
 def test_dry_run_samples_large_tables(tmp_path, monkeypatch):
     """Above the sample size, rows are checked in evenly spread row groups: a bad row there is found."""
-    from agc_ray.distributed import io, plan
+    from agc_ray.distributed import plan
+    from agc_ray.distributed.errors import InputError
+    from agc_ray.distributed.input import check_schema, resolve_input
 
     x = _vectors(4000)
     x[3900, 1] = np.nan  # in the last row group, which the sample reads
     _write(tmp_path / "t" / "a.parquet", id=pa.array(np.arange(4000)), embedding=_fsl(x))
     pq.write_table(pq.read_table(tmp_path / "t" / "a.parquet"), tmp_path / "t" / "a.parquet", row_group_size=500)
-    fs, files = io.resolve_input(str(tmp_path / "t"))
-    schema = io.check_schema(fs, files, "id", "embedding", None)
-    with pytest.raises(io.InputError, match="NaN or Inf in 1 row.*example id 3900"):
+    fs, files = resolve_input(str(tmp_path / "t"))
+    schema = check_schema(fs, files, "id", "embedding", None)
+    with pytest.raises(InputError, match="NaN or Inf in 1 row.*example id 3900"):
         plan.check_rows(fs, schema, sample_rows=1000)
     x[3900, 1] = 0.5
     x[2200, 1] = np.nan  # in a row group the sample skips: a sample does not see it (the real run does)

@@ -16,7 +16,7 @@ import pytest
 from _job_fixtures import job_data, job_model, job_table, ray_session, s3_endpoint  # noqa: F401
 from test_job_cli import _run_cli
 
-from agc_ray.distributed import io
+from agc_ray.distributed.output import Output
 from jobs import cluster as cli
 
 
@@ -39,7 +39,7 @@ def _files(fs, path: str) -> dict:
 
 
 def _overlapping_runs(argv, fs, path, monkeypatch, capsys):
-    original = io.Output.commit
+    original = Output.commit
     other = {}
 
     def commit_after_the_other_run(self, manifest, require=()):
@@ -49,7 +49,7 @@ def _overlapping_runs(argv, fs, path, monkeypatch, capsys):
             other["files"] = _files(fs, path)
         return original(self, manifest, require)
 
-    monkeypatch.setattr(io.Output, "commit", commit_after_the_other_run)
+    monkeypatch.setattr(Output, "commit", commit_after_the_other_run)
     rc, errors = _run_cli(argv, capsys)
     return rc, errors, other
 

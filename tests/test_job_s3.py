@@ -92,11 +92,11 @@ def test_missing_output_bucket(bucket, capsys):
 
 def test_interrupted_s3_commit_is_finished_by_the_next_run(bucket, tmp_path, monkeypatch):
     """A crash while the files are copied leaves no manifest; the next run completes that commit first."""
-    from agc_ray.distributed import io
+    from agc_ray.distributed import output
 
     out = "s3://agc/out/crash"
     run_job(JobConfig(input="s3://agc/table/", output=out, unsupervised=True, max_levels=2))
-    real_copy = io._copy_over
+    real_copy = output._copy_over
 
     def crash_midway(fs, staging, path, renew=None):
         fs.delete_file(path + "/manifest.json")
@@ -104,12 +104,12 @@ def test_interrupted_s3_commit_is_finished_by_the_next_run(bucket, tmp_path, mon
         fs.copy_file(staged[0], path + "/" + staged[0][len(staging) + 1:])
         raise RuntimeError("simulated crash during the copy")
 
-    monkeypatch.setattr(io, "_copy_over", crash_midway)
+    monkeypatch.setattr(output, "_copy_over", crash_midway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_job(JobConfig(input="s3://agc/table/", output=out, unsupervised=True, max_levels=1, tau=0.5, overwrite=True))
     assert bucket.get_file_info("agc/out/crash/manifest.json").type == pafs.FileType.NotFound  # not a completed output
-    assert bucket.get_file_info("agc/out/crash/" + io.COMMIT_MARKER).type == pafs.FileType.File
-    monkeypatch.setattr(io, "_copy_over", real_copy)
+    assert bucket.get_file_info("agc/out/crash/" + output.COMMIT_MARKER).type == pafs.FileType.File
+    monkeypatch.setattr(output, "_copy_over", real_copy)
 
     with pytest.raises(InputError, match="exists and is not empty"):  # the check recovers first
         run_job(JobConfig(input="s3://agc/table/", output=out, unsupervised=True))
@@ -117,4 +117,4 @@ def test_interrupted_s3_commit_is_finished_by_the_next_run(bucket, tmp_path, mon
     assert manifest["status"] == "succeeded" and manifest["parameters"]["tau"] == [0.5]  # the interrupted run's result
     assert len(levels) == 1
     keys = [i.path for i in bucket.get_file_info(pafs.FileSelector("agc/out", recursive=True)) if i.type == pafs.FileType.File]
-    assert not any("staging" in k or io.COMMIT_MARKER in k or "level=1" in k for k in keys if k.startswith("agc/out/")), keys
+    assert not any("staging" in k or output.COMMIT_MARKER in k or "level=1" in k for k in keys if k.startswith("agc/out/")), keys

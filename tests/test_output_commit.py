@@ -1,6 +1,6 @@
 """The output's commit (no Ray): recovery (local renames undone, S3 markers checked) and conflict detection.
 
-Two runs on one output are two :class:`io.Output` objects that both ``check()`` before either commits:
+Two runs on one output are two :class:`output.Output` objects that both ``check()`` before either commits:
 the interleaving that overlapping scheduled runs produce, made deterministic.
 """
 
@@ -13,8 +13,9 @@ import pyarrow.fs as pafs
 import pytest
 from _job_fixtures import s3_endpoint  # noqa: F401
 
-from agc_ray.distributed import commit, io
+from agc_ray.distributed import commit
 from agc_ray.distributed.errors import InputError
+from agc_ray.distributed.output import COMMIT_MARKER, Output
 
 
 def test_local_commit_killed_between_renames_is_undone(tmp_path):
@@ -23,7 +24,7 @@ def test_local_commit_killed_between_renames_is_undone(tmp_path):
     (aside / "assignments").mkdir(parents=True)
     (aside / "manifest.json").write_text('{"status": "succeeded"}')
     with pytest.raises(InputError, match="exists and is not empty"):
-        io.Output(str(tmp_path / "out"), overwrite=False).check()
+        Output(str(tmp_path / "out"), overwrite=False).check()
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "succeeded"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing aside, no staging of the refused run
 
@@ -32,7 +33,7 @@ def test_local_leftover_after_a_finished_commit_is_removed(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "manifest.json").write_text("{}")
     (tmp_path / ".out.old-0123456789ab").mkdir()
-    run = io.Output(str(tmp_path / "out"), overwrite=True)
+    run = Output(str(tmp_path / "out"), overwrite=True)
     run.check()
     run.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -55,26 +56,26 @@ def _put(fs, path, text):
 
 def test_s3_marker_naming_another_prefix_is_refused(bucket):
     _put(bucket, "commit/other/.x.staging-1/manifest.json", "{}")
-    _put(bucket, "commit/run/" + io.COMMIT_MARKER, json.dumps({"staging": "commit/other/.x.staging-1"}))
+    _put(bucket, "commit/run/" + COMMIT_MARKER, json.dumps({"staging": "commit/other/.x.staging-1"}))
     with pytest.raises(InputError, match="not a staging prefix of this output"):
-        io.Output("s3://commit/run", overwrite=True).check()
+        Output("s3://commit/run", overwrite=True).check()
     assert bucket.get_file_info("commit/other/.x.staging-1/manifest.json").type == pafs.FileType.File
 
 
 def test_s3_marker_without_staging_is_dropped(bucket):
     _put(bucket, "commit/run2/assignments/level=0/part-00000.parquet", "x")
-    _put(bucket, "commit/run2/" + io.COMMIT_MARKER, json.dumps({"staging": "commit/.run2.staging-gone"}))
+    _put(bucket, "commit/run2/" + COMMIT_MARKER, json.dumps({"staging": "commit/.run2.staging-gone"}))
     with pytest.raises(InputError, match="exists and is not empty"):
-        io.Output("s3://commit/run2", overwrite=False).check()
-    assert bucket.get_file_info("commit/run2/" + io.COMMIT_MARKER).type == pafs.FileType.NotFound
+        Output("s3://commit/run2", overwrite=False).check()
+    assert bucket.get_file_info("commit/run2/" + COMMIT_MARKER).type == pafs.FileType.NotFound
 
 
 # -- conflicts ------------------------------------------------------------------------------------
-def _stage(run: io.Output, text: str) -> None:
+def _stage(run: Output, text: str) -> None:
     _put(run.fs, run.staged("assignments", "level=0", "part-00000.parquet"), text)
 
 
-def _commit(run: io.Output, text: str, require=()) -> None:
+def _commit(run: Output, text: str, require=()) -> None:
     _stage(run, text)
     run.commit({"status": "succeeded", "run": run.run_info(), "text": text}, require)
 
@@ -91,7 +92,7 @@ def _files(fs, path) -> dict:
 
 def _overlap(uri: str, overwrite: bool):
     """Two runs that both saw the output as it was; the first commits. Returns (winner, loser, error)."""
-    first, second = io.Output(uri, overwrite), io.Output(uri, overwrite)
+    first, second = Output(uri, overwrite), Output(uri, overwrite)
     first.check()
     second.check()
     _commit(first, "first")
@@ -109,7 +110,7 @@ def _conflict_cases(root: str, fs, path_of):
     for case, overwrite in (("fresh", False), ("existing", True)):
         uri = f"{root}/{case}"
         if overwrite:
-            old = io.Output(uri, False)
+            old = Output(uri, False)
             old.check()
             _commit(old, "old")
         winner, loser, message = _overlap(uri, overwrite)
@@ -130,14 +131,14 @@ def test_local_overlapping_runs_exactly_one_commits(tmp_path):
 def test_s3_overlapping_runs_exactly_one_commits(bucket):
     _conflict_cases("s3://commit/conflict", bucket, lambda uri: uri[len("s3://"):])
     left = [i.path for i in bucket.get_file_info(pafs.FileSelector("commit/conflict", recursive=True))]
-    assert not [p for p in left if ".staging-" in p or io.COMMIT_MARKER in p]
+    assert not [p for p in left if ".staging-" in p or COMMIT_MARKER in p]
 
 
 def test_s3_commit_in_flight_is_a_conflict(bucket):
-    run = io.Output("s3://commit/inflight", overwrite=True)
+    run = Output("s3://commit/inflight", overwrite=True)
     run.check()
     # another run holds the commit marker (it is copying its files now)
-    _put(bucket, "commit/inflight/" + io.COMMIT_MARKER,
+    _put(bucket, "commit/inflight/" + COMMIT_MARKER,
          json.dumps({"staging": "commit/.inflight.staging-other", "run_id": "other", "started": "2026-01-01T00:00:00Z"}))
     with pytest.raises(commit.OutputConflict, match="being committed by run other"):
         _commit(run, "mine")
@@ -146,14 +147,14 @@ def test_s3_commit_in_flight_is_a_conflict(bucket):
 
 
 def test_previous_changed_meanwhile_is_a_conflict(tmp_path):
-    prev = io.Output(str(tmp_path / "prev"), False)
+    prev = Output(str(tmp_path / "prev"), False)
     prev.check()
     _commit(prev, "v1")
     seen = commit.observe(pafs.LocalFileSystem(), str(tmp_path / "prev"))
     assert seen.run_id == prev.run_id
-    run = io.Output(str(tmp_path / "out"), False)
+    run = Output(str(tmp_path / "out"), False)
     run.check()
-    newer = io.Output(str(tmp_path / "prev"), True)  # the previous output is replaced meanwhile
+    newer = Output(str(tmp_path / "prev"), True)  # the previous output is replaced meanwhile
     newer.check()
     _commit(newer, "v2")
     require = ((pafs.LocalFileSystem(), str(tmp_path / "prev"), seen, "--previous prev"),)
@@ -164,10 +165,10 @@ def test_previous_changed_meanwhile_is_a_conflict(tmp_path):
 
 
 def test_unchanged_output_commits_with_overwrite(tmp_path):
-    first = io.Output(str(tmp_path / "out"), False)
+    first = Output(str(tmp_path / "out"), False)
     first.check()
     _commit(first, "first")
-    second = io.Output(str(tmp_path / "out"), True)
+    second = Output(str(tmp_path / "out"), True)
     second.check()
     _commit(second, "second")
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["run"]["id"] == second.run_id
@@ -176,9 +177,9 @@ def test_unchanged_output_commits_with_overwrite(tmp_path):
 def test_dead_runs_staging_is_removed_and_live_runs_kept(tmp_path):
     dead = tmp_path / ".out.staging-deadbeef0000"
     (dead / "assignments").mkdir(parents=True)  # a killed run's: nobody holds it
-    live = io.Output(str(tmp_path / "out"), False)
+    live = Output(str(tmp_path / "out"), False)
     live.check()  # holds its staging while it runs
-    other = io.Output(str(tmp_path / "out"), False)
+    other = Output(str(tmp_path / "out"), False)
     other.check()
     assert not dead.exists()
     assert os.path.isdir(live.staging) and os.path.isdir(other.staging)
@@ -188,10 +189,10 @@ def test_dead_runs_staging_is_removed_and_live_runs_kept(tmp_path):
 
 
 def test_s3_commit_removes_superseded_staging(bucket):
-    killed = io.Output("s3://commit/sched/out", overwrite=True)
+    killed = Output("s3://commit/sched/out", overwrite=True)
     killed.check()
     _stage(killed, "killed")  # a run killed before its commit: nothing can tell it is dead
-    run = io.Output("s3://commit/sched/out", overwrite=True)
+    run = Output("s3://commit/sched/out", overwrite=True)
     run.check()
     _commit(run, "next")
     left = [i.path for i in bucket.get_file_info(pafs.FileSelector("commit/sched", recursive=True))]
@@ -205,9 +206,9 @@ def test_s3_live_commit_is_waited_for_and_a_dead_one_finished(bucket, monkeypatc
 
     _put(bucket, "commit/lease/.out.staging-dead00000000/manifest.json", '{"run": {"id": "dead"}}')
     _put(bucket, "commit/lease/.out.staging-dead00000000/assignments/level=0/part-00000.parquet", "dead's")
-    _put(bucket, "commit/lease/out/" + io.COMMIT_MARKER, json.dumps(
+    _put(bucket, "commit/lease/out/" + COMMIT_MARKER, json.dumps(
         {"staging": "commit/lease/.out.staging-dead00000000", "run_id": "dead", "lease_until": time.time() + 1.0}))
-    run = io.Output("s3://commit/lease/out", overwrite=True)
+    run = Output("s3://commit/lease/out", overwrite=True)
     run.check()  # waits out the lease, takes the marker over, copies the dead run's staging
     assert run.seen.run_id == "dead"
     assert _files(bucket, "commit/lease/out") == {"/manifest.json": b'{"run": {"id": "dead"}}',
@@ -219,8 +220,8 @@ def test_s3_marker_taken_over_stops_the_renewing_commit(bucket, monkeypatch):
     import time
 
     monkeypatch.setenv("AGC_RAY_COMMIT_LEASE_S", "0.3")
-    marker = commit.S3Marker.create("commit/renew/" + io.COMMIT_MARKER, {"run_id": "slow"})
-    assert commit.S3Marker.create("commit/renew/" + io.COMMIT_MARKER, {"run_id": "other"}) is None  # held
+    marker = commit.S3Marker.create("commit/renew/" + COMMIT_MARKER, {"run_id": "slow"})
+    assert commit.S3Marker.create("commit/renew/" + COMMIT_MARKER, {"run_id": "other"}) is None  # held
     before = json.loads(commit.s3_get(marker.path)[0])["lease_until"]
     time.sleep(0.15)
     marker.renew()  # still its own: the lease is extended

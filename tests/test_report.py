@@ -299,7 +299,7 @@ def test_write_report_with_manifest_argument(tmp_path):
 
 
 def test_report_module_is_ray_free():
-    code = ("import sys, agc_ray.distributed.report, agc_ray.distributed.io; "
+    code = ("import sys, agc_ray.distributed.report, agc_ray.distributed.input, agc_ray.distributed.output, agc_ray.distributed.shards; "
             "assert 'ray' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

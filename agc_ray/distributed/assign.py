@@ -27,8 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from agc_ray.distributed import io, progress, state
-from agc_ray.distributed.errors import InputError
+from agc_ray.distributed import progress, state
+from agc_ray.distributed.errors import InputError, one_line
+from agc_ray.distributed.input import check_schema, read_shards, resolve_input
+from agc_ray.distributed.output import Output, write_table
 
 log = logging.getLogger("agc_ray")
 
@@ -115,8 +117,8 @@ def run_assign(cfg: AssignConfig) -> dict:
 
     t_start = time.perf_counter()
     validate_assign_config(cfg)
-    fs, files = io.resolve_input(cfg.input)
-    schema = io.check_schema(fs, files, cfg.id_column, cfg.embedding_column, None)
+    fs, files = resolve_input(cfg.input)
+    schema = check_schema(fs, files, cfg.id_column, cfg.embedding_column, None)
     base, meta = _open_base(cfg, schema.schema.field(cfg.id_column).type)
     if schema.dim is not None and schema.dim != meta["dimension"]:
         raise InputError(f"--input {cfg.input} has {schema.dim}-dimensional embeddings, the base {cfg.base} "
@@ -128,7 +130,7 @@ def run_assign(cfg: AssignConfig) -> dict:
     loaded = holder.ready.remote()
     try:
         model = _load_model(cfg, base, meta)
-        output = io.Output(cfg.output, cfg.overwrite)
+        output = Output(cfg.output, cfg.overwrite)
         output.check()
     except BaseException:
         ray.kill(holder)
@@ -137,7 +139,7 @@ def run_assign(cfg: AssignConfig) -> dict:
     try:
         t0 = time.perf_counter()
         num_shards = cfg.num_shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        rows = io.read_shards(fs, schema, num_shards)
+        rows = read_shards(fs, schema, num_shards)
         if rows.dim != meta["dimension"]:
             raise InputError(f"--input {cfg.input} has {rows.dim}-dimensional embeddings, the base {cfg.base} "
                              f"{meta['dimension']}-dimensional ones")
@@ -212,7 +214,7 @@ class BaseIndex:
         try:
             self._load(fs, root, meta)
         except (OSError, ValueError, KeyError, IndexError) as e:  # a file missing or unreadable: reported by ready()
-            self.error = io._one_line(e)
+            self.error = one_line(e)
 
     def _load(self, fs, root: str, meta: dict) -> None:
         from agc_ray.core.incremental import BaseLevel
@@ -323,8 +325,8 @@ def _write_output(cfg, output, base, meta: dict, result, lists, new_ids: pa.Arra
             table = pq.read_table(path, filesystem=base.fs)
             gone = pc.is_in(table.column("id"), value_set=replaced_ids)
             removed.append(table.filter(gone).column("cluster_id").to_numpy())
-            io.write_table(fs, dst, table.filter(pc.invert(gone)))
-        io.write_table(fs, posixpath.join(a_dst, f"part-{len(parts):05d}.parquet"),
+            write_table(fs, dst, table.filter(pc.invert(gone)))
+        write_table(fs, posixpath.join(a_dst, f"part-{len(parts):05d}.parquet"),
                        pa.table({"id": new_ids, "cluster_id": pa.array(labels, pa.int64())}))
         # clusters: sizes updated, clusters emptied by replacement dropped, new clusters appended
         c_src = posixpath.join(base.path, "clusters", f"level={lvl}")
@@ -336,7 +338,7 @@ def _write_output(cfg, output, base, meta: dict, result, lists, new_ids: pa.Arra
         table = table.filter(pa.array(size > 0))
         new_table = _new_clusters(result, lvl, levels, published_of, new_ids, table.schema)
         table = pa.concat_tables([table, new_table])
-        io.write_table(fs, posixpath.join(staging, "clusters", f"level={lvl}", "part-00000.parquet"), table)
+        write_table(fs, posixpath.join(staging, "clusters", f"level={lvl}", "part-00000.parquet"), table)
         cluster_counts.append(table.num_rows)
         in_base = int((result.cluster[lvl] < result.base_clusters[lvl]).sum())
         level_info.append({"rows_in_base_clusters": in_base, "rows_in_new_clusters": n_new - in_base,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agc_ray.distributed.errors import InputError
+from agc_ray.distributed.errors import InputError, one_line
 
 
 def load_options(path: str, known) -> dict:
@@ -19,7 +19,7 @@ def load_options(path: str, known) -> dict:
     except OSError as e:
         raise InputError(f"--config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise InputError(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise InputError(f"--config {path}: invalid YAML ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise InputError(f"--config {path}: expected a mapping of options, got {type(data).__name__}")
     out = {}

@@ -7,6 +7,12 @@ class InputError(ValueError):
     """Bad input, parameters or output location; the message is one line naming the problem."""
 
 
+def one_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (stripped), or its type's name when the message is empty."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def find_input_error(exc: BaseException) -> InputError | None:
     """The :class:`InputError` behind ``exc`` (Ray wraps errors raised in tasks and Ray Data UDFs)."""
     seen = set()

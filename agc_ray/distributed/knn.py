@@ -36,10 +36,10 @@ from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blo
 from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, ivf_centroids, ivf_nlist,
                               ivf_train_rows, missed_target_goes_exact, probe_blocks, resolve_method)
 from agc_ray.core.recall import exact_kth, kth_without_self, probe_cap, recall_at, recall_rows, tune_nprobe
-from agc_ray.distributed import level as lv
 from agc_ray.distributed import progress
 from agc_ray.distributed.index import index_actors, merge_topk, shard_searches
 from agc_ray.distributed.remote import lazy_remote
+from agc_ray.distributed.shards import concat_graph, gather_rows
 
 log = logging.getLogger("agc_ray")
 
@@ -148,7 +148,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                             probes[c] if method == "ivf" else None, probe_pairs)
                for c, (s, lo, hi) in enumerate(chunks)]
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
-    graph, _ = lv.concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
+    graph, _ = concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
     ray.wait([graph], fetch_local=False)
     if measure and "knn_recall" not in info:
         info["knn_recall"] = ray.get(_recall.remote(graph, rows, exact_nbr, exact_sim, k))
@@ -173,7 +173,7 @@ def self_join(x_refs: list, offsets: np.ndarray, k: int, stage: str = "kNN"):
     starts = [b0 for b0, _ in ranges]
     rows = [_merge_best.remote(n, k, int(offsets[s]), int(offsets[s + 1]), starts,
                                *[j[0] for j in joins], *[j[1] for j in joins]) for s in range(len(x_refs))]
-    graph, _ = lv.concat_graph.remote(len(rows), *[r[0] for r in rows], *[r[1] for r in rows])
+    graph, _ = concat_graph.remote(len(rows), *[r[0] for r in rows], *[r[1] for r in rows])
     ray.wait([graph], fetch_local=False)
     log.info("%s: exact self-join of %d rows (%d block pairs in %d tasks), %.1fs", stage, n, nb * (nb + 1) // 2,
              len(ranges), time.perf_counter() - t0)
@@ -225,7 +225,7 @@ def sharded_coarse_graph(x_refs: list, offsets: np.ndarray, k: int, below_graph,
     rounds, measured = 0, None
     while True:
         progress.wait([p[0] for p in parts], f"{stage} (coarse, round {rounds})", rows=[hi - lo for lo, hi in bounds])
-        graph, _ = lv.concat_graph.remote(len(parts), *[p[0] for p in parts], *[p[1] for p in parts])
+        graph, _ = concat_graph.remote(len(parts), *[p[0] for p in parts], *[p[1] for p in parts])
         if target is not None:
             measured = ray.get(_graph_recall.remote(graph, rows, kth))
         if not refine_more(target, measured, rounds):
@@ -244,7 +244,7 @@ def sharded_coarse_graph(x_refs: list, offsets: np.ndarray, k: int, below_graph,
 
 def _rows_of(offsets, x_parts):
     parts = dict(enumerate(x_parts))
-    return lambda ids: lv.gather_rows(parts, offsets, ids)
+    return lambda ids: gather_rows(parts, offsets, ids)
 
 
 @lazy_remote(num_cpus=0.5, num_returns=2)
@@ -274,7 +274,7 @@ def _graph_recall(graph, rows, kth):
 @lazy_remote(num_cpus=0.5)
 def _gather(offsets, rows, *parts):
     """Rows of the sharded table; the parts are direct arguments (see :func:`agc_ray.distributed.level.shard_inputs`)."""
-    return lv.gather_rows(dict(enumerate(parts)), offsets, rows)
+    return gather_rows(dict(enumerate(parts)), offsets, rows)
 
 
 @lazy_remote(num_cpus=1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from agc_ray.distributed.remote import lazy_remote
+from agc_ray.distributed.shards import gather_rows, shard_of
 
 
 def _torch_single_thread():
@@ -36,26 +37,6 @@ def _torch_single_thread():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     return torch
-
-
-def shard_of(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Index of the shard (contiguous ranges cut at ``offsets``) that holds each of ``rows``."""
-    return np.searchsorted(offsets, rows, side="right") - 1
-
-
-def gather_rows(parts: dict, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Rows (global ids, any order) of an array sharded over ``offsets``, in ``rows`` order.
-
-    ``parts`` maps shard index -> that shard's array; it must hold every shard that ``rows`` touch.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    like = next(iter(parts.values()))
-    out = np.empty((rows.size,) + like.shape[1:], dtype=like.dtype)
-    owner = shard_of(offsets, rows)
-    for o in np.unique(owner):
-        sel = owner == o
-        out[sel] = parts[int(o)][rows[sel] - offsets[o]]
-    return out
 
 
 @lazy_remote(num_cpus=0.5)
@@ -370,11 +351,3 @@ def assemble_next(t: int, bounds, level: dict, *parts):
 def relabel(node_of_row, level: dict):
     """Rows' clusters at this level: ``comp[node_of_row]``."""
     return level["comp"][node_of_row]
-
-
-@lazy_remote(num_cpus=0.5, num_returns=2)
-def concat_graph(n_shards: int, *parts):
-    """The level's (n, k) ``(nbr, sim)`` from the shards' search results (as one object) and its stats."""
-    nbr = np.concatenate(parts[:n_shards])
-    sim = np.concatenate(parts[n_shards:])
-    return (nbr, sim), {"rows": int(nbr.shape[0])}

@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from agc_ray.distributed import io
 from agc_ray.distributed.errors import InputError
+from agc_ray.distributed.input import (InputSchema, check_schema, check_unique, find_duplicate, prepare_block,
+                                      resolve_input)
+from agc_ray.distributed.output import Output
 
 #: Per-row costs measured on the project's 2-core, 24 GiB benchmark machine (Ray 2.60, faiss-cpu 1.x) by
 #: ``python benchmarks/bench_estimate.py --sizes 100000,300000,1000000`` (256-d make_faces, a model with
@@ -153,7 +155,7 @@ def _on_ray_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
 
 
-def check_rows(fs, schema: io.InputSchema, sample_rows: int = SAMPLE_ROWS) -> tuple[int, int | None]:
+def check_rows(fs, schema: InputSchema, sample_rows: int = SAMPLE_ROWS) -> tuple[int, int | None]:
     """Run the real run's per-block checks on up to ``sample_rows`` rows spread over the row groups.
 
     Returns (rows checked, the embedding dimension found). Raises InputError as the real run would.
@@ -179,7 +181,7 @@ def check_rows(fs, schema: io.InputSchema, sample_rows: int = SAMPLE_ROWS) -> tu
                 table = pf.read_row_group(g, columns=cols)
             else:
                 table = pa.Table.from_batches([next(pf.iter_batches(batch_size=per_group, row_groups=[g], columns=cols))])
-        block = io.prepare_block(table, id_column=schema.id_column, embedding_column=schema.embedding_column,
+        block = prepare_block(table, id_column=schema.id_column, embedding_column=schema.embedding_column,
                                  label_column=schema.label_column, dim=schema.dim)
         d = block.column("x").type.shape[0]
         if dim is not None and d != dim:
@@ -188,7 +190,7 @@ def check_rows(fs, schema: io.InputSchema, sample_rows: int = SAMPLE_ROWS) -> tu
     return checked, dim
 
 
-def check_ids(fs, schema: io.InputSchema) -> None:
+def check_ids(fs, schema: InputSchema) -> None:
     """The whole id column has no nulls and no duplicates (the real run's duplicate message)."""
     import pyarrow.dataset as pds
 
@@ -196,7 +198,7 @@ def check_ids(fs, schema: io.InputSchema) -> None:
     if ids.null_count:  # outside the sampled rows: the real run names the block row, this the table row
         first = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
         raise InputError(f"id column {schema.id_column!r} has {ids.null_count} null value(s) (first at table row {first})")
-    io.check_unique(schema.id_column, io.find_duplicate(*ids.chunks))
+    check_unique(schema.id_column, find_duplicate(*ids.chunks))
 
 
 def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs: dict = COSTS,
@@ -229,10 +231,10 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
 
     validate_config(cfg)
     est = load_estimator(cfg)
-    output = io.Output(cfg.output, cfg.overwrite)
+    output = Output(cfg.output, cfg.overwrite)
     output.inspect()
-    fs, files = io.resolve_input(cfg.input)
-    schema = io.check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column, default_label="label")
+    fs, files = resolve_input(cfg.input)
+    schema = check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column, default_label="label")
     _check_dim(est, schema.dim, cfg)
     if cfg.previous:
         from agc_ray.distributed.stable import open_previous

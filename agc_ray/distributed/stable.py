@@ -20,9 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from agc_ray.distributed import io
 from agc_ray.distributed.commit import PREVIOUS_WORDING, Version, read_manifest
-from agc_ray.distributed.errors import InputError
+from agc_ray.distributed.errors import InputError, one_line
+from agc_ray.distributed.input import filesystem_for
+from agc_ray.distributed.output import COMMIT_MARKER
 from agc_ray.distributed.remote import lazy_remote
 
 log = logging.getLogger("agc_ray")
@@ -50,7 +51,7 @@ class PreviousOutput:
 def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> PreviousOutput:
     """Check that ``uri`` is a completed output whose ids can be matched with ``id_type`` (InputError
     naming ``flag``)."""
-    fs, path = io.filesystem_for(uri)
+    fs, path = filesystem_for(uri)
     manifest, version = read_manifest(fs, path, uri, PREVIOUS_WORDING, flag=flag,
                                       missing_hint=lambda: _interrupted_hint(fs, path))
     levels = len(manifest["levels"])
@@ -68,7 +69,7 @@ def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> P
     except (OSError, KeyError, ValueError) as e:
         if isinstance(e, InputError):
             raise
-        raise InputError(f"cannot read {flag} {uri}: {io._one_line(e)}") from e
+        raise InputError(f"cannot read {flag} {uri}: {one_line(e)}") from e
     for t, whose in ((prev_type, f"{flag} {uri} has"), (id_type, "this input has")):
         if pa.types.is_uint64(t):
             raise InputError(f"{whose} uint64 ids: cast them to int64 or string to match runs")
@@ -79,7 +80,7 @@ def open_previous(uri: str, id_type: pa.DataType, flag: str = "--previous") -> P
 
 def _interrupted_hint(fs, path: str) -> str:
     """Why an output has no manifest when a killed commit left its marker (empty otherwise)."""
-    if _exists(fs, posixpath.join(path, io.COMMIT_MARKER)):
+    if _exists(fs, posixpath.join(path, COMMIT_MARKER)):
         return " (its commit was interrupted: any run with --output on it finishes the commit)"
     return ""
 

@@ -296,6 +296,6 @@ def render_report(manifest: dict, cluster_sizes: dict[int, np.ndarray],
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
         + "".join(b for b in body if b)
-        + f"<footer>generated {now} by agc_ray {_e(version)} (agc_ray.report)</footer></main></body></html>\n"
+        + f"<footer>generated {now} by agc_ray {_e(version)} (agc_ray.distributed.report)</footer></main></body></html>\n"
     )
 

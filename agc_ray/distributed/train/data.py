@@ -23,8 +23,8 @@ log = logging.getLogger("agc_ray")
 
 def inspect_table(cfg: TrainJobConfig):
     """``(filesystem, InputSchema)``: files, schemas, columns (label required), types and row count,
-    from the Parquet footers only (:func:`agc_ray.distributed.io.check_schema`)."""
-    from agc_ray.distributed.io import check_schema, resolve_input
+    from the Parquet footers only (:func:`agc_ray.distributed.input.check_schema`)."""
+    from agc_ray.distributed.input import check_schema, resolve_input
 
     fs, files = resolve_input(cfg.input)
     return fs, check_schema(fs, files, cfg.id_column, cfg.embedding_column, cfg.label_column)
@@ -33,12 +33,12 @@ def inspect_table(cfg: TrainJobConfig):
 def read_table(fs, schema, cfg: TrainJobConfig):
     """Ray Data dataset of validated, L2-normalised rows: columns ``id``, ``x`` (tensor), ``label``.
 
-    Every block goes through the clustering job's :func:`agc_ray.distributed.io.prepare_block`
+    Every block goes through the clustering job's :func:`agc_ray.distributed.input.prepare_block`
     (null ids or labels, ragged, NaN/Inf or all-zero embeddings raise InputError).
     """
     import ray
 
-    from agc_ray.distributed.io import prepare_block
+    from agc_ray.distributed.input import prepare_block
 
     ds = ray.data.read_parquet(schema.files, filesystem=fs)
     ds = ds.select_columns([cfg.id_column, cfg.embedding_column, cfg.label_column])
@@ -201,7 +201,7 @@ def prepare_data(cfg: TrainJobConfig, table_refs: list, num_shards: int):
     import ray
 
     from agc_ray.core.knn import KNN_RECALL, RECALL_SAMPLE
-    from agc_ray.distributed.io import shard_bounds
+    from agc_ray.distributed.shards import shard_bounds
     from agc_ray.distributed.knn import sharded_knn_graph
 
     cpus = min(1.0, cfg.cpus_per_worker)
