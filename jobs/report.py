@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     from agc_ray.distributed import logs
     from agc_ray.distributed.commit import read_manifest
-    from agc_ray.distributed.errors import InputError
+    from agc_ray.distributed.errors import InputError, one_line
     from agc_ray.distributed.input import filesystem_for
 
     logs.configure(args.verbose)
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         with out_fs.open_output_stream(out_path) as f:
             f.write(text.encode("utf-8"))
     except OSError as e:
-        print(f"error: cannot write {shown}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: cannot write {shown}: {one_line(e)}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"report: {shown} ({len(text.encode()) / 1024:.0f} KiB)")
     if args.screenshot:

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         # WARNING); set before anything imports Ray, which reads it once
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from agc_ray.distributed.errors import InputError
+    from agc_ray.distributed.errors import InputError, one_line
 
     try:
         cfg, options = parse_config(argv)
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - training failures: one summary line, log has the rest
         logging.getLogger("agc_ray").exception("training failed")
-        print(f"error: training failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        detail = f"{type(e).__name__}: {one_line(e)}" if str(e).strip() else type(e).__name__
+        print(f"error: training failed ({detail}); "
               f"rerun with --resume to continue from the latest checkpoint", file=sys.stderr)
         return 1
     m = summary["metrics"]

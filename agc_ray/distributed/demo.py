@@ -46,7 +46,7 @@ def write_table(path: str | Path, x: np.ndarray, labels: np.ndarray | None = Non
 
 def run_demo(root: str | Path = "agc_output", n_rows: int = 20_000, epochs: int = 4) -> dict:
     """Train a small model, write a synthetic table, cluster it with the job; print a summary."""
-    from agc_ray import HiLander
+    from agc_ray.core.estimator import HiLander
     from agc_ray.core.synthetic import make_faces
     from agc_ray.distributed.job import JobConfig, run_job
 

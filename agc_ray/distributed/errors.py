@@ -7,10 +7,18 @@ class InputError(ValueError):
     """Bad input, parameters or output location; the message is one line naming the problem."""
 
 
+#: What Ray's task errors put before an InputError's own message (their remote traceback comes first).
+_MARKER = "InputError: "
+
+
 def one_line(err: BaseException) -> str:
-    """The first line of ``err``'s message (stripped), or its type's name when the message is empty."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """The first line of ``err``'s own message (stripped; after the last ``InputError:`` a wrapping
+    Ray error puts before it), or its type's name when the message is empty."""
+    text = str(err)
+    if _MARKER in text:
+        text = text.rsplit(_MARKER, 1)[1]
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def find_input_error(exc: BaseException) -> InputError | None:
@@ -29,8 +37,4 @@ def find_input_error(exc: BaseException) -> InputError | None:
         for arg in getattr(e, "args", ()):
             if isinstance(arg, BaseException):
                 stack.append(arg)
-    text = str(exc)
-    marker = "InputError: "
-    if marker in text:
-        return InputError(text.split(marker, 1)[1].strip().splitlines()[0])
-    return None
+    return InputError(one_line(exc)) if _MARKER in str(exc) else None

@@ -109,7 +109,7 @@ def validate_config(cfg: JobConfig) -> None:
 
 def load_estimator(cfg: JobConfig):
     """The :class:`~agc_ray.HiLander` whose parameters the job runs with (model loaded, flags applied)."""
-    from agc_ray import HiLander
+    from agc_ray.core.estimator import HiLander
 
     if cfg.model:
         try:

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 from agc_ray.distributed.commit import (
     StagingLock, Version, clean_local, local_lock, observe, replace_local_dir, require_unchanged, utc_now,
 )
-from agc_ray.distributed.errors import InputError, find_input_error
+from agc_ray.distributed.errors import InputError, find_input_error, one_line
 from agc_ray.distributed.train.config import TrainJobConfig, storage_location
 from agc_ray.distributed.train.data import inspect_table, prepare_data, read_table
 from agc_ray.distributed.train.worker import _load_checkpoint, train_loop_per_worker
@@ -154,7 +154,7 @@ def run_training(cfg: TrainJobConfig, *, fault: dict | None = None) -> dict:
     except Exception as e:  # Ray wraps InputErrors raised in Ray Data UDFs and tasks
         cause = find_input_error(e)
         if cause is not None:
-            raise InputError(_one_line_message(cause)) from None
+            raise InputError(one_line(cause)) from None
         raise
     del refs
     prepare_seconds = time.perf_counter() - t0
@@ -220,12 +220,3 @@ def run_training(cfg: TrainJobConfig, *, fault: dict | None = None) -> dict:
     training["total_seconds"] = time.perf_counter() - t_start
     log.info("model written to %s (%.1fs in all)", path, training["total_seconds"])
     return training
-
-
-def _one_line_message(err: BaseException) -> str:
-    """The InputError's own message (Ray's task errors add the remote traceback around it)."""
-    text = str(err)
-    marker = "InputError: "
-    if marker in text:
-        text = text.rsplit(marker, 1)[1]
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
