@@ -119,6 +119,25 @@ def test_unsupervised_finds_clusters_at_any_scale_without_tau(within):
     assert all(a >= b for a, b in zip(taus, taus[1:]))
 
 
+def test_unsupervised_finds_clusters_where_random_pairs_span_the_whole_range():
+    """Two dimensions, or two clusters holding every row: random pairs' similarities spread so widely
+    that median + 3 robust deviations lies above the neighbours (above 1 in 2 dimensions), where nothing
+    would merge at any level; the median pair stands for chance instead."""
+    from sklearn.datasets import make_blobs
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = make_blobs(n_samples=50, random_state=1)  # scikit-learn's check_clustering table
+    x = StandardScaler().fit_transform(x)
+    result = HiLander(unsupervised=True).hierarchy(x)
+    assert -1.0 < result.stats[0]["tau"] < np.median(knn_graph(x, 10)[1][:, 0])
+    assert pairwise(y, result.labels)[2] > 0.9
+    x, y = _blobs(2, 500, 64, 0.8, seed=0)
+    result = HiLander(unsupervised=True).hierarchy(x)
+    assert -1.0 < result.stats[0]["tau"] < np.median(knn_graph(x, 10)[1][:, 0])
+    precision, recall, _ = pairwise(y, result.levels[0])
+    assert precision > 0.99 and np.unique(result.levels[0]).size <= 10  # was 1000 singletons
+
+
 def test_adaptive_thresholds_follow_the_table_scale():
     low = HiLander(unsupervised=True).hierarchy(_blobs(40, 30, 256, 0.3, seed=1)[0])
     high = HiLander(unsupervised=True).hierarchy(_blobs(40, 30, 256, 0.8, seed=1)[0])

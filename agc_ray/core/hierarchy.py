@@ -341,11 +341,19 @@ def adaptive_similarity_threshold(sim: np.ndarray, x_sample: np.ndarray, *, seed
     at :func:`background_rows`) and a typical nearest neighbour (median of ``sim[:, 0]``, the level-0
     kNN similarities). Both ends are measured on the table, so the threshold follows its scale (a
     table whose clusters sit at cosine 0.3 and one at 0.8 get different thresholds) instead of a
-    fixed constant.
+    fixed constant. Where the chance estimate reaches the neighbours (few dimensions, or a few
+    clusters holding most rows), chance is the median random pair's similarity instead.
     """
     nearest = np.asarray(sim)[:, 0] if sim.ndim == 2 and sim.shape[1] else np.zeros(1, dtype=np.float32)
+    nearest = float(np.median(nearest))
     chance = background_similarity(x_sample, seed=seed)
-    return float((chance + float(np.median(nearest))) / 2), chance
+    if chance >= nearest:
+        # The spread rule failed: random pairs span the whole range (a table of a few dimensions, or a
+        # few clusters holding most rows), so median + 3 robust deviations lies at or above the
+        # neighbours (above 1 in 2-8 dimensions), where nothing merges at any level. The typical
+        # unrelated pair is then the median one.
+        chance = background_similarity(x_sample, seed=seed, spread=0.0)
+    return float((chance + nearest) / 2), chance
 
 
 class AdaptiveSchedule:
