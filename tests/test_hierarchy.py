@@ -102,6 +102,13 @@ def test_stop_rules():
     assert_coarsening(levels)
     # too few nodes for the next level's kNN graph (<= k): stop
     assert len(build_hierarchy(x[:8], _scripted([4, 1]), k=4, levels=10, early_stop=False)) == 1
+    # fewer than 1 % of a level's nodes merged (1 of 135) and the next level at no lower threshold: stop
+    # there; at a lower one (or unknown, as the unsupervised schedule's), go on
+    steady, falling = (lambda level: 0.9), (lambda level: 0.9 - 0.1 * level)
+    assert len(build_hierarchy(x, _scripted([60, 5, 1, 1]), k=3, levels=10, level_tau=steady)) == 3
+    assert len(build_hierarchy(x, _scripted([60, 5, 1, 1]), k=3, levels=10, level_tau=steady, early_stop=False)) == 4
+    assert len(build_hierarchy(x, _scripted([60, 5, 1, 1]), k=3, levels=10, level_tau=falling)) == 4
+    assert len(build_hierarchy(x, _scripted([60, 5, 1, 1]), k=3, levels=10, level_tau=lambda level: None)) == 4
 
 
 def test_unsupervised_hierarchy_groups_identities():

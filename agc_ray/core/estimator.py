@@ -366,6 +366,7 @@ class HiLander(ClusterMixin, BaseEstimator):
 
         levels = build_hierarchy(
             X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=knn, stats=stats,
+            level_tau=self.level_tau,
         )
         for level_stats, info, knn_info in zip(stats, infos, knn_infos):
             level_stats.update(knn_info, **info)

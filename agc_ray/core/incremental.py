@@ -425,7 +425,7 @@ def hierarchy_state(est, X) -> tuple[list[np.ndarray], list[BaseLevel], list[flo
         return parent
 
     kept = build_hierarchy(x, decode_level, k=est.k, levels=est.max_levels(), early_stop=est.early_stop,
-                           knn=est._knn)
+                           knn=est._knn, level_tau=est.level_tau)
     states, taus = states[:len(kept)], taus[:len(kept)]
     labels, lab = [], None
     for s in states:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agc_ray.core.hierarchy import stop_reason
+from agc_ray.core.hierarchy import next_tau_not_lower, stop_reason
 from agc_ray.core.knn import resolve_method
 from agc_ray.distributed import progress
 from agc_ray.distributed import level as lv
@@ -358,7 +358,7 @@ def _level_loop(job: Job, output, run_input: RunInput) -> tuple[list[dict], str 
             log.info(stop)
             break
         stop = stop_reason(level_no, n_edges, prev_edges, counts["clusters"], k=est.k, levels=est.max_levels(),
-                           early_stop=est.early_stop)
+                           early_stop=est.early_stop, next_not_lower=next_tau_not_lower(est.level_tau, level_no))
         if stop:
             log.info("level %d: stop: %s", level_no, stop)
             break
