@@ -47,6 +47,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agc_ray.core.params import DECODE_MODES
+
     p = _Parser(
         prog="jobs/cluster.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recall@k target of the approximate search: at every IVF level the cells probed are raised "
                         "until the recall measured on 1000 sampled rows against exact search reaches R "
                         "(default: the model's, 0.95)")
-    m.add_argument("--decode", choices=("prob", "sim"), help="decode on edge probabilities or similarities")
+    m.add_argument("--decode", choices=DECODE_MODES, help="decode on edge probabilities or similarities")
     m.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
                    help="disable the early-stop rule (E_prev / E < k)")
     m.add_argument("--knn-recall-sample", type=int, metavar="ROWS",

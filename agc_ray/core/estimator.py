@@ -28,11 +28,11 @@ from agc_ray.core.inference import Hierarchy, LevelDecoder, decode, score_level
 from agc_ray.core.knn import knn_graph
 from agc_ray.core.lander import Lander
 from agc_ray.core.params import DEFAULTS as D
-from agc_ray.core.params import PARAMS
+from agc_ray.core.params import PARAMS, check_params
 from agc_ray.core.train import (
     deterministic_training, ground_truth_graphs, self_training_graphs, to_train_graph, train_lander, training_phases,
 )
-from agc_ray.core.validation import check_labels, check_param, check_rows
+from agc_ray.core.validation import check_labels, check_rows
 
 log = logging.getLogger("agc_ray")
 
@@ -178,10 +178,7 @@ class HiLander(ClusterMixin, BaseEstimator):
     # -- validation ---------------------------------------------------------------------------
     def validate_params(self) -> None:
         """Check every hyper-parameter (ValueError naming the parameter, the value and the range)."""
-        for name, param in PARAMS.items():
-            param.check(f"HiLander: {name}", getattr(self, name))
-        if self.tau is not None and self.decode == "prob" and not self.unsupervised:
-            check_param("HiLander: tau", self.tau, float, 0.0, 1.0)
+        check_params({name: getattr(self, name) for name in PARAMS}, lambda name: f"HiLander: {name}")
 
     def _validate_X(self, X, *, reset: bool) -> np.ndarray:
         """X as a float32 (N, D) array checked as scikit-learn checks it (2-D, dense, real, not empty,
@@ -423,15 +420,15 @@ class HiLander(ClusterMixin, BaseEstimator):
             params = config["params"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{cfg_file} is not a valid HiLander config: {e}") from e
-        est = cls(**params)
-        if not est.unsupervised:
+        if params.get("unsupervised", False):
+            est = cls(**params)
+            est.model_ = None
+        else:
             weights = path / WEIGHTS_FILE
             if not weights.is_file():
                 raise ValueError(f"{path}: {WEIGHTS_FILE} not found")
             est = cls.from_weights(torch.load(weights, map_location="cpu", weights_only=True),
                                    config.get("n_features_in"), **params)
-        else:
-            est.model_ = None
         est.n_features_in_ = config.get("n_features_in")
         est.history_ = config.get("history", [])
         # Directories saved before the validation pass have none: their params carry tau and levels.

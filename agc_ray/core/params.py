@@ -78,5 +78,16 @@ PARAMS: dict[str, Param] = {
                                  float, 0.0, 0.9),
 }
 
+def check_params(values: dict, name=lambda n: n, *, error=ValueError) -> None:
+    """Check the parameters in ``values`` (a subset of :data:`PARAMS` by name) against their declaration,
+    and tau against the decode mode (a probability: [0, 1] with 'prob' decode and a model); ``name``
+    turns a parameter's name into the one the message shows (``"HiLander: k"``, ``"--k"``)."""
+    for key, value in values.items():
+        PARAMS[key].check(name(key), value, error=error)
+    tau = values.get("tau")
+    if tau is not None and values.get("decode", DEFAULTS.decode) == "prob" and not values.get("unsupervised", False):
+        check_param(name("tau"), tau, float, 0.0, 1.0, error=error)
+
+
 #: The defaults as attributes (``DEFAULTS.k``), for signatures.
 DEFAULTS = SimpleNamespace(**{name: p.default for name, p in PARAMS.items()})

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from agc_ray.core.params import PARAMS
+from agc_ray.core.params import PARAMS, check_params
 from agc_ray.core.validation import check_param
 from agc_ray.distributed.errors import InputError
 
@@ -80,10 +80,7 @@ class TrainJobConfig:
         _check_number("keep_checkpoints", self.keep_checkpoints, int, 1)
         _check_number("max_failures", self.max_failures, int, -1)
         _check_number("val_fraction", self.val_fraction, float, 0.0, 0.9)
-        for name in MODEL_PARAMS:
-            PARAMS[name].check(flag(name), getattr(self, name), error=InputError)
-        if self.tau is not None and self.decode == "prob":
-            check_param(flag("tau"), self.tau, float, 0.0, 1.0, error=InputError)
+        check_params(self.model_params(), flag, error=InputError)
 
 
 def flag(name: str) -> str:
