@@ -55,9 +55,18 @@ def reference(job_model, job_data):
 
 @pytest.fixture(scope="module")
 def outputs(ray_session, tmp_path_factory, job_table, job_model):
-    """The same job with 1 and 3 node shards."""
+    """The same job with 1 and 3 node shards, and with 3 shards whose projections are streamed in blocks
+    of 300 nodes (several per shard, the last one shorter; one block per shard is the default here)."""
+    from agc_ray.distributed import level
+
     root = tmp_path_factory.mktemp("out")
-    return {s: (root / f"s{s}", _run(job_table, root / f"s{s}", job_model, knn="exact", num_shards=s)) for s in (1, 3)}
+    runs = {s: (root / f"s{s}", _run(job_table, root / f"s{s}", job_model, knn="exact", num_shards=s)) for s in (1, 3)}
+    default, level.PROJECTION_BLOCK = level.PROJECTION_BLOCK, 300
+    try:
+        runs["3, blocks of 300"] = (root / "b300", _run(job_table, root / "b300", job_model, knn="exact", num_shards=3))
+    finally:
+        level.PROJECTION_BLOCK = default
+    return runs
 
 
 def test_shards_equal_single_process(outputs, reference):
@@ -440,3 +449,25 @@ def test_local_rows_gather_like_a_halo_copy(normalize):
     np.testing.assert_array_equal(rows[np.arange(lg.n_own)].numpy(), copy[:lg.n_own])
     if normalize:  # the core normalises the whole level's member sums at once
         np.testing.assert_array_equal(rows[local].numpy(), l2_normalize(x)[lg.nodes[local]])
+
+
+def test_projection_blocks_read_like_one_array():
+    """A level's projections as blocks (each inside one shard, a shard's first at its start, the last
+    shorter) read back by global id and by a shard's row range as the whole array would be."""
+    import torch
+
+    from agc_ray.distributed.level import BlockRows, projection_blocks
+    from agc_ray.distributed.shards import shard_bounds
+
+    offsets = shard_bounds(1000, 3)  # 0, 333, 667, 1000
+    bounds, of_shard = projection_blocks(offsets, block=128)
+    np.testing.assert_array_equal(bounds, [0, 128, 256, 333, 461, 589, 667, 795, 923, 1000])
+    assert of_shard == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    proj = np.random.default_rng(0).standard_normal((1000, 6)).astype(np.float32)
+    held = of_shard[1] + of_shard[2]  # shard 1 and one halo owner
+    rows = BlockRows({b: proj[bounds[b]:bounds[b + 1]] for b in held}, bounds, int(offsets[1]), int(offsets[2]))
+    ids = torch.tensor([[333, 999, 700], [666, 10, 334]])  # 10 lies in a block not held: read as row 333
+    want = proj[np.where(ids.numpy() == 10, 333, ids.numpy())]
+    np.testing.assert_array_equal(rows(ids).numpy(), want)
+    np.testing.assert_array_equal(rows[0:200].numpy(), proj[333:533])
+    np.testing.assert_array_equal(rows[256:512].numpy(), proj[589:667])  # cut at the shard's end

@@ -145,9 +145,12 @@ class ShardIndexActor:
         return index.search(queries, kk, exact, probes)
 
     def release(self) -> None:
-        """Drop the index (its cell lists are a copy of the shard's rows) once the level's graph is
-        complete; a later call for this level (Ray reconstructing a lost graph) rebuilds it."""
+        """Drop the index (its cell order, the shard and the searches' freed heap) once the level's graph
+        is complete; a later call for this level (Ray reconstructing a lost graph) rebuilds it."""
+        from agc_ray.distributed.remote import release_heap
+
         self.index, self.key = None, None
+        release_heap()
 
     def ivf_state(self):
         """``(centroids, IVF cell of each shard row)`` for the output's assignment state; None if not IVF

@@ -47,14 +47,17 @@ JOB_METHODS = ("auto", "exact", "ivf")
 
 
 SEARCH_CHUNK = 16384  # query rows per search task: enough tasks for progress lines, few enough for overheads
-#: Query rows per IVF search task: a shard's lists are scanned cell by cell for the task's queries, so
-#: each call costs a loop over the cells; with 16K queries a cell got ~16 of them (small products).
-IVF_SEARCH_CHUNK = 65536
+#: Query rows per IVF search task (and per task of their best cells): a shard's lists are scanned cell
+#: by cell for the task's queries, one product and a Python step per probed cell and call, so small
+#: calls cost more than the products: at 10^6 rows, 4 probes and 2 shards, calls of 64K queries took
+#: 17 s a shard against 12 s in calls of 256K (the cells' rows are gathered again by every call).
+IVF_SEARCH_CHUNK = 1 << 18
 #: (query, probed cell) pairs per call to the index actors: a task searches its rows in calls of
 #: ``IVF_PROBE_PAIRS // nprobe`` rows, so that a tuned nprobe far above 16 (2048 of 16384 cells at
 #: 10M rows of make_faces) does not multiply the probe arrays and the actors' per-cell query lists (a
-#: 10M run's search tasks reached 8 GB and its actors 7 GB each at 64K rows a call, and were killed).
-IVF_PROBE_PAIRS = IVF_SEARCH_CHUNK * 16
+#: 10M run's search tasks reached 8 GB and its actors 7 GB each at 64K rows x 2048 probes a call, and
+#: were killed).
+IVF_PROBE_PAIRS = 1 << 20
 
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
@@ -293,7 +296,7 @@ def _train_centroids(sample, n: int, seed: int, progress=None):
         faiss.omp_set_num_threads(before)
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)  # a product as long as the search's: two at once on a CPU only share it
 def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int):
     """:func:`~agc_ray.core.cells.cell_probes` of rows ``lo:hi`` of one shard."""
     return cell_probes(x_shard[lo:hi], centroids, nprobe)

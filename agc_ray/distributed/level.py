@@ -135,10 +135,10 @@ def _aggregated(parts: tuple, owners: list[int]) -> bool:
     return len(parts) > 1 + len(owners)
 
 
-def _mean_rows(lg: LocalGraph, s: int, offsets, owners, parts) -> LocalRows:
-    """Aggregated levels: the unit member means of the shard's local nodes, from array 1 (member sums)
-    of :func:`shard_inputs`'s ``parts``."""
-    return LocalRows(parts_by_shard(parts, 1, s, owners), offsets, lg, normalize=True)
+def _mean_rows(lg: LocalGraph, s: int, offsets, owners, parts, array: int = 1) -> LocalRows:
+    """Aggregated levels: the unit member means of the shard's local nodes, from array ``array``
+    (member sums) of :func:`shard_inputs`'s ``parts``."""
+    return LocalRows(parts_by_shard(parts, array, s, owners), offsets, lg, normalize=True)
 
 
 def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None):
@@ -162,9 +162,32 @@ def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None
     return feats
 
 
+#: Rows per object of a shard's projections (a multiple of the core's chunk of rows, so that each
+#: chunk is the same product as in one piece): a task streams them to the object store one at a time
+#: (a generator), instead of holding its whole (n_s, 3E) result and then its copy there, and objects
+#: of ~100 MB fit where earlier objects were freed. At 10^6 x 256 rows on two shards, one result per
+#: shard (768 MB each) took the job's peak to 6.0 GB.
+PROJECTION_BLOCK = 16 * 4096
+
+
+def projection_blocks(offsets: np.ndarray, block: int | None = None) -> tuple[np.ndarray, list[list[int]]]:
+    """The level's projection objects: ``(bounds, per shard its block indices)``, ``bounds`` (B + 1,)
+    global node ranges of at most ``block`` (default :data:`PROJECTION_BLOCK`) nodes, each inside one
+    shard, a shard's first starting where the shard does."""
+    block = block or PROJECTION_BLOCK
+    cuts, of_shard = [], []
+    for s in range(offsets.size - 1):
+        lo, hi = int(offsets[s]), int(offsets[s + 1])
+        starts = list(range(lo, hi, block)) or [lo]
+        of_shard.append(list(range(len(cuts), len(cuts) + len(starts))))
+        cuts += starts
+    return np.array(cuts + [int(offsets[-1])], dtype=np.int64), of_shard
+
+
 @lazy_remote(num_cpus=1)
-def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts, progress=None):
-    """Stage 1: the node projections (n_s, 3E) of shard ``s``.
+def shard_projections(model, s: int, offsets, graph, owners: list[int], blocks, *parts, progress=None):
+    """Stage 1: the node projections of shard ``s``, yielded as one (b, 3E) array per projection block
+    of the shard (:func:`projection_blocks`' ``blocks``; call with ``num_returns`` = their number).
 
     ``parts``: :func:`shard_inputs` of ``[x_id]`` (level 0) or ``[x_id, x_sum, size]``.
     ``progress``: ``(counter, stage)`` that the rows done are reported to (see
@@ -175,27 +198,60 @@ def shard_projections(model, s: int, offsets, graph, owners: list[int], *parts, 
 
     torch = _torch_single_thread()
     nbr, sim = graph
-    lg = LocalGraph(nbr, int(offsets[s]), int(offsets[s + 1]))
+    lo, hi = int(offsets[s]), int(offsets[s + 1])
+    lg = LocalGraph(nbr, lo, hi)
     x_id = LocalRows(parts_by_shard(parts, 0, s, owners), offsets, lg)
     x_mean = _mean_rows(lg, s, offsets, owners, parts) if _aggregated(parts, owners) else x_id
     nbr_loc = torch.full((lg.nodes.size, nbr.shape[1]), -1, dtype=torch.int64)
     nbr_loc[: lg.n_own] = torch.from_numpy(lg.nbr_own)
     sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
     model.eval()
-    proj = node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(lg.n_own),
-                            report=reporter(*progress) if progress else None)
-    return proj.numpy()
+    report = reporter(*progress) if progress else None
+    bounds = [int(b) - lo for b in blocks if lo <= b <= hi] or [0, 0]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yield node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(a, b), report=report).numpy()
+
+
+class BlockRows:
+    """Rows of an array stored as projection blocks (``{block index: (b, C) array}`` over ``bounds``),
+    as tensors: by global id (``rows(ids)``), or a range of a shard's rows ``first:stop`` by local
+    position (``rows[a:b]``, cut at ``stop``)."""
+
+    def __init__(self, by_block: dict, bounds: np.ndarray, first: int, stop: int):
+        self.by_block, self.bounds, self.first, self.stop = by_block, bounds, first, stop
+        self.readable = np.zeros(bounds.size - 1, dtype=bool)
+        self.readable[list(by_block)] = True
+
+    def __call__(self, ids):
+        """Rows of global ``ids`` (a tensor of any shape); ids outside the blocks held read row ``first``
+        (padded edges arrive as row 0 and get p = 0 anyway)."""
+        import torch
+
+        flat = ids.reshape(-1).numpy()
+        flat = np.where(self.readable[shard_of(self.bounds, flat)], flat, self.first)
+        return torch.from_numpy(gather_rows(self.by_block, self.bounds, flat)).reshape(*ids.shape, -1)
+
+    def __getitem__(self, rows: slice):
+        import torch
+
+        ids = np.arange(self.first + rows.start, min(self.first + rows.stop, self.stop), dtype=np.int64)
+        return torch.from_numpy(gather_rows(self.by_block, self.bounds, ids))
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
-def shard_probabilities(model, s: int, offsets, graph, owners: list[int], *parts, progress=None):
-    """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``; ``parts``: :func:`shard_inputs` of
-    ``[proj]`` (level 0) or ``[proj, x_sum, size]``. ``progress`` as in :func:`shard_projections`.
+def shard_probabilities(model, s: int, offsets, graph, owners: list[int], blocks, block_ids: list[int], *parts,
+                        progress=None):
+    """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``.
 
-    The neighbours' projections are read from the parts chunk by chunk (no own + halo copy: at level
-    0 in random row order the halo is nearly every other row, 1.5 GB of projections at 10^6 rows), and
-    the edge features are computed chunk by chunk here (stage 1 returning them put (n, k, F) floats,
-    0.4 GB at 10^6 rows, in the object store beside the projections).
+    ``parts``: the projection blocks ``block_ids`` (of :func:`projection_blocks`' ``blocks``: shard s's
+    and its halo owners'), then at levels above 0 :func:`shard_inputs` of ``[x_sum, size]``.
+    ``progress`` as in :func:`shard_projections`.
+
+    The projections of the shard's rows and of their neighbours are read from the blocks chunk by
+    chunk (no own + halo copy: at level 0 in random row order the halo is nearly every other row, 1.5
+    GB of projections at 10^6 rows), and the edge features are computed chunk by chunk here (stage 1
+    returning them put (n, k, F) floats, 0.4 GB at 10^6 rows, in the object store beside the
+    projections).
     """
     from agc_ray.core.inference import edge_probabilities
     from agc_ray.core.lander import predicted_density
@@ -204,23 +260,15 @@ def shard_probabilities(model, s: int, offsets, graph, owners: list[int], *parts
     torch = _torch_single_thread()
     nbr, sim = graph
     lo, hi = int(offsets[s]), int(offsets[s + 1])
-    by_shard = parts_by_shard(parts, 0, s, owners)
-    readable = np.zeros(offsets.size - 1, dtype=bool)
-    readable[list(by_shard)] = True
-
-    def proj_of(ids):  # clamped global ids; padded edges arrive as row 0 and get p = 0 anyway
-        flat = ids.reshape(-1).numpy()
-        flat = np.where(readable[shard_of(offsets, flat)], flat, lo)
-        return torch.from_numpy(gather_rows(by_shard, offsets, flat)).reshape(*ids.shape, -1)
-
+    proj = BlockRows(dict(zip(block_ids, parts[:len(block_ids)])), blocks, lo, hi)
+    parts = parts[len(block_ids):]
     lg = LocalGraph(nbr, lo, hi)
     means = (None, None)
-    if _aggregated(parts, owners):  # member means and sizes (array 2) of the local nodes
-        means = (_mean_rows(lg, s, offsets, owners, parts), with_halo(parts, 2, s, owners, offsets, lg.halo))
+    if parts:  # member means and sizes of the local nodes (arrays 0 and 1 of shard_inputs)
+        means = (_mean_rows(lg, s, offsets, owners, parts, array=0), with_halo(parts, 1, s, owners, offsets, lg.halo))
     nbr_rows = torch.from_numpy(np.ascontiguousarray(nbr[lo:hi]))
     model.eval()
-    p = edge_probabilities(model, proj_of, torch.from_numpy(by_shard[s]), nbr_rows,
-                           shard_edge_features(nbr, sim, lg, *means),
+    p = edge_probabilities(model, proj, proj, nbr_rows, shard_edge_features(nbr, sim, lg, *means),
                            report=reporter(*progress) if progress else None)
     sim_rows = torch.from_numpy(np.ascontiguousarray(sim[lo:hi]))
     density = predicted_density(p, sim_rows, nbr_rows >= 0)

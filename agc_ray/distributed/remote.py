@@ -1,6 +1,61 @@
-"""Ray remote functions created on first use, so that importing a module does not import Ray."""
+"""Ray remote functions created on first use, so that importing a module does not import Ray; each
+gives the heap freed in its worker back to the operating system when it starts and ends
+(:func:`release_heap`)."""
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import inspect
+import sys
+
+_LIBC = None
+
+
+def release_heap() -> None:
+    """Return the memory that this process freed to the operating system.
+
+    A Ray worker runs one task after another: glibc keeps the chunks a task freed in its arenas, and
+    pyarrow's allocator keeps its pages, so a worker that had read Parquet blocks still held 0.9 GB
+    when it went on to run a kNN task, and a scoring task's worker 1.2 GB more than its next task used
+    (10^6 x 256 rows). ``malloc_trim`` and pyarrow's ``release_unused`` hand those pages back; a no-op
+    where they do not exist.
+    """
+    global _LIBC
+    pyarrow = sys.modules.get("pyarrow")
+    if pyarrow is not None:
+        pyarrow.default_memory_pool().release_unused()
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name and sys.platform.startswith("linux") else False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _releasing(fn):
+    """``fn`` calling :func:`release_heap` when it starts (the worker's earlier task, maybe not ours,
+    may have left pages) and when it ends (after its last ``yield`` for a generator)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            release_heap()
+            try:
+                yield from fn(*args, **kwargs)
+            finally:
+                release_heap()
+
+        return gen
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        release_heap()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_heap()
+
+    return call
 
 
 class LazyRemote:
@@ -15,7 +70,8 @@ class LazyRemote:
         if self._remote is None:
             import ray
 
-            self._remote = ray.remote(**self.options_)(self.fn) if self.options_ else ray.remote(self.fn)
+            fn = _releasing(self.fn)
+            self._remote = ray.remote(**self.options_)(fn) if self.options_ else ray.remote(fn)
         return self._remote
 
     def options(self, **kwargs):
