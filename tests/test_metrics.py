@@ -41,6 +41,19 @@ def test_random_labelings_match_brute_force_and_sklearn():
     assert ari(y, c) == pytest.approx(adjusted_rand_score(y, c))
 
 
+@pytest.mark.parametrize("classes, clusters", [(7, 11), (1, 1), (1, 5), (5, 1), (300, 300), (40, 3)])
+def test_evaluate_equals_sklearn_to_the_bit(classes, clusters):
+    """evaluate computes NMI and ARI from its one contingency table: scikit-learn's numbers exactly,
+    its limit cases included (one class and one cluster; one of either), with string labels too."""
+    rng = np.random.default_rng(classes * 1000 + clusters)
+    y = rng.integers(0, classes, size=300)
+    c = np.array([f"c{v}" for v in rng.integers(0, clusters, size=300)])
+    e = evaluate(y, c)
+    assert e["nmi"] == normalized_mutual_info_score(y, c)
+    assert e["ari"] == adjusted_rand_score(y, c)
+    assert e["n_clusters"] == np.unique(c).size
+
+
 def test_perfect_and_singletons():
     y = np.array([3, 3, 1, 1, 1])
     e = evaluate(y, np.array([0, 0, 9, 9, 9]))

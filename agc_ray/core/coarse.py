@@ -28,10 +28,11 @@ from agc_ray.core.graph import best_per_row
 #: ``rows_of(ids) -> (len(ids), D)`` unit float32 features of the given nodes (a table, or its shards).
 RowsOf = Callable[[np.ndarray], np.ndarray]
 
-#: Candidate pairs scored per block (two gathers of D floats each).
-PAIR_BLOCK = 1 << 18
-#: Nodes per block of the refinement (k + k^2 candidates each).
-REFINE_BLOCK = 4096
+#: Candidate pairs scored per block: two gathers of D floats each and their product, 200 MB at D = 256
+#: (at 1 << 18 pairs 0.8 GB, which two of the job's tasks held at once beside the scoring's objects).
+PAIR_BLOCK = 1 << 16
+#: Nodes per block of the refinement: k + k^2 candidates each, gathered (115 MB at k = 10, D = 256).
+REFINE_BLOCK = 1024
 #: Neighbour-of-neighbour rounds at most. Measured on the levels of a 1M-row hierarchy (recall after
 #: rounds 0, 1, 2): 0.988 / 0.992 / 0.992 where few nodes merged, 0.848 / 0.895 / 0.896 and 0.243 /
 #: 0.494 / 0.611 where many did: a round adds little once the first candidates missed, and costs twice

@@ -6,6 +6,7 @@ take one sort of N pair codes: O(N log N) time and O(N) memory, no per-cluster P
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +21,8 @@ class Contingency(NamedTuple):
     cluster_size: np.ndarray  # |P_c| of the cell's cluster
     class_sizes: np.ndarray  # |G_g| for every class (one entry per class)
     cluster_sizes: np.ndarray  # |P_c| for every cluster
+    class_index: np.ndarray  # g of the cell (classes numbered in sorted label order)
+    cluster_index: np.ndarray  # c of the cell
 
 
 def _check_labels(labels_true, labels_pred) -> tuple[np.ndarray, np.ndarray]:
@@ -42,14 +45,17 @@ def contingency(labels_true, labels_pred) -> Contingency:
     _, c = np.unique(labels_pred, return_inverse=True)
     n_clusters = int(c.max()) + 1
     cells, count = np.unique(g.astype(np.int64) * n_clusters + c, return_counts=True)
+    class_index, cluster_index = np.divmod(cells, n_clusters)
     class_sizes = np.bincount(g)
     cluster_sizes = np.bincount(c)
     return Contingency(
         count=count.astype(np.int64),
-        class_size=class_sizes[cells // n_clusters].astype(np.int64),
-        cluster_size=cluster_sizes[cells % n_clusters].astype(np.int64),
+        class_size=class_sizes[class_index].astype(np.int64),
+        cluster_size=cluster_sizes[cluster_index].astype(np.int64),
         class_sizes=class_sizes.astype(np.int64),
         cluster_sizes=cluster_sizes.astype(np.int64),
+        class_index=class_index,
+        cluster_index=cluster_index,
     )
 
 
@@ -62,7 +68,10 @@ def pairwise(labels_true, labels_pred) -> tuple[float, float, float]:
 
     With no predicted (or true) pairs at all, precision (recall) is 1 by convention.
     """
-    t = contingency(labels_true, labels_pred)
+    return _pairwise(contingency(labels_true, labels_pred))
+
+
+def _pairwise(t: Contingency) -> tuple[float, float, float]:
     n = float(t.count.sum())
     tp = float(np.square(t.count, dtype=np.float64).sum()) - n
     pred_pairs = float(np.square(t.cluster_sizes, dtype=np.float64).sum()) - n
@@ -74,7 +83,10 @@ def pairwise(labels_true, labels_pred) -> tuple[float, float, float]:
 
 def bcubed(labels_true, labels_pred) -> tuple[float, float, float]:
     """BCubed precision, recall and F-score (Fb)."""
-    t = contingency(labels_true, labels_pred)
+    return _bcubed(contingency(labels_true, labels_pred))
+
+
+def _bcubed(t: Contingency) -> tuple[float, float, float]:
     n = float(t.count.sum())
     sq = np.square(t.count, dtype=np.float64)
     precision = float((sq / t.cluster_size).sum()) / n
@@ -94,10 +106,51 @@ def ari(labels_true, labels_pred) -> float:
     return float(adjusted_rand_score(labels_true, labels_pred))
 
 
+def _entropy(sizes: np.ndarray) -> float:
+    """Entropy of a labelling from its class sizes (scikit-learn's formula, so the same float)."""
+    if sizes.size == 1:
+        return 0.0
+    pi = sizes.astype(np.float64)
+    total = pi.sum()
+    return float(-np.sum((pi / total) * (np.log(pi) - math.log(total))))
+
+
+def _nmi(t: Contingency) -> float:
+    """:func:`nmi` from the contingency cells: scikit-learn's steps (its mutual information of the sparse
+    contingency matrix, over the mean of the two entropies), without sorting the labels again."""
+    from scipy.sparse import csr_matrix
+    from sklearn.metrics import mutual_info_score
+
+    if t.class_sizes.size == t.cluster_sizes.size == 1:
+        return 1.0
+    table = csr_matrix((t.count.astype(np.float64), (t.class_index, t.cluster_index)),
+                       shape=(t.class_sizes.size, t.cluster_sizes.size))
+    mi = mutual_info_score(None, None, contingency=table)
+    if mi == 0:
+        return 0.0
+    return float(mi / ((_entropy(t.class_sizes) + _entropy(t.cluster_sizes)) / 2))
+
+
+def _ari(t: Contingency) -> float:
+    """:func:`ari` from the contingency cells: scikit-learn's pair confusion counts (exact integers)."""
+    n = int(t.count.sum())
+    sum_squares = int(np.square(t.count).sum())
+    tp = sum_squares - n
+    fp = int((t.count * t.cluster_size).sum()) - sum_squares
+    fn = int((t.count * t.class_size).sum()) - sum_squares
+    tn = n * n - fp - fn - sum_squares
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
 def evaluate(labels_true, labels_pred) -> dict[str, float]:
-    """All partition metrics at once: pairwise and BCubed P/R/F, NMI, ARI, cluster count."""
-    pp, pr, pf = pairwise(labels_true, labels_pred)
-    bp, br, bf = bcubed(labels_true, labels_pred)
+    """All partition metrics at once: pairwise and BCubed P/R/F, NMI, ARI, cluster count (one
+    contingency table for all: at 10^6 rows a job's levels took 2.3 s each when every metric sorted
+    the labels itself)."""
+    t = contingency(labels_true, labels_pred)
+    pp, pr, pf = _pairwise(t)
+    bp, br, bf = _bcubed(t)
     return {
         "pairwise_precision": pp,
         "pairwise_recall": pr,
@@ -105,7 +158,7 @@ def evaluate(labels_true, labels_pred) -> dict[str, float]:
         "bcubed_precision": bp,
         "bcubed_recall": br,
         "fb": bf,
-        "nmi": nmi(labels_true, labels_pred),
-        "ari": ari(labels_true, labels_pred),
-        "n_clusters": int(np.unique(np.asarray(labels_pred)).size),
+        "nmi": _nmi(t),
+        "ari": _ari(t),
+        "n_clusters": int(t.cluster_sizes.size),
     }
