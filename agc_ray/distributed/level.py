@@ -358,20 +358,19 @@ def global_components(n_shards: int, *parts):
 def split_members(s: int, offsets, level: dict, x_sum, x_id, bounds):
     """Aggregation, step 1: shard ``s``'s contribution to each next-level shard t.
 
-    Returns one ``(cluster index within t, x_sum rows, peak cluster index within t, peak x_id rows)``
+    Yields one ``(cluster index within t, x_sum rows, peak cluster index within t, peak x_id rows)``
     per next shard t (member rows in node order; the peaks are the clusters whose peak node is in
     shard s), as separate objects (call with ``num_returns`` = number of next shards) so that each
-    next shard fetches only its own part.
+    next shard fetches only its own part, stored one at a time (the task never holds every part: at
+    level 0 they are a copy of its shard's rows).
     """
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     comp = level["comp"][lo:hi]
     t = shard_of(bounds, comp)
     is_peak = level["peaks"][comp] == np.arange(lo, hi)
-    parts = tuple(
-        (comp[t == j] - bounds[j], x_sum[t == j], comp[is_peak & (t == j)] - bounds[j], x_id[is_peak & (t == j)])
-        for j in range(len(bounds) - 1)
-    )
-    return parts if len(parts) > 1 else parts[0]
+    for j in range(len(bounds) - 1):
+        member, peak = np.flatnonzero(t == j), np.flatnonzero(is_peak & (t == j))
+        yield comp[member] - bounds[j], np.take(x_sum, member, axis=0), comp[peak] - bounds[j], np.take(x_id, peak, axis=0)
 
 
 @lazy_remote(num_cpus=0.5, num_returns=4)
