@@ -17,9 +17,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Keep up to 12 idle workers per node instead of Ray's default of one per logical CPU (4 here). The
-# job's 0.5-CPU tasks run 8 at a time next to its actors, so with the default the raylet kills the
-# extra workers a second after every stage and the next stage starts new ones, each importing torch,
-# faiss and agc_ray again (seconds of CPU per worker; ~65 % of test_job_previous's CPU time). Ray reads
+# tests run Ray Data reads, jobs, training workers and assignment runs one after another in one
+# session, so with the default the raylet kills the extra workers a second after each and the next
+# starts new ones, each importing torch, faiss and agc_ray again (seconds of CPU per worker). Ray reads
 # RAY_<config> variables in every process it starts: ray.init here, `ray start` and the CLI
 # subprocesses of the tests inherit it. Only how long idle processes live changes, not what runs.
 os.environ.setdefault("RAY_num_workers_soft_limit", "12")

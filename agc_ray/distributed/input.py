@@ -384,6 +384,6 @@ def find_duplicate(*ids):
     return dup.field("values")[0].as_py(), len(dup)
 
 
-_build_shard = lazy_remote(_build_shard_impl, num_cpus=0.5)
-_find_duplicate = lazy_remote(find_duplicate, num_cpus=0.5)
-_normalize = lazy_remote(_normalize_impl, num_cpus=0.5)
+_build_shard = lazy_remote(_build_shard_impl, num_cpus=1)
+_find_duplicate = lazy_remote(find_duplicate, num_cpus=1)
+_normalize = lazy_remote(_normalize_impl, num_cpus=1)

@@ -192,7 +192,7 @@ def _join_range(offsets, k: int, b0: int, b1: int, *x_parts):
     return join_range(_rows_of(offsets, x_parts), int(offsets[-1]), k, b0, b1)
 
 
-@lazy_remote(num_cpus=0.5, num_returns=2)
+@lazy_remote(num_cpus=1, num_returns=2)
 def _merge_best(n: int, k: int, lo: int, hi: int, starts: list, *parts):
     """Rows ``lo:hi`` of the self-join's graph from every range's result."""
     m = len(starts)
@@ -250,31 +250,31 @@ def _rows_of(offsets, x_parts):
     return lambda ids: gather_rows(parts, offsets, ids)
 
 
-@lazy_remote(num_cpus=0.5, num_returns=2)
+@lazy_remote(num_cpus=1, num_returns=2)
 def _coarse_rows(offsets, lo: int, hi: int, k: int, below_graph, below_level, *x_parts):
     """:func:`~agc_ray.core.coarse.coarse_rows` of nodes ``lo:hi`` (the shards are direct arguments)."""
     return coarse_rows(_rows_of(offsets, x_parts), int(offsets[-1]), below_graph[0], below_level["comp"], k, lo, hi)
 
 
-@lazy_remote(num_cpus=0.5, num_returns=2)
+@lazy_remote(num_cpus=1, num_returns=2)
 def _refine_rows(offsets, lo: int, hi: int, graph, *x_parts):
     """:func:`~agc_ray.core.coarse.refine_rows` of nodes ``lo:hi``."""
     return refine_rows(_rows_of(offsets, x_parts), graph[0], lo, hi)
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _exact_kth(rows, k: int, *x_parts):
     """:func:`~agc_ray.core.recall.exact_kth` over the whole table (the shards concatenated: the same product)."""
     return exact_kth(np.concatenate(x_parts), rows, k)
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _graph_recall(graph, rows, kth):
     nbr, sim = graph
     return recall_at(sim[rows], nbr[rows] >= 0, kth)
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _gather(offsets, rows, *parts):
     """Rows of the sharded table; the parts are direct arguments (see :func:`agc_ray.distributed.level.shard_inputs`)."""
     return gather_rows(dict(enumerate(parts)), offsets, rows)
@@ -318,7 +318,7 @@ def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, nprobe:
     return _merge.remote(len(actors), k + 1, offset + lo, *found)
 
 
-@lazy_remote(num_cpus=0.5, num_returns=2)
+@lazy_remote(num_cpus=1, num_returns=2)
 def _merge(shards: int, kk: int, first_id, *found):
     """The index actors' results ``found`` merged (:func:`~agc_ray.distributed.index.merge_topk`): one
     ``(sim, ids)`` per shard for each block of queries, blocks in row order, shards in shard order.
@@ -337,7 +337,7 @@ def _merge(shards: int, kk: int, first_id, *found):
     return drop_self(idx, sim, first_id)
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
     """Share of the sampled rows' neighbours whose similarity reaches the exact k-th best (as core.knn_recall)."""
     nbr, sim = graph
@@ -362,7 +362,7 @@ def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, 
     return tune_nprobe(search_sample, kth, target, nlist, n)
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _sample_kth(exact_sim, exact_nbr, sample_rows, k):
     """:func:`~agc_ray.core.recall.kth_without_self` of the sample's exact search."""
     return kth_without_self(exact_sim, exact_nbr, sample_rows, k)

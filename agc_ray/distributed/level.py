@@ -39,7 +39,7 @@ def _torch_single_thread():
     return torch
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def halo_owners(offsets: np.ndarray, graph) -> list[list[int]]:
     """For each shard, the other shards that own rows of its halo (its neighbours outside itself)."""
     nbr, _ = graph
@@ -275,7 +275,7 @@ def shard_probabilities(model, s: int, offsets, graph, owners: list[int], blocks
     return p.numpy(), density.numpy()
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def similarity_densities(s: int, offsets, graph):
     """Unsupervised density of shard ``s`` (mean similarity to valid neighbours), (n_s,)."""
     from agc_ray.core.hierarchy import similarity_density
@@ -302,7 +302,7 @@ def local_roots(parent: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return root_of_comp[comp]
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def adaptive_tau(graph, x_sample, seed: int) -> tuple[float, float]:
     """The core's label-free ``(tau_0, chance)`` of a table from its level-0 graph and seeded row sample."""
     from agc_ray.core.hierarchy import adaptive_similarity_threshold
@@ -310,7 +310,7 @@ def adaptive_tau(graph, x_sample, seed: int) -> tuple[float, float]:
     return adaptive_similarity_threshold(graph[1], x_sample, seed=seed)
 
 
-@lazy_remote(num_cpus=0.5, num_returns=2)
+@lazy_remote(num_cpus=1, num_returns=2)
 def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities):
     """Stage 3: ``(parent (n_s,), local root (n_s,))`` of shard ``s``; densities are all shards'."""
     nbr, sim = graph
@@ -324,7 +324,7 @@ def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities):
     return parent, local_roots(parent, lo, hi)
 
 
-@lazy_remote(num_cpus=0.5, num_returns=2)
+@lazy_remote(num_cpus=1, num_returns=2)
 def global_components(n_shards: int, *parts):
     """Stage 4: union-find over the cross-shard edges of the local roots.
 
@@ -354,7 +354,7 @@ def global_components(n_shards: int, *parts):
     return level, {"edges": int((parent >= 0).sum()), "clusters": int(peaks.size)}
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def split_members(s: int, offsets, level: dict, x_sum, x_id, bounds):
     """Aggregation, step 1: shard ``s``'s contribution to each next-level shard t.
 
@@ -373,7 +373,7 @@ def split_members(s: int, offsets, level: dict, x_sum, x_id, bounds):
         yield comp[member] - bounds[j], np.take(x_sum, member, axis=0), comp[peak] - bounds[j], np.take(x_id, peak, axis=0)
 
 
-@lazy_remote(num_cpus=0.5, num_returns=4)
+@lazy_remote(num_cpus=1, num_returns=4)
 def assemble_next(t: int, bounds, level: dict, *parts):
     """Aggregation, step 2: next-level shard ``t``: ``(x_id, x_sum, size, peak_row)``.
 
@@ -394,7 +394,7 @@ def assemble_next(t: int, bounds, level: dict, *parts):
     return x_id, x_sum.numpy(), level["size"][c0:c1].copy(), level["peak_row"][c0:c1].copy()
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def relabel(node_of_row, level: dict):
     """Rows' clusters at this level: ``comp[node_of_row]``."""
     return level["comp"][node_of_row]

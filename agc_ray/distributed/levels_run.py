@@ -63,7 +63,7 @@ class Levels:
 
 
 # -- remote helpers of the driver loop ------------------------------------------------------------------
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _write_assignments(fs, path: str, ids, labels, id_map=None):
     import pyarrow as pa
 
@@ -72,7 +72,7 @@ def _write_assignments(fs, path: str, ids, labels, id_map=None):
     return write_table(fs, path, pa.table({"id": ids, "cluster_id": pa.array(labels, pa.int64())}))
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _write_clusters(fs, path: str, level: dict, parent_comp, id_map, parent_map, *ids):
     import pyarrow as pa
 
@@ -87,7 +87,7 @@ def _write_clusters(fs, path: str, level: dict, parent_comp, id_map, parent_map,
     return write_table(fs, path, table)
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _evaluate(n_shards: int, *parts):
     from agc_ray.metrics import evaluate
 
@@ -405,7 +405,7 @@ def _write_levels(job: Job, output, run_input: RunInput, kept: list[dict], write
 
 
 # -- the loop's writes --------------------------------------------------------------------------------
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _write_state_shard(fs, directory: str, s: int, offsets, graph, density, result, x_id, x_sum=None, size=None,
                        ivf=None, ids=None, p=None):
     from agc_ray.distributed import state
@@ -421,7 +421,7 @@ def _write_state_shard(fs, directory: str, s: int, offsets, graph, density, resu
     return directory
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _write_cluster_ids(fs, path: str, n_clusters: int, id_map=None):
     from agc_ray.distributed import state
 
@@ -447,7 +447,7 @@ def _assignment_writes(output, level_no: int, ids: list, labels: list, id_map) -
                                       i, lab, id_map) for s, (i, lab) in enumerate(zip(ids, labels))]
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _comp_only(result):
     return result["comp"]
 

@@ -64,7 +64,7 @@ def gather_rows(parts: dict, offsets: np.ndarray, rows: np.ndarray) -> np.ndarra
     return out
 
 
-@lazy_remote(num_cpus=0.5, num_returns=2)
+@lazy_remote(num_cpus=1, num_returns=2)
 def concat_graph(n_shards: int, *parts):
     """The level's (n, k) ``(nbr, sim)`` from the shards' search results (as one object) and its stats."""
     nbr = np.concatenate(parts[:n_shards])

@@ -107,7 +107,7 @@ def _normalise_ids(col: pa.ChunkedArray | pa.Array):
     return col.cast(pa.int64()) if pa.types.is_integer(col.type) else col.cast(pa.large_string())
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _long_table(ids, *labels):
     """(id, level, new) rows of one shard for every level."""
     ids = _normalise_ids(ids)
@@ -127,7 +127,7 @@ def _previous_block(table: pa.Table, levels: int) -> pa.Table:
                      "old": table.column("cluster_id").cast(pa.int64())})
 
 
-@lazy_remote(num_cpus=0.5)
+@lazy_remote(num_cpus=1)
 def _split_levels(levels: int, table: pa.Table):
     """One block of distinct pairs, split by level (``levels`` returns)."""
     import pyarrow.compute as pc
