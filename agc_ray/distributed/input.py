@@ -292,14 +292,17 @@ def read_shards(fs, schema: InputSchema, num_shards: int) -> RowShards:
     offsets = shard_bounds(schema.rows, num_shards)
     parts = ds.split_at_indices(list(offsets[1:-1])) if offsets.size > 2 else [ds]
     del ds  # from here the parts hold the blocks
+    # Every part's blocks before any shard task holds a CPU: Ray Data checks for a free CPU on each
+    # call and warns that it "will hang" when a shard task holds the last one.
+    blocks = [part.to_arrow_refs() for part in parts]
+    del parts
     built = []
-    for s in range(len(parts)):
+    for s in range(len(blocks)):
         # One shard at a time, each part's blocks dropped once its shard exists: the object store then
         # holds the table once plus one shard, not twice the table (its peak stays at that high-water
         # mark for the rest of the run).
-        built.append(_build_shard.options(num_returns=5).remote(schema.label_column is not None,
-                                                                *parts[s].to_arrow_refs()))
-        parts[s] = None
+        built.append(_build_shard.options(num_returns=5).remote(schema.label_column is not None, *blocks[s]))
+        blocks[s] = None
         ray.wait([built[-1][0]], fetch_local=False)
     dim = _common_dim(ray.get([b[3] for b in built]))
     # As agc_ray.core.knn.unit_rows decides for the whole matrix: a table of unit rows is used as

@@ -5,7 +5,7 @@ member-feature sums, sizes, peak rows) are objects in Ray's object store, and so
 kNN graph arrays ``(nbr, sim)`` (n, k), which are small. Stages, each one Ray task per shard:
 
 1. :func:`shard_projections`: reads the features of the shard's neighbours (its halo) from their
-   owners' parts, computes LANDER's node projections.
+   owners' parts, computes LANDER's node projections, stored in blocks (:func:`projection_blocks`).
 2. :func:`shard_probabilities`: edge features and probabilities (neighbours' projections read from their owners' parts
    chunk by chunk) and densities.
 3. :func:`shard_decode`: each node keeps its best denser edge; a local union-find (connected
@@ -187,7 +187,8 @@ def projection_blocks(offsets: np.ndarray, block: int | None = None) -> tuple[np
 @lazy_remote(num_cpus=1)
 def shard_projections(model, s: int, offsets, graph, owners: list[int], blocks, *parts, progress=None):
     """Stage 1: the node projections of shard ``s``, yielded as one (b, 3E) array per projection block
-    of the shard (:func:`projection_blocks`' ``blocks``; call with ``num_returns`` = their number).
+    of the shard: ``blocks`` are their bounds, global ids from the shard's first node to its end (of
+    :func:`projection_blocks`; call with ``num_returns`` = ``len(blocks) - 1``).
 
     ``parts``: :func:`shard_inputs` of ``[x_id]`` (level 0) or ``[x_id, x_sum, size]``.
     ``progress``: ``(counter, stage)`` that the rows done are reported to (see
@@ -207,9 +208,9 @@ def shard_projections(model, s: int, offsets, graph, owners: list[int], blocks, 
     sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
     model.eval()
     report = reporter(*progress) if progress else None
-    bounds = [int(b) - lo for b in blocks if lo <= b <= hi] or [0, 0]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        yield node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(a, b), report=report).numpy()
+    for a, b in zip(blocks[:-1], blocks[1:]):
+        yield node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(a - lo, b - lo),
+                               report=report).numpy()
 
 
 class BlockRows:

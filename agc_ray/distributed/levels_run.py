@@ -194,8 +194,8 @@ class Job:
             counter = self.row_counter(level.n)
             blocks, block_ids = lv.projection_blocks(offs)
             stage1 = [lv.shard_projections.options(num_returns=len(block_ids[s])).remote(
-                          model_ref, s, offs, graph, owners[s], blocks, *lv.shard_inputs(level.arrays(), s, owners[s]),
-                          progress=(counter, names[0]) if counter else None)
+                          model_ref, s, offs, graph, owners[s], blocks[block_ids[s][0]:block_ids[s][-1] + 2],
+                          *lv.shard_inputs(level.arrays(), s, owners[s]), progress=(counter, names[0]) if counter else None)
                       for s in range(level.shards)]
             proj = [r for refs in stage1 for r in (refs if isinstance(refs, list) else [refs])]  # by block
             means = [] if level.x_sum is None else [level.x_sum, level.size]  # the edge features' inputs
