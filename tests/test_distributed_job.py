@@ -471,3 +471,35 @@ def test_projection_blocks_read_like_one_array():
     np.testing.assert_array_equal(rows(ids).numpy(), want)
     np.testing.assert_array_equal(rows[0:200].numpy(), proj[333:533])
     np.testing.assert_array_equal(rows[256:512].numpy(), proj[589:667])  # cut at the shard's end
+
+
+def test_tasks_release_the_heap_when_they_start_and_end(monkeypatch):
+    """Every lazy remote function gives freed heap back before and after it runs, a generator after its
+    last value, a failing one too; names (Ray's task titles) and generator-ness are kept."""
+    import inspect
+
+    from agc_ray.distributed import remote
+
+    calls = []
+    monkeypatch.setattr(remote, "release_heap", lambda: calls.append(len(calls)))
+
+    def plus_one(a):
+        return a + 1
+
+    def count(n):
+        yield from range(n)
+
+    def fails():
+        raise ValueError("bad row")
+
+    f, g, h = remote._releasing(plus_one), remote._releasing(count), remote._releasing(fails)
+    assert f(1) == 2 and f.__name__ == "plus_one" and len(calls) == 2
+    assert inspect.isgeneratorfunction(g) and g.__name__ == "count"
+    values = g(3)
+    assert next(values) == 0 and len(calls) == 3  # released when it started, not yet at its end
+    assert list(values) == [1, 2] and len(calls) == 4
+    with pytest.raises(ValueError, match="bad row"):
+        h()
+    assert len(calls) == 6
+    monkeypatch.undo()
+    assert remote.release_heap() is None  # the real one runs here (glibc and pyarrow, or nothing)
