@@ -11,12 +11,11 @@ starts in a 10^6-row run; its aggregation took 5.5 s, 2.0 s with whole CPUs).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import inspect
 import sys
 
-_LIBC = None
+_MALLOC_TRIM = None
 
 
 def release_heap() -> None:
@@ -28,15 +27,14 @@ def release_heap() -> None:
     (10^6 x 256 rows). ``malloc_trim`` and pyarrow's ``release_unused`` hand those pages back; a no-op
     where they do not exist.
     """
-    global _LIBC
+    global _MALLOC_TRIM
     pyarrow = sys.modules.get("pyarrow")
     if pyarrow is not None:
         pyarrow.default_memory_pool().release_unused()
-    if _LIBC is None:
-        name = ctypes.util.find_library("c")
-        _LIBC = ctypes.CDLL(name) if name and sys.platform.startswith("linux") else False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    if _MALLOC_TRIM is None:  # glibc's, from the symbols already loaded in this process (False: none)
+        _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", False) if sys.platform.startswith("linux") else False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def _releasing(fn):
