@@ -60,15 +60,23 @@ def test_refine_rows_are_the_best_neighbours_of_neighbours(level_below):
     assert (sim[:, :-1] >= sim[:, 1:]).all()
 
 
-def test_node_ranges_give_the_whole_graph(level_below):
-    """Any split of the nodes into ranges (the job's shards) gives the same rows, bit for bit."""
+@pytest.mark.parametrize("blocks", ["one block", "small blocks"])
+def test_node_ranges_give_the_whole_graph(level_below, blocks, monkeypatch):
+    """Any split of the nodes into ranges (the job's shards) gives the same rows, bit for bit, and so do
+    blocks of the level-below edges and of the candidate pairs smaller than the graph."""
+    from agc_ray.core import coarse
+
     x, nbr, comp = level_below
     c = x.shape[0]
     whole = coarse_rows(x.__getitem__, c, nbr, comp, 5, 0, c)
+    refined = refine_rows(x.__getitem__, whole[0], 0, c)
+    if blocks == "small blocks":  # compared with the one-block graphs computed above
+        monkeypatch.setattr(coarse, "EDGE_BLOCK", 7)
+        monkeypatch.setattr(coarse, "PAIR_BLOCK", 50)
+        monkeypatch.setattr(coarse, "REFINE_BLOCK", 9)
     parts = [coarse_rows(x.__getitem__, c, nbr, comp, 5, lo, hi) for lo, hi in ((0, 37), (37, 100), (100, c))]
     for i in range(2):
         np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), whole[i])
-    refined = refine_rows(x.__getitem__, whole[0], 0, c)
     parts = [refine_rows(x.__getitem__, whole[0], lo, hi) for lo, hi in ((0, 64), (64, c))]
     for i in range(2):
         np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), refined[i])

@@ -31,6 +31,9 @@ RowsOf = Callable[[np.ndarray], np.ndarray]
 #: Candidate pairs scored per block: two gathers of D floats each and their product, 200 MB at D = 256
 #: (at 1 << 18 pairs 0.8 GB, which two of the job's tasks held at once beside the scoring's objects).
 PAIR_BLOCK = 1 << 16
+#: Level-L nodes whose edges are turned into candidate pairs at once (the whole graph's edges at once
+#: were ~10 arrays of N k entries: 0.5 GB a task at 10^6 nodes, the job's peak once the scoring's was cut).
+EDGE_BLOCK = 1 << 16
 #: Nodes per block of the refinement: k + k^2 candidates each, gathered (115 MB at k = 10, D = 256).
 REFINE_BLOCK = 1024
 #: Neighbour-of-neighbour rounds at most. Measured on the levels of a 1M-row hierarchy (recall after
@@ -82,17 +85,19 @@ def coarse_rows(rows_of: RowsOf, n_clusters: int, nbr: np.ndarray, comp: np.ndar
         ``(nbr, sim)`` of clusters lo:hi, (hi - lo, k) int64 / float32, best first, -1 / 0 padded.
     """
     comp = np.asarray(comp, dtype=np.int64)
-    valid = nbr >= 0
-    src = np.broadcast_to(comp[:, None], nbr.shape)[valid]
-    dst = comp[nbr[valid]]
-    cross = src != dst
-    src, dst = src[cross], dst[cross]
-    out = (src >= lo) & (src < hi)  # edges leaving a cluster of this range, and those entering one
-    back = (dst >= lo) & (dst < hi)
-    a = np.concatenate([src[out], dst[back]])
-    b = np.concatenate([dst[out], src[back]])
     c = np.int64(n_clusters)
-    pair = np.unique(a * c + b)
+    codes = [np.zeros(0, dtype=np.int64)]
+    for r0 in range(0, nbr.shape[0], EDGE_BLOCK):  # the level-L edges in blocks of nodes, pairs coded a * C + b
+        nb = nbr[r0:r0 + EDGE_BLOCK]
+        valid = nb >= 0
+        src = np.broadcast_to(comp[r0:r0 + EDGE_BLOCK, None], nb.shape)[valid]
+        dst = comp[nb[valid]]
+        cross = src != dst
+        src, dst = src[cross], dst[cross]
+        out = (src >= lo) & (src < hi)  # edges leaving a cluster of this range, and those entering one
+        back = (dst >= lo) & (dst < hi)
+        codes.append(np.unique(np.concatenate([src[out] * c + dst[out], dst[back] * c + src[back]])))
+    pair = np.unique(np.concatenate(codes))
     a, b = pair // c, pair % c
     return _top_k_pairs(a, b, _pair_similarity(rows_of, a, b), lo, hi, k)
 
