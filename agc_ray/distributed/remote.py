@@ -23,7 +23,7 @@ def release_heap() -> None:
 
     A Ray worker runs one task after another: glibc keeps the chunks a task freed in its arenas, and
     pyarrow's allocator keeps its pages, so a worker that had read Parquet blocks still held 0.9 GB
-    when it went on to run a kNN task, and a scoring task's worker 1.2 GB more than its next task used
+    when it went on to run a kNN task, and a scoring worker 0.8 GB more than the other in the next stage
     (10^6 x 256 rows). ``malloc_trim`` and pyarrow's ``release_unused`` hand those pages back; a no-op
     where they do not exist.
     """
