@@ -15,6 +15,7 @@ import numpy as np
 from agc_ray.core.cells import CellLists, cell_probes
 from agc_ray.core.knn import FlatView, ivf_index, to_gpu, use_gpu
 from agc_ray.distributed import progress
+from agc_ray.distributed.remote import release_heap
 
 ADD_CHUNK = 65536  # rows per index.add: progress while a shard's index is built
 
@@ -147,8 +148,6 @@ class ShardIndexActor:
     def release(self) -> None:
         """Drop the index (its cell order, the shard and the searches' freed heap) once the level's graph
         is complete; a later call for this level (Ray reconstructing a lost graph) rebuilds it."""
-        from agc_ray.distributed.remote import release_heap
-
         self.index, self.key = None, None
         release_heap()
 

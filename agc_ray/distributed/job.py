@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agc_ray.core.knn import RECALL_SAMPLE
+from agc_ray.core.params import DECODE_MODES
 from agc_ray.core.validation import check_param
 from agc_ray.distributed.errors import InputError, one_line
 from agc_ray.distributed.input import check_schema, read_shards, resolve_input
@@ -99,7 +100,7 @@ def validate_config(cfg: JobConfig) -> None:
     _check("num_shards", cfg.num_shards, int, 0)
     _check("seed", cfg.seed, int)
     _check("knn", cfg.knn, None, options=JOB_METHODS)
-    _check("decode", cfg.decode, None, options=("prob", "sim"))
+    _check("decode", cfg.decode, None, options=DECODE_MODES)
     _check("tau", cfg.tau, float, -1.0, 1.0)
     _check("knn_recall_sample", cfg.knn_recall_sample, int, 0)
     _check("knn_recall", cfg.knn_recall, float, 0.0, 1.0)

@@ -25,7 +25,7 @@ from agc_ray.distributed import level as lv
 from agc_ray.distributed.input import InputSchema
 from agc_ray.distributed.knn import sharded_coarse_graph, sharded_knn_graph
 from agc_ray.distributed.output import write_table
-from agc_ray.distributed.remote import lazy_remote
+from agc_ray.distributed.remote import lazy_remote, ref_list
 from agc_ray.distributed.shards import RowShards, shard_bounds
 from agc_ray.distributed.stable import PreviousOutput, stable_id_maps
 
@@ -197,7 +197,7 @@ class Job:
                           model_ref, s, offs, graph, owners[s], blocks[block_ids[s][0]:block_ids[s][-1] + 2],
                           *lv.shard_inputs(level.arrays(), s, owners[s]), progress=(counter, names[0]) if counter else None)
                       for s in range(level.shards)]
-            proj = [r for refs in stage1 for r in (refs if isinstance(refs, list) else [refs])]  # by block
+            proj = [r for refs in stage1 for r in ref_list(refs)]  # by block
             means = [] if level.x_sum is None else [level.x_sum, level.size]  # the edge features' inputs
             stage2 = []
             for s in range(level.shards):
@@ -265,11 +265,9 @@ class Job:
         bounds = shard_bounds(clusters, self.num_shards)
         x_sum = level.x_sum if level.x_sum is not None else level.x_id
         n_next = bounds.size - 1
-        parts = [lv.split_members.options(num_returns=n_next).remote(s, level.offsets, result, x_sum[s],
-                                                                    level.x_id[s], bounds)
+        parts = [ref_list(lv.split_members.options(num_returns=n_next).remote(s, level.offsets, result, x_sum[s],
+                                                                             level.x_id[s], bounds))
                  for s in range(level.shards)]
-        if n_next == 1:
-            parts = [[p] for p in parts]
         built = [lv.assemble_next.remote(t, bounds, result, *[p[t] for p in parts])
                  for t in range(n_next)]
         nxt = _Level(bounds, [b[0] for b in built], [b[1] for b in built], [b[2] for b in built], [b[3] for b in built])

@@ -85,6 +85,11 @@ class LazyRemote:
         return self._get().remote(*args, **kwargs)
 
 
+def ref_list(refs) -> list:
+    """The refs of a call with ``num_returns`` set, as a list (Ray returns one ref, not a list, for 1)."""
+    return list(refs) if isinstance(refs, list) else [refs]
+
+
 def lazy_remote(fn=None, **options):
     """Decorator or function: a :class:`LazyRemote` of ``fn`` with Ray ``options``."""
     if fn is None:
