@@ -203,21 +203,23 @@ _NOT_APPLICABLE = {
     "check_methods_subset_invariance": "predict clusters the rows it is given together (transductive): a subset of "
                                        "the rows is another table",
 }
-_NOT_APPLICABLE_SUPERVISED = {
-    "check_clustering": "it fits without labels; supervised HiLander learns from labelled identities",
-}
 
 
 @pytest.mark.parametrize("unsupervised", [False, True])
 def test_scikit_learn_estimator_checks(unsupervised):
+    from sklearn.base import is_clusterer
     from sklearn.utils.estimator_checks import check_estimator
 
-    if unsupervised:
-        est, expected = HiLander(unsupervised=True), _NOT_APPLICABLE
-    else:
-        est, expected = HiLander(epochs=1, knn="exact"), _NOT_APPLICABLE | _NOT_APPLICABLE_SUPERVISED
+    est = HiLander(unsupervised=True) if unsupervised else HiLander(epochs=1, knn="exact")
+    # scikit-learn's clusterer checks fit without labels: they apply to the unsupervised mode only
+    assert is_clusterer(est) == unsupervised
+    expected = _NOT_APPLICABLE
     results = check_estimator(est, expected_failed_checks=expected, on_fail=None)
     failed = {r["check_name"] for r in results if r["status"] == "failed"}
     assert not failed, failed
     xfailed = {r["check_name"] for r in results if r["status"] == "xfail"}
     assert xfailed <= set(expected)
+    if unsupervised:  # check_estimator runs it on ClusterMixin subclasses only
+        from sklearn.utils.estimator_checks import check_clustering
+
+        check_clustering("HiLander", est)

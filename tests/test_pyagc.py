@@ -182,6 +182,21 @@ def test_subclass_keeping_the_default_forward_dispatches_by_signature(graph):
     _assert_assignments(model, graph, 2)
 
 
+def test_subclass_passing_its_parts_to_the_base_gets_its_checks(graph):
+    class Passed(ClusteringModel):
+        def __init__(self, n_clusters, n_features=8):
+            super().__init__(MLP(graph.num_features, 8, 2), n_features, n_clusters)
+            self.cluster_head = CentroidHead(n_clusters, 8)
+
+    model = Passed(3)
+    assert (model.n_clusters, model.n_features) == (3, 8)
+    _assert_assignments(model, graph, 3)
+    with pytest.raises(ValueError, match="Passed: n_clusters must be >= 1, got 0"):
+        Passed(0)
+    with pytest.raises(ValueError, match="returns 8 features but Passed was built with n_features=5"):
+        Passed(3, n_features=5).embed(graph)
+
+
 # --- built-in models ----------------------------------------------------------------------------------
 
 

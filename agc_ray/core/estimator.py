@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
 
@@ -62,7 +62,7 @@ def _package_version() -> str:
         return "unknown"
 
 
-class HiLander(ClusterMixin, BaseEstimator):
+class HiLander(BaseEstimator):
     """Hierarchical GNN clustering (Hi-LANDER, Xing et al., ICCV 2021) of embedding vectors.
 
     Parameters are declared once in :data:`agc_ray.core.params.PARAMS` (defaults, ranges, the jobs'
@@ -173,6 +173,9 @@ class HiLander(ClusterMixin, BaseEstimator):
         # Unsupervised, the model is the table's own similarities: predict needs no fit and no labels.
         tags.requires_fit = not self.unsupervised
         tags.target_tags.required = not self.unsupervised
+        # scikit-learn's "clusterer" is an unsupervised predictor (its checks fit one without labels, and
+        # ClusterMixin would declare both modes one); supervised, HiLander learns from labelled identities
+        tags.estimator_type = "clusterer" if self.unsupervised else None
         return tags
 
     # -- validation ---------------------------------------------------------------------------

@@ -42,24 +42,10 @@ def make_faces(n_samples: int, dim: int = 256, **kwargs) -> tuple[np.ndarray, np
     return x, y
 
 
-def iter_faces(
-    n_samples: int,
-    dim: int = 256,
-    *,
-    mean_identity_size: float = 60.0,
-    size_sigma: float = 1.0,
-    group_size: int = 6,
-    look_alike: float = 0.9,
-    spread: tuple[float, float] = (0.4, 0.8),
-    max_modes: int = 4,
-    mode_spread: float = 1.0,
-    distractor_fraction: float = 0.02,
-    nuisance_dim: int = 32,
-    isotropic: float = 0.3,
-    anisotropy: float = 0.0,
-    seed: int = 0,
-    chunk_rows: int = _CHUNK,
-):
+def iter_faces(n_samples: int, dim: int = 256, *, mean_identity_size: float = 60.0, size_sigma: float = 1.0,
+               group_size: int = 6, look_alike: float = 0.9, spread: tuple[float, float] = (0.4, 0.8),
+               max_modes: int = 4, mode_spread: float = 1.0, distractor_fraction: float = 0.02, nuisance_dim: int = 32,
+               isotropic: float = 0.3, anisotropy: float = 0.0, seed: int = 0, chunk_rows: int = _CHUNK):
     """Generate a face-like embedding table and its identity labels in chunks of rows.
 
     Memory is O(identities + N) for the per-row plan (8 bytes a row per array) and O(chunk D) for the
@@ -169,16 +155,9 @@ def iter_faces(
             out = []
 
 
-def make_subspace_clusters(
-    n_samples: int,
-    dim: int = 128,
-    *,
-    mean_cluster_size: float = 20.0,
-    subspace_dim: int = 8,
-    spread: tuple[float, float] = (0.25, 0.45),
-    size_exponent: float = 0.5,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
+def make_subspace_clusters(n_samples: int, dim: int = 128, *, mean_cluster_size: float = 20.0, subspace_dim: int = 8,
+                           spread: tuple[float, float] = (0.25, 0.45), size_exponent: float = 0.5,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Another generator than :func:`make_faces`: clusters stretched along their own low-dim subspace.
 
     Each cluster is a random unit centre plus a deviation confined to a ``subspace_dim``-dimensional

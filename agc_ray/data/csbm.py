@@ -18,16 +18,9 @@ import numpy as np
 import torch
 
 
-def make_csbm(
-    n_nodes: int = 3000,
-    n_classes: int = 6,
-    n_features: int = 64,
-    *,
-    avg_degree: float = 10.0,
-    homophily: float = 0.65,
-    feature_signal: float = 2.0,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_csbm(n_nodes: int = 3000, n_classes: int = 6, n_features: int = 64, *, avg_degree: float = 10.0,
+              homophily: float = 0.65, feature_signal: float = 2.0,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generate a CSBM graph.
 
     Args:

@@ -136,8 +136,8 @@ def check_assignments(out: Any, n_nodes: int, soft: bool, n_clusters: int | None
 class ClusteringModel(torch.nn.Module):
     r"""Base of encoder + cluster-head models (PyAGC's ``ClusteringModel``).
 
-    A subclass calls ``super().__init__()`` and sets ``self.encoder`` (called as
-    ``encoder(x, edge_index)``) and ``self.cluster_head`` (any
+    A subclass calls ``super().__init__(encoder, n_features, n_clusters)`` (or ``super().__init__()``
+    and sets ``self.encoder`` itself) and sets ``self.cluster_head`` (any
     :class:`~agc_ray.clusters.BaseClusterHead`); it may override :meth:`forward` and
     :meth:`infer_full`. The defaults:
 
@@ -152,12 +152,24 @@ class ClusteringModel(torch.nn.Module):
     ``data`` is a :class:`torch_geometric.data.Data` with ``x`` (N, F) and ``edge_index`` (2, E)
     (optional ``edge_weight``), or a tuple ``(x, edge_index[, y])``.
 
-    Attributes set by subclasses: ``n_clusters`` and ``n_features`` (None when unknown) enable the
-    checks that n_clusters <= N and that the encoder returns ``n_features`` columns.
+    Args:
+        encoder (torch.nn.Module, optional): called as ``encoder(x, edge_index)``, returns (N, n_features).
+        n_features (int, optional): the encoder's output dimension; enables the check of ``z``'s columns.
+        n_clusters (int, optional): number of clusters K; enables the check that K <= N.
     """
 
     n_clusters: int | None = None
     n_features: int | None = None
+
+    def __init__(self, encoder: torch.nn.Module | None = None, n_features: int | None = None,
+                 n_clusters: int | None = None):
+        super().__init__()
+        if encoder is not None:
+            self.encoder = encoder
+        if n_features is not None:
+            self.n_features = n_features
+        if n_clusters is not None:
+            self.n_clusters = check_n_clusters(n_clusters, owner=type(self).__name__)
 
     def _part(self, name: str) -> torch.nn.Module:
         part = getattr(self, name, None)

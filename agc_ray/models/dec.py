@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agc_ray.clusters.dec import DECClusterHead
-from agc_ray.data.validation import check_n_clusters
 from agc_ray.models.base import ClusteringModel, call_head
 
 
@@ -41,9 +40,7 @@ class DEC(ClusteringModel):
     ``cluster_head`` may be replaced by any head (see :class:`~agc_ray.models.ClusteringModel`).
 
     Args:
-        encoder (torch.nn.Module): called as ``encoder(x, edge_index)``, returns (N, n_features).
-        n_features (int): the encoder's output dimension.
-        n_clusters (int): number of clusters K.
+        encoder, n_features, n_clusters: as :class:`~agc_ray.models.ClusteringModel`'s.
         alpha (float, optional): Student-t degrees of freedom. (default: ``1.0``)
         recon_weight (float, optional): weight of the reconstruction loss. (default: ``1.0``)
 
@@ -54,22 +51,13 @@ class DEC(ClusteringModel):
           ``infer_full``: :math:`(|\mathcal{V}|,)`
     """
 
-    def __init__(
-        self,
-        encoder: torch.nn.Module,
-        n_features: int,
-        n_clusters: int,
-        alpha: float = 1.0,
-        recon_weight: float = 1.0,
-    ):
-        super().__init__()
+    def __init__(self, encoder: torch.nn.Module, n_features: int, n_clusters: int, alpha: float = 1.0,
+                 recon_weight: float = 1.0):
         if not recon_weight >= 0:
             raise ValueError(f"DEC: recon_weight must be >= 0, got {recon_weight}")
-        self.n_clusters = check_n_clusters(n_clusters, owner="DEC")
-        self.n_features = n_features
+        super().__init__(encoder, n_features, n_clusters)
         self.alpha = alpha
         self.recon_weight = float(recon_weight)
-        self.encoder = encoder
         self.cluster_head = DECClusterHead(n_clusters, n_features, alpha=alpha)
 
     def forward(self, data: Any) -> Tensor:

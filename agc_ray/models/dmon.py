@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from agc_ray.clusters.dmon import DMoNClusterHead
-from agc_ray.data.validation import check_n_clusters
 from agc_ray.models.base import ClusteringModel
 
 
@@ -17,9 +16,7 @@ class DMoN(ClusteringModel):
     ``cluster_head`` may be replaced by any head (see :class:`~agc_ray.models.ClusteringModel`).
 
     Args:
-        encoder (torch.nn.Module): called as ``encoder(x, edge_index)``, returns (N, n_features).
-        n_features (int): the encoder's output dimension.
-        n_clusters (int): number of clusters K.
+        encoder, n_features, n_clusters: as :class:`~agc_ray.models.ClusteringModel`'s.
         lam (float, optional): weight of the collapse regularisation. (default: ``1.0``)
         dropout (float, optional): dropout on the assignment logits. (default: ``0.0``)
 
@@ -30,18 +27,9 @@ class DMoN(ClusteringModel):
           ``infer_full``: :math:`(|\mathcal{V}|,)`
     """
 
-    def __init__(
-        self,
-        encoder: torch.nn.Module,
-        n_features: int,
-        n_clusters: int,
-        lam: float = 1.0,
-        dropout: float = 0.0,
-    ):
-        super().__init__()
-        self.n_clusters = check_n_clusters(n_clusters, owner="DMoN")
-        self.n_features = n_features
+    def __init__(self, encoder: torch.nn.Module, n_features: int, n_clusters: int, lam: float = 1.0,
+                 dropout: float = 0.0):
+        super().__init__(encoder, n_features, n_clusters)
         self.lam = lam
         self.dropout = dropout
-        self.encoder = encoder
         self.cluster_head = DMoNClusterHead(n_clusters, n_features, lam=lam, dropout=dropout)
