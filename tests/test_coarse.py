@@ -72,8 +72,8 @@ def test_node_ranges_give_the_whole_graph(level_below, blocks, monkeypatch):
     refined = refine_rows(x.__getitem__, whole[0], 0, c)
     if blocks == "small blocks":  # compared with the one-block graphs computed above
         monkeypatch.setattr(coarse, "EDGE_BLOCK", 7)
-        monkeypatch.setattr(coarse, "PAIR_BLOCK", 50)
-        monkeypatch.setattr(coarse, "REFINE_BLOCK", 9)
+        # pairs in blocks of 50, the refinement 1 node a block (5 + 25 candidates)
+        monkeypatch.setattr(coarse, "GATHER_BYTES", 4 * x.shape[1] * 50)
     parts = [coarse_rows(x.__getitem__, c, nbr, comp, 5, lo, hi) for lo, hi in ((0, 37), (37, 100), (100, c))]
     for i in range(2):
         np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), whole[i])

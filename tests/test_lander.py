@@ -81,17 +81,19 @@ def test_inference_reports_every_row_once_per_stage():
     from agc_ray.core import inference
     from agc_ray.core.hierarchy import LevelGraph
 
-    x, _ = make_faces(inference._CHUNK + 300, dim=16, seed=0)  # two chunks
-    nbr, sim = knn_graph(x, 5)
     model = Lander(16, 5).eval()
+    chunk = inference.chunk_rows(model, 5)
+    assert chunk & (chunk - 1) == 0  # a power of two
+    x, _ = make_faces(chunk + 300, dim=16, seed=0)  # two chunks
+    nbr, sim = knn_graph(x, 5)
     seen = []
     proj = inference.node_projections(model, torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(nbr),
                                       torch.from_numpy(sim), report=seen.append)
-    assert seen == [inference._CHUNK, 300]
+    assert seen == [chunk, 300]
     g = LevelGraph(x_id=x, x_sum=x, size=np.ones(len(x), dtype=np.int64), nbr=nbr, sim=sim,
                    peak_row=np.arange(len(x)))
     feats = g.edge_features()
     seen.clear()
     p = inference.edge_probabilities(model, proj, proj, torch.from_numpy(nbr), feats, report=seen.append)
-    assert seen == [inference._CHUNK, 300]
+    assert seen == [chunk, 300]
     torch.testing.assert_close(p, inference.score_level(model, g)[0])  # reporting changes nothing

@@ -13,12 +13,14 @@ model), and :class:`Hierarchy` is what the run returns.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from agc_ray.core.cells import SCRATCH_BYTES
 from agc_ray.core.graph import mean_valid
 from agc_ray.core.hierarchy import (
     AdaptiveSchedule, LevelGraph, adaptive_similarity_threshold, background_rows, select_parents, unsupervised_parents,
@@ -26,7 +28,15 @@ from agc_ray.core.hierarchy import (
 from agc_ray.core.lander import Lander, predicted_density
 from agc_ray.core.params import DECODE_MODES
 
-_CHUNK = 4096
+
+
+def chunk_rows(model: Lander, k: int) -> int:
+    """Nodes per chunk: a power of two near the count whose neighbour rows ((k + 1) a node, as wide as the
+    wider of the features and the 3E projections) take :data:`~agc_ray.core.cells.SCRATCH_BYTES` (1024
+    at D = 256, k = 10, E = 128: 300K nodes scored in 5.0 s, in chunks of 4096 in 6.8 s, the same
+    probabilities). A power of two: products over chunks of other sizes can differ in the last bit."""
+    width = max(model.in_features, 3 * model.edge_head.hidden_channels)
+    return 1 << max(0, round(math.log2(max(1.0, SCRATCH_BYTES / (4 * (k + 1) * width)))))
 
 
 @torch.no_grad()
@@ -45,9 +55,10 @@ def node_projections(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor |
     nbr, sim = torch.as_tensor(nbr), torch.as_tensor(sim)
     rows = torch.arange(nbr.shape[0], device=nbr.device) if rows is None else torch.as_tensor(rows, device=nbr.device)
     out = torch.empty((rows.shape[0], 3 * model.edge_head.hidden_channels), device=nbr.device)
-    for start in range(0, rows.shape[0], _CHUNK):  # filled in place: no list of chunks plus a copy
-        h = model.embed(x_id, x_mean, nbr, sim, rows[start : start + _CHUNK])
-        out[start : start + _CHUNK] = model.edge_head.project(h)
+    step = chunk_rows(model, nbr.shape[1])
+    for start in range(0, rows.shape[0], step):  # filled in place: no list of chunks plus a copy
+        h = model.embed(x_id, x_mean, nbr, sim, rows[start : start + step])
+        out[start : start + step] = model.edge_head.project(h)
         if report is not None:
             report(h.shape[0])
     return out
@@ -69,8 +80,9 @@ def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows, 
     """
     nbr_rows = torch.as_tensor(nbr_rows)
     out = torch.empty(nbr_rows.shape, dtype=torch.float32, device=nbr_rows.device)
-    for start in range(0, nbr_rows.shape[0], _CHUNK):
-        stop = start + _CHUNK
+    step = chunk_rows(model, nbr_rows.shape[1])
+    for start in range(0, nbr_rows.shape[0], step):
+        stop = start + step
         nb = nbr_rows[start:stop]
         proj_j = proj_of(nb.clamp_min(0)) if callable(proj_of) else proj_of[nb.clamp_min(0)]
         f = feats_rows(start, min(stop, nbr_rows.shape[0])) if callable(feats_rows) else feats_rows[start:stop]

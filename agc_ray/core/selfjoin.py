@@ -21,11 +21,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from agc_ray.core.cells import as_tensor
+from agc_ray.core.cells import SCRATCH_BYTES, as_tensor
 from agc_ray.core.graph import best_per_row
 
-#: Rows per block (a block pair's similarities: 4096 x 4096 floats, 64 MiB).
-BLOCK = 4096
+#: Rows per block: a block pair's similarities are SCRATCH_BYTES (2048 x 2048 floats, 16 MiB).
+BLOCK = math.isqrt(SCRATCH_BYTES // 4)
 
 
 def n_blocks(n: int) -> int:
