@@ -76,14 +76,20 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
-def test_inference_reports_every_row_once_per_stage():
+def test_inference_reports_every_row_once_per_stage(monkeypatch):
     """The chunked inference calls ``report`` with each chunk's rows (progress inside a shard's task)."""
     from agc_ray.core import inference
     from agc_ray.core.hierarchy import LevelGraph
 
     model = Lander(16, 5).eval()
     chunk = inference.chunk_rows(model, 5)
-    assert chunk & (chunk - 1) == 0  # a power of two
+    assert chunk & (chunk - 1) == 0  # a power of two, dividing the job's blocks of projections
+    from agc_ray.distributed.level import PROJECTION_BLOCK
+
+    assert PROJECTION_BLOCK % inference.MAX_CHUNK == 0
+    monkeypatch.setattr(inference, "SCRATCH_BYTES", 1 << 40)
+    assert inference.chunk_rows(model, 5) == inference.MAX_CHUNK  # capped
+    monkeypatch.undo()
     x, _ = make_faces(chunk + 300, dim=16, seed=0)  # two chunks
     nbr, sim = knn_graph(x, 5)
     seen = []

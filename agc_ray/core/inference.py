@@ -29,14 +29,18 @@ from agc_ray.core.lander import Lander, predicted_density
 from agc_ray.core.params import DECODE_MODES
 
 
+#: Most nodes per chunk (see :func:`chunk_rows`).
+MAX_CHUNK = 1 << 14
+
 
 def chunk_rows(model: Lander, k: int) -> int:
     """Nodes per chunk: a power of two near the count whose neighbour rows ((k + 1) a node, as wide as the
     wider of the features and the 3E projections) take :data:`~agc_ray.core.cells.SCRATCH_BYTES` (1024
     at D = 256, k = 10, E = 128: 300K nodes scored in 5.0 s, in chunks of 4096 in 6.8 s, the same
-    probabilities). A power of two: products over chunks of other sizes can differ in the last bit."""
+    probabilities). A power of two up to :data:`MAX_CHUNK`: products over chunks of other sizes can differ
+    in the last bit, and the job's blocks of rows are a multiple of it."""
     width = max(model.in_features, 3 * model.edge_head.hidden_channels)
-    return 1 << max(0, round(math.log2(max(1.0, SCRATCH_BYTES / (4 * (k + 1) * width)))))
+    return min(MAX_CHUNK, 1 << max(0, round(math.log2(max(1.0, SCRATCH_BYTES / (4 * (k + 1) * width))))))
 
 
 @torch.no_grad()
