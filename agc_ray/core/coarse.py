@@ -37,10 +37,6 @@ GATHER_BYTES = SCRATCH_BYTES
 #: were ~10 arrays of N k entries: 0.5 GB a task at 10^6 nodes, the job's peak once the scoring's was cut).
 EDGE_BLOCK = 1 << 16
 
-
-def _block(dim: int, rows_per_item: int = 1) -> int:
-    """Items per block when each gathers ``rows_per_item`` float32 rows of ``dim`` (see :data:`GATHER_BYTES`)."""
-    return max(1, GATHER_BYTES // (4 * max(1, dim) * rows_per_item))
 #: Neighbour-of-neighbour rounds at most. Measured on the levels of a 1M-row hierarchy (recall after
 #: rounds 0, 1, 2): 0.988 / 0.992 / 0.992 where few nodes merged, 0.848 / 0.895 / 0.896 and 0.243 /
 #: 0.494 / 0.611 where many did: a round adds little once the first candidates missed, and costs twice
@@ -48,6 +44,11 @@ def _block(dim: int, rows_per_item: int = 1) -> int:
 MAX_ROUNDS = 2
 #: A round is tried only while the recall is within this of the target (it gained 0.05 from 0.85 above).
 REFINE_REACH = 0.05
+
+
+def _block(dim: int, rows_per_item: int = 1) -> int:
+    """Items per block when each gathers ``rows_per_item`` float32 rows of ``dim`` (see :data:`GATHER_BYTES`)."""
+    return max(1, GATHER_BYTES // (4 * max(1, dim) * rows_per_item))
 
 
 def _dot(xa: np.ndarray, xb: np.ndarray) -> torch.Tensor:
