@@ -30,20 +30,20 @@ from agc_ray.distributed.output import Output
 #: Per-row costs measured on the project's 2-core, 24 GiB benchmark machine (Ray 2.60, faiss-cpu 1.x) by
 #: ``python benchmarks/bench_estimate.py --sizes 100000,300000,1000000`` (256-d make_faces, a model with
 #: k=10, hidden 128; see its ``fit_costs``): memory is the line through the 100K and 300K runs' peaks
-#: (PSS of the whole process tree), which predicted the 1M run's 5.4 GiB as 6.2 GiB; seconds are
+#: (PSS of the whole process tree), which predicted the 1M run's 5.3 GiB as 5.6 GiB; seconds are
 #: CPU-seconds of each stage over its work (all levels, 1M run), then one scale and a fixed part fitted
-#: by least squares on the three wall times (22 / 42 / 137 s measured).
+#: by least squares on the three wall times (25 / 38 / 115 s measured).
 COSTS = {
-    "base_gb": 1.61,               # driver, raylet, GCS, object store bookkeeping
+    "base_gb": 1.42,               # driver, raylet, GCS, object store bookkeeping
     "worker_gb": 0.45,             # one Ray worker with torch and faiss imported (PSS)
-    "bytes_per_row_float": 13.3,   # bytes per row per embedding float: ~3.5 float32 copies held at level 0
+    "bytes_per_row_float": 12.4,   # bytes per row per embedding float: ~3 float32 copies held at level 0
     "bytes_per_row": 600.0,        # graph (k neighbours, similarities), ids, labels (assumed, not fitted)
-    "read_s": 6.31e-8,             # per row x dimension
-    "knn_s": 4.42e-11,             # per scanned row x dimension (IVF: 16 cells + centroids per query)
-    "score_s": 2.21e-7,            # per row x (dimension + hidden)
-    "rest_s": 1.08e-5,             # decode, aggregation, writing: per row
+    "read_s": 6.23e-8,             # per row x dimension
+    "knn_s": 3.81e-11,             # per scanned row x dimension (IVF: 16 cells + centroids per query)
+    "score_s": 1.52e-7,            # per row x (dimension + hidden)
+    "rest_s": 9.13e-6,             # decode, aggregation, writing: per row
     "level_ratio": 0.25,           # nodes of level L+1 / level L: assumed (make_faces, identities of 60, gives 0.07)
-    "fixed_s": 11.4,               # Ray start, per-level task overheads, model load, report, commit
+    "fixed_s": 15.8,               # Ray start, per-level task overheads, model load, report, commit
 }
 
 #: Rows whose every check runs in the dry run (spread over the table's row groups).
