@@ -30,7 +30,7 @@ from agc_ray.distributed.output import Output
 #: Per-row costs measured on the project's 2-core, 24 GiB benchmark machine (Ray 2.60, faiss-cpu 1.x) by
 #: ``python benchmarks/bench_estimate.py --sizes 100000,300000,1000000`` (256-d make_faces, a model with
 #: k=10, hidden 128; see its ``fit_costs``): memory is the line through the 100K and 300K runs' peaks
-#: (PSS of the whole process tree), which predicted the 1M run's 5.3 GiB as 5.6 GiB; seconds are
+#: (PSS of the whole process tree), which predicts the 1M runs' 5.3-5.5 GiB as 5.8 GiB; seconds are
 #: CPU-seconds of each stage over its work (all levels, 1M run), then one scale and a fixed part fitted
 #: by least squares on the three wall times (25 / 38 / 115 s measured).
 COSTS = {
