@@ -89,6 +89,7 @@ def test_inference_reports_every_row_once_per_stage(monkeypatch):
     assert PROJECTION_BLOCK % inference.MAX_CHUNK == 0
     monkeypatch.setattr(inference, "SCRATCH_BYTES", 1 << 40)
     assert inference.chunk_rows(model, 5) == inference.MAX_CHUNK  # capped
+    assert inference.chunk_rows(model, 5, "cuda") == inference.MAX_CHUNK  # a GPU takes the largest chunks
     monkeypatch.undo()
     x, _ = make_faces(chunk + 300, dim=16, seed=0)  # two chunks
     nbr, sim = knn_graph(x, 5)

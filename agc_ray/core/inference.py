@@ -33,12 +33,15 @@ from agc_ray.core.params import DECODE_MODES
 MAX_CHUNK = 1 << 14
 
 
-def chunk_rows(model: Lander, k: int) -> int:
-    """Nodes per chunk: a power of two near the count whose neighbour rows ((k + 1) a node, as wide as the
-    wider of the features and the 3E projections) take :data:`~agc_ray.core.cells.SCRATCH_BYTES` (1024
-    at D = 256, k = 10, E = 128: 300K nodes scored in 5.0 s, in chunks of 4096 in 6.8 s, the same
-    probabilities). A power of two up to :data:`MAX_CHUNK`: products over chunks of other sizes can differ
-    in the last bit, and the job's blocks of rows are a multiple of it."""
+def chunk_rows(model: Lander, k: int, device: torch.device | str = "cpu") -> int:
+    """Nodes per chunk: on CPU a power of two near the count whose neighbour rows ((k + 1) a node, as wide
+    as the wider of the features and the 3E projections) take :data:`~agc_ray.core.cells.SCRATCH_BYTES`
+    (1024 at D = 256, k = 10, E = 128: 300K nodes scored in 5.0 s, in chunks of 4096 in 6.8 s, the same
+    probabilities); on a GPU (no page faults, a launch per kernel) :data:`MAX_CHUNK`. A power of two up to
+    :data:`MAX_CHUNK`: products over chunks of other sizes can differ in the last bit, and the job's
+    blocks of rows are a multiple of it."""
+    if torch.device(device).type != "cpu":
+        return MAX_CHUNK
     width = max(model.in_features, 3 * model.edge_head.hidden_channels)
     return min(MAX_CHUNK, 1 << max(0, round(math.log2(max(1.0, SCRATCH_BYTES / (4 * (k + 1) * width))))))
 
@@ -59,7 +62,7 @@ def node_projections(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor |
     nbr, sim = torch.as_tensor(nbr), torch.as_tensor(sim)
     rows = torch.arange(nbr.shape[0], device=nbr.device) if rows is None else torch.as_tensor(rows, device=nbr.device)
     out = torch.empty((rows.shape[0], 3 * model.edge_head.hidden_channels), device=nbr.device)
-    step = chunk_rows(model, nbr.shape[1])
+    step = chunk_rows(model, nbr.shape[1], nbr.device)
     for start in range(0, rows.shape[0], step):  # filled in place: no list of chunks plus a copy
         h = model.embed(x_id, x_mean, nbr, sim, rows[start : start + step])
         out[start : start + step] = model.edge_head.project(h)
@@ -84,7 +87,7 @@ def edge_probabilities(model: Lander, proj_of, proj_rows, nbr_rows, feats_rows, 
     """
     nbr_rows = torch.as_tensor(nbr_rows)
     out = torch.empty(nbr_rows.shape, dtype=torch.float32, device=nbr_rows.device)
-    step = chunk_rows(model, nbr_rows.shape[1])
+    step = chunk_rows(model, nbr_rows.shape[1], nbr_rows.device)
     for start in range(0, nbr_rows.shape[0], step):
         stop = start + step
         nb = nbr_rows[start:stop]
