@@ -135,7 +135,7 @@ def new_node_graph(base: BaseLevel, x_q: np.ndarray, exclude: np.ndarray | None 
     """
     import faiss
 
-    k, m = base.k, x_q.shape[0]
+    k = base.k
     nbr_b, sim_b = base.search(x_q, k, exclude)
     among = faiss.IndexFlatIP(x_q.shape[1])
     among.add(np.ascontiguousarray(x_q, dtype=np.float32))
@@ -183,7 +183,7 @@ def decode_new_nodes(model, base: BaseLevel, x_q: np.ndarray, xsum_q: np.ndarray
         ``(parent, nbr, sim, density, p)``: parent (m,) over base ids and new ids ``n + i`` (-1: a
         peak); the new nodes' kNN lists, densities and edge probabilities (None label-free).
     """
-    n, m = base.n, x_q.shape[0]
+    n = base.n
     nbr_q, sim_q = new_node_graph(base, x_q, exclude)
     hop1 = np.unique(nbr_q[(nbr_q >= 0) & (nbr_q < n)])
     nbr1, sim1 = _reverse_lists(base, hop1, nbr_q, sim_q)
