@@ -64,7 +64,7 @@ def test_refine_rows_are_the_best_neighbours_of_neighbours(level_below):
 def test_node_ranges_give_the_whole_graph(level_below, blocks, monkeypatch):
     """Any split of the nodes into ranges (the job's shards) gives the same rows, bit for bit, and so do
     blocks of the level-below edges and of the candidate pairs smaller than the graph."""
-    from agc_ray.core import coarse
+    from agc_ray.core import cells, coarse
 
     x, nbr, comp = level_below
     c = x.shape[0]
@@ -73,7 +73,7 @@ def test_node_ranges_give_the_whole_graph(level_below, blocks, monkeypatch):
     if blocks == "small blocks":  # compared with the one-block graphs computed above
         monkeypatch.setattr(coarse, "EDGE_BLOCK", 7)
         # pairs in blocks of 50, the refinement 1 node a block (5 + 25 candidates)
-        monkeypatch.setattr(coarse, "GATHER_BYTES", 4 * x.shape[1] * 50)
+        monkeypatch.setattr(cells, "SCRATCH_BYTES", 4 * x.shape[1] * 50)
     parts = [coarse_rows(x.__getitem__, c, nbr, comp, 5, lo, hi) for lo, hi in ((0, 37), (37, 100), (100, c))]
     for i in range(2):
         np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), whole[i])

@@ -28,9 +28,9 @@ import torch
 SCRATCH_BYTES = 16 << 20
 
 
-def assign_block(nlist: int) -> int:
-    """Rows per block of the rows x centroids product (:data:`SCRATCH_BYTES` of scores)."""
-    return max(1, SCRATCH_BYTES // (4 * max(1, nlist)))
+def scratch_rows(width: int) -> int:
+    """Items per block when each holds ``width`` float32 values: :data:`SCRATCH_BYTES` a block (at least 1)."""
+    return max(1, SCRATCH_BYTES // (4 * max(1, width)))
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -53,7 +53,7 @@ def cell_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> np.ndarray
     nprobe = min(int(nprobe), nlist)
     xt, ct = as_tensor(x), as_tensor(centroids).T.contiguous()
     out = np.empty((n, nprobe), dtype=np.int32)
-    step = assign_block(nlist)
+    step = scratch_rows(nlist)  # a block's scores
     for lo in range(0, n, step):
         scores = xt[lo:lo + step] @ ct
         out[lo:lo + step] = torch.topk(scores, nprobe, dim=1, sorted=True).indices.numpy()

@@ -22,17 +22,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from agc_ray.core.cells import SCRATCH_BYTES, as_tensor
+from agc_ray.core.cells import as_tensor, scratch_rows
 from agc_ray.core.graph import best_per_row
 
 #: ``rows_of(ids) -> (len(ids), D)`` unit float32 features of the given nodes (a table, or its shards).
 RowsOf = Callable[[np.ndarray], np.ndarray]
 
-#: Bytes of rows one block of candidates gathers (the pairs' rows, the refinement's k + k^2 candidates a
-#: node; see :data:`~agc_ray.core.cells.SCRATCH_BYTES`): refinement blocks of 1024 nodes (115 MB at k = 10,
-#: D = 256) took 19.5 s for 300K nodes with 12.7M page faults, blocks of 128 nodes 8.1 s (same graph); the
-#: pairs of 1M rows' edges 5.0 s in blocks of 64 MB, 4.1 s in 16 MB.
-GATHER_BYTES = SCRATCH_BYTES
 #: Level-L nodes whose edges are turned into candidate pairs at once (the whole graph's edges at once
 #: were ~10 arrays of N k entries: 0.5 GB a task at 10^6 nodes, the job's peak once the scoring's was cut).
 EDGE_BLOCK = 1 << 16
@@ -46,11 +41,6 @@ MAX_ROUNDS = 2
 REFINE_REACH = 0.05
 
 
-def _block(dim: int, rows_per_item: int = 1) -> int:
-    """Items per block when each gathers ``rows_per_item`` float32 rows of ``dim`` (see :data:`GATHER_BYTES`)."""
-    return max(1, GATHER_BYTES // (4 * max(1, dim) * rows_per_item))
-
-
 def _dot(xa: np.ndarray, xb: np.ndarray) -> torch.Tensor:
     """Inner products over the last axis, as one elementwise product and sum: the same floating-point
     result for a pair whatever else is in the block (a matrix product's blocking may differ)."""
@@ -58,9 +48,11 @@ def _dot(xa: np.ndarray, xb: np.ndarray) -> torch.Tensor:
 
 
 def _pair_similarity(rows_of: RowsOf, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(P,) inner products of the rows ``a[i]`` and ``b[i]``, in blocks."""
+    """(P,) inner products of the rows ``a[i]`` and ``b[i]``, in blocks of
+    :data:`~agc_ray.core.cells.SCRATCH_BYTES` of gathered rows (1M rows' edges: 5.0 s in blocks of 64 MB,
+    4.1 s in 16 MB)."""
     out = np.empty(a.size, dtype=np.float32)
-    step = _block(rows_of(a[:1]).shape[1]) if a.size else 1
+    step = scratch_rows(rows_of(a[:1]).shape[1]) if a.size else 1
     for lo in range(0, a.size, step):
         out[lo:lo + step] = _dot(rows_of(a[lo:lo + step]), rows_of(b[lo:lo + step])).numpy()
     return out
@@ -120,7 +112,9 @@ def refine_rows(rows_of: RowsOf, graph: np.ndarray, lo: int, hi: int):
     gt = as_tensor(graph)  # the job's graph is a read-only object-store array, only read here
     nbr = np.empty((hi - lo, k), dtype=np.int64)
     sim = np.empty((hi - lo, k), dtype=np.float32)
-    step = _block(rows_of(np.arange(lo, lo + 1)).shape[1], k + k * k) if hi > lo else 1
+    # blocks of SCRATCH_BYTES of gathered candidates: at 1024 nodes (115 MB at k = 10, D = 256) 300K nodes
+    # took 19.5 s with 12.7M page faults, at 128 nodes 8.1 s, the same graph
+    step = scratch_rows(rows_of(np.arange(lo, lo + 1)).shape[1] * (k + k * k)) if hi > lo else 1
     for b0 in range(lo, hi, step):
         b1 = min(b0 + step, hi)
         g1 = gt[b0:b1]

@@ -43,7 +43,7 @@ def chunk_rows(model: Lander, k: int, device: torch.device | str = "cpu") -> int
     if torch.device(device).type != "cpu":
         return MAX_CHUNK
     width = max(model.in_features, 3 * model.edge_head.hidden_channels)
-    return min(MAX_CHUNK, 1 << max(0, round(math.log2(max(1.0, SCRATCH_BYTES / (4 * (k + 1) * width))))))
+    return min(MAX_CHUNK, 1 << round(math.log2(max(1.0, SCRATCH_BYTES / (4 * (k + 1) * width)))))
 
 
 @torch.no_grad()

@@ -163,10 +163,10 @@ def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None
 
 
 #: Rows per object of a shard's projections (a multiple of the core's chunk of rows, a power of two up to
-#: :data:`~agc_ray.core.inference.MAX_CHUNK`, so that each chunk is the same product as in one piece): a task streams them to the object store one at a time
-#: (a generator), instead of holding its whole (n_s, 3E) result and then its copy there, and objects
-#: of ~100 MB fit where earlier objects were freed. At 10^6 x 256 rows on two shards, one result per
-#: shard (768 MB each) took the job's peak to 6.0 GB.
+#: :data:`~agc_ray.core.inference.MAX_CHUNK`, so that each chunk is the same product as in one piece): a
+#: task streams them to the object store one at a time (a generator), instead of holding its whole (n_s,
+#: 3E) result and then its copy there, and objects of ~100 MB fit where earlier objects were freed. At
+#: 10^6 x 256 rows on two shards, one result per shard (768 MB each) took the job's peak to 6.0 GB.
 PROJECTION_BLOCK = 16 * 4096
 
 
