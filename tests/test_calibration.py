@@ -11,6 +11,7 @@ import torch
 from agc_ray import HiLander
 from agc_ray.core.calibration import TAU_GRID, holdout_classes
 from agc_ray.core.estimator import DEFAULT_LEVELS, DEFAULT_TAUS, LEGACY_TAU
+from agc_ray.core.graph import N_EDGE_FEATURES, N_EDGE_FEATURES_V1
 from agc_ray.core.knn import knn_graph
 from agc_ray.metrics import pairwise
 
@@ -74,6 +75,27 @@ def test_model_directory_without_validation_still_loads(tmp_path, faces_split, t
     assert old.level_tau(0) == old.level_tau(1) == old.level_tau(5) == LEGACY_TAU == 0.9
     as_then = copy.deepcopy(trained).set_params(tau=0.9)
     for a, b in zip(old.predict_hierarchy(x_test), as_then.predict_hierarchy(x_test)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_model_directory_of_ten_edge_features_still_loads(tmp_path, faces_split, trained):
+    """Weights saved before the member-cohesion features (an edge head over the first ten) load and score
+    as a model that reads all of them with zero weights on the added ones."""
+    _, _, x_test, _ = faces_split
+    path = trained.save(tmp_path / "old")
+    state = torch.load(path / "weights.pt", weights_only=True)
+    for name in ("feat_mean", "feat_std"):
+        state[name] = state[name][:N_EDGE_FEATURES_V1].clone()
+    state["edge_head.feat.weight"] = state["edge_head.feat.weight"][:, :N_EDGE_FEATURES_V1].clone()
+    torch.save(state, path / "weights.pt")
+    old = HiLander.load(path)
+    assert old.model_.n_edge_features == N_EDGE_FEATURES_V1 < N_EDGE_FEATURES
+    as_then = copy.deepcopy(trained)
+    with torch.no_grad():
+        as_then.model_.edge_head.feat.weight[:, N_EDGE_FEATURES_V1:] = 0.0
+    levels = old.predict_hierarchy(x_test)
+    assert len(levels) >= 2  # levels above 0, where the added features are not 0
+    for a, b in zip(levels, as_then.predict_hierarchy(x_test), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from agc_ray.core.graph import EDGE_FEATURES, edge_features
-from agc_ray.core.knn import knn_graph
+from agc_ray.core.graph import EDGE_FEATURES, edge_features, member_cohesion
+from agc_ray.core.knn import knn_graph, l2_normalize
 from agc_ray.core.lander import Lander, connectivity_loss, ground_truth_density, predicted_density
 from agc_ray.core.synthetic import make_faces
 
@@ -44,6 +44,30 @@ def test_edge_features_known_answer():
     assert f[0, 0, col["shared"]] == pytest.approx(0.5)
     np.testing.assert_allclose(f[..., col["sim"]], sim)
     np.testing.assert_allclose(f[..., col["sim_of_means"]], sim)  # level 0
+    # single rows: the mean similarity of member pairs is the similarity, each its own only member
+    np.testing.assert_allclose(f[..., col["avg_link"]], sim)
+    assert (f[..., [col["cohesion_i"], col["cohesion_j"]]] == 1).all()
+
+
+def test_member_cohesion_features_known_answer():
+    """Above level 0: c^2 is the mean similarity of a node's member pairs, and avg_link the mean
+    similarity of the pairs across two nodes (brute force over the members)."""
+    rng = np.random.default_rng(0)
+    rows = l2_normalize(rng.standard_normal((9, 6)).astype(np.float32))
+    members = [rows[:4], rows[4:7], rows[7:]]
+    x_sum = np.stack([m.sum(0) for m in members])
+    size = np.array([m.shape[0] for m in members])
+    nbr = np.array([[1, 2], [0, 2], [0, 1]])
+    sim = np.full((3, 2), 0.5, dtype=np.float32)
+    cohesion = member_cohesion(x_sum, size)
+    f = edge_features(nbr, sim, l2_normalize(x_sum), size, cohesion=cohesion).numpy()
+    col = {name: i for i, name in enumerate(EDGE_FEATURES)}
+    for i, m in enumerate(members):
+        assert cohesion[i] ** 2 == pytest.approx((m @ m.T).mean(), rel=1e-5)
+        for slot, j in enumerate(nbr[i]):
+            assert f[i, slot, col["cohesion_i"]] == pytest.approx(cohesion[i], abs=1e-6)
+            assert f[i, slot, col["cohesion_j"]] == pytest.approx(cohesion[j], abs=1e-6)
+            assert f[i, slot, col["avg_link"]] == pytest.approx((m @ members[j].T).mean(), abs=1e-5)
 
 
 def test_connectivity_loss_masks_and_balances():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from agc_ray.core.graph import edge_features
+from agc_ray.core.graph import N_EDGE_FEATURES_V1, edge_features
 from agc_ray.core.hierarchy import canonical_labels, weak_components
 from agc_ray.metrics.clustering import pairwise
 
@@ -127,7 +127,8 @@ class EdgeClassifierBaseline:
 
     @staticmethod
     def _features(nbr, sim):
-        f = edge_features(nbr, sim).numpy()
+        # The level-0 features it was measured with (the added ones repeat sim and a constant there)
+        f = edge_features(nbr, sim)[..., :N_EDGE_FEATURES_V1].numpy()
         valid = nbr >= 0
         return f[valid], valid
 

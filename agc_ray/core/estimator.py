@@ -25,6 +25,7 @@ from sklearn.utils.validation import validate_data
 from agc_ray.core.calibration import holdout_classes, select_levels
 from agc_ray.core.hierarchy import build_hierarchy
 from agc_ray.core.inference import Hierarchy, LevelDecoder, decode, score_level
+from agc_ray.core.graph import N_EDGE_FEATURES
 from agc_ray.core.knn import knn_graph
 from agc_ray.core.lander import Lander
 from agc_ray.core.params import DEFAULTS as D
@@ -235,18 +236,21 @@ class HiLander(BaseEstimator):
             raise NotFittedError("This HiLander instance is not fitted yet: call fit(X, y) or HiLander.load(path) first")
 
     # -- the model ---------------------------------------------------------------------------------
-    def new_model(self, n_features: int) -> Lander:
+    def new_model(self, n_features: int, n_edge_features: int = N_EDGE_FEATURES) -> Lander:
         """An untrained :class:`~agc_ray.core.lander.Lander` of this estimator's sizes for
-        ``n_features``-dimensional embeddings (the one place a Lander is built)."""
+        ``n_features``-dimensional embeddings (the one place a Lander is built); ``n_edge_features``:
+        fewer for weights saved before the last edge features were added."""
         return Lander(n_features, self.k, hidden_channels=self.hidden_channels, edge_channels=self.edge_channels,
-                      conv=self.conv, dropout=self.dropout)
+                      conv=self.conv, dropout=self.dropout, n_edge_features=n_edge_features)
 
     @classmethod
     def from_weights(cls, state_dict: dict, n_features_in: int, *, history=(), **params) -> "HiLander":
         """A fitted estimator of ``params`` around trained weights (a Lander state dict), as the
         training job's workers and model writer build it; the weights are copied."""
         est = cls(**params)
-        model = est.new_model(n_features_in)
+        # The edge features a model reads are its standardisation's: ten in weights saved before the
+        # member-cohesion features.
+        model = est.new_model(n_features_in, n_edge_features=int(state_dict["feat_mean"].numel()))
         model.load_state_dict(state_dict)
         est.model_, est.n_features_in_, est.history_ = model.eval(), n_features_in, list(history)
         return est

@@ -22,8 +22,16 @@ EDGE_FEATURES = (
     "sim_of_means",  # cosine of the two nodes' member means (= sim at level 0; less noisy above)
     "log_size_i",  # log of the number of original rows in node i (0 at level 0)
     "log_size_j",
+    # Added after the first ten (a model saved with ten reads only those, see Lander.n_edge_features). With
+    # c the norm of a node's member mean (member_cohesion; 1 for a single row):
+    "avg_link",  # c_i c_j sim_of_means: the mean similarity of the two nodes' member pairs (= sim at level 0)
+    "cohesion_i",  # c_i: c_i^2 is the mean similarity of node i's member pairs
+    "cohesion_j",  # c_j
 )
 N_EDGE_FEATURES = len(EDGE_FEATURES)
+#: The features of model directories saved before ``avg_link`` and the cohesions (and the level-0 edge
+#: classifier baseline's, where the added ones repeat ``sim`` and a constant).
+N_EDGE_FEATURES_V1 = 10
 _CHUNK = 8192
 
 
@@ -79,16 +87,18 @@ def weighted_neighbor_mean(x: torch.Tensor, nbr: torch.Tensor, weights: torch.Te
 
 def edge_features(
     nbr: np.ndarray, sim: np.ndarray, x_mean=None, size=None, *, start: int = 0, stop: int | None = None,
-    mean_sim: torch.Tensor | None = None, to_local=None, rows=None,
+    mean_sim: torch.Tensor | None = None, to_local=None, rows=None, cohesion=None,
 ) -> torch.Tensor:
     """Per-edge structural features (see :data:`EDGE_FEATURES`) of rows ``start:stop`` (or of the given
     ``rows``), (M, k, F) float32.
 
     ``x_mean`` (N, D) unit member means (an array, a tensor, or any object whose ``[ids]`` returns
     those rows as a tensor) and ``size`` (N,) member counts describe super-nodes; leave
-    them None at level 0 (every node its own only member). A caller that asks for many row ranges
+    them None at level 0 (every node its own only member), with ``cohesion`` (N,), the norms of the member
+    means (:func:`member_cohesion`: what tells the identities of look-alike super-nodes apart, whose
+    member means point almost the same way). A caller that asks for many row ranges
     passes ``mean_sim`` (:func:`mean_valid` of the whole graph's similarities) to compute it once.
-    ``to_local``: maps global node ids (a tensor) to the rows of ``x_mean``, ``size`` and ``mean_sim``
+    ``to_local``: maps global node ids (a tensor) to the rows of ``x_mean``, ``size``, ``cohesion`` and ``mean_sim``
     when those hold only some nodes (a shard and its halo); None: they are indexed by global id.
 
     Cost: O(k^2) for mutual-ness, O(k^3) elementwise for shared neighbours (k = 10: 1000 comparisons)
@@ -108,6 +118,7 @@ def edge_features(
     rank = torch.arange(k, dtype=torch.float32) / max(k, 1)
     xm = torch.as_tensor(x_mean) if isinstance(x_mean, np.ndarray) else x_mean  # or any row-indexable (N, D)
     size_t = None if size is None else torch.as_tensor(size)
+    cohesion_t = None if cohesion is None else torch.as_tensor(cohesion, dtype=torch.float32)
     node = (lambda ids: ids) if to_local is None else to_local
     for lo in range(0, row_ids.shape[0], _CHUNK):
         hi = min(lo + _CHUNK, row_ids.shape[0])
@@ -131,5 +142,22 @@ def edge_features(
         if size_t is not None:
             block[..., 8] = torch.log(size_t[me].to(torch.float32))[:, None]
             block[..., 9] = torch.log(size_t[nb_node].to(torch.float32))
+        if cohesion_t is None:  # single rows
+            block[..., 10] = s
+            block[..., 11:13] = 1.0
+        else:
+            block[..., 11] = cohesion_t[me, None]
+            block[..., 12] = cohesion_t[nb_node]
+            block[..., 10] = block[..., 7] * block[..., 11] * block[..., 12]
     out[~valid_rows] = 0.0
     return out
+
+
+def member_cohesion(x_sum: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Norm of each node's member mean, ``|x_sum| / size`` (n,) float32: with unit members its square is
+    the mean similarity of the node's member pairs (self-pairs included), 1 for a single row.
+
+    Shapes:
+        x_sum (n, D); size (n,) -> (n,).
+    """
+    return (np.linalg.norm(x_sum, axis=1) / np.maximum(size, 1)).astype(np.float32)

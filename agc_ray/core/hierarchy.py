@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from scipy.sparse.csgraph import connected_components
 
 from agc_ray.core.cells import as_tensor
-from agc_ray.core.graph import edge_features, mean_valid
+from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
 from agc_ray.core.knn import knn_graph, l2_normalize, unit_rows
 
 log = logging.getLogger("agc_ray")
@@ -62,12 +63,18 @@ class LevelGraph:
         :func:`agc_ray.core.graph.edge_features` for the keyword arguments)."""
         if self.is_base:
             return edge_features(self.nbr, self.sim, **rows)
-        return edge_features(self.nbr, self.sim, self.x_mean, self.size, **rows)
+        return edge_features(self.nbr, self.sim, self.x_mean, self.size, cohesion=self.cohesion, **rows)
 
-    @property
+    @cached_property
     def x_mean(self) -> np.ndarray:
-        # At level 0 every node is its own only member: the mean is the identity feature.
+        # At level 0 every node is its own only member: the mean is the identity feature. Cached: scoring
+        # asks for the edge features of a level chunk by chunk.
         return self.x_id if self.is_base else l2_normalize(self.x_sum)
+
+    @cached_property
+    def cohesion(self) -> np.ndarray:
+        """(n,) norm of each node's member mean (:func:`~agc_ray.core.graph.member_cohesion`)."""
+        return member_cohesion(self.x_sum, self.size)
 
 
 def select_parents(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agc_ray.core.graph import edge_features, mean_valid
+from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
 from agc_ray.core.hierarchy import LevelGraph, aggregate, forest_components, select_parents, similarity_density
 from agc_ray.core.knn import l2_normalize, search
 
@@ -287,11 +287,13 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, 
     nbr_all[hop1], sim_all[hop1] = nbr1, sim1
     x_id = _Rows(base.x_id, x_q)
     if base.x_sum is None:
-        x_mean, x_mean_all, size = x_id, None, None
+        x_mean, x_mean_all, size, cohesion = x_id, None, None, None
     else:  # levels above 0 hold one node per cluster: small enough to concatenate
-        x_mean_all = l2_normalize(np.concatenate([base.x_sum, xsum_q]))
+        x_sum_all = np.concatenate([base.x_sum, xsum_q])
+        x_mean_all = l2_normalize(x_sum_all)
         x_mean = torch.from_numpy(x_mean_all)
         size = np.concatenate([base.size, size_q])
+        cohesion = member_cohesion(x_sum_all, size)
     nbr_t, sim_t = torch.from_numpy(nbr_all), torch.from_numpy(sim_all)
     model = model.cpu().eval()
     rows = np.concatenate([hop1, n + np.arange(m)])
@@ -303,7 +305,7 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, 
         return proj_rows[torch.from_numpy(position[ids.numpy()])]
 
     mean_sim = mean_valid(sim_t, nbr_t >= 0)
-    feats = edge_features(nbr_all, sim_all, x_mean_all, size, start=n, stop=n + m, mean_sim=mean_sim)
+    feats = edge_features(nbr_all, sim_all, x_mean_all, size, start=n, stop=n + m, mean_sim=mean_sim, cohesion=cohesion)
     p = edge_probabilities(model, proj_of, proj_rows[hop1.size:], nbr_t[n:], feats)
     density = predicted_density(p, torch.from_numpy(sim_q), torch.from_numpy(nbr_q >= 0))
     # hop1's edges to new nodes (the only ones read)
@@ -311,7 +313,8 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, 
     p1 = np.zeros(nbr1.shape, np.float32)
     if row.size:
         with_new = np.unique(row)
-        feats1 = edge_features(nbr_all, sim_all, x_mean_all, size, rows=hop1[with_new], mean_sim=mean_sim)
+        feats1 = edge_features(nbr_all, sim_all, x_mean_all, size, rows=hop1[with_new], mean_sim=mean_sim,
+                               cohesion=cohesion)
         f = feats1[torch.from_numpy(np.searchsorted(with_new, row)), torch.from_numpy(col)]
         nb = torch.from_numpy(nbr1[row, col])
         logits = model.edge_head(proj_of(nb)[:, None], proj_rows[torch.from_numpy(row)], model.normalize_features(f[:, None]))

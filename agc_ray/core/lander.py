@@ -218,6 +218,8 @@ class Lander(nn.Module):
         edge_channels: width of the edge MLP.
         conv: 'lander' (similarity-weighted mean) or 'gat'.
         dropout: dropout on the raw-feature input of the conv.
+        n_edge_features: how many of :data:`~agc_ray.core.graph.EDGE_FEATURES` the edge head reads, the
+            first ones (a model saved before the last three were added reads ten).
 
     Shapes:
         embed: x_id, x_mean (N, D), nbr, sim (N, k), rows (M,) -> h (M, hidden).
@@ -232,9 +234,11 @@ class Lander(nn.Module):
         edge_channels: int = DEFAULTS.edge_channels,
         conv: str = DEFAULTS.conv,
         dropout: float = DEFAULTS.dropout,
+        n_edge_features: int = N_EDGE_FEATURES,
     ):
         super().__init__()
         self.k = k
+        self.n_edge_features = n_edge_features
         if conv not in ("lander", "gat"):
             raise ValueError(f"Lander: conv must be 'lander' or 'gat', got {conv!r}")
         self.in_features = in_features
@@ -246,11 +250,11 @@ class Lander(nn.Module):
                 self.conv = LanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
             else:
                 self.conv = GATLanderConv(2 * in_features, hidden_channels, k, dropout=dropout)
-            self.edge_head = EdgeHead(hidden_channels, edge_channels)
+            self.edge_head = EdgeHead(hidden_channels, edge_channels, n_edge_features)
             # Input standardisation (fitted on the training graphs by `fit_normalization`): similarities
             # vary by a few hundredths, which an unscaled first layer learns from slowly.
-            self.register_buffer("feat_mean", torch.empty(N_EDGE_FEATURES))
-            self.register_buffer("feat_std", torch.empty(N_EDGE_FEATURES))
+            self.register_buffer("feat_mean", torch.empty(n_edge_features))
+            self.register_buffer("feat_std", torch.empty(n_edge_features))
             self.register_buffer("rel_mean", torch.empty(2 * k))
             self.register_buffer("rel_std", torch.empty(2 * k))
         self.to_empty(device="cpu")
@@ -270,6 +274,7 @@ class Lander(nn.Module):
         Shapes:
             feats (E, F) valid edges' features; rel (M, 2k) relational profiles.
         """
+        feats = feats[:, : self.n_edge_features]
         self.feat_mean.copy_(feats.mean(0))
         self.feat_std.copy_(feats.std(0).clamp_min(1e-3))
         self.rel_mean.copy_(rel.mean(0))
@@ -304,7 +309,8 @@ class Lander(nn.Module):
         return self.edge_head(proj[nbr_local], proj[seeds], self.normalize_features(f))
 
     def normalize_features(self, f: torch.Tensor) -> torch.Tensor:
-        return (f - self.feat_mean) / self.feat_std
+        """Standardised edge features, the first :attr:`n_edge_features` of ``f`` (..., F)."""
+        return (f[..., : self.n_edge_features] - self.feat_mean) / self.feat_std
 
 
 def connectivity_loss(

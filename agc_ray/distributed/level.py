@@ -141,12 +141,28 @@ def _mean_rows(lg: LocalGraph, s: int, offsets, owners, parts, array: int = 1) -
     return LocalRows(parts_by_shard(parts, array, s, owners), offsets, lg, normalize=True)
 
 
-def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None):
+def _cohesion_rows(lg: LocalGraph, s: int, offsets, owners, parts, size_loc: np.ndarray) -> np.ndarray:
+    """Aggregated levels: the member cohesion (:func:`~agc_ray.core.graph.member_cohesion`) of the shard's
+    local nodes, from array 0 (member sums) of :func:`shard_inputs`'s ``parts``, gathered in blocks (never
+    an own + halo copy of the sums)."""
+    from agc_ray.core.cells import scratch_rows
+    from agc_ray.core.graph import member_cohesion
+
+    by_shard = parts_by_shard(parts, 0, s, owners)
+    out = np.empty(lg.nodes.size, dtype=np.float32)
+    step = scratch_rows(next(iter(by_shard.values())).shape[1])
+    for a in range(0, lg.nodes.size, step):
+        out[a:a + step] = member_cohesion(gather_rows(by_shard, offsets, lg.nodes[a:a + step]), size_loc[a:a + step])
+    return out
+
+
+def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None, cohesion_loc=None):
     """:func:`agc_ray.core.graph.edge_features` of the shard's own rows, as ``feats(a, b)`` -> the
     (b - a, k, F) features of own rows a:b (computed per chunk, never held for the whole shard).
 
     ``nbr``/``sim`` are the level's global arrays (neighbours' neighbour lists are needed);
-    ``x_mean_loc``/``size_loc`` and the mean similarities are local (own rows, then the halo).
+    ``x_mean_loc``/``size_loc``/``cohesion_loc`` and the mean similarities are local (own rows, then the
+    halo).
     """
     from agc_ray.core.graph import edge_features, mean_valid
 
@@ -157,7 +173,7 @@ def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None
 
     def feats(a: int, b: int):
         return edge_features(nbr, sim, x_mean_loc, size_loc, start=lg.lo + a, stop=lg.lo + b, mean_sim=mean_sim,
-                             to_local=lambda ids: torch.from_numpy(lg.to_local(ids.numpy())))
+                             to_local=lambda ids: torch.from_numpy(lg.to_local(ids.numpy())), cohesion=cohesion_loc)
 
     return feats
 
@@ -264,9 +280,11 @@ def shard_probabilities(model, s: int, offsets, graph, owners: list[int], blocks
     proj = BlockRows(dict(zip(block_ids, parts[:len(block_ids)])), blocks, lo, hi)
     parts = parts[len(block_ids):]
     lg = LocalGraph(nbr, lo, hi)
-    means = (None, None)
-    if parts:  # member means and sizes of the local nodes (arrays 0 and 1 of shard_inputs)
-        means = (_mean_rows(lg, s, offsets, owners, parts, array=0), with_halo(parts, 1, s, owners, offsets, lg.halo))
+    means = (None, None, None)
+    if parts:  # member means, sizes and cohesions of the local nodes (from arrays 0 and 1 of shard_inputs)
+        size_loc = with_halo(parts, 1, s, owners, offsets, lg.halo)
+        means = (_mean_rows(lg, s, offsets, owners, parts, array=0), size_loc,
+                 _cohesion_rows(lg, s, offsets, owners, parts, size_loc))
     nbr_rows = torch.from_numpy(np.ascontiguousarray(nbr[lo:hi]))
     model.eval()
     p = edge_probabilities(model, proj, proj, nbr_rows, shard_edge_features(nbr, sim, lg, *means),
