@@ -23,9 +23,9 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
 
 from agc_ray.core.calibration import holdout_classes, select_levels
+from agc_ray.core.graph import N_EDGE_FEATURES
 from agc_ray.core.hierarchy import build_hierarchy
 from agc_ray.core.inference import Hierarchy, LevelDecoder, decode, score_level
-from agc_ray.core.graph import N_EDGE_FEATURES
 from agc_ray.core.knn import knn_graph
 from agc_ray.core.lander import Lander
 from agc_ray.core.params import DEFAULTS as D
