@@ -61,6 +61,8 @@ def test_member_cohesion_features_known_answer():
     sim = np.full((3, 2), 0.5, dtype=np.float32)
     cohesion = member_cohesion(x_sum, size)
     f = edge_features(nbr, sim, l2_normalize(x_sum), size, cohesion=cohesion).numpy()
+    with pytest.raises(ValueError, match="size and cohesion"):
+        edge_features(nbr, sim, l2_normalize(x_sum), size)
     col = {name: i for i, name in enumerate(EDGE_FEATURES)}
     for i, m in enumerate(members):
         assert cohesion[i] ** 2 == pytest.approx((m @ m.T).mean(), rel=1e-5)

@@ -104,6 +104,8 @@ def edge_features(
     Cost: O(k^2) for mutual-ness, O(k^3) elementwise for shared neighbours (k = 10: 1000 comparisons)
     and O(k D) for the mean similarities, per row, in chunks of rows.
     """
+    if (size is None) != (cohesion is None):  # without cohesion a super-node would read a single row's 1
+        raise ValueError("edge_features: size and cohesion describe super-nodes together: pass both or neither")
     nbr_t = torch.as_tensor(nbr)
     sim_t = torch.as_tensor(sim, dtype=torch.float32)
     n, k = nbr_t.shape
