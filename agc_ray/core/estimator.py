@@ -22,11 +22,12 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
 
+from agc_ray.core.boundary import BoundaryRule
 from agc_ray.core.calibration import holdout_classes, select_levels
 from agc_ray.core.graph import N_EDGE_FEATURES
-from agc_ray.core.hierarchy import build_hierarchy
+from agc_ray.core.hierarchy import background_rows, background_similarity, build_hierarchy
 from agc_ray.core.inference import Hierarchy, LevelDecoder, decode, score_level
-from agc_ray.core.knn import knn_graph
+from agc_ray.core.knn import knn_graph, unit_rows
 from agc_ray.core.lander import Lander
 from agc_ray.core.params import DEFAULTS as D
 from agc_ray.core.params import PARAMS, check_params
@@ -370,11 +371,16 @@ class HiLander(BaseEstimator):
 
         levels = build_hierarchy(
             X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=knn, stats=stats,
-            level_tau=self.level_tau,
+            level_tau=self.level_tau, boundary=self.boundary_rule(X),
         )
         for level_stats, info, knn_info in zip(stats, infos, knn_infos):
             level_stats.update(knn_info, **info)
         return Hierarchy(levels, stats, decoder.selected_level(len(levels)))
+
+    def boundary_rule(self, X) -> BoundaryRule:
+        """The boundary merge of X's levels above 0 (:mod:`agc_ray.core.boundary`), with X's chance
+        similarity measured on the seeded row sample the unsupervised threshold also reads."""
+        return BoundaryRule(background_similarity(unit_rows(X[background_rows(X.shape[0], self.seed)]), seed=self.seed))
 
     def predict_hierarchy(self, X) -> list[np.ndarray]:
         """Cluster X (N, D): every level's (N,) int64 labels, finest first, each coarsening the last."""

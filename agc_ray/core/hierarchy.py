@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
+from agc_ray.core.boundary import BoundaryRule, merge_boundaries, merged_peaks
 from agc_ray.core.cells import as_tensor
 from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
 from agc_ray.core.knn import knn_graph, l2_normalize, unit_rows
@@ -235,6 +236,7 @@ def build_hierarchy(
     first_graph: tuple[np.ndarray, np.ndarray] | None = None,
     stats: list[dict] | None = None,
     level_tau: Callable[[int], float | None] | None = None,
+    boundary: BoundaryRule | None = None,
 ) -> list[np.ndarray]:
     """Run decode-and-aggregate level after level; return every level's labels of the original rows.
 
@@ -255,6 +257,8 @@ def build_hierarchy(
             seconds spent on its kNN graph and its decode.
         level_tau: each level's decode threshold where known in advance (for the few-merges stop rule
             of :func:`stop_reason`); None: that rule is off.
+        boundary: above level 0, also merge the level's clusters whose boundary in the level-0 graph is
+            as tight as their insides (:mod:`agc_ray.core.boundary`); None: the decode alone.
 
     Stop rules, checked after a level is kept: the level limit; a level that added no edge (not kept);
     the early-stop ratio; with early stop, too few merges for the next level at no lower threshold to
@@ -274,6 +278,7 @@ def build_hierarchy(
         x_id=x, x_sum=x, size=np.ones(n, dtype=np.int64), nbr=nbr, sim=sim,
         peak_row=np.arange(n, dtype=np.int64), labels=None if labels is None else np.asarray(labels),
     )
+    level0 = (nbr, sim)
     log.info("level 0 kNN graph: %d nodes, k=%d, %.1fs", n, k, time.perf_counter() - t0)
     node_of_row = np.arange(n, dtype=np.int64)
     out: list[np.ndarray] = []
@@ -283,13 +288,19 @@ def build_hierarchy(
         if on_level is not None:
             on_level(level, g)
         parent = _check_parents(decode_level(g, level), g.n)
-        n_edges = int((parent >= 0).sum())
+        comp, peaks = forest_components(parent)
+        links = 0
+        if boundary is not None and level > 0:
+            merged, links = merge_boundaries(*level0, comp[node_of_row], boundary.chance, boundary.closeness)
+            comp, peaks = merged_peaks(comp, peaks, merged, g.size)
+        n_edges = g.n - int(peaks.size)  # forest edges, with the boundary merges
         if stats is not None:
             stats.append({"level": level, "nodes": g.n, "edges": n_edges, "knn_seconds": knn_seconds})
+            if boundary is not None and level > 0:
+                stats[-1]["boundary_links"] = links
         if n_edges == 0:
             log.info("level %d: no edge added, stop", level)
             break
-        comp, peaks = forest_components(parent)
         node_of_row = comp[node_of_row]
         out.append(node_of_row)
         if stats is not None:
