@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--decode", choices=DECODE_MODES, help="decode on edge probabilities or similarities")
     m.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
                    help="disable the early-stop rule (E_prev / E < k)")
+    m.add_argument("--boundary-closeness", type=closeness_or_off, metavar="C",
+                   help="above level 0, also merge clusters whose boundary in the level-0 kNN graph is this close to "
+                        "their insides, from chance (0-1; 'off': the decode alone; default: the model's, 0.7)")
     m.add_argument("--knn-recall-sample", type=int, metavar="ROWS",
                    help="rows whose neighbours are searched exactly to tune the IVF search to --knn-recall and report "
                         "its recall (default: 1000; 0: no tuning, 16 cells, no recall reported)")
@@ -105,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-v", "--verbose", action="store_true",
                    help="debug logging, and other libraries' INFO lines (default: theirs from WARNING)")
     return p
+
+
+def closeness_or_off(value: str):
+    """--boundary-closeness: 'off' or a number (its range is checked with the other parameters)."""
+    return "off" if value.strip().lower() == "off" else float(value)
 
 
 def job_keys() -> tuple[str, ...]:

@@ -167,15 +167,16 @@ def small_identities(tmp_path_factory):
 def test_graph_from_the_level_below_equals_single_process(ray_session, tmp_path, small_identities, recall):
     """Above level 0 the job searches the graph from the level below as the core does (same candidates,
     rounds, recall and fallback), whatever the shards: 0.8 misses at level 1 (IVF, then exact) and holds
-    at level 2; 0.7 refines level 1 once."""
+    at level 2; 0.7 refines level 1 once. (Without the boundary merge, whose larger merges at level 1 end
+    this hierarchy at level 2.)"""
     from agc_ray import HiLander
 
     x, table = small_identities
     params = dict(unsupervised=True, decode="sim", knn="ivf", knn_recall=recall)
-    est = HiLander(levels=3, **params)
+    est = HiLander(levels=3, boundary_closeness=None, **params)
     result = est.hierarchy(x)
     ref = result.levels
-    manifest = _run(table, tmp_path / "out", num_shards=3, max_levels=3, **params)
+    manifest = _run(table, tmp_path / "out", num_shards=3, max_levels=3, boundary_closeness="off", **params)
     got = read_levels(tmp_path / "out")
     assert len(got) == len(ref) == 3
     for a, b in zip(got, ref):
@@ -186,6 +187,26 @@ def test_graph_from_the_level_below_equals_single_process(ray_session, tmp_path,
     methods = [lv["knn_method"] for lv in manifest["levels"]]
     assert methods == (["ivf", "exact", "coarse"] if recall == 0.8 else ["ivf", "coarse", "coarse"])
     assert manifest["levels"][1].get("knn_rounds") == (None if recall == 0.8 else 1)
+
+
+def test_boundary_merge_equals_single_process(ray_session, tmp_path):
+    """The boundary merge above level 0 sums the level-0 edges per row shard: the same links, levels and
+    peaks as the core over the whole table (a table where it joins clusters: stretched ones)."""
+    from agc_ray import HiLander
+    from agc_ray.core.synthetic import make_subspace_clusters
+    from agc_ray.distributed.demo import write_table
+
+    x, y = make_subspace_clusters(3000, spread=(0.35, 0.6), seed=5)
+    table = write_table(tmp_path / "in", x, y, files=3)
+    result = HiLander(unsupervised=True, knn="exact").hierarchy(x)
+    manifest = _run(table, tmp_path / "out", unsupervised=True, knn="exact", num_shards=3)
+    got = read_levels(tmp_path / "out")
+    assert len(got) == len(result.levels)
+    for a, b in zip(got, result.levels):
+        np.testing.assert_array_equal(a, b)
+    links = [st.get("boundary_links") for st in result.stats][: len(got)]
+    assert [lv.get("boundary_links") for lv in manifest["levels"]] == links and links[1] > 0
+    assert manifest["parameters"]["boundary_closeness"] == 0.7
 
 
 @pytest.mark.parametrize("embedding_type", ["list", "tensor"])

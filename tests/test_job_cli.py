@@ -193,6 +193,8 @@ def test_model_dimension_mismatch(ray_session, bad_inputs, tmp_path, job_model, 
         (["--num-shards", "-1"], "--num-shards must be >= 0, got -1"),
         (["--knn", "bogus"], "invalid choice: 'bogus'"),
         (["--knn-recall", "1.5"], "--knn-recall must be in [0.0, 1.0], got 1.5"),
+        (["--boundary-closeness", "1.5"], "--boundary-closeness must be in [0.0, 1.0], got 1.5"),
+        (["--boundary-closeness", "never"], "invalid closeness_or_off value: 'never'"),
         (["--k", "abc"], "invalid int value: 'abc'"),
         (["--model", "MODEL"], "--model and --unsupervised are exclusive"),
     ],
@@ -225,14 +227,16 @@ def test_output_exists_without_overwrite(ray_session, tmp_path, capsys):
 
 def test_config_file_and_flags_win(ray_session, job_table, tmp_path, job_model, capsys):
     config = tmp_path / "job.yaml"
-    config.write_text(
+    config.write_text(  # a bare YAML `off` is a boolean: it turns the boundary merge off as the flag's 'off' does
         f"input: {job_table}\noutput: {tmp_path / 'ignored'}\nmodel: {job_model}\nmax-levels: 1\nnum_shards: 2\n"
+        "boundary-closeness: off\n"
     )
     out = tmp_path / "out"
     rc = cli.main(["--config", str(config), "--output", str(out)])
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["max_levels"] == 1 and manifest["parameters"]["num_shards"] == 2
+    assert manifest["parameters"]["boundary_closeness"] is None
     assert len(read_levels(out)) == 1
     assert not (tmp_path / "ignored").exists()
     config.write_text("bogus_option: 1\n")

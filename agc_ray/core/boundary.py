@@ -32,11 +32,12 @@ _SCALE = float(1 << 24)
 
 @dataclass(frozen=True)
 class BoundaryRule:
-    """When clusters merge across a boundary: ``chance``, what two unrelated rows of the table reach
-    (:func:`~agc_ray.core.hierarchy.background_similarity`), and the relative ``closeness``."""
+    """When clusters merge across a boundary: at relative ``closeness``, from the chance similarity of
+    the table (:func:`~agc_ray.core.hierarchy.background_similarity` of its rows at
+    :func:`~agc_ray.core.hierarchy.background_rows` for ``seed``, as the unsupervised threshold reads it)."""
 
-    chance: float
     closeness: float = BOUNDARY_CLOSENESS
+    seed: int = 0
 
 
 @dataclass
@@ -140,22 +141,29 @@ def boundary_links(t: BoundaryTables, chance: float, closeness: float = BOUNDARY
     return ends[first], other[first]
 
 
-def merge_boundaries(nbr: np.ndarray, sim: np.ndarray, cluster: np.ndarray, chance: float,
-                     closeness: float = BOUNDARY_CLOSENESS) -> tuple[np.ndarray, int]:
-    """Clusters of clusters: ``(merged, links)`` with merged (C,) the new cluster (0..C'-1, numbered by
-    first cluster) of each of the C clusters of the rows of the level-0 graph ``(nbr, sim)``."""
+def merged_clusters(t: BoundaryTables, chance: float, closeness: float = BOUNDARY_CLOSENESS) -> tuple[np.ndarray, int]:
+    """``(merged, links)``: merged (C,) the new cluster of each of the tables' C clusters (0..C'-1,
+    numbered by first cluster) after :func:`boundary_links`, and how many links joined them."""
     from agc_ray.core.hierarchy import canonical_labels, weak_components
 
-    nearest = np.where(np.asarray(nbr) >= 0, sim, -np.inf).max(axis=1)
-    t = boundary_tables(nbr, sim, cluster, nearest)
     a, b = boundary_links(t, chance, closeness)
     return canonical_labels(weak_components(a, b, t.n_clusters)), int(a.size)
 
 
-def merged_peaks(comp: np.ndarray, peaks: np.ndarray, merged: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A level's ``(comp, peaks)`` after merging its clusters by ``merged`` (C,): each merged cluster's
-    peak is that of its largest part (in rows; ties: the lower cluster id). ``size``: (n,) rows per node."""
-    rows = np.bincount(comp, weights=size, minlength=peaks.size)
-    order = np.lexsort((np.arange(peaks.size), -rows, merged))
+def nearest_similarity(nbr: np.ndarray, sim: np.ndarray) -> np.ndarray:
+    """(N,) each row's most similar valid neighbour's similarity (-inf without any)."""
+    return np.where(np.asarray(nbr) >= 0, sim, -np.inf).max(axis=1)
+
+
+def merge_boundaries(nbr: np.ndarray, sim: np.ndarray, cluster: np.ndarray, chance: float,
+                     closeness: float = BOUNDARY_CLOSENESS) -> tuple[np.ndarray, int]:
+    """:func:`merged_clusters` of the clusters ``cluster`` (N,) of the rows of the level-0 graph ``(nbr, sim)``."""
+    return merged_clusters(boundary_tables(nbr, sim, cluster, nearest_similarity(nbr, sim)), chance, closeness)
+
+
+def largest_parts(merged: np.ndarray, cluster_rows: np.ndarray) -> np.ndarray:
+    """(C',) for each merged cluster the index of its largest part among the C clusters merged by
+    ``merged`` (C,) (in rows ``cluster_rows`` (C,); ties: the lower index): whose peak it keeps."""
+    order = np.lexsort((np.arange(merged.size), -np.asarray(cluster_rows), merged))
     first = np.r_[True, merged[order][1:] != merged[order][:-1]]
-    return merged[comp], peaks[order[first]]
+    return order[first]

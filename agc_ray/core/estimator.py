@@ -25,9 +25,9 @@ from sklearn.utils.validation import validate_data
 from agc_ray.core.boundary import BoundaryRule
 from agc_ray.core.calibration import holdout_classes, select_levels
 from agc_ray.core.graph import N_EDGE_FEATURES
-from agc_ray.core.hierarchy import background_rows, background_similarity, build_hierarchy
+from agc_ray.core.hierarchy import build_hierarchy
 from agc_ray.core.inference import Hierarchy, LevelDecoder, decode, score_level
-from agc_ray.core.knn import knn_graph, unit_rows
+from agc_ray.core.knn import knn_graph
 from agc_ray.core.lander import Lander
 from agc_ray.core.params import DEFAULTS as D
 from agc_ray.core.params import PARAMS, check_params
@@ -86,6 +86,10 @@ class HiLander(BaseEstimator):
             recall against exact search reaches it, at every IVF level); None: a fixed 16 probes.
         decode: 'prob' or 'sim' (see :func:`agc_ray.core.inference.decode`).
         early_stop: stop when a level adds more than 1/k of the previous level's edges.
+        boundary_closeness: above level 0, a level's clusters whose boundary in the level-0 kNN graph is
+            this close to their insides (mean edge similarity across it against inside them, both from
+            the table's chance similarity) merge too: fragments of one stretched cluster, which the
+            decode sees through far-apart peaks and means (see :mod:`agc_ray.core.boundary`); None: off.
         unsupervised: cluster without labels or a model (similarity density, 'sim' decode); ``fit(X)``
             clusters X (``labels_``) and ``predict`` needs no fit.
         conv: 'lander' (similarity-weighted mean conv) or 'gat'.
@@ -130,6 +134,7 @@ class HiLander(BaseEstimator):
         knn_recall: float | None = D.knn_recall,
         decode: str = D.decode,
         early_stop: bool = D.early_stop,
+        boundary_closeness: float | None = D.boundary_closeness,
         unsupervised: bool = D.unsupervised,
         conv: str = D.conv,
         hidden_channels: int = D.hidden_channels,
@@ -155,6 +160,7 @@ class HiLander(BaseEstimator):
         self.knn_recall = knn_recall
         self.decode = decode
         self.early_stop = early_stop
+        self.boundary_closeness = boundary_closeness
         self.unsupervised = unsupervised
         self.conv = conv
         self.hidden_channels = hidden_channels
@@ -371,16 +377,12 @@ class HiLander(BaseEstimator):
 
         levels = build_hierarchy(
             X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=knn, stats=stats,
-            level_tau=self.level_tau, boundary=self.boundary_rule(X),
+            level_tau=self.level_tau,
+            boundary=None if self.boundary_closeness is None else BoundaryRule(self.boundary_closeness, self.seed),
         )
         for level_stats, info, knn_info in zip(stats, infos, knn_infos):
             level_stats.update(knn_info, **info)
         return Hierarchy(levels, stats, decoder.selected_level(len(levels)))
-
-    def boundary_rule(self, X) -> BoundaryRule:
-        """The boundary merge of X's levels above 0 (:mod:`agc_ray.core.boundary`), with X's chance
-        similarity measured on the seeded row sample the unsupervised threshold also reads."""
-        return BoundaryRule(background_similarity(unit_rows(X[background_rows(X.shape[0], self.seed)]), seed=self.seed))
 
     def predict_hierarchy(self, X) -> list[np.ndarray]:
         """Cluster X (N, D): every level's (N,) int64 labels, finest first, each coarsening the last."""

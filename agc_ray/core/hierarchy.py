@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from agc_ray.core.boundary import BoundaryRule, merge_boundaries, merged_peaks
+from agc_ray.core.boundary import BoundaryRule, largest_parts, merge_boundaries
 from agc_ray.core.cells import as_tensor
 from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
 from agc_ray.core.knn import knn_graph, l2_normalize, unit_rows
@@ -279,6 +279,7 @@ def build_hierarchy(
         peak_row=np.arange(n, dtype=np.int64), labels=None if labels is None else np.asarray(labels),
     )
     level0 = (nbr, sim)
+    chance = None if boundary is None else background_similarity(x[background_rows(n, boundary.seed)], seed=boundary.seed)
     log.info("level 0 kNN graph: %d nodes, k=%d, %.1fs", n, k, time.perf_counter() - t0)
     node_of_row = np.arange(n, dtype=np.int64)
     out: list[np.ndarray] = []
@@ -291,8 +292,8 @@ def build_hierarchy(
         comp, peaks = forest_components(parent)
         links = 0
         if boundary is not None and level > 0:
-            merged, links = merge_boundaries(*level0, comp[node_of_row], boundary.chance, boundary.closeness)
-            comp, peaks = merged_peaks(comp, peaks, merged, g.size)
+            merged, links = merge_boundaries(*level0, comp[node_of_row], chance, boundary.closeness)
+            comp, peaks = merged[comp], peaks[largest_parts(merged, np.bincount(comp, weights=g.size))]
         n_edges = g.n - int(peaks.size)  # forest edges, with the boundary merges
         if stats is not None:
             stats.append({"level": level, "nodes": g.n, "edges": n_edges, "knn_seconds": knn_seconds})

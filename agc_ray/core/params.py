@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from agc_ray.core.boundary import BOUNDARY_CLOSENESS
 from agc_ray.core.knn import METHODS as KNN_METHODS
 from agc_ray.core.validation import check_param
 
@@ -60,6 +61,9 @@ PARAMS: dict[str, Param] = {
                         optional=True),
     "decode": Param("prob", "decode mode: prob or sim", options=DECODE_MODES),
     "early_stop": Param(True, "early-stop rule when clustering", bool),
+    "boundary_closeness": Param(BOUNDARY_CLOSENESS, "above level 0, also merge clusters whose boundary in the level-0 kNN "
+                                                    "graph is this close to their insides, from chance (None: off)",
+                                float, 0.0, 1.0, optional=True),
     "unsupervised": Param(False, "cluster without labels or a model (similarity density, sim decode)", bool),
     "conv": Param("lander", "graph conv: lander or gat", options=("lander", "gat")),
     "hidden_channels": Param(128, "node embedding size", int, 1),

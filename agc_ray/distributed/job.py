@@ -43,6 +43,8 @@ class JobConfig:
             table has it.
         k, tau, max_levels, knn, knn_recall, decode, early_stop, seed: the core's parameters (k must match the
             model's; None: the model's own).
+        boundary_closeness: the core's boundary merge above level 0 (a closeness in [0, 1], or 'off'; None:
+            the model's own).
         num_shards: node shards (0: one per CPU of the cluster).
         overwrite: replace an existing non-empty output.
         knn_recall_sample: rows whose neighbours are searched exactly to tune the IVF search to ``knn_recall``
@@ -68,6 +70,7 @@ class JobConfig:
     knn_recall: float | None = None
     decode: str | None = None
     early_stop: bool | None = None
+    boundary_closeness: float | str | None = None
     seed: int | None = None
     num_shards: int = 0
     overwrite: bool = False
@@ -83,6 +86,11 @@ class JobConfig:
 def _check(name, value, kind, low=None, high=None, options=None):
     if value is not None:
         check_param("--" + name.replace("_", "-"), value, kind, low, high, options, error=InputError)
+
+
+def _boundary_off(cfg: JobConfig) -> bool:
+    # 'off' on the command line; YAML reads a bare `off` as false
+    return cfg.boundary_closeness == "off" or cfg.boundary_closeness is False
 
 
 def validate_config(cfg: JobConfig) -> None:
@@ -104,6 +112,8 @@ def validate_config(cfg: JobConfig) -> None:
     _check("tau", cfg.tau, float, -1.0, 1.0)
     _check("knn_recall_sample", cfg.knn_recall_sample, int, 0)
     _check("knn_recall", cfg.knn_recall, float, 0.0, 1.0)
+    if not _boundary_off(cfg):
+        _check("boundary_closeness", cfg.boundary_closeness, float, 0.0, 1.0)
     if cfg.tau is not None and cfg.tau < 0 and (cfg.decode or "prob") == "prob" and not cfg.unsupervised:
         raise InputError(f"--tau must be in [0, 1] with --decode prob, got {cfg.tau!r}")
 
@@ -124,6 +134,8 @@ def load_estimator(cfg: JobConfig):
     overrides = {"tau": cfg.tau, "levels": cfg.max_levels, "knn": cfg.knn, "knn_recall": cfg.knn_recall,
                  "decode": cfg.decode, "early_stop": cfg.early_stop, "seed": cfg.seed}
     est.set_params(**{key: val for key, val in overrides.items() if val is not None})
+    if cfg.boundary_closeness is not None:
+        est.set_params(boundary_closeness=None if _boundary_off(cfg) else cfg.boundary_closeness)
     if est.knn not in JOB_METHODS:
         est.set_params(knn="auto")
     try:
@@ -230,7 +242,8 @@ def _manifest(job: Job, output, run_input: RunInput, timings: dict, levels: Leve
         "parameters": {"k": est.k, "tau": levels.taus, "tau_source": _tau_source(est),
                        "max_levels": est.max_levels(), "knn": est.knn, "knn_recall": est.knn_recall,
                        "knn_recall_sample": cfg.knn_recall_sample, "decode": est.decode,
-                       "early_stop": est.early_stop, "seed": est.seed, "num_shards": job.num_shards,
+                       "early_stop": est.early_stop, "boundary_closeness": est.boundary_closeness, "seed": est.seed,
+                       "num_shards": job.num_shards,
                        "unsupervised": est.unsupervised},
         "model": None if est.unsupervised else {"path": cfg.model, "params": est.get_params(),
                                                 "n_features_in": est.n_features_in_,

@@ -414,6 +414,47 @@ def assemble_next(t: int, bounds, level: dict, *parts):
 
 
 @lazy_remote(num_cpus=1)
+def background_chance(x_sample, seed: int) -> float:
+    """The core's chance similarity of a table from its seeded row sample (the boundary merge's)."""
+    from agc_ray.core.hierarchy import background_similarity
+
+    return background_similarity(x_sample, seed=seed)
+
+
+@lazy_remote(num_cpus=1)
+def nearest_similarities(graph) -> np.ndarray:
+    """(N,) every row's nearest-neighbour similarity in the level-0 graph."""
+    from agc_ray.core.boundary import nearest_similarity
+
+    return nearest_similarity(*graph)
+
+
+@lazy_remote(num_cpus=1)
+def boundary_part(s: int, offsets, graph, nearest, *clusters):
+    """Row shard ``s``'s :func:`~agc_ray.core.boundary.boundary_tables` (``clusters``: every row
+    shard's clusters at this level, in shard order)."""
+    from agc_ray.core.boundary import boundary_tables
+
+    nbr, sim = graph
+    lo, hi = int(offsets[s]), int(offsets[s + 1])
+    return boundary_tables(nbr[lo:hi], sim[lo:hi], np.concatenate(clusters), nearest, rows=np.arange(lo, hi))
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def boundary_merge(level: dict, chance: float, closeness: float, *tables):
+    """The level's clusters (as :func:`global_components` returns them) after the boundary merge of the
+    row shards' ``tables`` (their sums are exact: the same merge as over the whole table)."""
+    from agc_ray.core.boundary import add_tables, largest_parts, merged_clusters
+
+    merged, links = merged_clusters(add_tables(list(tables)), chance, closeness)
+    keep = largest_parts(merged, level["size"])
+    comp = merged[level["comp"]]
+    out = {"comp": comp, "peaks": level["peaks"][keep], "peak_row": level["peak_row"][keep],
+           "size": np.bincount(merged, weights=level["size"], minlength=keep.size).astype(np.int64)}
+    return out, {"edges": int(comp.size - keep.size), "clusters": int(keep.size), "boundary_links": links}
+
+
+@lazy_remote(num_cpus=1)
 def relabel(node_of_row, level: dict):
     """Rows' clusters at this level: ``comp[node_of_row]``."""
     return level["comp"][node_of_row]

@@ -259,6 +259,31 @@ class Job:
             log.info("unsupervised: adaptive similarity threshold %.4f (chance %.4f)", tau_0, chance)
         return self.schedule.tau()
 
+    def boundary_chance(self, level: _Level):
+        """Ref of the table's chance similarity (from level 0's nodes: the rows), as the core measures it
+        for the boundary merge."""
+        from agc_ray.core.hierarchy import background_rows
+        from agc_ray.distributed.knn import _gather
+
+        sample = _gather.remote(level.offsets, background_rows(level.n, self.est.seed), *level.x_id)
+        return lv.background_chance.remote(sample, self.est.seed)
+
+    def merge_boundaries(self, level0: tuple, node_of_row: list, result, chance, stats: dict):
+        """The core's boundary merge of a level above 0 (:mod:`agc_ray.core.boundary`), the level-0 graph's
+        edges summed per row shard: ``(result, counts)`` as :meth:`decode` returns them."""
+        import ray
+
+        t0 = time.perf_counter()
+        graph0, offsets0 = level0
+        clusters = [lv.relabel.remote(nr, result) for nr in node_of_row]
+        nearest = lv.nearest_similarities.remote(graph0)
+        tables = [lv.boundary_part.remote(s, offsets0, graph0, nearest, *clusters) for s in range(len(clusters))]
+        result, counts = lv.boundary_merge.remote(result, chance, self.est.boundary_closeness, *tables)
+        counts = ray.get(counts)
+        stats.update(edges=counts["edges"], clusters=counts["clusters"], boundary_links=counts["boundary_links"],
+                     boundary_seconds=self._time("boundary", t0))
+        return result, counts
+
     def aggregate(self, level: _Level, result, clusters: int) -> _Level:
         """Next level's node shards from this level's clusters."""
         t0 = time.perf_counter()
@@ -336,6 +361,11 @@ def _level_loop(job: Job, output, run_input: RunInput) -> tuple[list[dict], str 
         stats = {"level": level_no, "nodes": level.n}
         graph = job.knn(level, level_no, stats, below)
         result, counts, density, p = job.decode(level, graph, model_ref, level_no, stats)
+        if est.boundary_closeness is not None:
+            if level_no == 0:
+                level0, chance = (graph, rows.offsets), job.boundary_chance(level)
+            else:
+                result, counts = job.merge_boundaries(level0, node_of_row, result, chance, stats)
         n_edges = counts["edges"]
         if n_edges == 0 and level_no > 0:
             stop = "no edge added"
