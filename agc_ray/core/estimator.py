@@ -377,12 +377,15 @@ class HiLander(BaseEstimator):
 
         levels = build_hierarchy(
             X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=knn, stats=stats,
-            level_tau=self.level_tau,
-            boundary=None if self.boundary_closeness is None else BoundaryRule(self.boundary_closeness, self.seed),
+            level_tau=self.level_tau, boundary=self.boundary_rule(),
         )
         for level_stats, info, knn_info in zip(stats, infos, knn_infos):
             level_stats.update(knn_info, **info)
         return Hierarchy(levels, stats, decoder.selected_level(len(levels)))
+
+    def boundary_rule(self) -> BoundaryRule | None:
+        """The boundary merge of the levels above 0 (:mod:`agc_ray.core.boundary`), None when off."""
+        return None if self.boundary_closeness is None else BoundaryRule(self.boundary_closeness, self.seed)
 
     def predict_hierarchy(self, X) -> list[np.ndarray]:
         """Cluster X (N, D): every level's (N,) int64 labels, finest first, each coarsening the last."""

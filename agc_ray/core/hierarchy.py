@@ -237,6 +237,7 @@ def build_hierarchy(
     stats: list[dict] | None = None,
     level_tau: Callable[[int], float | None] | None = None,
     boundary: BoundaryRule | None = None,
+    on_clusters: Callable[[int, np.ndarray], None] | None = None,
 ) -> list[np.ndarray]:
     """Run decode-and-aggregate level after level; return every level's labels of the original rows.
 
@@ -259,6 +260,7 @@ def build_hierarchy(
             of :func:`stop_reason`); None: that rule is off.
         boundary: above level 0, also merge the level's clusters whose boundary in the level-0 graph is
             as tight as their insides (:mod:`agc_ray.core.boundary`); None: the decode alone.
+        on_clusters: called with each kept level's (n,) clusters of its nodes (after the boundary merge).
 
     Stop rules, checked after a level is kept: the level limit; a level that added no edge (not kept);
     the early-stop ratio; with early stop, too few merges for the next level at no lower threshold to
@@ -304,6 +306,8 @@ def build_hierarchy(
             break
         node_of_row = comp[node_of_row]
         out.append(node_of_row)
+        if on_clusters is not None:
+            on_clusters(level, comp)
         if stats is not None:
             stats[-1].update(clusters=int(peaks.size), decode_seconds=time.perf_counter() - t0)
         log.info(

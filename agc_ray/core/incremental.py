@@ -20,7 +20,7 @@ state and writes the output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -427,8 +427,11 @@ def hierarchy_state(est, X) -> tuple[list[np.ndarray], list[BaseLevel], list[flo
         taus.append(tau)
         return parent
 
+    def clusters(level, comp):  # after the boundary merge: the clusters the levels' labels have
+        states[level] = replace(states[level], comp=comp)
+
     kept = build_hierarchy(x, decode_level, k=est.k, levels=est.max_levels(), early_stop=est.early_stop,
-                           knn=est._knn, level_tau=est.level_tau)
+                           knn=est._knn, level_tau=est.level_tau, boundary=est.boundary_rule(), on_clusters=clusters)
     states, taus = states[:len(kept)], taus[:len(kept)]
     labels, lab = [], None
     for s in states:
