@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Share of the gap between chance and a pair's inside similarity that its boundary must reach. Measured
-#: (20K-row regimes: 12 of make_faces and a subspace generator, after the level each mode returns): at
-#: 0.7 subspace clusters 0.977 -> 0.995 (supervised) and 0.928 -> 0.983 (label-free), faces regimes within
-#: 0.002; 0.6 starts joining look-alike identities, 0.9 leaves most fragments apart.
+#: Share of the gap between chance and a pair's inside similarity that its boundary must reach. Chosen on
+#: the levels returned at 20K rows (seed 0) of 12 make_faces regimes and a subspace generator, label-free,
+#: and of four of them supervised: 0.6 joins look-alike identities (supervised 0.661 -> 0.645), 0.8
+#: leaves stretched fragments apart (subspace 0.991 against 0.995 at 0.7). Requiring also a share of
+#: boundary edges (Chameleon's relative interconnectivity, 0.3) spared size5's small identities 0.3
+#: points but undid the anisotropic regime's gain. Regime suite, 3 seeds: see README (Quality).
 BOUNDARY_CLOSENESS = 0.7
 #: Similarities are summed in fixed point: integers add in any order to the same total (and through
 #: float64 bincounts exactly, while a sum stays below 2^53: 5 * 10^8 edges of |s| <= 1).
