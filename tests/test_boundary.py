@@ -17,14 +17,18 @@ def _graph(n=400, seed=0):
     return knn_graph(x, 6, method="exact")
 
 
-def test_tables_of_row_subsets_add_up_to_the_whole():
+def test_tables_of_row_subsets_add_up_to_the_whole(monkeypatch):
+    from agc_ray.core import boundary
+
     nbr, sim = _graph()
     cluster = np.random.default_rng(1).integers(0, 60, nbr.shape[0])
     nearest = nearest_similarity(nbr, sim)
     whole = boundary_tables(nbr, sim, cluster, nearest)
     cuts = [0, 37, 200, 201, nbr.shape[0]]
     parts = [boundary_tables(nbr[a:b], sim[a:b], cluster, nearest, rows=np.arange(a, b)) for a, b in zip(cuts, cuts[1:])]
-    for added in (add_tables(parts), add_tables(parts[::-1])):  # exact: any split, any order
+    monkeypatch.setattr(boundary, "ROW_BLOCK", 64)  # the whole table summed in blocks of rows
+    blocked = boundary_tables(nbr, sim, cluster, nearest)
+    for added in (add_tables(parts), add_tables(parts[::-1]), blocked):  # exact: any split, any order
         for name in ("inside_sum", "inside_count", "pairs", "cross_sum", "cross_count", "nearest_sum"):
             np.testing.assert_array_equal(getattr(added, name), getattr(whole, name), err_msg=name)
     # against the edges counted one by one

@@ -30,6 +30,8 @@ BOUNDARY_CLOSENESS = 0.7
 #: Similarities are summed in fixed point: integers add in any order to the same total (and through
 #: float64 bincounts exactly, while a sum stays below 2^53: 5 * 10^8 edges of |s| <= 1).
 _SCALE = float(1 << 24)
+#: Rows whose edges are summed at once (~10 arrays of their k edges: 100 MB at k = 10), the tables added.
+ROW_BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def _sum_by_key(keys: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...
 
 def boundary_tables(nbr: np.ndarray, sim: np.ndarray, cluster: np.ndarray, nearest: np.ndarray,
                     rows: np.ndarray | None = None) -> BoundaryTables:
-    """The edge sums of the rows ``rows`` (default all) of a level-0 graph.
+    """The edge sums of the rows ``rows`` (default all) of a level-0 graph, :data:`ROW_BLOCK` rows at a time.
 
     Args:
         nbr, sim: (M, k) the rows' neighbours (global row ids, -1 padded) and similarities.
@@ -89,10 +91,16 @@ def boundary_tables(nbr: np.ndarray, sim: np.ndarray, cluster: np.ndarray, neare
         nearest: (N,) every row's nearest-neighbour similarity.
         rows: (M,) global ids of the graph's rows (default 0..M-1).
 
-    Cost: O(M k log(M k)) (one sort of the boundary edges' keys).
+    Cost: O(M k log(M k)) (sorts of the boundary edges' keys); memory: the pairs' table and one block.
     """
+    rows = np.arange(np.shape(nbr)[0]) if rows is None else np.asarray(rows)
+    blocks = [_block_tables(nbr[i:i + ROW_BLOCK], sim[i:i + ROW_BLOCK], cluster, nearest, rows[i:i + ROW_BLOCK])
+              for i in range(0, max(rows.size, 1), ROW_BLOCK)]
+    return blocks[0] if len(blocks) == 1 else add_tables(blocks)
+
+
+def _block_tables(nbr, sim, cluster, nearest, rows) -> BoundaryTables:
     nbr = np.asarray(nbr)
-    rows = np.arange(nbr.shape[0]) if rows is None else np.asarray(rows)
     n_clusters = int(cluster.max()) + 1 if cluster.size else 0
     valid = nbr >= 0
     src = np.broadcast_to(rows[:, None], nbr.shape)[valid]
