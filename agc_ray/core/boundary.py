@@ -127,7 +127,8 @@ def add_tables(parts: list[BoundaryTables]) -> BoundaryTables:
                           cross_count, nearest_sum)
 
 
-def boundary_links(t: BoundaryTables, chance: float, closeness: float = BOUNDARY_CLOSENESS) -> tuple[np.ndarray, np.ndarray]:
+def boundary_links(t: BoundaryTables, chance: float,
+                   closeness: float = BOUNDARY_CLOSENESS) -> tuple[np.ndarray, np.ndarray]:
     """Each cluster's merge partner: of the clusters it shares a boundary with at relative closeness
     ``(s_boundary - chance) / (s_inside - chance) >= closeness``, the one with the most similar boundary
     (ties: the lower id). s_inside is the mean similarity of both clusters' inside edges.
@@ -166,9 +167,12 @@ def nearest_similarity(nbr: np.ndarray, sim: np.ndarray) -> np.ndarray:
 
 
 def merge_boundaries(nbr: np.ndarray, sim: np.ndarray, cluster: np.ndarray, chance: float,
-                     closeness: float = BOUNDARY_CLOSENESS) -> tuple[np.ndarray, int]:
-    """:func:`merged_clusters` of the clusters ``cluster`` (N,) of the rows of the level-0 graph ``(nbr, sim)``."""
-    return merged_clusters(boundary_tables(nbr, sim, cluster, nearest_similarity(nbr, sim)), chance, closeness)
+                     closeness: float = BOUNDARY_CLOSENESS,
+                     nearest: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """:func:`merged_clusters` of the clusters ``cluster`` (N,) of the rows of the level-0 graph ``(nbr, sim)``
+    (``nearest``: its :func:`nearest_similarity`, computed here when not given)."""
+    nearest = nearest_similarity(nbr, sim) if nearest is None else nearest
+    return merged_clusters(boundary_tables(nbr, sim, cluster, nearest), chance, closeness)
 
 
 def largest_parts(merged: np.ndarray, cluster_rows: np.ndarray) -> np.ndarray:

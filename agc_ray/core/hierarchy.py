@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from agc_ray.core.boundary import BoundaryRule, largest_parts, merge_boundaries
+from agc_ray.core.boundary import BoundaryRule, largest_parts, merge_boundaries, nearest_similarity
 from agc_ray.core.cells import SCRATCH_BYTES, as_tensor
 from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
 from agc_ray.core.knn import knn_graph, l2_normalize, unit_rows
@@ -280,8 +280,10 @@ def build_hierarchy(
         x_id=x, x_sum=x, size=np.ones(n, dtype=np.int64), nbr=nbr, sim=sim,
         peak_row=np.arange(n, dtype=np.int64), labels=None if labels is None else np.asarray(labels),
     )
-    level0 = (nbr, sim)
-    chance = None if boundary is None else background_similarity(x[background_rows(n, boundary.seed)], seed=boundary.seed)
+    if boundary is not None:  # what the boundary merge of every level above reads of level 0
+        level0 = (nbr, sim)
+        chance = background_similarity(x[background_rows(n, boundary.seed)], seed=boundary.seed)
+        nearest = nearest_similarity(nbr, sim)
     log.info("level 0 kNN graph: %d nodes, k=%d, %.1fs", n, k, time.perf_counter() - t0)
     node_of_row = np.arange(n, dtype=np.int64)
     out: list[np.ndarray] = []
@@ -294,7 +296,7 @@ def build_hierarchy(
         comp, peaks = forest_components(parent)
         links = 0
         if boundary is not None and level > 0:
-            merged, links = merge_boundaries(*level0, comp[node_of_row], chance, boundary.closeness)
+            merged, links = merge_boundaries(*level0, comp[node_of_row], chance, boundary.closeness, nearest=nearest)
             comp, peaks = merged[comp], peaks[largest_parts(merged, np.bincount(comp, weights=g.size))]
         n_edges = g.n - int(peaks.size)  # forest edges, with the boundary merges
         if stats is not None:

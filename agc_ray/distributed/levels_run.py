@@ -270,13 +270,13 @@ class Job:
 
     def merge_boundaries(self, level0: tuple, node_of_row: list, result, chance, stats: dict):
         """The core's boundary merge of a level above 0 (:mod:`agc_ray.core.boundary`), the level-0 graph's
-        edges summed per row shard: ``(result, counts)`` as :meth:`decode` returns them."""
+        edges summed per row shard (``level0``: refs of that graph, its row offsets and its rows' nearest
+        similarities): ``(result, counts)`` as :meth:`decode` returns them."""
         import ray
 
         t0 = time.perf_counter()
-        graph0, offsets0 = level0
+        graph0, offsets0, nearest = level0
         clusters = [lv.relabel.remote(nr, result) for nr in node_of_row]
-        nearest = lv.nearest_similarities.remote(graph0)
         tables = [lv.boundary_part.remote(s, offsets0, graph0, nearest, *clusters) for s in range(len(clusters))]
         result, counts = lv.boundary_merge.remote(result, chance, self.est.boundary_closeness, *tables)
         counts = ray.get(counts)
@@ -363,7 +363,8 @@ def _level_loop(job: Job, output, run_input: RunInput) -> tuple[list[dict], str 
         result, counts, density, p = job.decode(level, graph, model_ref, level_no, stats)
         if est.boundary_closeness is not None:
             if level_no == 0:
-                level0, chance = (graph, rows.offsets), job.boundary_chance(level)
+                level0 = (graph, rows.offsets, lv.nearest_similarities.remote(graph))
+                chance = job.boundary_chance(level)
             else:
                 result, counts = job.merge_boundaries(level0, node_of_row, result, chance, stats)
         n_edges = counts["edges"]
