@@ -284,29 +284,30 @@ def test_failure_before_commit_keeps_previous_output(ray_session, tmp_path, job_
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # staging removed
 
 
-@pytest.mark.parametrize("case", ["exact", "ivf", "ivf-small-calls", "ivf-target", "ivf-out-of-reach",
-                                  "ivf-out-of-reach-kept"])
+@pytest.mark.parametrize("case", ["exact", "ivf", "ivf-small-calls", "ivf-target", "ivf-target-small-calls",
+                                  "ivf-out-of-reach", "ivf-out-of-reach-kept"])
 def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monkeypatch, caplog):
     """The graph of the sharded index (3 shards, top-k merge) equals the core's single-index graph; with a
-    recall target both probe the same number of cells, with the same recall measured, or both fall back
-    to exact search when the target is out of IVF's reach. Small calls: each task searches its rows in
-    calls of 100 rows (the bound on query x probe pairs that keeps a high nprobe's memory in check).
+    recall target both probe the cells within the same margin, with the same recall measured, or both
+    fall back to exact search when the target is out of IVF's reach. Small calls: each task searches its
+    rows in calls of 100 rows (the bound on query x probe pairs that keeps a high nprobe's memory in
+    check; with a target, calls of 50 probes).
     Kept: a table over the exact-search bound (5000 rows here) keeps its IVF graph below the target,
     says so in its info and warns."""
     from agc_ray.core import knn as core_knn
     from agc_ray.core.knn import knn_graph, l2_normalize
-    from agc_ray.core.recall import RECALL_SAMPLE
+    from agc_ray.core.recall import RECALL_SAMPLE, probe_cap
     from agc_ray.core.synthetic import make_faces
     from agc_ray.distributed.shards import shard_bounds
     from agc_ray.distributed import knn as sharded
 
-    if case == "ivf-small-calls":
-        monkeypatch.setattr(sharded, "IVF_PROBE_PAIRS", 100 * 16)  # 16 probes: 100 rows a call
+    if case.endswith("small-calls"):
+        monkeypatch.setattr(sharded, "IVF_PROBE_PAIRS", 100 * 16 if case == "ivf-small-calls" else 50)
     kept = case == "ivf-out-of-reach-kept"
     if kept:
         monkeypatch.setattr(core_knn, "EXACT_FALLBACK_MAX_ROWS", 5000)
     method = case.split("-")[0]
-    target = 0.95 if "out-of-reach" in case else {"ivf-target": 0.99}.get(case)
+    target = 0.95 if "out-of-reach" in case else 0.99 if "target" in case else None
     # out of reach: small identities in isotropic spread (an eighth of the cells: recall 0.93)
     x = l2_normalize(make_faces(10000, dim=64, isotropic=1.0, mean_identity_size=5, seed=8)[0]
                      if "out-of-reach" in case else job_data[0])
@@ -331,17 +332,21 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
     if method == "ivf":
         assert 0.9 <= stats["knn_recall"] <= 1.0
         assert stats.get("knn_nprobe") == info.get("knn_nprobe")
+        assert stats.get("knn_probe_margin") == info.get("knn_probe_margin")
+        assert stats.get("knn_probes_mean") == info.get("knn_probes_mean")
     if case in ("ivf", "ivf-small-calls"):
         assert stats["knn_nprobe"] == 16
     if target is not None and not kept:
         assert stats["knn_recall"] == pytest.approx(info["knn_recall"]) and stats["knn_recall"] >= target
+    if "target" in case:  # rows probe the cells within a margin of their best: one to a few on average
+        assert stats["knn_probe_margin"] > 0 and 1 < stats["knn_probes_mean"] < stats["knn_nprobe"]
     if case == "ivf-out-of-reach":
         assert stats["knn_recall"] == 1.0 and stats["knn_ivf_recall"] < 0.95
         assert stats["knn_ivf_recall"] == pytest.approx(info["knn_ivf_recall"])
     if kept:
         assert stats["knn_recall_target_met"] is info["knn_recall_target_met"] is False
         assert stats["knn_recall"] == pytest.approx(info["knn_recall"]) and 0.5 < stats["knn_recall"] < 0.95
-        assert stats["knn_nprobe"] == info["knn_nprobe"] == core_knn.probe_cap(core_knn.ivf_nlist(10000), 10000)
+        assert stats["knn_nprobe"] == info["knn_nprobe"] == probe_cap(core_knn.ivf_nlist(10000), 10000)
 
 
 def test_index_actors_serve_every_level(ray_session, job_data):

@@ -13,10 +13,13 @@ Methods:
   sample; deterministic for a fixed seed. On CPU the cells are searched one at a time as matrix
   products (:mod:`agc_ray.core.cells`: ``IndexIVFFlat``'s graph, 4-6x faster for a whole table of
   queries), on GPU by faiss' ``IndexIVFFlat``. Recall is a property of the data as much as of the index
-  (0.98 with 16 probes on one table, 0.80 on another): given a recall target, the cells probed per
-  query are raised until the recall measured on a seeded sample against exact search reaches it
-  (:func:`~agc_ray.core.recall.tune_nprobe`), so easy tables are searched with few probes and hard
-  ones with many.
+  (0.98 with 16 probes on one table, 0.80 on another): given a recall target, the search effort is
+  raised until the recall measured on a seeded sample against exact search reaches it, so easy tables
+  are searched with few probes and hard ones with many. On CPU each query probes the cells whose
+  centroids are within a margin of its best one, and the margin is what is raised
+  (:func:`~agc_ray.core.recall.tune_margin`: a query between cells probes them, one inside a cell does
+  not: a third of the rows scanned for the same recall); on GPU the number of probes of every query
+  (:func:`~agc_ray.core.recall.tune_nprobe`).
 - ``hnsw``: ``IndexHNSWFlat``; fast to build, but its multi-threaded construction is not
   deterministic, so it is offered but never chosen by ``auto``.
 - ``auto``: exact up to ``exact_max_rows`` rows, ivf above.
@@ -32,8 +35,8 @@ import math
 
 import numpy as np
 
-from agc_ray.core.recall import (IVF_MAX_SCAN_ROWS, RECALL_SAMPLE, exact_kth, probe_cap, recall_at, recall_rows,
-                                 sample_rows, tune_nprobe)
+from agc_ray.core.recall import (IVF_MAX_SCAN_ROWS, RECALL_SAMPLE, exact_kth, recall_at, recall_rows,
+                                 sample_rows, tune_margin, tune_nprobe)
 
 log = logging.getLogger(__name__)
 
@@ -332,33 +335,61 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
                recall: float | None = KNN_RECALL, seed: int = 0, info: dict | None = None):
     """:func:`knn_graph`'s IVF search on CPU over the unit rows ``x`` and the given centroids, cell by
     cell (:class:`~agc_ray.core.cells.CellLists`): the graph of an ``IndexIVFFlat`` with these
-    centroids, ``nprobe`` fixed or tuned to ``recall`` as :func:`knn_graph` says."""
-    from agc_ray.core.cells import CellLists, cell_probes
+    centroids and ``nprobe`` probes; with a recall target and no ``nprobe``, each row probes the cells
+    within a margin of its best centroid, the margin tuned to ``recall``
+    (:func:`~agc_ray.core.recall.tune_margin`; ``info`` gets ``knn_probe_margin``, ``knn_probes_mean``
+    and, as ``knn_nprobe``, the most cells a row may probe)."""
+    from agc_ray.core.cells import CellLists, cell_probes, probe_pairs
 
     n, nlist = x.shape[0], centroids.shape[0]
     tuning = recall is not None and nprobe is None
-    width = min(nlist, nprobe or (min(probe_cap(nlist, n), PROBES_FIRST_PASS) if tuning else IVF_NPROBE))
-    probes = cell_probes(x, centroids, width)
+    width = min(nlist, PROBES_FIRST_PASS if tuning else nprobe or IVF_NPROBE)
+    probes, gaps = cell_probes(x, centroids, width, gaps=True)
     lists = CellLists(x, probes[:, 0], nlist)
-    nprobe = width
-    if tuning:
-        def search_sample(p, rows):
-            probed = probes[rows, :p] if p <= width else cell_probes(x[rows], centroids, p)
-            sim, idx = lists.search(x[rows], probed, k + 1)
-            return drop_self(idx, sim, rows)
+    nprobe, margin, mean = nprobe or width, None, None
 
-        nprobe = _tuned_nprobe(x, k, recall, seed, nlist, search_sample, info)
-        if nprobe is None:  # out of IVF's reach on a table small enough: search exactly
+    def pairs_of(lo, hi, p, m):
+        if m is None and p > width:
+            return probe_pairs(cell_probes(x[lo:hi], centroids, p), p)
+        return probe_pairs(probes[lo:hi], p, m, gaps[lo:hi], x[lo:hi], centroids)
+
+    if tuning:
+        def search_sample(m, p, rows):
+            pairs = probe_pairs(probes[rows], p, m, gaps[rows], x[rows], centroids)
+            sim, idx = lists.search(x[rows], pairs, k + 1)
+            return (*drop_self(idx, sim, rows), pairs[0].size)
+
+        tuned = _tuned_margin(x, k, recall, seed, nlist, search_sample, info)
+        if tuned is None:  # out of IVF's reach on a table small enough: search exactly
             return exact_graph(x, k, "cpu")
+        margin, nprobe, mean = tuned
     if info is not None:
         info["knn_nprobe"] = int(nprobe)
     nbr = np.empty((n, k), dtype=np.int64)
     sim = np.empty((n, k), dtype=np.float32)
-    for lo, hi in probe_blocks(0, n, nprobe, PROBE_PAIRS):  # rows are searched on their own: any blocks do
-        block = probes[lo:hi, :nprobe] if nprobe <= width else cell_probes(x[lo:hi], centroids, nprobe)
-        found_sim, found = lists.search(x[lo:hi], block, k + 1)
+    # rows are searched on their own: any blocks do
+    for lo, hi in probe_blocks(0, n, nprobe if margin is None else math.ceil(2 * mean), PROBE_PAIRS):
+        found_sim, found = lists.search(x[lo:hi], pairs_of(lo, hi, nprobe, margin), k + 1)
         nbr[lo:hi], sim[lo:hi] = drop_self(found, found_sim, np.arange(lo, hi))
     return nbr, sim
+
+
+def _tuned_margin(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample,
+                  info: dict | None) -> tuple[float, int, float] | None:
+    """:func:`~agc_ray.core.recall.tune_margin` on the seeded :func:`~agc_ray.core.recall.recall_rows`
+    of ``x``; ``search_sample(margin, nprobe, rows)`` searches those rows. ``(margin, nprobe, mean
+    probes)`` chosen, or None when the target is out of IVF's reach on a table small enough to search
+    exactly (``info`` then says so; the caller searches exactly)."""
+    n = x.shape[0]
+    rows = recall_rows(n, RECALL_SAMPLE, seed)
+    margin, nprobe, measured, mean = tune_margin(lambda m, p: search_sample(m, p, rows), exact_kth(x, rows, k),
+                                                 recall, nlist, n)
+    if info is not None:
+        info.update(knn_recall=measured, knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
+    if measured >= recall or not missed_target_goes_exact(n, measured, recall, nprobe, nlist, info=info,
+                                                          margin=margin):
+        return margin, nprobe, mean
+    return None
 
 
 def _tuned_nprobe(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample,
@@ -411,22 +442,23 @@ def set_nprobe(index, nprobe: int) -> None:
 
 
 def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int, nlist: int, *,
-                             stage: str = "kNN", info: dict | None = None) -> bool:
+                             stage: str = "kNN", info: dict | None = None, margin: float | None = None) -> bool:
     """Whether a table whose tuned IVF search missed the recall ``target`` is searched exactly: up to
     :data:`EXACT_FALLBACK_MAX_ROWS` rows; above, the IVF graph is kept and a warning says what to change.
     ``info`` (if given) records which: the exact search's method and recall with the IVF's, or
-    ``knn_recall_target_met`` False."""
+    ``knn_recall_target_met`` False. ``margin``: the probe margin tried last (the message says so)."""
+    probed = f"{nprobe} of {nlist} cells probed" if margin is None else \
+        f"up to {nprobe} of {nlist} cells probed (those within {margin:.3f} of each row's best)"
     if n <= EXACT_FALLBACK_MAX_ROWS:
-        log.info("%s: IVF recall %.3f < %.2f with %d of %d cells probed: exact search", stage, measured, target,
-                 nprobe, nlist)
+        log.info("%s: IVF recall %.3f < %.2f with %s: exact search", stage, measured, target, probed)
         if info is not None:
             info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
         return True
-    log.warning("%s: IVF recall %.3f is below the target %.2f with %d of %d cells probed (the most the tuning "
-                "probes: an eighth of the cells, at most %d rows a query), and %d rows are too many to search "
+    log.warning("%s: IVF recall %.3f is below the target %.2f with %s (the most the tuning "
+                "probes: an eighth of the cells, at most %d rows a query on average), and %d rows are too many to search "
                 "exactly (over %d): the IVF graph is kept. Lower the recall target (knn_recall, --knn-recall) or "
                 "ask for exact search (knn='exact', --knn exact; hours on CPU, minutes on a GPU)", stage, measured,
-                target, nprobe, nlist, IVF_MAX_SCAN_ROWS, n, EXACT_FALLBACK_MAX_ROWS)
+                target, probed, IVF_MAX_SCAN_ROWS, n, EXACT_FALLBACK_MAX_ROWS)
     if info is not None:
         info["knn_recall_target_met"] = False
     return False

@@ -3,7 +3,8 @@
 Recall@k is measured on a seeded sample of rows (:func:`recall_rows`, the same rows for any sharding):
 their exact k-th best similarity (:func:`exact_kth`) against what the search found (:func:`recall_at`).
 :func:`tune_nprobe` doubles the IVF cells probed until that recall reaches a target, within
-:func:`probe_cap`. Used by the single-process search (:mod:`agc_ray.core.knn`), the graph from the
+:func:`probe_cap`; :func:`tune_margin` widens a query-adaptive probe margin instead (the cells within
+a margin of each query's best centroid, :func:`~agc_ray.core.cells.probe_pairs`). Used by the single-process search (:mod:`agc_ray.core.knn`), the graph from the
 level below (:mod:`agc_ray.core.coarse`) and the sharded search of the job.
 """
 
@@ -121,3 +122,35 @@ def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
         if measured >= target or nprobe >= cap:
             return nprobe, measured
         nprobe = min(2 * nprobe, cap)
+
+
+#: Probe margins tried by :func:`tune_margin`, in inner-product units (unit rows and centroids: gaps of
+#: 0 to 2), each 1.5 times the last; the last takes every cell up to the cap.
+PROBE_MARGINS = tuple(round(0.005 * 1.5 ** i, 5) for i in range(16))
+
+
+def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0, start: int = NPROBE_START,
+                max_share: float = IVF_MAX_PROBE_SHARE) -> tuple[float, int, float, float]:
+    """The smallest of :data:`PROBE_MARGINS` whose recall reaches ``target``; the last tried when none
+    does (its mean scan reached :data:`IVF_MAX_SCAN_ROWS` a query, or the margins ran out).
+
+    ``search_sample(margin, nprobe) -> (nbr, sim, probes)`` searches the sampled rows scanning each
+    one's cells within ``margin`` of its best, at most ``nprobe`` (``probes``: the cells scanned in all),
+    ``kth`` (Q,) their exact k-th best similarity. A query may probe up to ``max_share`` of the cells
+    (where one query's scan costs what the exact search costs it), the sample on average no more
+    than :data:`IVF_MAX_SCAN_ROWS` rows a query (of a table of ``n`` rows, 0: unknown).
+
+    Returns:
+        ``(margin, nprobe, recall, mean probes)``: ``nprobe`` the most cells a query probes.
+    """
+    nprobe = max(1, min(nlist, max(start, int(nlist * max_share))))
+    scan_cap = IVF_MAX_SCAN_ROWS * nlist / n if n > 0 else float(nprobe)
+    for margin in PROBE_MARGINS:
+        nbr, sim, probes = search_sample(margin, nprobe)
+        measured = recall_at(sim, nbr >= 0, kth)
+        mean = probes / max(1, len(kth))
+        log.debug("IVF probe margin %.4f: %.1f cells a query, recall %.4f (target %.3f)", margin, mean, measured,
+                  target)
+        if measured >= target or mean >= min(scan_cap, nprobe):
+            break
+    return margin, nprobe, measured, mean

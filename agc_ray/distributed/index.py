@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agc_ray.core.cells import CellLists, cell_probes
+from agc_ray.core.cells import CellLists, cell_probes, probe_pairs
 from agc_ray.core.knn import FlatView, ivf_index, to_gpu, use_gpu
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import release_heap
@@ -129,9 +129,12 @@ class ShardIndexActor:
         return self._index(source, progress).ready()
 
     def search(self, source: list, queries: np.ndarray, kk: int, exact: bool = False, probes=None, nprobe: int = 0,
-               rows: tuple[int, int] | None = None, probe_rows: tuple[int, int] | None = None):
+               rows: tuple[int, int] | None = None, probe_rows: tuple[int, int] | None = None,
+               margin: float | None = None, gaps=None):
         """:meth:`ShardIndex.search` of ``queries[rows[0]:rows[1]]`` (all rows when None) probing their
-        first ``nprobe`` cells of ``probes[probe_rows[0]:probe_rows[1]]`` (IVF; see :func:`query_probes`).
+        first ``nprobe`` cells of ``probes[probe_rows[0]:probe_rows[1]]`` (IVF; see :func:`query_probes`),
+        or with a ``margin`` their cells within it of their best, at most ``nprobe``
+        (:func:`~agc_ray.core.cells.probe_pairs`; ``gaps``: the probes' gaps, a ref like ``probes``).
 
         ``queries`` and ``probes`` come as refs that the caller owns (a shard, a chunk's probes), resolved
         by Ray: the caller puts nothing per call, and a restarted actor gets them back by lineage.
@@ -140,6 +143,10 @@ class ShardIndexActor:
         queries = np.ascontiguousarray(queries if rows is None else queries[rows[0]:rows[1]], dtype=np.float32)
         if exact or index.centroids is None:
             probes = None
+        elif margin is not None:
+            if probe_rows is not None:
+                probes, gaps = probes[probe_rows[0]:probe_rows[1]], gaps[probe_rows[0]:probe_rows[1]]
+            probes = probe_pairs(probes, nprobe, margin, gaps, queries, index.centroids)
         else:
             probes = query_probes(queries, probes if probe_rows is None else probes[probe_rows[0]:probe_rows[1]],
                                   index.centroids, nprobe)
@@ -176,14 +183,17 @@ def query_probes(queries: np.ndarray, probes: np.ndarray | None, centroids: np.n
 
 
 def shard_searches(actors, queries, kk: int, exact: bool = False, probes=None, nprobe: int = 0,
-                   rows: tuple[int, int] | None = None, probe_rows: tuple[int, int] | None = None) -> list:
+                   rows: tuple[int, int] | None = None, probe_rows: tuple[int, int] | None = None,
+                   margin: float | None = None, gaps=None) -> list:
     """One :meth:`ShardIndexActor.search` call per ``(actor, source)`` pair of :func:`index_actors`:
     refs to each shard's ``(sim, ids)`` (Q, kk) for :func:`merge_topk` (in shard order).
 
     ``queries``, ``probes``: refs (a shard and its rows' cells, or a put by the driver), resolved by
-    Ray in each actor; ``rows``, ``probe_rows``: the row ranges of them searched.
+    Ray in each actor; ``rows``, ``probe_rows``: the row ranges of them searched; ``margin``, ``gaps``:
+    see :meth:`ShardIndexActor.search`.
     """
-    return [a.search.remote(source, queries, kk, exact, probes, nprobe, rows, probe_rows) for a, source in actors]
+    return [a.search.remote(source, queries, kk, exact, probes, nprobe, rows, probe_rows, margin, gaps)
+            for a, source in actors]
 
 
 class MergedIndex:

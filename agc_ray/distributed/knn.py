@@ -15,8 +15,11 @@ waits on an actor (see :func:`agc_ray.distributed.level.shard_inputs`).
 cells, so the merged result equals a single IVF index with that quantizer, whatever the shard count.
 Each row's best cells are computed once, by tasks over chunks of rows: column 0 files the row in its
 shard's lists, the first ``nprobe`` are the cells it scans as a query.
-With a recall target, the cells probed are tuned as :func:`agc_ray.core.knn.knn_graph` tunes them (same
-seeded sample rows, same exact k-th similarities, same ladder), so the number chosen is the same too.
+With a recall target, the probes are tuned as :func:`agc_ray.core.knn.knn_graph` tunes them (same
+seeded sample rows, same exact k-th similarities, same ladder), so the setting chosen is the same too:
+on CPU a probe margin (each query probes the cells within it of its best centroid: the rows' cells are
+computed with their gaps, and every shard's actor derives a query's cells from them alike), on GPU
+the number of probes.
 
 Above level 0, :func:`sharded_coarse_graph` first searches the graph from the level below (the core's
 :mod:`agc_ray.core.coarse`, one task per shard of nodes, the same rounds and recall), and the index is
@@ -26,16 +29,18 @@ built only when that misses the target.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
 
-from agc_ray.core.cells import cell_probes
+from agc_ray.core.cells import cell_probes, probe_pairs
 from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
 from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, ivf_centroids, ivf_nlist,
                               ivf_train_rows, missed_target_goes_exact, probe_blocks, resolve_method)
-from agc_ray.core.recall import exact_kth, kth_without_self, probe_cap, recall_at, recall_rows, tune_nprobe
+from agc_ray.core.recall import (exact_kth, kth_without_self, probe_cap, recall_at, recall_rows, tune_margin,
+                                 tune_nprobe)
 from agc_ray.distributed import progress
 from agc_ray.distributed.index import index_actors, merge_topk, shard_searches
 from agc_ray.distributed.remote import lazy_remote
@@ -88,11 +93,13 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
 
     n = int(offsets[-1])
     method = resolve_method(method, n)
-    centroids, nprobe, probe_refs = None, 0, None
+    centroids, nprobe, probe_refs, margin, mean = None, 0, None, None, 0.0
     sizes = np.diff(offsets).astype(int)
     step = IVF_SEARCH_CHUNK if method == "ivf" else SEARCH_CHUNK
     chunks = [(s, lo, min(lo + step, n_s)) for s, n_s in enumerate(sizes) for lo in range(0, max(1, n_s), step)]
     tuning = recall_sample > 0 and recall_target is not None
+    # on CPU a tuned search probes a margin of cells (the core's cell_graph); faiss on GPU, a number
+    adaptive = tuning and not ray.cluster_resources().get("GPU")
     t0 = time.perf_counter()
     if method == "ivf":
         rows = ivf_train_rows(n, seed)
@@ -111,7 +118,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         # the cells it probes as a query (a tuned number above the width costs the search a second product)
         nprobe = min(nlist, min(probe_cap(nlist, n), PROBES_FIRST_PASS) if tuning else IVF_NPROBE)
         t0 = time.perf_counter()
-        probes = [_cell_probes.remote(x_refs[s], lo, hi, centroids, nprobe) for s, lo, hi in chunks]
+        cells = [_cell_probes.remote(x_refs[s], lo, hi, centroids, nprobe) for s, lo, hi in chunks]
+        probes, gaps = [c[0] for c in cells], [c[1] for c in cells]
         progress.wait(probes, f"{stage} IVF cells", rows=[hi - lo for _, lo, hi in chunks])
         log.info("%s: the %d best of %d IVF cells of %d rows, %.1fs", stage, nprobe, nlist, n, time.perf_counter() - t0)
         probe_refs = [[p for p, (s_, _, _) in zip(probes, chunks) if s_ == s] for s in range(len(x_refs))]
@@ -134,21 +142,33 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             t0 = time.perf_counter()
             chunk_starts = np.array([offsets[s] + lo for s, lo, _ in chunks] + [n], dtype=np.int64)
             sample_probes = _gather.remote(chunk_starts, rows, *probes)
-            nprobe, info["knn_recall"] = _tune_nprobe(queries, rows, exact_nbr, exact_sim, pairs, k, recall_target,
-                                                      nlist, n, sample_probes)
-            if info["knn_recall"] >= recall_target:
+            if adaptive:
+                sample_gaps = _gather.remote(chunk_starts, rows, *gaps)
+                margin, nprobe, info["knn_recall"], mean = _tune_margin(
+                    queries, rows, exact_nbr, exact_sim, pairs, k, recall_target, nlist, n, sample_probes, sample_gaps,
+                    centroids)
+                info.update(knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
+            else:
+                nprobe, info["knn_recall"] = _tune_nprobe(queries, rows, exact_nbr, exact_sim, pairs, k,
+                                                          recall_target, nlist, n, sample_probes)
+            if info["knn_recall"] >= recall_target and adaptive:
+                log.info("%s: IVF cells within %.4f of each row's best probed (%.1f of %d a row on average, at most "
+                         "%d) for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage, margin, mean, nlist, nprobe,
+                         info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
+            elif info["knn_recall"] >= recall_target:
                 log.info("%s: %d of %d IVF cells probed for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage,
                          nprobe, nlist, info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
             elif missed_target_goes_exact(n, info["knn_recall"], recall_target, nprobe, nlist, stage=stage,
-                                          info=info):  # as the core: a table small enough is searched exactly
-                method, centroids, nprobe = "exact", None, 0
+                                          info=info, margin=margin):  # as the core: a table small enough is searched exactly
+                method, centroids, nprobe, margin = "exact", None, 0, None
     if method == "ivf":
         info["knn_nprobe"] = int(nprobe)
     elif self_joined:
         return self_join(x_refs, offsets, k, stage), info, [a for a, _ in pairs]
     probe_pairs = IVF_PROBE_PAIRS if method == "ivf" else SEARCH_CHUNK  # exact: one call (nprobe 0)
     results = [_search_rows(x_refs[s], lo, hi, int(offsets[s]), pairs, k, nprobe, method == "exact",
-                            probes[c] if method == "ivf" else None, probe_pairs)
+                            probes[c] if method == "ivf" else None, probe_pairs,
+                            (margin, gaps[c], math.ceil(2 * mean)) if margin is not None else None)
                for c, (s, lo, hi) in enumerate(chunks)]
     progress.wait([r[0] for r in results], stage, rows=[hi - lo for _, lo, hi in chunks])
     graph, _ = concat_graph.remote(len(results), *[r[0] for r in results], *[r[1] for r in results])
@@ -296,25 +316,29 @@ def _train_centroids(sample, n: int, seed: int, progress=None):
         faiss.omp_set_num_threads(before)
 
 
-@lazy_remote(num_cpus=1)  # a product as long as the search's: two at once on a CPU only share it
+@lazy_remote(num_cpus=1, num_returns=2)  # a product as long as the search's: two at once on a CPU only share it
 def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int):
-    """:func:`~agc_ray.core.cells.cell_probes` of rows ``lo:hi`` of one shard."""
-    return cell_probes(x_shard[lo:hi], centroids, nprobe)
+    """:func:`~agc_ray.core.cells.cell_probes` of rows ``lo:hi`` of one shard, with their gaps."""
+    return cell_probes(x_shard[lo:hi], centroids, nprobe, gaps=True)
 
 
 def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, nprobe: int = 0, exact: bool = False,
-                 probes=None, probe_pairs: int | None = None):
+                 probes=None, probe_pairs: int | None = None, margin: tuple | None = None):
     """Refs to the kNN graph rows ``(nbr, sim)`` of queries ``lo:hi`` of one shard: every index actor
     searches them, in calls of at most ``probe_pairs`` (row, probed cell) pairs
     (:func:`~agc_ray.core.knn.probe_blocks`; default: one call; rows are searched on their own, so
     any split gives the same rows), and a :func:`_merge` task merges the calls' results.
+    ``margin = (margin, gaps, probes a row)``: each row probes its cells within the margin (``gaps``
+    the ref of the rows' gaps to their best cell), the calls sized by that many probes a row.
 
     The driver calls the actors with refs it owns (the shard ``x_shard`` and the rows' best cells
     ``probes``), so that no task waits on the actors while it holds a CPU, and no task puts.
     """
-    blocks = probe_blocks(lo, hi, nprobe, probe_pairs) if probe_pairs else [(lo, hi)]
+    per_row = nprobe if margin is None else margin[2]
+    blocks = probe_blocks(lo, hi, per_row, probe_pairs) if probe_pairs else [(lo, hi)]
     found = [ref for a, b in blocks
-             for ref in shard_searches(actors, x_shard, k + 1, exact, probes, nprobe, (a, b), (a - lo, b - lo))]
+             for ref in shard_searches(actors, x_shard, k + 1, exact, probes, nprobe, (a, b), (a - lo, b - lo),
+                                       *(margin[:2] if margin else ()))]
     return _merge.remote(len(actors), k + 1, offset + lo, *found)
 
 
@@ -360,6 +384,23 @@ def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, 
                                      *shard_searches(actors, queries, k + 1, False, probes, nprobe)))
 
     return tune_nprobe(search_sample, kth, target, nlist, n)
+
+
+def _tune_margin(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, nlist, n, probes, gaps, centroids):
+    """:func:`agc_ray.core.recall.tune_margin` over the sharded index, run by the driver as
+    :func:`_tune_nprobe`: ``(margin, nprobe, recall, mean probes)``. The driver counts the sample's
+    probes itself (:func:`~agc_ray.core.cells.probe_pairs` of 1000 rows), as every actor computes them."""
+    import ray
+
+    kth = ray.get(_sample_kth.remote(exact_sim, exact_nbr, sample_rows, k))
+    q, p, g, c = ray.get([queries, probes, gaps, centroids])
+
+    def search_sample(margin, nprobe):
+        nbr, sim = ray.get(_merge.remote(len(actors), k + 1, sample_rows, *shard_searches(
+            actors, queries, k + 1, False, probes, nprobe, margin=margin, gaps=gaps)))
+        return nbr, sim, probe_pairs(p, nprobe, margin, g, q, c)[0].size
+
+    return tune_margin(search_sample, kth, target, nlist, n)
 
 
 @lazy_remote(num_cpus=1)

@@ -11,6 +11,7 @@ clusters, the assignment state and the metrics.
 from __future__ import annotations
 
 import logging
+import math
 import posixpath
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agc_ray.core.hierarchy import next_tau_not_lower, stop_reason
-from agc_ray.core.knn import resolve_method
+from agc_ray.core.knn import IVF_NPROBE, resolve_method
 from agc_ray.distributed import progress
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.input import InputSchema
@@ -168,8 +169,10 @@ class Job:
         self.actors = actors
         stats.update(info, knn_seconds=self._time("knn", t0))
         self.knn_method = info["knn_method"]
-        if level_no == 0:
+        if level_no == 0:  # jobs/assign.py searches with a number of probes: at least the margin's mean
             self.nprobe = info.get("knn_nprobe")
+            if "knn_probe_margin" in info:
+                self.nprobe = max(IVF_NPROBE, math.ceil(info["knn_probes_mean"]))
         if level_no == 0 and self.cfg.assign_state and info["knn_method"] == "ivf":
             self.ivf_parts = [a.ivf_state.remote() for a in self.actors]
         for a in self.actors:  # after ivf_state (an actor runs its calls in order): the scoring's memory
@@ -460,7 +463,6 @@ def _write_cluster_ids(fs, path: str, n_clusters: int, id_map=None):
 
 def _state_meta_writes(output, job: Job, est, rows, kept: list, id_maps: list) -> list:
     """state.json and each level's published cluster ids."""
-    from agc_ray.core.knn import IVF_NPROBE
     from agc_ray.distributed import state
 
     meta = {"levels": len(kept), "k": est.k, "dimension": rows.dim, "rows": rows.n,
