@@ -13,7 +13,7 @@ import pytest
 from _job_fixtures import job_data, job_model, ray_session, read_levels, s3_endpoint  # noqa: F401
 
 from agc_ray.core.incremental import assign_new_rows, hierarchy_state
-from agc_ray.core.knn import build_index, search, unit_rows
+from agc_ray.core.knn import MarginIVF, build_index, search, unit_rows
 from agc_ray.distributed.demo import write_table
 from agc_ray.distributed.errors import InputError
 
@@ -219,7 +219,8 @@ def test_state_ivf_index_reproduces_the_base_graph(runs):
     level0 = state.read_level(fs, str(root / "B"), meta, 0)
     assert meta["level0_knn"] == "ivf" and len(meta["offsets"][0]) == 4  # 3 shards
     index = state.ivf_from_lists(level0["x_id"], level0["centroids"], level0["lists"], meta["nprobe"])
-    nbr, sim = search(index, np.ascontiguousarray(level0["x_id"]), meta["k"])
+    assert meta["probe_margin"] > 0  # the run's rows probed the cells within a margin: so does the search
+    nbr, sim = search(MarginIVF(index, meta["probe_margin"]), np.ascontiguousarray(level0["x_id"]), meta["k"])
     assert (nbr == level0["nbr"]).all(axis=1).mean() >= 0.999
     np.testing.assert_allclose(sim, level0["sim"], rtol=0, atol=2e-6)
     # the incremental output's state is the base's plus one shard of new rows per level that had any

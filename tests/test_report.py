@@ -173,6 +173,14 @@ def test_levels_table_says_when_the_recall_target_was_missed():
     assert "ivf nprobe 8 recall 0.812 below target" in level0
 
 
+def test_levels_table_shows_the_mean_cells_of_a_probe_margin():
+    """A search with a probe margin probes a number of cells that varies per row: their mean is shown."""
+    manifest = make_manifest()
+    manifest["levels"][0].update(knn_nprobe=512, knn_probe_margin=0.05695, knn_probes_mean=2.27)
+    level0 = _rows(_section(render_page(manifest), "Levels"))[0]
+    assert "ivf cells a row 2.3 recall 0.988" in level0 and "nprobe" not in level0
+
+
 def test_header_and_run():
     page = render()
     assert "succeeded" in page

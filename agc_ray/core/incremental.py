@@ -27,7 +27,7 @@ import torch
 
 from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
 from agc_ray.core.hierarchy import LevelGraph, aggregate, forest_components, select_parents, similarity_density
-from agc_ray.core.knn import l2_normalize, search
+from agc_ray.core.knn import MarginIVF, l2_normalize, search
 
 
 @dataclass
@@ -43,6 +43,8 @@ class BaseLevel:
         comp: (n,) each node's cluster at this level (the next level's node id).
         p: (n, k) the run's edge probabilities (None for a label-free run).
         index: a faiss inner-product index over ``x_id`` (ids = node ids); None: exact, built on use.
+        probe_margin: (an IVF index) each query probes the cells within it of its best, at most the
+            index's nprobe, as the run did (:class:`~agc_ray.core.knn.MarginIVF`); None: nprobe cells.
     """
 
     x_id: np.ndarray
@@ -54,6 +56,7 @@ class BaseLevel:
     comp: np.ndarray
     p: np.ndarray | None = None
     index: object = None
+    probe_margin: float | None = None
 
     @property
     def n(self) -> int:
@@ -70,13 +73,13 @@ class BaseLevel:
         if self.index is None:
             self.index = faiss.IndexFlatIP(self.x_id.shape[1])
             self.index.add(np.ascontiguousarray(self.x_id, dtype=np.float32))
-        index = self.index
+        index, ivf, params, sel = self.index, isinstance(self.index, faiss.IndexIVF), None, None
         if exclude is not None and exclude.size:
             sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64)))
-            if isinstance(index, faiss.IndexIVF):
-                params = faiss.SearchParametersIVF(sel=sel, nprobe=index.nprobe)
-            else:
-                params = faiss.SearchParameters(sel=sel)
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=index.nprobe) if ivf else faiss.SearchParameters(sel=sel)
+        if ivf and self.probe_margin is not None:
+            index = MarginIVF(index, self.probe_margin, params, sel)
+        elif params is not None:
             index = _WithParams(index, params, sel)
         return search(index, np.ascontiguousarray(queries, dtype=np.float32), k, query_offset=None)
 

@@ -220,6 +220,39 @@ def search(index, queries: np.ndarray, k: int, query_offset: int | np.ndarray | 
     return nbr, sim
 
 
+class MarginIVF:
+    """A faiss ``IndexIVF`` searched as :func:`cell_graph` searches with a probe margin: each query scans
+    the cells whose centroid is within ``margin`` of its best one, at most ``index.nprobe``
+    (:func:`~agc_ray.core.cells.probe_pairs`, then faiss' ``search_preassigned`` with each query's
+    cells, -1 padded). ``params``: faiss ``SearchParametersIVF`` (an id selector); ``keep_alive``:
+    objects that ``params`` points to."""
+
+    def __init__(self, index, margin: float, params=None, keep_alive=None):
+        self.index, self.margin, self.params, self._keep = index, float(margin), params, keep_alive
+        self.centroids = index.quantizer.reconstruct_n(0, index.nlist)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        from agc_ray.core.cells import cell_probes, probe_pairs
+
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        n, nprobe = q.shape[0], int(self.index.nprobe)
+        probes, gaps = cell_probes(q, self.centroids, min(nprobe, PROBES_FIRST_PASS), gaps=True)
+        query, cell = probe_pairs(probes, nprobe, self.margin, gaps, q, self.centroids)
+        counts = np.bincount(query, minlength=n)
+        assign = np.full((n, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)  # faiss skips cells < 0
+        assign[query, np.arange(query.size) - np.repeat(np.cumsum(counts) - counts, counts)] = cell
+        params = self.params if self.params is not None else faiss.SearchParametersIVF()
+        params.nprobe = assign.shape[1]
+        sim, idx = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)
+        # the C++ call: the Python wrapper of search_preassigned takes no search parameters
+        self.index.search_preassigned_c(n, faiss.swig_ptr(q), k, faiss.swig_ptr(assign),
+                                        faiss.swig_ptr(np.zeros(assign.shape, dtype=np.float32)),
+                                        faiss.swig_ptr(sim), faiss.swig_ptr(idx), False, params)
+        return sim, idx
+
+
 def drop_self(idx: np.ndarray, sim: np.ndarray, self_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Remove each query's own row from its (Q, k + 1) result: ``(idx, sim)`` of shape (Q, k), the
     similarity of padding (-1) entries set to 0.

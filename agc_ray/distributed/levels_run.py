@@ -11,7 +11,6 @@ clusters, the assignment state and the metrics.
 from __future__ import annotations
 
 import logging
-import math
 import posixpath
 import time
 from dataclasses import dataclass
@@ -129,7 +128,8 @@ class Job:
         self.schedule = None  # unsupervised without tau: the adaptive thresholds
         self.ivf_parts = []  # level 0's IVF cells per shard, fetched from the index actors for the state
         self.knn_method = None
-        self.nprobe = None  # level 0's IVF cells probed per query
+        self.nprobe = None  # level 0's IVF cells probed per query (the most, with a margin)
+        self.probe_margin = None  # level 0's IVF probe margin (None: nprobe cells a query)
 
     def _time(self, stage: str, t0: float) -> float:
         dt = time.perf_counter() - t0
@@ -169,10 +169,8 @@ class Job:
         self.actors = actors
         stats.update(info, knn_seconds=self._time("knn", t0))
         self.knn_method = info["knn_method"]
-        if level_no == 0:  # jobs/assign.py searches with a number of probes: at least the margin's mean
-            self.nprobe = info.get("knn_nprobe")
-            if "knn_probe_margin" in info:
-                self.nprobe = max(IVF_NPROBE, math.ceil(info["knn_probes_mean"]))
+        if level_no == 0:  # jobs/assign.py searches the new rows as level 0 was searched
+            self.nprobe, self.probe_margin = info.get("knn_nprobe"), info.get("knn_probe_margin")
         if level_no == 0 and self.cfg.assign_state and info["knn_method"] == "ivf":
             self.ivf_parts = [a.ivf_state.remote() for a in self.actors]
         for a in self.actors:  # after ivf_state (an actor runs its calls in order): the scoring's memory
@@ -467,6 +465,7 @@ def _state_meta_writes(output, job: Job, est, rows, kept: list, id_maps: list) -
 
     meta = {"levels": len(kept), "k": est.k, "dimension": rows.dim, "rows": rows.n,
             "level0_knn": "ivf" if job.ivf_parts else "exact", "nprobe": job.nprobe or IVF_NPROBE,
+            "probe_margin": job.probe_margin,
             "offsets": [np.asarray(e["offsets"]).astype(int).tolist() for e in kept]}
     state.write_meta(output.fs, output.staging, meta)
     return [_write_cluster_ids.remote(output.fs, posixpath.join(output.staging, state.STATE_DIR, f"level={i}", "cluster_ids.npy"),

@@ -115,7 +115,9 @@ def _knn_cell(lv: dict) -> str:
     if method is None:
         return "—"
     cell = _e(method)
-    if _is_num(lv.get("knn_nprobe")):
+    if _is_num(lv.get("knn_probes_mean")):  # a probe margin: the cells probed vary per row
+        cell += f' <span class="muted">cells a row</span> {float(lv["knn_probes_mean"]):.1f}'
+    elif _is_num(lv.get("knn_nprobe")):
         cell += f' <span class="muted">nprobe</span> {int(lv["knn_nprobe"])}'
     if _is_num(lv.get("knn_recall")):
         cell += f' <span class="muted">recall</span> {float(lv["knn_recall"]):.3f}'
