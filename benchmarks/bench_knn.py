@@ -1,14 +1,15 @@
-"""Benchmark: the kNN graph's IVF search cell by cell (matrix products, the default on CPU) against
-faiss' IndexIVFFlat search over the same centroids, and both against exact search, on the same table.
+"""Benchmark: the kNN graph's IVF search on CPU (cells searched as matrix products, each row probing
+the cells within a tuned margin of its best centroid) against the same search with a fixed number of
+probes a row and faiss' IndexIVFFlat over the same centroids, all against exact search, on one table.
 
-    python benchmarks/bench_knn.py --rows 100000,1000000 --regimes default,ann_hard,ann_hard_small
+    python benchmarks/bench_knn.py --rows 100000,1000000 --regimes default,ann_hard,ann_hard_small --dim 128
 
 Per regime and size: a make_faces table (seed 0); exact search timed on 2000 sampled rows and
 extrapolated to every row (its recall is 1 by definition); the IVF quantizer trained once (timed) and
-shared by: ``knn_graph``'s search with the recall target 0.95 (probes tuned on 1000 seeded rows; cells
-searched by :class:`agc_ray.core.cells.CellLists`), faiss' ``IndexIVFFlat`` (add + search) with the
-number of probes the target chose (the search before this benchmark's change), and optionally
-(``--faiss16``) faiss with 16 probes (the fixed default before the recall target). Recall of each graph
+shared by: ``cell_graph`` with the recall target 0.95 (the probe margin tuned on 1000 seeded rows);
+``cell_graph`` with 4, 8, 16, ... probes a row (the search before the margin), up to the first whose
+recall reaches the margin search's (the same recall: the cost of each); with ``--faiss``, faiss'
+``IndexIVFFlat`` (add + search) with those probes, and (``--faiss16``) with 16. Recall of each graph
 on 2000 other rows (another seed than the tuning sample's). End to end = quantizer + search.
 JSON: benchmarks/results/knn.json.
 """
@@ -30,7 +31,7 @@ REGIMES = {"default": {}, "ann_hard": {"isotropic": 1.0}, "ann_hard_small": {"is
 K = 10
 
 
-def run(n: int, dim: int, regime: str, faiss16: bool, per_cell: list[int]) -> dict:
+def run(n: int, dim: int, regime: str, faiss_same: bool, faiss16: bool, per_cell: list[int]) -> dict:
     import faiss
 
     from agc_ray.core import knn
@@ -56,6 +57,7 @@ def run(n: int, dim: int, regime: str, faiss16: bool, per_cell: list[int]) -> di
         info = {}
         nbr = graph(info)
         out[name] = {"seconds": round(time.perf_counter() - t0, 1), "nprobe": info.get("knn_nprobe"),
+                     "probe_margin": info.get("knn_probe_margin"), "probes_mean": info.get("knn_probes_mean"),
                      "method": info.get("knn_method"), "recall_tuning_sample": info.get("knn_recall"),
                      "recall": round(knn_recall(x, nbr, sample=2000, seed=123, normalize=False), 4)}
         print(f"  {regime} {n} {name}: {out[name]}", flush=True)
@@ -80,9 +82,16 @@ def run(n: int, dim: int, regime: str, faiss16: bool, per_cell: list[int]) -> di
     knn.IVF_TRAIN_PER_CELL = default
     out["train_per_cell"] = per_cell[0]
     measure("cells_recall_0.95", lambda info: cell_graph(x, centroids, K, recall=0.95, info=info)[0])
-    tuned = out["cells_recall_0.95"]["nprobe"]
-    if tuned:  # the target was reached with IVF: the same probes through faiss
-        measure("faiss_same_probes", faiss_ivf(tuned))
+    target, nprobe = out["cells_recall_0.95"]["recall"], 4
+    while nprobe <= centroids.shape[0] // 8:  # fixed probes a row, up to the margin search's recall
+        name = f"cells_{nprobe}_probes"
+        measure(name, lambda info: cell_graph(x, centroids, K, nprobe=nprobe, recall=None, info=info)[0])
+        if out[name]["recall"] >= target:
+            out["cells_fixed_probes"] = out[name]
+            break
+        nprobe *= 2
+    if faiss_same and "cells_fixed_probes" in out:
+        measure("faiss_same_probes", faiss_ivf(out["cells_fixed_probes"]["nprobe"]))
     if faiss16:
         measure("faiss_16_probes", faiss_ivf(16))
     return out
@@ -93,6 +102,7 @@ def main() -> None:
     p.add_argument("--rows", default="100000,1000000", help="table sizes, comma separated")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma list of {', '.join(REGIMES)}")
+    p.add_argument("--faiss", action="store_true", help="also faiss with the fixed probes that reach the margin's recall")
     p.add_argument("--faiss16", action="store_true", help="also faiss with 16 probes (slow at 1M: minutes)")
     p.add_argument("--train-per-cell", default=None,
                    help="IVF training rows per cell, comma list (default: the library's): the first is compared with faiss, the others "
@@ -105,28 +115,28 @@ def main() -> None:
     results = []
     for regime in args.regimes.split(","):
         for n in (int(v) for v in args.rows.split(",")):
-            results.append(run(n, args.dim, regime, args.faiss16, per_cell))
+            results.append(run(n, args.dim, regime, args.faiss, args.faiss16, per_cell))
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
-    print("\n| regime | rows | exact (est.) | quantizer | cells, target 0.95: s / nprobe / recall | faiss, same probes: "
-          "s / recall | search speed-up | end to end: cells / faiss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| regime | rows | exact (est.) | quantizer | margin, target 0.95: s / cells a row / recall | fixed probes, "
+          "same recall: s / nprobe / recall | faiss, same probes: s / recall |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        a, b, q = r["cells_recall_0.95"], r.get("faiss_same_probes"), r["quantizer_seconds"]
-        faiss_cols = (f"{b['seconds']} s / {b['recall']} | {b['seconds'] / a['seconds']:.2f}x | "
-                      f"{q + a['seconds']:.1f} s / {q + b['seconds']:.1f} s") if b else "- | - | -"
-        print(f"| {r['regime']} | {r['rows']} | {r['exact_seconds_estimate']} s | {q} s | {a['seconds']} s / "
-              f"{a['nprobe'] or a['method']} / {a['recall']} | {faiss_cols} |")
+        a, b, f = r["cells_recall_0.95"], r.get("cells_fixed_probes"), r.get("faiss_same_probes")
+        fixed = f"{b['seconds']} s / {b['nprobe']} / {b['recall']}" if b else "-"
+        faiss_col = f"{f['seconds']} s / {f['recall']}" if f else "-"
+        print(f"| {r['regime']} | {r['rows']} | {r['exact_seconds_estimate']} s | {r['quantizer_seconds']} s | "
+              f"{a['seconds']} s / {a['probes_mean'] or a['method']} / {a['recall']} | {fixed} | {faiss_col} |")
     sweep = [(r, key) for r in results for key in r if key.startswith("cells_recall_0.95_train_")]
     if sweep:
-        print("\n| regime | rows | training rows a cell | quantizer | search: s / nprobe / recall | end to end |")
+        print("\n| regime | rows | training rows a cell | quantizer | search: s / cells a row / recall | end to end |")
         print("|---|---|---|---|---|---|")
         for r in results:
             rows = [(r["train_per_cell"], r["quantizer_seconds"], r["cells_recall_0.95"])]
             rows += [(int(key.split("_")[4]), r[key]["quantizer_seconds"], r[key]) for rr, key in sweep if rr is r]
             for per_cell, q, a in sorted(rows, key=lambda t: -t[0]):
                 print(f"| {r['regime']} | {r['rows']} | {per_cell} | {q} s | {a['seconds']} s / "
-                      f"{a['nprobe'] or a['method']} / {a['recall']} | {q + a['seconds']:.1f} s |")
+                      f"{a['probes_mean'] or a['method']} / {a['recall']} | {q + a['seconds']:.1f} s |")
 
 
 if __name__ == "__main__":

@@ -418,9 +418,11 @@ def _tuned_margin(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, s
     margin, nprobe, measured, mean = tune_margin(lambda m, p: search_sample(m, p, rows), exact_kth(x, rows, k),
                                                  recall, nlist, n)
     if info is not None:
-        info.update(knn_recall=measured, knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
+        info["knn_recall"] = measured
     if measured >= recall or not missed_target_goes_exact(n, measured, recall, nprobe, nlist, info=info,
                                                           margin=margin):
+        if info is not None:
+            info.update(knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
         return margin, nprobe, mean
     return None
 
@@ -486,6 +488,8 @@ def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int
         log.info("%s: IVF recall %.3f < %.2f with %s: exact search", stage, measured, target, probed)
         if info is not None:
             info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
+            if margin is not None:
+                info["knn_ivf_probe_margin"] = margin
         return True
     log.warning("%s: IVF recall %.3f is below the target %.2f with %s (the most the tuning "
                 "probes: an eighth of the cells, at most %d rows a query on average), and %d rows are too many to search "

@@ -137,13 +137,13 @@ def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
     ``search_sample(margin, nprobe) -> (nbr, sim, probes)`` searches the sampled rows scanning each
     one's cells within ``margin`` of its best, at most ``nprobe`` (``probes``: the cells scanned in all),
     ``kth`` (Q,) their exact k-th best similarity. A query may probe up to ``max_share`` of the cells
-    (where one query's scan costs what the exact search costs it), the sample on average no more
-    than :data:`IVF_MAX_SCAN_ROWS` rows a query (of a table of ``n`` rows, 0: unknown).
+    (where one query's scan costs what the exact search costs it: ``probe_cap(nlist)``), the sample on
+    average no more than :data:`IVF_MAX_SCAN_ROWS` rows a query (of a table of ``n`` rows, 0: unknown).
 
     Returns:
         ``(margin, nprobe, recall, mean probes)``: ``nprobe`` the most cells a query probes.
     """
-    nprobe = max(1, min(nlist, max(start, int(nlist * max_share))))
+    nprobe = probe_cap(nlist, 0, start, max_share)
     scan_cap = IVF_MAX_SCAN_ROWS * nlist / n if n > 0 else float(nprobe)
     for margin in PROBE_MARGINS:
         nbr, sim, probes = search_sample(margin, nprobe)

@@ -61,8 +61,10 @@ IVF_SEARCH_CHUNK = 1 << 18
 #: ``IVF_PROBE_PAIRS // nprobe`` rows, so that a tuned nprobe far above 16 (2048 of 16384 cells at
 #: 10M rows of make_faces) does not multiply the probe arrays and the actors' per-cell query lists (a
 #: 10M run's search tasks reached 8 GB and its actors 7 GB each at 64K rows x 2048 probes a call, and
-#: were killed).
-IVF_PROBE_PAIRS = 1 << 20
+#: were killed). 2^23 pairs (~130 MB of probe arrays a call): at 16 probes a row still one call a
+#: task; with a probe margin of ~100 cells a row (10M rows), calls of ~40K rows, ~250 queries a cell
+#: a call (at 2^20, 30: the per-cell step costs more than its product).
+IVF_PROBE_PAIRS = 1 << 23
 
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
@@ -147,7 +149,6 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                 margin, nprobe, info["knn_recall"], mean = _tune_margin(
                     queries, rows, exact_nbr, exact_sim, pairs, k, recall_target, nlist, n, sample_probes, sample_gaps,
                     centroids)
-                info.update(knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
             else:
                 nprobe, info["knn_recall"] = _tune_nprobe(queries, rows, exact_nbr, exact_sim, pairs, k,
                                                           recall_target, nlist, n, sample_probes)
@@ -163,6 +164,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                 method, centroids, nprobe, margin = "exact", None, 0, None
     if method == "ivf":
         info["knn_nprobe"] = int(nprobe)
+        if margin is not None:
+            info.update(knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
     elif self_joined:
         return self_join(x_refs, offsets, k, stage), info, [a for a, _ in pairs]
     probe_pairs = IVF_PROBE_PAIRS if method == "ivf" else SEARCH_CHUNK  # exact: one call (nprobe 0)

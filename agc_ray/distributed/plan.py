@@ -226,7 +226,8 @@ def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs:
 
 def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     """Check everything the job can check without running it (InputError as the real run) and plan it."""
-    from agc_ray.core.knn import EXACT_FALLBACK_MAX_ROWS, IVF_NPROBE, ivf_nlist, probe_cap, resolve_method
+    from agc_ray.core.knn import EXACT_FALLBACK_MAX_ROWS, IVF_NPROBE, ivf_nlist, resolve_method
+    from agc_ray.core.recall import probe_cap
     from agc_ray.distributed.job import _check_dim, _tau_source, load_estimator, validate_config
 
     validate_config(cfg)
@@ -252,8 +253,9 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     elif est.knn_recall is not None and cfg.knn_recall_sample > 0:
         missed = ("exact search" if schema.rows <= EXACT_FALLBACK_MAX_ROWS
                   else "the IVF graph kept, reported below target (too many rows to search exactly)")
-        detail = (f"{nlist} cells, probes raised until recall >= {est.knn_recall} on {cfg.knn_recall_sample} "
-                  f"sampled rows (estimate: {IVF_NPROBE}; at most {probe_cap(nlist, schema.rows)}, then {missed})")
+        detail = (f"{nlist} cells, a probe margin raised until recall >= {est.knn_recall} on {cfg.knn_recall_sample} "
+                  f"sampled rows (the cells within it of each row's best, at most {probe_cap(nlist)} a row and "
+                  f"{probe_cap(nlist, schema.rows)} on average; then {missed})")
     else:
         detail = f"{nlist} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
     memory, seconds = estimate(schema.rows, dim, nodes, cpus, est.knn, levels=est.max_levels(),
