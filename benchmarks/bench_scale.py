@@ -85,8 +85,8 @@ def main() -> None:
         entry = {"rows": n, "dim": args.dim, "num_cpus": args.num_cpus, "wall_seconds": round(run["wall_seconds"], 1),
                  "peak_memory_gb": round(run["peak_memory_gb"], 2), "timings": manifest["timings"],
                  "longest_silence_seconds": round(gap, 1),
-                 "levels": [{key: lv.get(key) for key in ("nodes", "clusters", "knn_method", "knn_nprobe", "knn_recall",
-                                                          "knn_seconds", "score_seconds")}
+                 "levels": [{key: lv.get(key) for key in ("nodes", "clusters", "knn_method", "knn_nprobe", "knn_probe_margin",
+                                                          "knn_probes_mean", "knn_recall", "knn_seconds", "score_seconds")}
                             | {m: round(lv.get("metrics", {}).get(m, float("nan")), 4) for m in ("fp", "fb", "nmi")}
                             for lv in manifest["levels"]],
                  "selected_level": manifest.get("selected_level")}
@@ -97,16 +97,16 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2, default=float))
         print(f"{n} rows: {entry['wall_seconds']} s, peak {entry['peak_memory_gb']} GB, "
-              f"levels {[(lv['clusters'], lv['knn_nprobe'], lv['knn_recall'], lv['fp']) for lv in entry['levels']]}",
+              f"levels {[(lv['clusters'], lv['knn_probes_mean'] or lv['knn_nprobe'], lv['knn_recall'], lv['fp']) for lv in entry['levels']]}",
               flush=True)
 
-    print("\n| rows | wall s | growth | peak GB | growth | level-0 kNN s (nprobe, recall) | Fp per level |")
+    print("\n| rows | wall s | growth | peak GB | growth | level-0 kNN s (cells a row, recall) | Fp per level |")
     print("|---|---|---|---|---|---|---|")
     for e in results:
         lv0 = e["levels"][0]
         fps = " / ".join(f"{lv['fp']:.3f}" for lv in e["levels"])
         print(f"| {e['rows']} | {e['wall_seconds']} | {e.get('time_growth', '')} | {e['peak_memory_gb']} | "
-              f"{e.get('memory_growth', '')} | {lv0['knn_seconds']:.1f} ({lv0['knn_nprobe']}, {lv0['knn_recall']}) | "
+              f"{e.get('memory_growth', '')} | {lv0['knn_seconds']:.1f} ({lv0['knn_probes_mean'] or lv0['knn_nprobe']}, {lv0['knn_recall']}) | "
               f"{fps} |")
     print(f"results: {out}")
 
