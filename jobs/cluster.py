@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--knn", choices=("auto", "exact", "ivf"),
                    help="kNN search: exact (flat), ivf (approximate, recall reported), auto (exact up to 20K nodes)")
     m.add_argument("--knn-recall", type=float, metavar="R",
-                   help="recall@k target of the approximate search: at every IVF level the cells probed are raised "
-                        "until the recall measured on 1000 sampled rows against exact search reaches R "
-                        "(default: the model's, 0.95)")
+                   help="recall@k target of the approximate search: at every IVF level each row probes the cells "
+                        "within a margin of its best one, and the margin is raised until the recall measured on "
+                        "1000 sampled rows against exact search reaches R (default: the model's, 0.95)")
     m.add_argument("--decode", choices=DECODE_MODES, help="decode on edge probabilities or similarities")
     m.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
                    help="disable the early-stop rule (E_prev / E < k)")

@@ -82,8 +82,9 @@ class HiLander(BaseEstimator):
         seed: seed of kNN training samples, weight init and batch order.
         device: 'auto' (CUDA when torch sees a GPU), 'cpu' or 'cuda'.
         knn: 'auto' (exact up to 20K rows, IVF above), 'exact', 'ivf' or 'hnsw'.
-        knn_recall: recall@k target of the IVF search (cells probed raised until a seeded sample's
-            recall against exact search reaches it, at every IVF level); None: a fixed 16 probes.
+        knn_recall: recall@k target of the IVF search (on CPU the margin of cells each row probes, on GPU
+            the cells probed, raised until a seeded sample's recall against exact search reaches it, at
+            every IVF level); None: a fixed 16 probes.
         decode: 'prob' or 'sim' (see :func:`agc_ray.core.inference.decode`).
         early_stop: stop when a level adds more than 1/k of the previous level's edges.
         boundary_closeness: above level 0, a level's clusters whose boundary in the level-0 kNN graph is

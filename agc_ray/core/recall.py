@@ -24,7 +24,8 @@ NPROBE_START = 4
 #: the exact search's matrix products (measured here: 16 probes of 1024 cells at 100K rows took 1/7 of
 #: the exact search's time, 256 probes as long as it), so a table that needs more is searched exactly.
 IVF_MAX_PROBE_SHARE = 1 / 8
-#: Most rows one query scans (probes x rows per cell) while the probes are raised. The share above alone
+#: Most rows one query scans (probes x rows per cell) while the probes are raised (with a probe margin:
+#: the sample's mean). The share above alone
 #: grows with the table: at 10M x 128 rows the tuning climbed to 2048 of 16384 cells (1.25M rows a
 #: query, days of search on 2 cores) and its probe lists got the job's workers OOM-killed. At 3M x 128
 #: of make_faces (8192 cells) this cap is 178 probes: recall 0.935 of a 0.95 target, 25 minutes.

@@ -78,8 +78,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         method: 'auto', 'exact' or 'ivf' (the core's rule and IVF settings).
         seed: seed of the IVF training sample and k-means.
         recall_sample: rows whose neighbours are checked against exact search (approximate search only).
-        recall_target: with ``recall_sample`` rows, the IVF cells probed are raised until their recall
-            reaches it (:func:`agc_ray.core.recall.tune_nprobe`); None: :data:`~agc_ray.core.knn.IVF_NPROBE`.
+        recall_target: with ``recall_sample`` rows, the IVF probe margin (on GPU: the cells probed) is
+            raised until their recall reaches it (:func:`agc_ray.core.recall.tune_margin`,
+            :func:`~agc_ray.core.recall.tune_nprobe`); None: :data:`~agc_ray.core.knn.IVF_NPROBE`.
         stage: the name of the progress lines (the queries are searched in tasks of ``SEARCH_CHUNK`` rows,
             ``IVF_SEARCH_CHUNK`` with IVF).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
