@@ -491,8 +491,8 @@ def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int
             if margin is not None:
                 info["knn_ivf_probe_margin"] = margin
         return True
-    log.warning("%s: IVF recall %.3f is below the target %.2f with %s (the most the tuning "
-                "probes: an eighth of the cells, at most %d rows a query on average), and %d rows are too many to search "
+    log.warning("%s: IVF recall %.3f is below the target %.2f with %s (the most the tuning probes: an "
+                "eighth of the cells, at most %d rows a query on average), and %d rows are too many to search "
                 "exactly (over %d): the IVF graph is kept. Lower the recall target (knn_recall, --knn-recall) or "
                 "ask for exact search (knn='exact', --knn exact; hours on CPU, minutes on a GPU)", stage, measured,
                 target, probed, IVF_MAX_SCAN_ROWS, n, EXACT_FALLBACK_MAX_ROWS)

@@ -4,8 +4,9 @@ Recall@k is measured on a seeded sample of rows (:func:`recall_rows`, the same r
 their exact k-th best similarity (:func:`exact_kth`) against what the search found (:func:`recall_at`).
 :func:`tune_nprobe` doubles the IVF cells probed until that recall reaches a target, within
 :func:`probe_cap`; :func:`tune_margin` widens a query-adaptive probe margin instead (the cells within
-a margin of each query's best centroid, :func:`~agc_ray.core.cells.probe_pairs`). Used by the single-process search (:mod:`agc_ray.core.knn`), the graph from the
-level below (:mod:`agc_ray.core.coarse`) and the sharded search of the job.
+a margin of each query's best centroid, :func:`~agc_ray.core.cells.probe_pairs`). Used by the
+single-process search (:mod:`agc_ray.core.knn`), the graph from the level below
+(:mod:`agc_ray.core.coarse`) and the sharded search of the job.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ NPROBE_START = 4
 #: the exact search's time, 256 probes as long as it), so a table that needs more is searched exactly.
 IVF_MAX_PROBE_SHARE = 1 / 8
 #: Most rows one query scans (probes x rows per cell) while the probes are raised (with a probe margin:
-#: the sample's mean). The share above alone
-#: grows with the table: at 10M x 128 rows the tuning climbed to 2048 of 16384 cells (1.25M rows a
-#: query, days of search on 2 cores) and its probe lists got the job's workers OOM-killed. At 3M x 128
-#: of make_faces (8192 cells) this cap is 178 probes: recall 0.935 of a 0.95 target, 25 minutes.
+#: the sample's mean). The share above alone grows with the table: at 10M x 128 rows the tuning climbed
+#: to 2048 of 16384 cells (1.25M rows a query, days of search on 2 cores) and its probe lists got the
+#: job's workers OOM-killed. At 3M x 128 of make_faces (8192 cells) this cap is 178 probes: recall
+#: 0.935 of a 0.95 target, 25 minutes. With the margin, 10M x 128 of make_faces reached it at margin
+#: 0.192 and recall 0.840, and the search at that cost was on course for ~7.5 hours on 2 cores.
 IVF_MAX_SCAN_ROWS = 65_536
 
 

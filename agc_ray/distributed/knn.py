@@ -160,8 +160,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             elif info["knn_recall"] >= recall_target:
                 log.info("%s: %d of %d IVF cells probed for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage,
                          nprobe, nlist, info["knn_recall"], recall_target, rows.size, time.perf_counter() - t0)
+            # as the core: a table small enough is searched exactly
             elif missed_target_goes_exact(n, info["knn_recall"], recall_target, nprobe, nlist, stage=stage,
-                                          info=info, margin=margin):  # as the core: a table small enough is searched exactly
+                                          info=info, margin=margin):
                 method, centroids, nprobe, margin = "exact", None, 0, None
     if method == "ivf":
         info["knn_nprobe"] = int(nprobe)
