@@ -247,10 +247,10 @@ def test_tune_margin_ladder():
 
 
 def test_probe_pairs_take_the_cells_within_the_margin():
-    """Each row's own cell, then its next cells while within the margin of its best, at most nprobe; the
-    rows whose first W cells are all within it get their next ones computed again (the same pairs as
-    computing all at once); no margin: the first nprobe cells."""
-    from agc_ray.core.cells import cell_probes, probe_pairs
+    """Each row's best MARGIN_MIN_PROBES cells, then the next while within the margin of its best, at
+    most nprobe; the rows whose first W cells are all kept get their next ones computed again (the same
+    pairs as computing all at once); no margin: the first nprobe cells."""
+    from agc_ray.core.cells import MARGIN_MIN_PROBES, cell_probes, probe_pairs
 
     rng = np.random.default_rng(3)
     x = l2_normalize(rng.standard_normal((400, 16)).astype(np.float32))
@@ -259,15 +259,14 @@ def test_probe_pairs_take_the_cells_within_the_margin():
     sims = x @ c.T
     np.testing.assert_allclose(gaps, sims.max(1, keepdims=True) - np.take_along_axis(sims, probes.astype(int), 1),
                                atol=1e-6)
-    for margin, nprobe in [(0.0, 10), (0.1, 10), (0.3, 12), (5.0, 7)]:
+    for margin, nprobe in [(0.0, 10), (0.1, 10), (0.3, 12), (5.0, 7), (0.0, 2)]:
         query, cell = probe_pairs(probes, nprobe, margin, gaps, x, c)
         assert (np.diff(query) >= 0).all()
-        want = (gaps <= margin) & (np.arange(64) < nprobe)
-        want[:, 0] = True
+        want = ((gaps <= margin) | (np.arange(64) < MARGIN_MIN_PROBES)) & (np.arange(64) < nprobe)
         np.testing.assert_array_equal(np.bincount(query, minlength=400), want.sum(1))
         np.testing.assert_array_equal(cell, probes[want])
-        # the first 4 cells computed, the rest again where needed: the same pairs
-        narrow = probe_pairs(probes[:, :4], nprobe, margin, gaps[:, :4], x, c)
+        # the first 6 cells computed, the rest again where needed: the same pairs
+        narrow = probe_pairs(probes[:, :6], nprobe, margin, gaps[:, :6], x, c)
         np.testing.assert_array_equal(narrow[0], query)
         np.testing.assert_array_equal(narrow[1], cell)
     query, cell = probe_pairs(probes, 5)

@@ -65,11 +65,18 @@ def cell_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int, gaps: bool = 
     return (out, gap) if gaps else out
 
 
+#: Cells a query probes at least with a probe margin. Beside the product that finds each row's best
+#: cells, scanning a few costs little (make_faces 1M x 256: 22.9 s for 1.02 cells a row, 23.2 s for 4),
+#: and the recall above the target that they give is clustering quality (100K x 128 rows at the same
+#: target: recall 0.955 with 1.1 cells a row, 0.990 with 4; the hierarchy's top level Fp 0.716 / 0.742).
+MARGIN_MIN_PROBES = 4
+
+
 def probe_pairs(probes: np.ndarray, nprobe: int, margin: float | None = None, gaps: np.ndarray | None = None,
                 queries: np.ndarray | None = None, centroids: np.ndarray | None = None):
     """The (query, cell) pairs that an IVF search scans: each query's first ``nprobe`` cells or, with a
     probe ``margin``, the cells whose centroid is within ``margin`` of its best one (inner product;
-    always its own cell, at most ``nprobe``).
+    always its best :data:`MARGIN_MIN_PROBES`, at most ``nprobe``).
 
     A query-adaptive number of probes (SPANN's query-aware pruning, Chen et al., NeurIPS 2021): a
     query near one centroid scans one cell, a query between many scans them all. Measured on make_faces
@@ -98,7 +105,7 @@ def probe_pairs(probes: np.ndarray, nprobe: int, margin: float | None = None, ga
     else:
         width = min(width, nprobe)
         cells, keep = probes[:, :width], gaps[:, :width] <= margin
-        keep[:, 0] = True
+        keep[:, :MARGIN_MIN_PROBES] = True
     query = np.broadcast_to(np.arange(q_count, dtype=np.int64)[:, None], cells.shape)[keep]
     cell = cells[keep].astype(np.int64)
     if margin is None or width >= nprobe:
