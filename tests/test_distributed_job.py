@@ -163,11 +163,11 @@ def small_identities(tmp_path_factory):
     return x, write_table(tmp_path_factory.mktemp("small_identities"), x, y, files=3)
 
 
-@pytest.mark.parametrize("recall", [0.8, 0.6])
+@pytest.mark.parametrize("recall", [0.8, 0.7])
 def test_graph_from_the_level_below_equals_single_process(ray_session, tmp_path, small_identities, recall):
     """Above level 0 the job searches the graph from the level below as the core does (same candidates,
     rounds, recall and fallback), whatever the shards: 0.8 misses at level 1 (IVF, then exact) and holds
-    at level 2; 0.6 refines level 1 once. (Without the boundary merge, whose larger merges at level 1 end
+    at level 2; 0.7 refines level 1 once. (Without the boundary merge, whose larger merges at level 1 end
     this hierarchy at level 2.)"""
     from agc_ray import HiLander
 
