@@ -130,6 +130,7 @@ class Job:
         self.knn_method = None
         self.nprobe = None  # level 0's IVF cells probed per query (the most, with a margin)
         self.probe_margin = None  # level 0's IVF probe margin (None: nprobe cells a query)
+        self._background = None  # ref of level 0's seeded background rows (chance similarity)
 
     def _time(self, stage: str, t0: float) -> float:
         dt = time.perf_counter() - t0
@@ -251,23 +252,27 @@ class Job:
         if tau is not None:
             return tau
         if self.schedule is None:
-            from agc_ray.core.hierarchy import AdaptiveSchedule, background_rows
-            from agc_ray.distributed.knn import _gather
+            from agc_ray.core.hierarchy import AdaptiveSchedule
 
-            sample = _gather.remote(level.offsets, background_rows(level.n, self.est.seed), *level.x_id)
-            tau_0, chance = ray.get(lv.adaptive_tau.remote(graph, sample, self.est.seed))
+            tau_0, chance = ray.get(lv.adaptive_tau.remote(graph, self.background_sample(level), self.est.seed))
             self.schedule = AdaptiveSchedule(tau_0, chance)
             log.info("unsupervised: adaptive similarity threshold %.4f (chance %.4f)", tau_0, chance)
         return self.schedule.tau()
 
+    def background_sample(self, level: _Level):
+        """Ref of level 0's seeded background rows (the core's :func:`~agc_ray.core.hierarchy.background_rows`),
+        gathered once for the adaptive threshold and the boundary merge's chance similarity."""
+        if self._background is None:
+            from agc_ray.core.hierarchy import background_rows
+            from agc_ray.distributed.knn import _gather
+
+            self._background = _gather.remote(level.offsets, background_rows(level.n, self.est.seed), *level.x_id)
+        return self._background
+
     def boundary_chance(self, level: _Level):
         """Ref of the table's chance similarity (from level 0's nodes: the rows), as the core measures it
         for the boundary merge."""
-        from agc_ray.core.hierarchy import background_rows
-        from agc_ray.distributed.knn import _gather
-
-        sample = _gather.remote(level.offsets, background_rows(level.n, self.est.seed), *level.x_id)
-        return lv.background_chance.remote(sample, self.est.seed)
+        return lv.background_chance.remote(self.background_sample(level), self.est.seed)
 
     def merge_boundaries(self, level0: tuple, node_of_row: list, result, chance, stats: dict):
         """The core's boundary merge of a level above 0 (:mod:`agc_ray.core.boundary`), the level-0 graph's
