@@ -21,7 +21,7 @@ import torch
 from scipy.sparse.csgraph import connected_components
 
 from agc_ray.core.boundary import BoundaryRule, largest_parts, merge_boundaries, nearest_similarity
-from agc_ray.core.cells import SCRATCH_BYTES, as_tensor
+from agc_ray.core.cells import as_tensor, scratch_rows
 from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
 from agc_ray.core.knn import knn_graph, l2_normalize, unit_rows
 
@@ -377,7 +377,7 @@ def background_similarity(x_sample: np.ndarray, *, seed: int = 0, spread: float 
     b = (a + rng.integers(1, m, size=BACKGROUND_PAIRS)) % m  # never a row with itself
     # in blocks: the gathered pairs of every block at once are 2 x 100 MB at D = 256, freshly page-faulted
     # (1.2-2.4 s at 100K rows); the same products per pair, so the same similarities
-    step = max(1, SCRATCH_BYTES // (8 * x_sample.shape[1] * x_sample.itemsize))
+    step = scratch_rows(2 * x_sample.shape[1])  # a pair's two rows
     sims = np.concatenate([np.einsum("ij,ij->i", x_sample[a[i:i + step]], x_sample[b[i:i + step]])
                            for i in range(0, a.size, step)])
     median = float(np.median(sims))
