@@ -65,6 +65,18 @@ def cell_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int, gaps: bool = 
     return (out, gap) if gaps else out
 
 
+def query_probes(queries: np.ndarray, probes: np.ndarray | None, centroids: np.ndarray, nprobe: int) -> np.ndarray:
+    """The ``nprobe`` IVF cells each query scans, best first: the first ``nprobe`` columns of ``probes``
+    when it has that many (computed once for every row), else computed for these queries.
+
+    Shapes:
+        queries (Q, D), probes (Q, P) or None, centroids (nlist, D) -> (Q, nprobe) contiguous.
+    """
+    if probes is None or probes.shape[1] < nprobe:
+        probes = cell_probes(queries, centroids, nprobe)
+    return np.ascontiguousarray(probes[:, :nprobe])
+
+
 #: Cells a query probes at least with a probe margin. Beside the product that finds each row's best
 #: cells, scanning a few costs little (make_faces 1M x 256: 22.9 s for 1.02 cells a row, 23.2 s for 4),
 #: and the recall above the target that they give is clustering quality (100K x 128 rows at the same

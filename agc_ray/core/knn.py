@@ -339,9 +339,10 @@ def knn_graph(
                 set_nprobe(index, p)
                 return search(index, x[rows], k, query_offset=rows)
 
-            nprobe = _tuned_nprobe(x, k, recall, seed, ivf_nlist(n), search_sample, info)
-            if nprobe is None:  # out of IVF's reach on a table small enough: search exactly
+            tuned = _tuned(x, k, recall, seed, ivf_nlist(n), search_sample, info, margin=False)
+            if tuned is None:  # out of IVF's reach on a table small enough: search exactly
                 return exact_graph(x, k, device)
+            nprobe = tuned[1]
             set_nprobe(index, nprobe)
         if info is not None:
             info["knn_nprobe"] = int(nprobe or IVF_NPROBE)
@@ -372,18 +373,18 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
     within a margin of its best centroid, the margin tuned to ``recall``
     (:func:`~agc_ray.core.recall.tune_margin`; ``info`` gets ``knn_probe_margin``, ``knn_probes_mean``
     and, as ``knn_nprobe``, the most cells a row may probe)."""
-    from agc_ray.core.cells import CellLists, cell_probes, probe_pairs
+    from agc_ray.core.cells import CellLists, cell_probes, probe_pairs, query_probes
 
     n, nlist = x.shape[0], centroids.shape[0]
     tuning = recall is not None and nprobe is None
     width = min(nlist, PROBES_FIRST_PASS if tuning else nprobe or IVF_NPROBE)
-    probes, gaps = cell_probes(x, centroids, width, gaps=True)
+    probes, gaps = cell_probes(x, centroids, width, gaps=True) if tuning else (cell_probes(x, centroids, width), None)
     lists = CellLists(x, probes[:, 0], nlist)
     nprobe, margin, mean = nprobe or width, None, None
 
     def pairs_of(lo, hi, p, m):
-        if m is None and p > width:
-            return probe_pairs(cell_probes(x[lo:hi], centroids, p), p)
+        if m is None:
+            return probe_pairs(query_probes(x[lo:hi], probes[lo:hi], centroids, p), p)
         return probe_pairs(probes[lo:hi], p, m, gaps[lo:hi], x[lo:hi], centroids)
 
     if tuning:
@@ -392,7 +393,7 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
             sim, idx = lists.search(x[rows], pairs, k + 1)
             return (*drop_self(idx, sim, rows), pairs[0].size)
 
-        tuned = _tuned_margin(x, k, recall, seed, nlist, search_sample, info)
+        tuned = _tuned(x, k, recall, seed, nlist, search_sample, info, margin=True)
         if tuned is None:  # out of IVF's reach on a table small enough: search exactly
             return exact_graph(x, k, "cpu")
         margin, nprobe, mean = tuned
@@ -407,39 +408,28 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
     return nbr, sim
 
 
-def _tuned_margin(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample,
-                  info: dict | None) -> tuple[float, int, float] | None:
-    """:func:`~agc_ray.core.recall.tune_margin` on the seeded :func:`~agc_ray.core.recall.recall_rows`
-    of ``x``; ``search_sample(margin, nprobe, rows)`` searches those rows. ``(margin, nprobe, mean
-    probes)`` chosen, or None when the target is out of IVF's reach on a table small enough to search
-    exactly (``info`` then says so; the caller searches exactly)."""
+def _tuned(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample, info: dict | None, *,
+           margin: bool) -> tuple[float | None, int, float | None] | None:
+    """The search effort tuned to ``recall`` on the seeded :func:`~agc_ray.core.recall.recall_rows` of
+    ``x``: a probe margin (:func:`~agc_ray.core.recall.tune_margin`, ``search_sample(margin, nprobe,
+    rows)``) or a number of probes (:func:`~agc_ray.core.recall.tune_nprobe`, ``search_sample(nprobe,
+    rows)``). ``(margin or None, nprobe, mean probes or None)``, or None when the target is out of IVF's
+    reach on a table small enough to search exactly (``info`` then says so; the caller searches exactly)."""
     n = x.shape[0]
     rows = recall_rows(n, RECALL_SAMPLE, seed)
-    margin, nprobe, measured, mean = tune_margin(lambda m, p: search_sample(m, p, rows), exact_kth(x, rows, k),
-                                                 recall, nlist, n)
+    kth = exact_kth(x, rows, k)
+    if margin:
+        chosen, nprobe, measured, mean = tune_margin(lambda m, p: search_sample(m, p, rows), kth, recall, nlist, n)
+    else:
+        (nprobe, measured), chosen, mean = tune_nprobe(lambda p: search_sample(p, rows), kth, recall, nlist, n), \
+            None, None
     if info is not None:
         info["knn_recall"] = measured
     if measured >= recall or not missed_target_goes_exact(n, measured, recall, nprobe, nlist, info=info,
-                                                          margin=margin):
-        if info is not None:
-            info.update(knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
-        return margin, nprobe, mean
-    return None
-
-
-def _tuned_nprobe(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample,
-                  info: dict | None) -> int | None:
-    """:func:`~agc_ray.core.recall.tune_nprobe` on the seeded :func:`~agc_ray.core.recall.recall_rows`
-    of ``x``; ``search_sample(nprobe, rows)`` searches those rows. The probes chosen, or None when the
-    target is out of IVF's reach on a table small enough to search exactly (``info`` then says so; the
-    caller searches exactly)."""
-    n = x.shape[0]
-    rows = recall_rows(n, RECALL_SAMPLE, seed)
-    nprobe, measured = tune_nprobe(lambda p: search_sample(p, rows), exact_kth(x, rows, k), recall, nlist, n)
-    if info is not None:
-        info["knn_recall"] = measured
-    if measured >= recall or not missed_target_goes_exact(n, measured, recall, nprobe, nlist, info=info):
-        return nprobe
+                                                          margin=chosen):
+        if info is not None and margin:
+            info.update(knn_probe_margin=chosen, knn_probes_mean=round(mean, 2))
+        return chosen, nprobe, mean
     return None
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agc_ray.core.cells import CellLists, cell_probes, probe_pairs
+from agc_ray.core.cells import CellLists, probe_pairs, query_probes
 from agc_ray.core.knn import FlatView, ivf_index, to_gpu, use_gpu
 from agc_ray.distributed import progress
 from agc_ray.distributed.remote import release_heap
@@ -132,8 +132,8 @@ class ShardIndexActor:
                rows: tuple[int, int] | None = None, probe_rows: tuple[int, int] | None = None,
                margin: float | None = None, gaps=None):
         """:meth:`ShardIndex.search` of ``queries[rows[0]:rows[1]]`` (all rows when None) probing their
-        first ``nprobe`` cells of ``probes[probe_rows[0]:probe_rows[1]]`` (IVF; see :func:`query_probes`),
-        or with a ``margin`` their cells within it of their best, at most ``nprobe``
+        first ``nprobe`` cells of ``probes[probe_rows[0]:probe_rows[1]]`` (IVF; see
+        :func:`~agc_ray.core.cells.query_probes`), or with a ``margin`` their cells within it of their best, at most ``nprobe``
         (:func:`~agc_ray.core.cells.probe_pairs`; ``gaps``: the probes' gaps, a ref like ``probes``).
 
         ``queries`` and ``probes`` come as refs that the caller owns (a shard, a chunk's probes), resolved
@@ -168,18 +168,6 @@ class ShardIndexActor:
         if isinstance(self.index.index, CellLists):
             return self.index.centroids, self.index.index.cells().astype(np.int32)
         return ivf_state(self.index.index)
-
-
-def query_probes(queries: np.ndarray, probes: np.ndarray | None, centroids: np.ndarray, nprobe: int) -> np.ndarray:
-    """The ``nprobe`` IVF cells each query scans, best first: the first ``nprobe`` columns of ``probes``
-    when it has that many (computed once for every row), else computed for these queries.
-
-    Shapes:
-        queries (Q, D), probes (Q, P) or None, centroids (nlist, D) -> (Q, nprobe) contiguous.
-    """
-    if probes is None or probes.shape[1] < nprobe:
-        probes = cell_probes(queries, centroids, nprobe)
-    return np.ascontiguousarray(probes[:, :nprobe])
 
 
 def shard_searches(actors, queries, kk: int, exact: bool = False, probes=None, nprobe: int = 0,

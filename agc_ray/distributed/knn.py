@@ -121,7 +121,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         # the cells it probes as a query (a tuned number above the width costs the search a second product)
         nprobe = min(nlist, min(probe_cap(nlist, n), PROBES_FIRST_PASS) if tuning else IVF_NPROBE)
         t0 = time.perf_counter()
-        cells = [_cell_probes.remote(x_refs[s], lo, hi, centroids, nprobe) for s, lo, hi in chunks]
+        cells = [_cell_probes.remote(x_refs[s], lo, hi, centroids, nprobe, adaptive) for s, lo, hi in chunks]
         probes, gaps = [c[0] for c in cells], [c[1] for c in cells]
         progress.wait(probes, f"{stage} IVF cells", rows=[hi - lo for _, lo, hi in chunks])
         log.info("%s: the %d best of %d IVF cells of %d rows, %.1fs", stage, nprobe, nlist, n, time.perf_counter() - t0)
@@ -322,9 +322,11 @@ def _train_centroids(sample, n: int, seed: int, progress=None):
 
 
 @lazy_remote(num_cpus=1, num_returns=2)  # a product as long as the search's: two at once on a CPU only share it
-def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int):
-    """:func:`~agc_ray.core.cells.cell_probes` of rows ``lo:hi`` of one shard, with their gaps."""
-    return cell_probes(x_shard[lo:hi], centroids, nprobe, gaps=True)
+def _cell_probes(x_shard, lo: int, hi: int, centroids, nprobe: int, gaps: bool):
+    """:func:`~agc_ray.core.cells.cell_probes` of rows ``lo:hi`` of one shard, and their gaps (None
+    without ``gaps``: only a probe margin reads them)."""
+    return cell_probes(x_shard[lo:hi], centroids, nprobe, gaps=True) if gaps else \
+        (cell_probes(x_shard[lo:hi], centroids, nprobe), None)
 
 
 def _search_rows(x_shard, lo: int, hi: int, offset: int, actors, k: int, nprobe: int = 0, exact: bool = False,
