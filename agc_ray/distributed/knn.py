@@ -145,14 +145,10 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             t0 = time.perf_counter()
             chunk_starts = np.array([offsets[s] + lo for s, lo, _ in chunks] + [n], dtype=np.int64)
             sample_probes = _gather.remote(chunk_starts, rows, *probes)
-            if adaptive:
-                sample_gaps = _gather.remote(chunk_starts, rows, *gaps)
-                margin, nprobe, info["knn_recall"], mean = _tune_margin(
-                    queries, rows, exact_nbr, exact_sim, pairs, k, recall_target, nlist, n, sample_probes, sample_gaps,
-                    centroids)
-            else:
-                nprobe, info["knn_recall"] = _tune_nprobe(queries, rows, exact_nbr, exact_sim, pairs, k,
-                                                          recall_target, nlist, n, sample_probes)
+            sample_gaps = _gather.remote(chunk_starts, rows, *gaps) if adaptive else None
+            margin, nprobe, info["knn_recall"], mean = _tune(queries, rows, exact_nbr, exact_sim, pairs, k,
+                                                             recall_target, nlist, n, sample_probes, sample_gaps,
+                                                             centroids)
             if info["knn_recall"] >= recall_target and adaptive:
                 log.info("%s: IVF cells within %.4f of each row's best probed (%.1f of %d a row on average, at most "
                          "%d) for recall %.3f >= %.2f (%d sampled rows), %.1fs", stage, margin, mean, nlist, nprobe,
@@ -379,35 +375,32 @@ def _recall(graph, sample_rows, exact_nbr, exact_sim, k):
     return recall_at(sim[sample_rows, :n_true], nbr[sample_rows, :n_true] >= 0, kth)
 
 
-def _tune_nprobe(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, nlist, n, probes):
-    """:func:`agc_ray.core.recall.tune_nprobe` over the sharded index, run by the driver (each step's
-    actor calls take the sample's refs, a :func:`_merge` task their results): ``(nprobe, recall)``."""
+def _tune(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, nlist, n, probes, gaps=None, centroids=None):
+    """The search effort tuned over the sharded index, run by the driver (each step's actor calls take the
+    sample's refs, a :func:`_merge` task their results), as the core tunes it: with ``gaps`` (the sample's
+    probe gaps) a probe margin (:func:`agc_ray.core.recall.tune_margin`; the driver counts the sample's
+    probes itself, :func:`~agc_ray.core.cells.probe_pairs` of its rows, as every actor computes them),
+    else a number of probes (:func:`agc_ray.core.recall.tune_nprobe`).
+
+    Returns:
+        ``(margin or None, nprobe, recall, mean probes or None)``.
+    """
     import ray
 
     kth = ray.get(_sample_kth.remote(exact_sim, exact_nbr, sample_rows, k))  # an IVF index has more than k rows
 
-    def search_sample(nprobe):
-        return ray.get(_merge.remote(len(actors), k + 1, sample_rows,
-                                     *shard_searches(actors, queries, k + 1, False, probes, nprobe)))
-
-    return tune_nprobe(search_sample, kth, target, nlist, n)
-
-
-def _tune_margin(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, nlist, n, probes, gaps, centroids):
-    """:func:`agc_ray.core.recall.tune_margin` over the sharded index, run by the driver as
-    :func:`_tune_nprobe`: ``(margin, nprobe, recall, mean probes)``. The driver counts the sample's
-    probes itself (:func:`~agc_ray.core.cells.probe_pairs` of 1000 rows), as every actor computes them."""
-    import ray
-
-    kth = ray.get(_sample_kth.remote(exact_sim, exact_nbr, sample_rows, k))
-    q, p, g, c = ray.get([queries, probes, gaps, centroids])
-
-    def search_sample(margin, nprobe):
-        nbr, sim = ray.get(_merge.remote(len(actors), k + 1, sample_rows, *shard_searches(
+    def searched(nprobe, margin=None):
+        return ray.get(_merge.remote(len(actors), k + 1, sample_rows, *shard_searches(
             actors, queries, k + 1, False, probes, nprobe, margin=margin, gaps=gaps)))
-        return nbr, sim, probe_pairs(p, nprobe, margin, g, q, c)[0].size
 
-    return tune_margin(search_sample, kth, target, nlist, n)
+    if gaps is None:
+        nprobe, measured = tune_nprobe(searched, kth, target, nlist, n)
+        return None, nprobe, measured, None
+    q, p, g, c = ray.get([queries, probes, gaps, centroids])
+    def searched_and_counted(margin, nprobe):
+        return (*searched(nprobe, margin), probe_pairs(p, nprobe, margin, g, q, c)[0].size)
+
+    return tune_margin(searched_and_counted, kth, target, nlist, n)
 
 
 @lazy_remote(num_cpus=1)
