@@ -295,6 +295,41 @@ def test_cell_lists_search_pairs_as_dense_probes():
     np.testing.assert_array_equal(lists.search(x[q], (query, cell), 11)[1], lists.search(x[q], padded, 11)[1])
 
 
+@pytest.mark.parametrize("pairs_a_block", [1 << 22, 37])
+def test_cell_lists_search_is_the_top_k_of_every_scanned_row(monkeypatch, pairs_a_block):
+    """Against brute force over each query's probed rows: cells probed in any order (the first not the
+    best), first cells with fewer than kk rows (no bound from them), many equal rows (bounds that keep
+    more than kk a query), empty cells, pairs not grouped by query, queries in blocks of pairs."""
+    from agc_ray.core import cells as cells_mod
+
+    monkeypatch.setattr(cells_mod, "SEARCH_PAIRS", pairs_a_block)
+    rng = np.random.default_rng(7)
+    x = l2_normalize(rng.standard_normal((1500, 8)).astype(np.float32))
+    x[200:260] = x[200]  # 60 equal rows
+    nlist, kk = 40, 11
+    cell = rng.integers(0, nlist - 1, 1500)  # the last cell stays empty
+    cell[rng.choice(1500, 30, replace=False)] = 7  # ... and cell 5 holds 3 rows only
+    cell[cell == 5] = 6
+    cell[:3] = 5
+    lists = cells_mod.CellLists(x, cell, nlist, offset=10)
+    queries = np.concatenate([x[rng.choice(1500, 150, replace=False)], x[200:210]])
+    query = np.repeat(np.arange(160), rng.integers(1, 9, 160))
+    # each query's cells once, every fourth query's first cell the small one
+    probed = np.concatenate([np.r_[5, rng.choice(np.delete(np.arange(nlist), 5), (query == q).sum() - 1, replace=False)]
+                             if q % 4 == 0 else rng.choice(nlist, (query == q).sum(), replace=False) for q in range(160)])
+    shuffle = np.lexsort((np.arange(query.size), -query))  # queries in reverse order, their cells in order
+    sim, ids = lists.search(queries, (query[shuffle], probed[shuffle]), kk)
+    for q in range(160):
+        rows = np.flatnonzero(np.isin(cell, probed[query == q]))
+        ref = np.sort(queries[q] @ x[rows].T)[::-1][:kk]
+        found = ids[q][ids[q] >= 0] - 10
+        assert found.size == min(kk, rows.size) and np.unique(found).size == found.size
+        assert np.isin(found, rows).all()
+        np.testing.assert_allclose(sim[q, :found.size], ref, atol=1e-6)
+        np.testing.assert_allclose(sim[q, :found.size], x[found] @ queries[q], atol=1e-6)
+        assert (np.diff(sim[q, :found.size]) <= 0).all()
+
+
 def test_search_excludes_self_for_scattered_query_rows():
     import faiss
 
