@@ -191,6 +191,30 @@ def test_graph_from_the_level_below_equals_single_process(ray_session, tmp_path,
     assert manifest["levels"][1].get("knn_rounds") == (None if recall == 0.8 else 1)
 
 
+def test_levels_above_an_ivf_miss_search_exactly(ray_session, tmp_path):
+    """Where level 0's IVF search misses the recall target (4000 isotropic rows among faces: searched
+    exactly instead), level 1 searches exactly without building an IVF index, in the job as in the core."""
+    from agc_ray import HiLander
+    from agc_ray.core.synthetic import make_faces
+    from agc_ray.distributed.demo import write_table
+
+    x, y = make_faces(6000, dim=64, seed=3)
+    noise = np.random.default_rng(0).standard_normal((4000, 64)).astype(np.float32)
+    x, y = np.concatenate([x, noise]), np.concatenate([y, y.max() + 1 + np.arange(4000)])
+    table = write_table(tmp_path / "table", x, y, files=2)
+    params = dict(unsupervised=True, knn="ivf")
+    result = HiLander(levels=2, **params).hierarchy(x)
+    manifest = _run(table, tmp_path / "out", num_shards=2, max_levels=2, **params)
+    assert "knn_ivf_recall" in result.stats[0] and result.stats[1]["knn_ivf_skipped"]
+    assert [lv["knn_method"] for lv in manifest["levels"]] == [st["knn_method"] for st in result.stats] == \
+        ["exact", "exact"]
+    assert [lv.get("knn_ivf_skipped") for lv in manifest["levels"]] == [None, True]
+    got = read_levels(tmp_path / "out")
+    assert len(got) == len(result.levels) == 2
+    for a, b in zip(got, result.levels):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_boundary_merge_equals_single_process(ray_session, tmp_path):
     """The boundary merge above level 0 sums the level-0 edges per row shard: the same links, levels and
     peaks as the core over the whole table (a table where it joins clusters: stretched ones)."""

@@ -330,6 +330,24 @@ def test_cell_lists_search_is_the_top_k_of_every_scanned_row(monkeypatch, pairs_
         assert (np.diff(sim[q, :found.size]) <= 0).all()
 
 
+def test_skip_ivf_searches_exactly_where_the_index_would_be_built():
+    from agc_ray.core.knn import EXACT_FALLBACK_MAX_ROWS, ivf_missed
+
+    x = l2_normalize(make_faces(3000, dim=32, seed=4)[0])
+    info = {}
+    graph = knn_graph(x, 10, method="ivf", normalize=False, skip_ivf=True, info=info)
+    assert info == {"knn_method": "exact", "knn_recall": 1.0, "knn_ivf_skipped": True}
+    exact = knn_graph(x, 10, method="exact", normalize=False)
+    np.testing.assert_array_equal(graph[0], exact[0])
+    # without a recall target (a fixed nprobe) the IVF index is built as asked
+    info = {}
+    knn_graph(x, 10, method="ivf", normalize=False, skip_ivf=True, recall=None, info=info)
+    assert info["knn_method"] == "ivf"
+    assert ivf_missed({"knn_ivf_recall": 0.7}) and ivf_missed({"knn_recall_target_met": False})
+    assert not ivf_missed({"knn_method": "ivf", "knn_recall": 0.96}) and not ivf_missed({"knn_ivf_skipped": True})
+    assert EXACT_FALLBACK_MAX_ROWS >= 3000
+
+
 def test_search_excludes_self_for_scattered_query_rows():
     import faiss
 

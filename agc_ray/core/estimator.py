@@ -27,7 +27,7 @@ from agc_ray.core.calibration import holdout_classes, select_levels
 from agc_ray.core.graph import N_EDGE_FEATURES
 from agc_ray.core.hierarchy import build_hierarchy
 from agc_ray.core.inference import Hierarchy, LevelDecoder, decode, score_level
-from agc_ray.core.knn import knn_graph
+from agc_ray.core.knn import ivf_missed, knn_graph
 from agc_ray.core.lander import Lander
 from agc_ray.core.params import DEFAULTS as D
 from agc_ray.core.params import PARAMS, check_params
@@ -336,9 +336,9 @@ class HiLander(BaseEstimator):
                  x_val.shape[0], self.taus_, self.n_levels_, self.validation_["scores"][-1]["fp"],
                  self.validation_["scores"][-1]["fb"], self.validation_["seconds"])
 
-    def _knn(self, feats, info: dict | None = None, below=None):
+    def _knn(self, feats, info: dict | None = None, below=None, skip_ivf: bool = False):
         return knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False, recall=self.knn_recall,
-                         info=info, below=below)
+                         info=info, below=below, skip_ivf=skip_ivf)
 
     def own_levels(self, X, y) -> list:
         """Training graphs of the higher levels this model builds from labelled X (labels carried by
@@ -373,8 +373,9 @@ class HiLander(BaseEstimator):
             return parent
 
         def knn(feats, below=None):
+            missed = any(ivf_missed(i) for i in knn_infos)  # the levels above are no easier
             knn_infos.append({})
-            return self._knn(feats, knn_infos[-1], below=below)
+            return self._knn(feats, knn_infos[-1], below=below, skip_ivf=missed)
 
         levels = build_hierarchy(
             X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=knn, stats=stats,

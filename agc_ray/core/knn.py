@@ -281,6 +281,7 @@ def knn_graph(
     recall: float | None = KNN_RECALL,
     info: dict | None = None,
     below: tuple[np.ndarray, np.ndarray] | None = None,
+    skip_ivf: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """kNN graph of the rows of ``x`` (cosine similarity), self excluded.
 
@@ -302,6 +303,11 @@ def knn_graph(
             each of its nodes' cluster. Where ``method`` would build an IVF index, the graph is searched
             from the level below's (:func:`~agc_ray.core.coarse.coarse_graph`, ``knn_method``
             'coarse') and the index is built only when that misses the recall target.
+        skip_ivf: a level below missed the recall target with IVF (:func:`ivf_missed`): where the IVF
+            index would be built with a recall target, search exactly instead (up to
+            :data:`EXACT_FALLBACK_MAX_ROWS` rows; ``info`` gets ``knn_ivf_skipped``). The coarser
+            levels are no easier: 1M make_faces rows, IVF recall 0.676 at level 1 and 0.594 at level
+            2 (72K and 47K nodes), each after ~13 s of quantizer, cells and tuning in the job.
 
     Returns:
         ``(nbr, sim)``: (N, k) int64 and (N, k) float32, sorted by decreasing similarity.
@@ -326,6 +332,11 @@ def knn_graph(
                  tried["knn_rounds"])
         if info is not None:
             info["knn_coarse_recall"] = tried["knn_recall"]
+    if method == "ivf" and skip_ivf and recall is not None and nprobe is None and n <= EXACT_FALLBACK_MAX_ROWS:
+        log.info("kNN: IVF missed the recall target a level below: exact search of %d rows", n)
+        if info is not None:
+            info.update(knn_method="exact", knn_recall=1.0, knn_ivf_skipped=True)
+        return exact_graph(x, k, device)
     if method == "ivf" and not use_gpu(device):
         rows = ivf_train_rows(n, seed)
         centroids = ivf_centroids(x if rows is None else x[rows], n, seed)
@@ -464,6 +475,11 @@ def set_nprobe(index, nprobe: int) -> None:
         index.nprobe = int(nprobe)
     else:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+
+
+def ivf_missed(info: dict) -> bool:
+    """Whether a level's tuned IVF search missed its recall target (then searched exactly, or kept)."""
+    return "knn_ivf_recall" in info or info.get("knn_recall_target_met") is False
 
 
 def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int, nlist: int, *,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agc_ray.core.hierarchy import next_tau_not_lower, stop_reason
-from agc_ray.core.knn import IVF_NPROBE, resolve_method
+from agc_ray.core.knn import EXACT_FALLBACK_MAX_ROWS, IVF_NPROBE, ivf_missed, resolve_method
 from agc_ray.distributed import progress
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.input import InputSchema
@@ -131,6 +131,7 @@ class Job:
         self.nprobe = None  # level 0's IVF cells probed per query (the most, with a margin)
         self.probe_margin = None  # level 0's IVF probe margin (None: nprobe cells a query)
         self._background = None  # ref of level 0's seeded background rows (chance similarity)
+        self.ivf_missed = False  # a level's IVF search missed the recall target: the levels above search exactly
 
     def _time(self, stage: str, t0: float) -> float:
         dt = time.perf_counter() - t0
@@ -158,8 +159,15 @@ class Job:
             stats["knn_coarse_recall"] = info["knn_recall"]
         if self.ivf_parts:  # level 0's cells are read from the actors before they index the next level
             ray.wait(self.ivf_parts, num_returns=len(self.ivf_parts))
+        method = self.est.knn
+        if (self.ivf_missed and resolve_method(method, level.n) == "ivf" and self.est.knn_recall is not None
+                and level.n <= EXACT_FALLBACK_MAX_ROWS):  # the core's skip_ivf: the levels above are no easier
+            log.info("level %d kNN: IVF missed the recall target a level below: exact search of %d rows",
+                     level_no, level.n)
+            method = "exact"
+            stats["knn_ivf_skipped"] = True
         graph, info, actors = sharded_knn_graph(
-            level.x_id, level.offsets, self.est.k, self.est.knn, self.est.seed,
+            level.x_id, level.offsets, self.est.k, method, self.est.seed,
             # with a recall target every IVF level is tuned (as the core does); without, level 0 is measured
             recall_sample=recall_sample,
             recall_target=self.est.knn_recall, stage=f"level {level_no} kNN",
@@ -170,6 +178,7 @@ class Job:
         self.actors = actors
         stats.update(info, knn_seconds=self._time("knn", t0))
         self.knn_method = info["knn_method"]
+        self.ivf_missed = self.ivf_missed or ivf_missed(info)
         if level_no == 0:  # jobs/assign.py searches the new rows as level 0 was searched
             self.nprobe, self.probe_margin = info.get("knn_nprobe"), info.get("knn_probe_margin")
         if level_no == 0 and self.cfg.assign_state and info["knn_method"] == "ivf":
