@@ -134,3 +134,35 @@ def test_adaptive_schedule_selects_one_step_below_tau_0():
     assert schedule.accept(2, nodes=400, edges=100)
     assert schedule.selected_level == 1  # two steps below: a coarser option, not selected
     assert schedule.tau() == pytest.approx(0.25)
+
+
+def test_member_sums_do_not_depend_on_the_split_of_the_members():
+    """aggregate's member sums (fixed point) are the same to the bit when the members are summed in
+    parts, in any order: what the job's shards add (split_members / assemble_next, called here as
+    plain functions) equals the single process's, and each part holds a row per cluster, not per member."""
+    from agc_ray.core.hierarchy import LevelGraph, aggregate, fixed_point_sums, from_fixed_point
+    from agc_ray.distributed import level as lv
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5000, 16)).astype(np.float32)
+    comp = rng.integers(0, 700, 5000)
+    comp[:700] = np.arange(700)  # every cluster has a member
+    peaks = np.array([np.flatnonzero(comp == c)[0] for c in range(700)])
+    g = LevelGraph(x_id=x, x_sum=x * 2, size=np.ones(5000, np.int64), nbr=np.zeros((5000, 1), np.int64),
+                   sim=np.zeros((5000, 1), np.float32), peak_row=np.arange(5000))
+    x_sum = aggregate(g, comp, peaks)[1]
+    ref = np.zeros((700, 16))
+    np.add.at(ref, comp, 2 * x.astype(np.float64))
+    np.testing.assert_allclose(x_sum, ref, rtol=1e-6, atol=1e-6)
+    order = rng.permutation(5000)
+    parts = [fixed_point_sums(2 * x, comp[p], 700, rows=p) for p in np.array_split(order, 4)]
+    np.testing.assert_array_equal(from_fixed_point(sum(parts[::-1])), x_sum)
+    # the job's two steps over 3 old shards and 2 new ones
+    offsets, bounds = np.array([0, 1500, 3200, 5000]), np.array([0, 350, 700])
+    level = {"comp": comp, "peaks": peaks, "size": np.bincount(comp), "peak_row": peaks}
+    split = [list(lv.split_members.fn(s, offsets, level, 2 * x[offsets[s]:offsets[s + 1]], x[offsets[s]:offsets[s + 1]],
+                                      bounds)) for s in range(3)]
+    assert all(part[0].size == part[1].shape[0] == np.unique(part[0]).size <= 350 for parts in split for part in parts)
+    built = [lv.assemble_next.fn(t, bounds, level, *[parts[t] for parts in split]) for t in range(2)]
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in built]), x_sum)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in built]), x[peaks])

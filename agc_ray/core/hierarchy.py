@@ -167,12 +167,39 @@ def aggregate(g: LevelGraph, comp: np.ndarray, peaks: np.ndarray) -> tuple[np.nd
         (x_id, x_sum, size, peak_row, labels) of the C super-nodes.
     """
     n_comp = peaks.shape[0]
-    comp_t = torch.from_numpy(comp)
-    x_sum = torch.zeros((n_comp, g.x_sum.shape[1]), dtype=torch.float32)
-    x_sum.index_add_(0, comp_t, torch.from_numpy(np.ascontiguousarray(g.x_sum)))
+    x_sum = from_fixed_point(fixed_point_sums(g.x_sum, comp, n_comp))
     size = np.bincount(comp, weights=g.size, minlength=n_comp).astype(np.int64)
     labels = g.labels[peaks] if g.labels is not None else None
-    return g.x_id[peaks], x_sum.numpy(), size, g.peak_row[peaks], labels
+    return g.x_id[peaks], x_sum, size, g.peak_row[peaks], labels
+
+
+#: Unit of the member sums' fixed-point additions (2^-32): integer sums are exact, so a cluster's sum is
+#: the same to the bit whatever the split of its members into parts and the order of the parts (the
+#: job adds each shard's partial sums; the single process, every member at once). Sums stay exact up
+#: to 2^31 in a component (more rows than a cluster holds); a float32 member sum loses nothing above
+#: 2^-9 in magnitude.
+SUM_UNIT = 2.0 ** -32
+
+
+def fixed_point_sums(x: np.ndarray, index: np.ndarray, n_out: int, rows: np.ndarray | None = None) -> torch.Tensor:
+    """The rows of ``x`` (or ``x[rows]``) summed by ``index`` in units of :data:`SUM_UNIT`, in blocks.
+
+    Shapes:
+        x: (N, D) float32, rows: (M,) or None (M = N), index: (M,) in [0, n_out) -> (n_out, D) int64.
+    """
+    out = torch.zeros((n_out, x.shape[1]), dtype=torch.int64)
+    step = scratch_rows(2 * x.shape[1])  # the block's int64 rows
+    for lo in range(0, index.shape[0], step):
+        block = x[lo:lo + step] if rows is None else np.take(x, rows[lo:lo + step], axis=0)
+        block = as_tensor(np.asarray(block, dtype=np.float32))
+        out.index_add_(0, as_tensor(np.asarray(index[lo:lo + step], dtype=np.int64)),
+                       torch.round(block / SUM_UNIT).to(torch.int64))  # a power of two: the product is exact
+    return out
+
+
+def from_fixed_point(sums: torch.Tensor) -> np.ndarray:
+    """(n, D) float32 values of :func:`fixed_point_sums`' int64 sums."""
+    return (sums.to(torch.float64) * SUM_UNIT).to(torch.float32).numpy()
 
 
 def similarity_density(nbr, sim) -> torch.Tensor:
