@@ -246,6 +246,32 @@ def test_tune_margin_ladder():
     assert tune_margin(search_sample, kth, 1.0, 1024, n)[0] == PROBE_MARGINS[2]
 
 
+def test_tune_margin_tries_the_widest_after_a_miss_when_exact_search_follows():
+    """With exact_on_miss, a first margin that misses is followed by the widest: missed there, the
+    ladder stops (no margin can reach the target); reached, the ladder goes on as without it."""
+    from agc_ray.core.recall import PROBE_MARGINS, tune_margin
+
+    kth = np.full(4, 0.5, dtype=np.float32)
+    tried = []
+
+    def sample_finding(most):  # the neighbours found grow with the margin, up to ``most`` of 4
+        def search_sample(margin, nprobe):
+            tried.append(margin)
+            sim = np.zeros((4, 4), dtype=np.float32)
+            sim[:, :min(most, PROBE_MARGINS.index(margin) + 1)] = 0.9
+            return np.zeros((4, 4), dtype=np.int64), sim, 4
+        return search_sample
+
+    assert tune_margin(sample_finding(3), kth, 1.0, 1024, exact_on_miss=True) == (PROBE_MARGINS[-1], 128, 0.75, 1.0)
+    assert tried == [PROBE_MARGINS[0], PROBE_MARGINS[-1]]
+    tried.clear()
+    assert tune_margin(sample_finding(4), kth, 1.0, 1024, exact_on_miss=True)[:3] == (PROBE_MARGINS[3], 128, 1.0)
+    assert tried == [PROBE_MARGINS[0], PROBE_MARGINS[-1], *PROBE_MARGINS[1:4]]
+    tried.clear()
+    assert tune_margin(sample_finding(3), kth, 1.0, 1024)[2] == 0.75  # the whole ladder without it
+    assert tried == list(PROBE_MARGINS)
+
+
 def test_probe_pairs_take_the_cells_within_the_margin():
     """Each row's best MARGIN_MIN_PROBES cells, then the next while within the margin of its best, at
     most nprobe; the rows whose first W cells are all kept get their next ones computed again (the same

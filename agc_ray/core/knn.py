@@ -332,7 +332,7 @@ def knn_graph(
                  tried["knn_rounds"])
         if info is not None:
             info["knn_coarse_recall"] = tried["knn_recall"]
-    if method == "ivf" and skip_ivf and recall is not None and nprobe is None and n <= EXACT_FALLBACK_MAX_ROWS:
+    if method == "ivf" and skip_ivf and recall is not None and nprobe is None and exact_on_miss(n):
         log.info("kNN: IVF missed the recall target a level below: exact search of %d rows", n)
         if info is not None:
             info.update(knn_method="exact", knn_recall=1.0, knn_ivf_skipped=True)
@@ -430,7 +430,8 @@ def _tuned(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_s
     rows = recall_rows(n, RECALL_SAMPLE, seed)
     kth = exact_kth(x, rows, k)
     if margin:
-        chosen, nprobe, measured, mean = tune_margin(lambda m, p: search_sample(m, p, rows), kth, recall, nlist, n)
+        chosen, nprobe, measured, mean = tune_margin(lambda m, p: search_sample(m, p, rows), kth, recall, nlist, n,
+                                                     exact_on_miss=exact_on_miss(n))
     else:
         (nprobe, measured), chosen, mean = tune_nprobe(lambda p: search_sample(p, rows), kth, recall, nlist, n), \
             None, None
@@ -477,6 +478,12 @@ def set_nprobe(index, nprobe: int) -> None:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
 
 
+def exact_on_miss(n: int) -> bool:
+    """Whether a table of ``n`` rows whose IVF search misses the recall target is searched exactly
+    (:data:`EXACT_FALLBACK_MAX_ROWS`)."""
+    return n <= EXACT_FALLBACK_MAX_ROWS
+
+
 def ivf_missed(info: dict) -> bool:
     """Whether a level's tuned IVF search missed its recall target (then searched exactly, or kept)."""
     return "knn_ivf_recall" in info or info.get("knn_recall_target_met") is False
@@ -490,7 +497,7 @@ def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int
     ``knn_recall_target_met`` False. ``margin``: the probe margin tried last (the message says so)."""
     probed = f"{nprobe} of {nlist} cells probed" if margin is None else \
         f"up to {nprobe} of {nlist} cells probed (those within {margin:.3f} of each row's best)"
-    if n <= EXACT_FALLBACK_MAX_ROWS:
+    if exact_on_miss(n):
         log.info("%s: IVF recall %.3f < %.2f with %s: exact search", stage, measured, target, probed)
         if info is not None:
             info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))

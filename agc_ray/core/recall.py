@@ -133,9 +133,13 @@ PROBE_MARGINS = tuple(round(0.005 * 1.5 ** i, 5) for i in range(16))
 
 
 def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0, start: int = NPROBE_START,
-                max_share: float = IVF_MAX_PROBE_SHARE) -> tuple[float, int, float, float]:
+                max_share: float = IVF_MAX_PROBE_SHARE, exact_on_miss: bool = False) -> tuple[float, int, float, float]:
     """The smallest of :data:`PROBE_MARGINS` whose recall reaches ``target``; the last tried when none
     does (its mean scan reached :data:`IVF_MAX_SCAN_ROWS` a query, or the margins ran out).
+
+    ``exact_on_miss``: the caller searches exactly when the target is missed, so after a first margin
+    that misses, the widest is tried; missing there, no margin can reach it (a wider margin scans a
+    superset of cells) and the ladder stops with it (1M rows' level 1: ~12 searches saved, ~5 s).
 
     ``search_sample(margin, nprobe) -> (nbr, sim, probes)`` searches the sampled rows scanning each
     one's cells within ``margin`` of its best, at most ``nprobe`` (``probes``: the cells scanned in all),
@@ -148,7 +152,7 @@ def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
     """
     nprobe = probe_cap(nlist, 0, start, max_share)
     scan_cap = IVF_MAX_SCAN_ROWS * nlist / n if n > 0 else float(nprobe)
-    for margin in PROBE_MARGINS:
+    for step, margin in enumerate(PROBE_MARGINS):
         nbr, sim, probes = search_sample(margin, nprobe)
         measured = recall_at(sim, nbr >= 0, kth)
         mean = probes / max(1, len(kth))
@@ -156,4 +160,9 @@ def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
                   target)
         if measured >= target or mean >= min(scan_cap, nprobe):
             break
+        if step == 0 and exact_on_miss:
+            nbr, sim, probes = search_sample(PROBE_MARGINS[-1], nprobe)
+            widest = recall_at(sim, nbr >= 0, kth)
+            if widest < target:
+                return PROBE_MARGINS[-1], nprobe, widest, probes / max(1, len(kth))
     return margin, nprobe, measured, mean

@@ -37,8 +37,9 @@ import numpy as np
 from agc_ray.core.cells import cell_probes, probe_pairs
 from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
-from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, ivf_centroids, ivf_nlist,
-                              ivf_train_rows, missed_target_goes_exact, probe_blocks, resolve_method)
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, exact_on_miss,
+                              ivf_centroids, ivf_nlist, ivf_train_rows, missed_target_goes_exact, probe_blocks,
+                              resolve_method)
 from agc_ray.core.recall import (exact_kth, kth_without_self, probe_cap, recall_at, recall_rows, tune_margin,
                                  tune_nprobe)
 from agc_ray.distributed import progress
@@ -400,7 +401,7 @@ def _tune(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, nlist, 
     def searched_and_counted(margin, nprobe):
         return (*searched(nprobe, margin), probe_pairs(p, nprobe, margin, g, q, c)[0].size)
 
-    return tune_margin(searched_and_counted, kth, target, nlist, n)
+    return tune_margin(searched_and_counted, kth, target, nlist, n, exact_on_miss=exact_on_miss(n))
 
 
 @lazy_remote(num_cpus=1)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agc_ray.core.hierarchy import next_tau_not_lower, stop_reason
-from agc_ray.core.knn import EXACT_FALLBACK_MAX_ROWS, IVF_NPROBE, ivf_missed, resolve_method
+from agc_ray.core.knn import IVF_NPROBE, exact_on_miss, ivf_missed, resolve_method
 from agc_ray.distributed import progress
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.input import InputSchema
@@ -161,7 +161,7 @@ class Job:
             ray.wait(self.ivf_parts, num_returns=len(self.ivf_parts))
         method = self.est.knn
         if (self.ivf_missed and resolve_method(method, level.n) == "ivf" and self.est.knn_recall is not None
-                and level.n <= EXACT_FALLBACK_MAX_ROWS):  # the core's skip_ivf: the levels above are no easier
+                and exact_on_miss(level.n)):  # the core's skip_ivf: the levels above are no easier
             log.info("level %d kNN: IVF missed the recall target a level below: exact search of %d rows",
                      level_no, level.n)
             method = "exact"
