@@ -321,6 +321,7 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
     Kept: a table over the exact-search bound (5000 rows here) keeps its IVF graph below the target,
     says so in its info and warns."""
     from agc_ray.core import knn as core_knn
+    from agc_ray.core import recall as core_recall
     from agc_ray.core.knn import knn_graph, l2_normalize
     from agc_ray.core.recall import RECALL_SAMPLE, probe_cap
     from agc_ray.core.synthetic import make_faces
@@ -331,7 +332,7 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
         monkeypatch.setattr(sharded, "IVF_PROBE_PAIRS", 100 * 16 if case == "ivf-small-calls" else 50)
     kept = case == "ivf-out-of-reach-kept"
     if kept:
-        monkeypatch.setattr(core_knn, "EXACT_FALLBACK_MAX_ROWS", 5000)
+        monkeypatch.setattr(core_recall, "EXACT_FALLBACK_MAX_ROWS", 5000)
     method = case.split("-")[0]
     target = 0.95 if "out-of-reach" in case else 0.99 if "target" in case else None
     # out of reach: small identities in isotropic spread (an eighth of the cells: recall 0.93)

@@ -138,6 +138,7 @@ def test_dry_run_says_what_a_missed_recall_target_leads_to(ray_session, tmp_path
     """IVF above 20K rows: the plan names the most probes the tuning may use and what follows when the
     target is still missed: exact search on a table that small, the IVF graph kept on a larger one."""
     from agc_ray.core import knn as core_knn
+    from agc_ray.core import recall as core_recall
     from agc_ray.core.recall import probe_cap
 
     _write(tmp_path / "t.parquet", **_table(30000))
@@ -150,7 +151,7 @@ def test_dry_run_says_what_a_missed_recall_target_leads_to(ray_session, tmp_path
     nlist = core_knn.ivf_nlist(30000)
     cap = f"at most {probe_cap(nlist)} a row and {probe_cap(nlist, 30000)} on average"
     assert detail().endswith(f"{cap}; then exact search)")
-    monkeypatch.setattr(core_knn, "EXACT_FALLBACK_MAX_ROWS", 20000)
+    monkeypatch.setattr(core_recall, "EXACT_FALLBACK_MAX_ROWS", 20000)
     assert detail().endswith(f"{cap}; then the IVF graph kept, reported below target (too many rows to search exactly))")
     assert not (tmp_path / "out").exists()
 

@@ -166,9 +166,10 @@ def test_target_out_of_ivf_reach_on_a_table_too_large_for_exact_search_keeps_ivf
     """Over EXACT_FALLBACK_MAX_ROWS (5000 here) the IVF graph with the most probes is kept, below the
     target: the info says so and a warning says what to change."""
     from agc_ray.core import knn as core_knn
+    from agc_ray.core import recall as core_recall
     from agc_ray.core.recall import probe_cap
 
-    monkeypatch.setattr(core_knn, "EXACT_FALLBACK_MAX_ROWS", 5000)
+    monkeypatch.setattr(core_recall, "EXACT_FALLBACK_MAX_ROWS", 5000)
     x, _ = make_faces(10000, dim=64, isotropic=1.0, mean_identity_size=5, seed=8)
     info = {}
     with caplog.at_level("WARNING", logger="agc_ray.core.knn"):
@@ -357,7 +358,7 @@ def test_cell_lists_search_is_the_top_k_of_every_scanned_row(monkeypatch, pairs_
 
 
 def test_skip_ivf_searches_exactly_where_the_index_would_be_built():
-    from agc_ray.core.knn import EXACT_FALLBACK_MAX_ROWS, ivf_missed
+    from agc_ray.core.recall import EXACT_FALLBACK_MAX_ROWS, ivf_missed
 
     x = l2_normalize(make_faces(3000, dim=32, seed=4)[0])
     info = {}

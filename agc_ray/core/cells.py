@@ -29,7 +29,7 @@ SCRATCH_BYTES = 16 << 20
 
 #: (query, cell) pairs that :meth:`CellLists.search` scans together. Its candidates: ``kk`` a query from the
 #: first cell, then ~3 a pair (make_faces, 28 cells a query: 98 a query; at most ``kk`` a pair).
-SEARCH_PAIRS = 1 << 21
+SEARCH_PAIRS = 1 << 20
 
 
 def scratch_rows(width: int) -> int:
@@ -151,7 +151,8 @@ class CellLists:
     def __init__(self, x: np.ndarray, cells: np.ndarray, nlist: int, offset: int = 0):
         cells = np.asarray(cells, dtype=np.int64)
         self.x, self.nlist, self.offset = x, int(nlist), int(offset)
-        self.order = torch.from_numpy(np.argsort(cells, kind="stable"))  # rows of cell c: ascending ids
+        # rows of cell c, ascending; int32 (a shard's rows) halves the candidates' ids in a search
+        self.order = torch.from_numpy(np.argsort(cells, kind="stable").astype(np.int32 if x.shape[0] < 2**31 else np.int64))
         self.starts = np.concatenate([[0], np.cumsum(np.bincount(cells, minlength=nlist))]).tolist()
 
     @property
@@ -213,10 +214,11 @@ class CellLists:
 
         No top-k per cell (``torch.topk`` of 11 among ~600 columns takes 3x the product itself here):
         scores below a lower bound of the query's final ``kk``-th similarity are dropped and each
-        query's survivors merged once. The bound in the query's first cell: the least of ``kk`` block
-        maxima of its scores (``kk`` scanned rows are at least that similar); in its other cells, the
-        ``kk``-th best of what the first cell kept. Whatever the final top ``kk`` holds is at or above
-        both, so the result is a top-k over every scanned row.
+        query's survivors merged once. The bound: the query's ``kk``-th best score in its first cell
+        (``np.partition``), which its ``kk`` best there reach; in its other cells a query whose best
+        score stays below it is skipped after one ``amax``. Whatever the final top ``kk`` holds is at or
+        above the bound, so the result is a top-k over every scanned row (the candidates: ``kk`` a query,
+        then ~3 a pair, ids as int32).
         """
         q_count = qt.shape[0]
         counts = np.bincount(query, minlength=q_count)
@@ -228,7 +230,7 @@ class CellLists:
             _keep(kept, q, rows, scores, q_bound, kk)
         best_s, best_i = _top_per_group(*kept, q_count, kk)
         bound = best_s.min(dim=1).values  # -inf where the first cell had fewer than kk rows
-        kept = ([torch.arange(q_count).repeat_interleave(kk)], [best_s.ravel()], [best_i.ravel()])
+        kept = ([torch.arange(q_count, dtype=torch.int32).repeat_interleave(kk)], [best_s.ravel()], [best_i.ravel()])
         for q, rows, scores in self._scores(xt, qt, query[~first], cell[~first]):
             q_bound = bound[q]
             hit = (scores.amax(dim=1) >= q_bound).nonzero().squeeze(1)  # most queries: none above the bound
@@ -243,7 +245,7 @@ class CellLists:
 
         Shapes: scores (queries, rows); rows gathered with ``index_select`` (5x faster than indexing)."""
         by_cell = np.argsort(cell, kind="stable")
-        query_of = torch.from_numpy(query[by_cell])
+        query_of = torch.from_numpy(query[by_cell].astype(np.int32))
         cells, first = np.unique(cell[by_cell], return_index=True)
         bounds = np.append(first, query.size).tolist()
         for j, c in enumerate(cells.tolist()):

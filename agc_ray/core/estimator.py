@@ -27,10 +27,11 @@ from agc_ray.core.calibration import holdout_classes, select_levels
 from agc_ray.core.graph import N_EDGE_FEATURES
 from agc_ray.core.hierarchy import build_hierarchy
 from agc_ray.core.inference import Hierarchy, LevelDecoder, decode, score_level
-from agc_ray.core.knn import ivf_missed, knn_graph
+from agc_ray.core.knn import knn_graph
 from agc_ray.core.lander import Lander
 from agc_ray.core.params import DEFAULTS as D
 from agc_ray.core.params import PARAMS, check_params
+from agc_ray.core.recall import ivf_missed
 from agc_ray.core.train import (
     deterministic_training, ground_truth_graphs, self_training_graphs, to_train_graph, train_lander, training_phases,
 )

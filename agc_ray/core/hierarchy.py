@@ -198,8 +198,12 @@ def fixed_point_sums(x: np.ndarray, index: np.ndarray, n_out: int, rows: np.ndar
 
 
 def from_fixed_point(sums: torch.Tensor) -> np.ndarray:
-    """(n, D) float32 values of :func:`fixed_point_sums`' int64 sums."""
-    return (sums.to(torch.float64) * SUM_UNIT).to(torch.float32).numpy()
+    """(n, D) float32 values of :func:`fixed_point_sums`' int64 sums (through float64, in blocks)."""
+    out = np.empty(tuple(sums.shape), dtype=np.float32)
+    step = scratch_rows(2 * sums.shape[1])
+    for lo in range(0, sums.shape[0], step):
+        out[lo:lo + step] = (sums[lo:lo + step].to(torch.float64) * SUM_UNIT).numpy()
+    return out
 
 
 def similarity_density(nbr, sim) -> torch.Tensor:

@@ -35,8 +35,8 @@ import math
 
 import numpy as np
 
-from agc_ray.core.recall import (IVF_MAX_SCAN_ROWS, RECALL_SAMPLE, exact_kth, recall_at, recall_rows,
-                                 sample_rows, tune_margin, tune_nprobe)
+from agc_ray.core.recall import (RECALL_SAMPLE, exact_kth, exact_on_miss, missed_target_goes_exact, recall_at,
+                                 recall_rows, sample_rows, tune_margin, tune_nprobe)
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,6 @@ def use_gpu(device: str) -> bool:
 IVF_NPROBE = 16
 #: Default recall@k target of the approximate search, measured against exact search.
 KNN_RECALL = 0.95
-#: Largest table searched exactly when the IVF search misses the recall target with its most probes.
-#: Exact search costs N^2 D (1M x 256 rows: about half an hour on 2 cores); above it the IVF graph is
-#: kept, and its measured recall is logged as a warning and reported (``knn_recall_target_met``).
-EXACT_FALLBACK_MAX_ROWS = 250_000
 
 
 def ivf_nlist(n: int) -> int:
@@ -303,9 +299,9 @@ def knn_graph(
             each of its nodes' cluster. Where ``method`` would build an IVF index, the graph is searched
             from the level below's (:func:`~agc_ray.core.coarse.coarse_graph`, ``knn_method``
             'coarse') and the index is built only when that misses the recall target.
-        skip_ivf: a level below missed the recall target with IVF (:func:`ivf_missed`): where the IVF
+        skip_ivf: a level below missed the recall target with IVF (:func:`~agc_ray.core.recall.ivf_missed`): where the IVF
             index would be built with a recall target, search exactly instead (up to
-            :data:`EXACT_FALLBACK_MAX_ROWS` rows; ``info`` gets ``knn_ivf_skipped``). The coarser
+            :data:`~agc_ray.core.recall.EXACT_FALLBACK_MAX_ROWS` rows; ``info`` gets ``knn_ivf_skipped``). The coarser
             levels are no easier: 1M make_faces rows, IVF recall 0.676 at level 1 and 0.594 at level
             2 (72K and 47K nodes), each after ~13 s of quantizer, cells and tuning in the job.
 
@@ -476,42 +472,6 @@ def set_nprobe(index, nprobe: int) -> None:
         index.nprobe = int(nprobe)
     else:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
-
-
-def exact_on_miss(n: int) -> bool:
-    """Whether a table of ``n`` rows whose IVF search misses the recall target is searched exactly
-    (:data:`EXACT_FALLBACK_MAX_ROWS`)."""
-    return n <= EXACT_FALLBACK_MAX_ROWS
-
-
-def ivf_missed(info: dict) -> bool:
-    """Whether a level's tuned IVF search missed its recall target (then searched exactly, or kept)."""
-    return "knn_ivf_recall" in info or info.get("knn_recall_target_met") is False
-
-
-def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int, nlist: int, *,
-                             stage: str = "kNN", info: dict | None = None, margin: float | None = None) -> bool:
-    """Whether a table whose tuned IVF search missed the recall ``target`` is searched exactly: up to
-    :data:`EXACT_FALLBACK_MAX_ROWS` rows; above, the IVF graph is kept and a warning says what to change.
-    ``info`` (if given) records which: the exact search's method and recall with the IVF's, or
-    ``knn_recall_target_met`` False. ``margin``: the probe margin tried last (the message says so)."""
-    probed = f"{nprobe} of {nlist} cells probed" if margin is None else \
-        f"up to {nprobe} of {nlist} cells probed (those within {margin:.3f} of each row's best)"
-    if exact_on_miss(n):
-        log.info("%s: IVF recall %.3f < %.2f with %s: exact search", stage, measured, target, probed)
-        if info is not None:
-            info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
-            if margin is not None:
-                info["knn_ivf_probe_margin"] = margin
-        return True
-    log.warning("%s: IVF recall %.3f is below the target %.2f with %s (the most the tuning probes: an "
-                "eighth of the cells, at most %d rows a query on average), and %d rows are too many to search "
-                "exactly (over %d): the IVF graph is kept. Lower the recall target (knn_recall, --knn-recall) or "
-                "ask for exact search (knn='exact', --knn exact; hours on CPU, minutes on a GPU)", stage, measured,
-                target, probed, IVF_MAX_SCAN_ROWS, n, EXACT_FALLBACK_MAX_ROWS)
-    if info is not None:
-        info["knn_recall_target_met"] = False
-    return False
 
 
 def knn_recall(

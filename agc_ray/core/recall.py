@@ -17,6 +17,11 @@ import numpy as np
 
 log = logging.getLogger("agc_ray.core.knn")  # the tuning's lines stay under the kNN search's logger
 
+#: Largest table searched exactly when the IVF search misses the recall target with its most probes.
+#: Exact search costs N^2 D (1M x 256 rows: about half an hour on 2 cores); above it the IVF graph is
+#: kept, and its measured recall is logged as a warning and reported (``knn_recall_target_met``).
+EXACT_FALLBACK_MAX_ROWS = 250_000
+
 #: Rows whose neighbours are searched exactly to measure recall (seeded: the same rows for any sharding).
 RECALL_SAMPLE = 1000
 #: Smallest number of probes tried by :func:`tune_nprobe`; each step doubles it.
@@ -107,7 +112,7 @@ def probe_cap(nlist: int, n: int = 0, start: int = NPROBE_START, max_share: floa
 def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0,
                 start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> tuple[int, float]:
     """The fewest probes (``start``, doubled each step, up to :func:`probe_cap`) whose recall reaches
-    ``target``; the last tried when none does (see :func:`~agc_ray.core.knn.missed_target_goes_exact`).
+    ``target``; the last tried when none does (see :func:`missed_target_goes_exact`).
 
     ``search_sample(nprobe) -> (nbr, sim)`` searches the sampled rows with that many probes ((Q, k),
     -1 where a row found fewer), ``kth`` (Q,) their exact k-th best similarity, ``n`` the table's rows.
@@ -166,3 +171,39 @@ def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
             if widest < target:
                 return PROBE_MARGINS[-1], nprobe, widest, probes / max(1, len(kth))
     return margin, nprobe, measured, mean
+
+
+def exact_on_miss(n: int) -> bool:
+    """Whether a table of ``n`` rows whose IVF search misses the recall target is searched exactly
+    (:data:`EXACT_FALLBACK_MAX_ROWS`)."""
+    return n <= EXACT_FALLBACK_MAX_ROWS
+
+
+def ivf_missed(info: dict) -> bool:
+    """Whether a level's tuned IVF search missed its recall target (then searched exactly, or kept)."""
+    return "knn_ivf_recall" in info or info.get("knn_recall_target_met") is False
+
+
+def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int, nlist: int, *,
+                             stage: str = "kNN", info: dict | None = None, margin: float | None = None) -> bool:
+    """Whether a table whose tuned IVF search missed the recall ``target`` is searched exactly: up to
+    :data:`EXACT_FALLBACK_MAX_ROWS` rows; above, the IVF graph is kept and a warning says what to change.
+    ``info`` (if given) records which: the exact search's method and recall with the IVF's, or
+    ``knn_recall_target_met`` False. ``margin``: the probe margin tried last (the message says so)."""
+    probed = f"{nprobe} of {nlist} cells probed" if margin is None else \
+        f"up to {nprobe} of {nlist} cells probed (those within {margin:.3f} of each row's best)"
+    if exact_on_miss(n):
+        log.info("%s: IVF recall %.3f < %.2f with %s: exact search", stage, measured, target, probed)
+        if info is not None:
+            info.update(knn_method="exact", knn_recall=1.0, knn_ivf_recall=measured, knn_ivf_nprobe=int(nprobe))
+            if margin is not None:
+                info["knn_ivf_probe_margin"] = margin
+        return True
+    log.warning("%s: IVF recall %.3f is below the target %.2f with %s (the most the tuning probes: an "
+                "eighth of the cells, at most %d rows a query on average), and %d rows are too many to search "
+                "exactly (over %d): the IVF graph is kept. Lower the recall target (knn_recall, --knn-recall) or "
+                "ask for exact search (knn='exact', --knn exact; hours on CPU, minutes on a GPU)", stage, measured,
+                target, probed, IVF_MAX_SCAN_ROWS, n, EXACT_FALLBACK_MAX_ROWS)
+    if info is not None:
+        info["knn_recall_target_met"] = False
+    return False

@@ -37,11 +37,10 @@ import numpy as np
 from agc_ray.core.cells import cell_probes, probe_pairs
 from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
-from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, exact_on_miss,
-                              ivf_centroids, ivf_nlist, ivf_train_rows, missed_target_goes_exact, probe_blocks,
-                              resolve_method)
-from agc_ray.core.recall import (exact_kth, kth_without_self, probe_cap, recall_at, recall_rows, tune_margin,
-                                 tune_nprobe)
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, ivf_centroids,
+                              ivf_nlist, ivf_train_rows, probe_blocks, resolve_method)
+from agc_ray.core.recall import (exact_kth, exact_on_miss, kth_without_self, missed_target_goes_exact, probe_cap,
+                                 recall_at, recall_rows, tune_margin, tune_nprobe)
 from agc_ray.distributed import progress
 from agc_ray.distributed.index import index_actors, merge_topk, shard_searches
 from agc_ray.distributed.remote import lazy_remote

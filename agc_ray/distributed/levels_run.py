@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agc_ray.core.hierarchy import next_tau_not_lower, stop_reason
-from agc_ray.core.knn import IVF_NPROBE, exact_on_miss, ivf_missed, resolve_method
+from agc_ray.core.knn import IVF_NPROBE, resolve_method
+from agc_ray.core.recall import exact_on_miss, ivf_missed
 from agc_ray.distributed import progress
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.input import InputSchema
