@@ -342,8 +342,9 @@ def test_cell_lists_search_is_the_top_k_of_every_scanned_row(monkeypatch, pairs_
     queries = np.concatenate([x[rng.choice(1500, 150, replace=False)], x[200:210]])
     query = np.repeat(np.arange(160), rng.integers(1, 9, 160))
     # each query's cells once, every fourth query's first cell the small one
-    probed = np.concatenate([np.r_[5, rng.choice(np.delete(np.arange(nlist), 5), (query == q).sum() - 1, replace=False)]
-                             if q % 4 == 0 else rng.choice(nlist, (query == q).sum(), replace=False) for q in range(160)])
+    others = np.delete(np.arange(nlist), 5)
+    probed = np.concatenate([np.r_[5, rng.choice(others, (query == q).sum() - 1, replace=False)] if q % 4 == 0
+                             else rng.choice(nlist, (query == q).sum(), replace=False) for q in range(160)])
     shuffle = np.lexsort((np.arange(query.size), -query))  # queries in reverse order, their cells in order
     sim, ids = lists.search(queries, (query[shuffle], probed[shuffle]), kk)
     for q in range(160):

@@ -152,7 +152,8 @@ class CellLists:
         cells = np.asarray(cells, dtype=np.int64)
         self.x, self.nlist, self.offset = x, int(nlist), int(offset)
         # rows of cell c, ascending; int32 (a shard's rows) halves the candidates' ids in a search
-        self.order = torch.from_numpy(np.argsort(cells, kind="stable").astype(np.int32 if x.shape[0] < 2**31 else np.int64))
+        order = np.argsort(cells, kind="stable")
+        self.order = torch.from_numpy(order.astype(np.int32) if x.shape[0] < 2**31 else order)
         self.starts = np.concatenate([[0], np.cumsum(np.bincount(cells, minlength=nlist))]).tolist()
 
     @property

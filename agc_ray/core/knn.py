@@ -299,11 +299,11 @@ def knn_graph(
             each of its nodes' cluster. Where ``method`` would build an IVF index, the graph is searched
             from the level below's (:func:`~agc_ray.core.coarse.coarse_graph`, ``knn_method``
             'coarse') and the index is built only when that misses the recall target.
-        skip_ivf: a level below missed the recall target with IVF (:func:`~agc_ray.core.recall.ivf_missed`): where the IVF
-            index would be built with a recall target, search exactly instead (up to
-            :data:`~agc_ray.core.recall.EXACT_FALLBACK_MAX_ROWS` rows; ``info`` gets ``knn_ivf_skipped``). The coarser
-            levels are no easier: 1M make_faces rows, IVF recall 0.676 at level 1 and 0.594 at level
-            2 (72K and 47K nodes), each after ~13 s of quantizer, cells and tuning in the job.
+        skip_ivf: a level below missed the recall target with IVF (:func:`~agc_ray.core.recall.ivf_missed`):
+            where the IVF index would be built with a recall target, search exactly instead (up to
+            :data:`~agc_ray.core.recall.EXACT_FALLBACK_MAX_ROWS` rows; ``info`` gets ``knn_ivf_skipped``).
+            The coarser levels are no easier: 1M make_faces rows, IVF recall 0.676 at level 1 and 0.594
+            at level 2 (72K and 47K nodes), each after ~13 s of quantizer, cells and tuning in the job.
 
     Returns:
         ``(nbr, sim)``: (N, k) int64 and (N, k) float32, sorted by decreasing similarity.
