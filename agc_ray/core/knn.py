@@ -35,8 +35,8 @@ import math
 
 import numpy as np
 
-from agc_ray.core.recall import (RECALL_SAMPLE, exact_kth, exact_on_miss, missed_target_goes_exact, recall_at,
-                                 recall_rows, sample_rows, tune_margin, tune_nprobe)
+from agc_ray.core.recall import (RECALL_SAMPLE, exact_kth, exact_on_miss, ivf_skipped, missed_target_goes_exact,
+                                 recall_at, recall_rows, sample_rows, tune_margin, tune_nprobe)
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def knn_graph(
                  tried["knn_rounds"])
         if info is not None:
             info["knn_coarse_recall"] = tried["knn_recall"]
-    if method == "ivf" and skip_ivf and recall is not None and nprobe is None and exact_on_miss(n):
+    if ivf_skipped(skip_ivf, method, n, recall, nprobe):
         log.info("kNN: IVF missed the recall target a level below: exact search of %d rows", n)
         if info is not None:
             info.update(knn_method="exact", knn_recall=1.0, knn_ivf_skipped=True)

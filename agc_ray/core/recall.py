@@ -184,6 +184,13 @@ def ivf_missed(info: dict) -> bool:
     return "knn_ivf_recall" in info or info.get("knn_recall_target_met") is False
 
 
+def ivf_skipped(missed: bool, method: str, n: int, recall: float | None, nprobe: int | None = None) -> bool:
+    """Whether a level that would tune an IVF index (``method`` resolved) to ``recall`` searches exactly
+    instead, a level below having ``missed`` the target with IVF (``skip_ivf`` of
+    :func:`~agc_ray.core.knn.knn_graph`; the job alike)."""
+    return missed and method == "ivf" and recall is not None and nprobe is None and exact_on_miss(n)
+
+
 def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int, nlist: int, *,
                              stage: str = "kNN", info: dict | None = None, margin: float | None = None) -> bool:
     """Whether a table whose tuned IVF search missed the recall ``target`` is searched exactly: up to

@@ -133,8 +133,9 @@ class ShardIndexActor:
                margin: float | None = None, gaps=None):
         """:meth:`ShardIndex.search` of ``queries[rows[0]:rows[1]]`` (all rows when None) probing their
         first ``nprobe`` cells of ``probes[probe_rows[0]:probe_rows[1]]`` (IVF; see
-        :func:`~agc_ray.core.cells.query_probes`), or with a ``margin`` their cells within it of their best, at most ``nprobe``
-        (:func:`~agc_ray.core.cells.probe_pairs`; ``gaps``: the probes' gaps, a ref like ``probes``).
+        :func:`~agc_ray.core.cells.query_probes`), or with a ``margin`` their cells within it of their best,
+        at most ``nprobe`` (:func:`~agc_ray.core.cells.probe_pairs`; ``gaps``: the probes' gaps, a ref like
+        ``probes``).
 
         ``queries`` and ``probes`` come as refs that the caller owns (a shard, a chunk's probes), resolved
         by Ray: the caller puts nothing per call, and a restarted actor gets them back by lineage.

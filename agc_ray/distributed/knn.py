@@ -397,6 +397,7 @@ def _tune(queries, sample_rows, exact_nbr, exact_sim, actors, k, target, nlist, 
         nprobe, measured = tune_nprobe(searched, kth, target, nlist, n)
         return None, nprobe, measured, None
     q, p, g, c = ray.get([queries, probes, gaps, centroids])
+
     def searched_and_counted(margin, nprobe):
         return (*searched(nprobe, margin), probe_pairs(p, nprobe, margin, g, q, c)[0].size)
 

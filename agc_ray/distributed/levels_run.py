@@ -20,7 +20,7 @@ import numpy as np
 
 from agc_ray.core.hierarchy import next_tau_not_lower, stop_reason
 from agc_ray.core.knn import IVF_NPROBE, resolve_method
-from agc_ray.core.recall import exact_on_miss, ivf_missed
+from agc_ray.core.recall import ivf_missed, ivf_skipped
 from agc_ray.distributed import progress
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.input import InputSchema
@@ -161,8 +161,7 @@ class Job:
         if self.ivf_parts:  # level 0's cells are read from the actors before they index the next level
             ray.wait(self.ivf_parts, num_returns=len(self.ivf_parts))
         method = self.est.knn
-        if (self.ivf_missed and resolve_method(method, level.n) == "ivf" and self.est.knn_recall is not None
-                and exact_on_miss(level.n)):  # the core's skip_ivf: the levels above are no easier
+        if ivf_skipped(self.ivf_missed, resolve_method(method, level.n), level.n, self.est.knn_recall):
             log.info("level %d kNN: IVF missed the recall target a level below: exact search of %d rows",
                      level_no, level.n)
             method = "exact"

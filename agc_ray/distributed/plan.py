@@ -227,8 +227,7 @@ def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs:
 def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     """Check everything the job can check without running it (InputError as the real run) and plan it."""
     from agc_ray.core.knn import IVF_NPROBE, ivf_nlist, resolve_method
-    from agc_ray.core.recall import EXACT_FALLBACK_MAX_ROWS
-    from agc_ray.core.recall import probe_cap
+    from agc_ray.core.recall import EXACT_FALLBACK_MAX_ROWS, probe_cap
     from agc_ray.distributed.job import _check_dim, _tau_source, load_estimator, validate_config
 
     validate_config(cfg)
