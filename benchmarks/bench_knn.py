@@ -31,7 +31,8 @@ REGIMES = {"default": {}, "ann_hard": {"isotropic": 1.0}, "ann_hard_small": {"is
 K = 10
 
 
-def run(n: int, dim: int, regime: str, faiss_same: bool, faiss16: bool, per_cell: list[int]) -> dict:
+def run(n: int, dim: int, regime: str, faiss_same: bool, faiss16: bool, per_cell: list[int],
+        nlist_factors: list[float] = (), fixed: bool = True) -> dict:
     import faiss
 
     from agc_ray.core import knn
@@ -77,13 +78,23 @@ def run(n: int, dim: int, regime: str, faiss_same: bool, faiss16: bool, per_cell
         name = f"cells_recall_0.95_train_{rows_a_cell}_a_cell"
         measure(name, lambda info: cell_graph(x, centroids, K, recall=0.95, info=info)[0])
         out[name]["quantizer_seconds"] = seconds
+    library_nlist = knn.ivf_nlist
+    for factor in nlist_factors:  # other cell counts: quantizer + tuned search only (the choice of ivf_nlist)
+        knn.ivf_nlist = lambda rows, f=factor: max(16, int(library_nlist(rows) * f))
+        try:
+            centroids, seconds = quantizer()
+        finally:
+            knn.ivf_nlist = library_nlist
+        name = f"cells_recall_0.95_nlist_{centroids.shape[0]}_factor_{factor}"
+        measure(name, lambda info: cell_graph(x, centroids, K, recall=0.95, info=info)[0])
+        out[name].update(quantizer_seconds=seconds, nlist=centroids.shape[0])
     knn.IVF_TRAIN_PER_CELL = per_cell[0]
     centroids, out["quantizer_seconds"] = quantizer()
     knn.IVF_TRAIN_PER_CELL = default
     out["train_per_cell"] = per_cell[0]
     measure("cells_recall_0.95", lambda info: cell_graph(x, centroids, K, recall=0.95, info=info)[0])
     target, nprobe = out["cells_recall_0.95"]["recall"], 4
-    while nprobe <= centroids.shape[0] // 8:  # fixed probes a row, up to the margin search's recall
+    while fixed and nprobe <= centroids.shape[0] // 8:  # fixed probes a row, up to the margin search's recall
         name = f"cells_{nprobe}_probes"
         measure(name, lambda info: cell_graph(x, centroids, K, nprobe=nprobe, recall=None, info=info)[0])
         if out[name]["recall"] >= target:
@@ -107,6 +118,10 @@ def main() -> None:
     p.add_argument("--train-per-cell", default=None,
                    help="IVF training rows per cell, comma list (default: the library's): the first is compared with faiss, the others "
                         "measured as quantizer + tuned search (the choice of IVF_TRAIN_PER_CELL)")
+    p.add_argument("--nlist-factor", default="",
+                   help="comma list of factors on the library's IVF cell count (ivf_nlist), each measured as "
+                        "quantizer + tuned search before the library's own")
+    p.add_argument("--no-fixed", action="store_true", help="skip the searches with fixed probes a row")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "knn.json"))
     args = p.parse_args()
     from agc_ray.core.knn import IVF_TRAIN_PER_CELL
@@ -115,7 +130,8 @@ def main() -> None:
     results = []
     for regime in args.regimes.split(","):
         for n in (int(v) for v in args.rows.split(",")):
-            results.append(run(n, args.dim, regime, args.faiss, args.faiss16, per_cell))
+            factors = [float(v) for v in args.nlist_factor.split(",") if v]
+            results.append(run(n, args.dim, regime, args.faiss, args.faiss16, per_cell, factors, not args.no_fixed))
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
     print("\n| regime | rows | exact (est.) | quantizer | margin, target 0.95: s / cells a row / recall | fixed probes, "
@@ -127,6 +143,14 @@ def main() -> None:
         faiss_col = f"{f['seconds']} s / {f['recall']}" if f else "-"
         print(f"| {r['regime']} | {r['rows']} | {r['exact_seconds_estimate']} s | {r['quantizer_seconds']} s | "
               f"{a['seconds']} s / {a['probes_mean'] or a['method']} / {a['recall']} | {fixed} | {faiss_col} |")
+    print("\n| regime | rows | cells | quantizer | search: s / cells a row / recall | end to end |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        for key in [key for key in r if key.startswith("cells_recall_0.95_nlist_")] + ["cells_recall_0.95"]:
+            a = r[key]
+            q = a.get("quantizer_seconds", r["quantizer_seconds"])
+            print(f"| {r['regime']} | {r['rows']} | {a.get('nlist', 'library')} | {q} s | {a['seconds']} s / "
+                  f"{a['probes_mean'] or a['method']} / {a['recall']} | {q + a['seconds']:.1f} s |")
     sweep = [(r, key) for r in results for key in r if key.startswith("cells_recall_0.95_train_")]
     if sweep:
         print("\n| regime | rows | training rows a cell | quantizer | search: s / cells a row / recall | end to end |")
