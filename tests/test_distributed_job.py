@@ -55,17 +55,17 @@ def reference(job_model, job_data):
 
 @pytest.fixture(scope="module")
 def outputs(ray_session, tmp_path_factory, job_table, job_model):
-    """The same job with 1 and 3 node shards, and with 3 shards whose projections are streamed in blocks
+    """The same job with 1 and 3 node shards, and with 3 shards whose node embeddings are streamed in blocks
     of 300 nodes (several per shard, the last one shorter; one block per shard is the default here)."""
     from agc_ray.distributed import level
 
     root = tmp_path_factory.mktemp("out")
     runs = {s: (root / f"s{s}", _run(job_table, root / f"s{s}", job_model, knn="exact", num_shards=s)) for s in (1, 3)}
-    default, level.PROJECTION_BLOCK = level.PROJECTION_BLOCK, 300
+    default, level.EMBEDDING_BLOCK = level.EMBEDDING_BLOCK, 300
     try:
         runs["3, blocks of 300"] = (root / "b300", _run(job_table, root / "b300", job_model, knn="exact", num_shards=3))
     finally:
-        level.PROJECTION_BLOCK = default
+        level.EMBEDDING_BLOCK = default
     return runs
 
 
@@ -439,7 +439,7 @@ def test_long_stages_log_progress_and_nothing_louder(ray_session, tmp_path, job_
     assert knn and knn[0].startswith("level 0 kNN: 1/2 tasks, 1250/2500 rows (50%)") and "ETA" in knn[0], knn
     assert any(line.startswith("level 0 kNN: ivf index of 2500 rows built in 2 shard(s)") for line in lines)
     assert any(line.startswith("level 0 kNN index build: 1/2 tasks, ") for line in lines)
-    for stage in ("level 0 scoring 1/2 (projections): ", "level 0 scoring 2/2 (edges): "):
+    for stage in ("level 0 scoring 1/2 (node embeddings): ", "level 0 scoring 2/2 (edges): "):
         scoring = [line for line in lines if line.startswith(stage)]
         # rows done come from the tasks' own reports too: at least the finished task's 1250 rows
         assert scoring and scoring[0].startswith(stage + "1/2 tasks, "), (stage, lines)
@@ -504,16 +504,16 @@ def test_local_rows_gather_like_a_halo_copy(normalize):
         np.testing.assert_array_equal(rows[local].numpy(), l2_normalize(x)[lg.nodes[local]])
 
 
-def test_projection_blocks_read_like_one_array():
-    """A level's projections as blocks (each inside one shard, a shard's first at its start, the last
+def test_embedding_blocks_read_like_one_array():
+    """A level's node embeddings as blocks (each inside one shard, a shard's first at its start, the last
     shorter) read back by global id and by a shard's row range as the whole array would be."""
     import torch
 
-    from agc_ray.distributed.level import BlockRows, projection_blocks
+    from agc_ray.distributed.level import BlockRows, embedding_blocks
     from agc_ray.distributed.shards import shard_bounds
 
     offsets = shard_bounds(1000, 3)  # 0, 333, 667, 1000
-    bounds, of_shard = projection_blocks(offsets, block=128)
+    bounds, of_shard = embedding_blocks(offsets, block=128)
     np.testing.assert_array_equal(bounds, [0, 128, 256, 333, 461, 589, 667, 795, 923, 1000])
     assert of_shard == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     proj = np.random.default_rng(0).standard_normal((1000, 6)).astype(np.float32)

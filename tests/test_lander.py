@@ -109,10 +109,10 @@ def test_inference_reports_every_row_once_per_stage(monkeypatch):
 
     model = Lander(16, 5).eval()
     chunk = inference.chunk_rows(model, 5)
-    assert chunk & (chunk - 1) == 0  # a power of two, dividing the job's blocks of projections
-    from agc_ray.distributed.level import PROJECTION_BLOCK
+    assert chunk & (chunk - 1) == 0  # a power of two, dividing the job's blocks of node embeddings
+    from agc_ray.distributed.level import EMBEDDING_BLOCK
 
-    assert PROJECTION_BLOCK % inference.MAX_CHUNK == 0
+    assert EMBEDDING_BLOCK % inference.MAX_CHUNK == 0
     monkeypatch.setattr(inference, "SCRATCH_BYTES", 1 << 40)
     assert inference.chunk_rows(model, 5) == inference.MAX_CHUNK  # capped
     assert inference.chunk_rows(model, 5, "cuda") == inference.MAX_CHUNK  # a GPU takes the largest chunks
@@ -120,13 +120,13 @@ def test_inference_reports_every_row_once_per_stage(monkeypatch):
     x, _ = make_faces(chunk + 300, dim=16, seed=0)  # two chunks
     nbr, sim = knn_graph(x, 5)
     seen = []
-    proj = inference.node_projections(model, torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(nbr),
-                                      torch.from_numpy(sim), report=seen.append)
+    h = inference.node_embeddings(model, torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(nbr),
+                                  torch.from_numpy(sim), report=seen.append)
     assert seen == [chunk, 300]
     g = LevelGraph(x_id=x, x_sum=x, size=np.ones(len(x), dtype=np.int64), nbr=nbr, sim=sim,
                    peak_row=np.arange(len(x)))
     feats = g.edge_features()
     seen.clear()
-    p = inference.edge_probabilities(model, proj, proj, torch.from_numpy(nbr), feats, report=seen.append)
+    p = inference.edge_probabilities(model, h, h, torch.from_numpy(nbr), feats, report=seen.append)
     assert seen == [chunk, 300]
     torch.testing.assert_close(p, inference.score_level(model, g)[0])  # reporting changes nothing

@@ -279,9 +279,9 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, 
 
     Over the graph of base + new nodes (ids ``n + i``) in which the base neighbours have their lists
     ``nbr1`` (the new nodes inserted): features are gathered from the base's and the new nodes' arrays
-    (never concatenated), projections are computed for hop1 and the new nodes only.
+    (never concatenated), embeddings are computed for hop1 and the new nodes only.
     """
-    from agc_ray.core.inference import edge_probabilities, node_projections
+    from agc_ray.core.inference import edge_probabilities, node_embeddings
     from agc_ray.core.lander import predicted_density
 
     n, m = base.n, x_q.shape[0]
@@ -300,16 +300,16 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, 
     nbr_t, sim_t = torch.from_numpy(nbr_all), torch.from_numpy(sim_all)
     model = model.cpu().eval()
     rows = np.concatenate([hop1, n + np.arange(m)])
-    proj_rows = node_projections(model, x_id, x_mean, nbr_t, sim_t, torch.from_numpy(rows))
+    h_rows = node_embeddings(model, x_id, x_mean, nbr_t, sim_t, torch.from_numpy(rows))
     position = np.full(n + m, -1, np.int64)
     position[rows] = np.arange(rows.size)
 
-    def proj_of(ids):  # the new nodes' neighbours are hop1 or new: all projected
-        return proj_rows[torch.from_numpy(position[ids.numpy()])]
+    def h_of(ids):  # the new nodes' neighbours are hop1 or new: all embedded
+        return h_rows[torch.from_numpy(position[ids.numpy()])]
 
     mean_sim = mean_valid(sim_t, nbr_t >= 0)
     feats = edge_features(nbr_all, sim_all, x_mean_all, size, start=n, stop=n + m, mean_sim=mean_sim, cohesion=cohesion)
-    p = edge_probabilities(model, proj_of, proj_rows[hop1.size:], nbr_t[n:], feats)
+    p = edge_probabilities(model, h_of, h_rows[hop1.size:], nbr_t[n:], feats)
     density = predicted_density(p, torch.from_numpy(sim_q), torch.from_numpy(nbr_q >= 0))
     # hop1's edges to new nodes (the only ones read)
     row, col = np.nonzero(nbr1 >= n)
@@ -320,7 +320,9 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, 
                                cohesion=cohesion)
         f = feats1[torch.from_numpy(np.searchsorted(with_new, row)), torch.from_numpy(col)]
         nb = torch.from_numpy(nbr1[row, col])
-        logits = model.edge_head(proj_of(nb)[:, None], proj_rows[torch.from_numpy(row)], model.normalize_features(f[:, None]))
+        head = model.edge_head
+        logits = head.neighbour_logits(head.project_neighbours(h_of(nb)[:, None]),
+                                       head.project(h_rows[torch.from_numpy(row)]), model.normalize_features(f[:, None]))
         p1[row, col] = torch.sigmoid(logits[:, 0]).numpy()
     return p.numpy(), density.numpy(), p1
 

@@ -160,6 +160,7 @@ class EdgeHead(nn.Module):
 
     Shapes:
         project: h (M, in_channels) -> (M, 3 hidden): the [src | dst | metric] projections.
+        project_neighbours: h (..., in_channels) -> (..., 2 hidden): [src | metric].
         forward: proj_j (S, k, 3 hidden), proj_i (S, 3 hidden), f (S, k, F) -> logits (S, k).
     """
 
@@ -185,9 +186,24 @@ class EdgeHead(nn.Module):
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h)
 
+    def project_neighbours(self, h: torch.Tensor) -> torch.Tensor:
+        """The [src | metric] projections of neighbour embeddings, what an edge reads of its far end:
+        h (..., in_channels) -> (..., 2 hidden). Inference keeps h per node (a third of the projections'
+        bytes) and projects the neighbours of a chunk of rows here."""
+        e, w, b = self.hidden_channels, self.proj.weight, self.proj.bias
+        return F.linear(h, torch.cat([w[:e], w[2 * e :]]), torch.cat([b[:e], b[2 * e :]]))
+
     def forward(self, proj_j: torch.Tensor, proj_i: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         e = self.hidden_channels
-        src_j, met_j = proj_j[..., :e], proj_j[..., 2 * e :]
+        return self._logits(proj_j[..., :e], proj_j[..., 2 * e :], proj_i, f)
+
+    def neighbour_logits(self, nbr_proj: torch.Tensor, proj_i: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the neighbours' :meth:`project_neighbours` (S, k, 2 hidden) for proj_j."""
+        e = self.hidden_channels
+        return self._logits(nbr_proj[..., :e], nbr_proj[..., e:], proj_i, f)
+
+    def _logits(self, src_j, met_j, proj_i, f):
+        e = self.hidden_channels
         dst_i, met_i = proj_i[:, None, e : 2 * e], proj_i[:, None, 2 * e :]
         z = src_j + dst_i + met_i * met_j + self.feat(f)
         # PReLU's per-channel weights act on dim 1: run the MLP on (S * k, hidden) rows.

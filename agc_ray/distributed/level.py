@@ -4,9 +4,9 @@ A level's nodes are cut into contiguous shards (``offsets``); each shard's array
 member-feature sums, sizes, peak rows) are objects in Ray's object store, and so are the level's
 kNN graph arrays ``(nbr, sim)`` (n, k), which are small. Stages, each one Ray task per shard:
 
-1. :func:`shard_projections`: reads the features of the shard's neighbours (its halo) from their
-   owners' parts, computes LANDER's node projections, stored in blocks (:func:`projection_blocks`).
-2. :func:`shard_probabilities`: edge features and probabilities (neighbours' projections read from their owners' parts
+1. :func:`shard_embeddings`: reads the features of the shard's neighbours (its halo) from their
+   owners' parts, computes LANDER's node embeddings h, stored in blocks (:func:`embedding_blocks`).
+2. :func:`shard_probabilities`: edge features and probabilities (neighbours' embeddings read from their owners' parts
    chunk by chunk) and densities.
 3. :func:`shard_decode`: each node keeps its best denser edge; a local union-find (connected
    components of the intra-shard edges) reduces the shard to its local roots.
@@ -178,19 +178,20 @@ def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None
     return feats
 
 
-#: Rows per object of a shard's projections (a multiple of the core's chunk of rows, a power of two up to
+#: Rows per object of a shard's node embeddings (a multiple of the core's chunk of rows, a power of two up to
 #: :data:`~agc_ray.core.inference.MAX_CHUNK`, so that each chunk is the same product as in one piece): a
 #: task streams them to the object store one at a time (a generator), instead of holding its whole (n_s,
-#: 3E) result and then its copy there, and objects of ~100 MB fit where earlier objects were freed. At
-#: 10^6 x 256 rows on two shards, one result per shard (768 MB each) took the job's peak to 6.0 GB.
-PROJECTION_BLOCK = 16 * 4096
+#: hidden) result and then its copy there, and objects of ~32 MB fit where earlier objects were freed. At
+#: 10^6 x 256 rows on two shards, one result per shard (then 768 MB of projections each) took the job's
+#: peak to 6.0 GB.
+EMBEDDING_BLOCK = 16 * 4096
 
 
-def projection_blocks(offsets: np.ndarray, block: int | None = None) -> tuple[np.ndarray, list[list[int]]]:
-    """The level's projection objects: ``(bounds, per shard its block indices)``, ``bounds`` (B + 1,)
-    global node ranges of at most ``block`` (default :data:`PROJECTION_BLOCK`) nodes, each inside one
+def embedding_blocks(offsets: np.ndarray, block: int | None = None) -> tuple[np.ndarray, list[list[int]]]:
+    """The level's embedding objects: ``(bounds, per shard its block indices)``, ``bounds`` (B + 1,)
+    global node ranges of at most ``block`` (default :data:`EMBEDDING_BLOCK`) nodes, each inside one
     shard, a shard's first starting where the shard does."""
-    block = block or PROJECTION_BLOCK
+    block = block or EMBEDDING_BLOCK
     cuts, of_shard = [], []
     for s in range(offsets.size - 1):
         lo, hi = int(offsets[s]), int(offsets[s + 1])
@@ -201,16 +202,16 @@ def projection_blocks(offsets: np.ndarray, block: int | None = None) -> tuple[np
 
 
 @lazy_remote(num_cpus=1)
-def shard_projections(model, s: int, offsets, graph, owners: list[int], blocks, *parts, progress=None):
-    """Stage 1: the node projections of shard ``s``, yielded as one (b, 3E) array per projection block
+def shard_embeddings(model, s: int, offsets, graph, owners: list[int], blocks, *parts, progress=None):
+    """Stage 1: the node embeddings of shard ``s``, yielded as one (b, hidden) array per embedding block
     of the shard: ``blocks`` are their bounds, global ids from the shard's first node to its end (of
-    :func:`projection_blocks`; call with ``num_returns`` = ``len(blocks) - 1``).
+    :func:`embedding_blocks`; call with ``num_returns`` = ``len(blocks) - 1``).
 
     ``parts``: :func:`shard_inputs` of ``[x_id]`` (level 0) or ``[x_id, x_sum, size]``.
     ``progress``: ``(counter, stage)`` that the rows done are reported to (see
     :func:`agc_ray.distributed.progress.reporter`), or None.
     """
-    from agc_ray.core.inference import node_projections
+    from agc_ray.core.inference import node_embeddings
     from agc_ray.distributed.progress import reporter
 
     torch = _torch_single_thread()
@@ -225,12 +226,12 @@ def shard_projections(model, s: int, offsets, graph, owners: list[int], blocks, 
     model.eval()
     report = reporter(*progress) if progress else None
     for a, b in zip(blocks[:-1], blocks[1:]):
-        yield node_projections(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(a - lo, b - lo),
+        yield node_embeddings(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(a - lo, b - lo),
                                report=report).numpy()
 
 
 class BlockRows:
-    """Rows of an array stored as projection blocks (``{block index: (b, C) array}`` over ``bounds``),
+    """Rows of an array stored as embedding blocks (``{block index: (b, C) array}`` over ``bounds``),
     as tensors: by global id (``rows(ids)``), or a range of a shard's rows ``first:stop`` by local
     position (``rows[a:b]``, cut at ``stop``)."""
 
@@ -260,15 +261,15 @@ def shard_probabilities(model, s: int, offsets, graph, owners: list[int], blocks
                         progress=None):
     """Stage 2: ``(p (n_s, k), density (n_s,))`` of shard ``s``.
 
-    ``parts``: the projection blocks ``block_ids`` (of :func:`projection_blocks`' ``blocks``: shard s's
+    ``parts``: the embedding blocks ``block_ids`` (of :func:`embedding_blocks`' ``blocks``: shard s's
     and its halo owners'), then at levels above 0 :func:`shard_inputs` of ``[x_sum, size]``.
-    ``progress`` as in :func:`shard_projections`.
+    ``progress`` as in :func:`shard_embeddings`.
 
-    The projections of the shard's rows and of their neighbours are read from the blocks chunk by
-    chunk (no own + halo copy: at level 0 in random row order the halo is nearly every other row, 1.5
-    GB of projections at 10^6 rows), and the edge features are computed chunk by chunk here (stage 1
+    The embeddings of the shard's rows and of their neighbours are read from the blocks chunk by
+    chunk (no own + halo copy: at level 0 in random row order the halo is nearly every other row, 0.5
+    GB of embeddings at 10^6 rows), and the edge features are computed chunk by chunk here (stage 1
     returning them put (n, k, F) floats, 0.4 GB at 10^6 rows, in the object store beside the
-    projections).
+    embeddings).
     """
     from agc_ray.core.inference import edge_probabilities
     from agc_ray.core.lander import predicted_density
@@ -277,7 +278,7 @@ def shard_probabilities(model, s: int, offsets, graph, owners: list[int], blocks
     torch = _torch_single_thread()
     nbr, sim = graph
     lo, hi = int(offsets[s]), int(offsets[s + 1])
-    proj = BlockRows(dict(zip(block_ids, parts[:len(block_ids)])), blocks, lo, hi)
+    h = BlockRows(dict(zip(block_ids, parts[:len(block_ids)])), blocks, lo, hi)
     parts = parts[len(block_ids):]
     lg = LocalGraph(nbr, lo, hi)
     means = (None, None, None)
@@ -287,7 +288,7 @@ def shard_probabilities(model, s: int, offsets, graph, owners: list[int], blocks
                  _cohesion_rows(lg, s, offsets, owners, parts, size_loc))
     nbr_rows = torch.from_numpy(np.ascontiguousarray(nbr[lo:hi]))
     model.eval()
-    p = edge_probabilities(model, proj, proj, nbr_rows, shard_edge_features(nbr, sim, lg, *means),
+    p = edge_probabilities(model, h, h, nbr_rows, shard_edge_features(nbr, sim, lg, *means),
                            report=reporter(*progress) if progress else None)
     sim_rows = torch.from_numpy(np.ascontiguousarray(sim[lo:hi]))
     density = predicted_density(p, sim_rows, nbr_rows >= 0)

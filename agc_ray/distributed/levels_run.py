@@ -201,23 +201,23 @@ class Job:
             progress.wait(density, f"level {level_no} scoring", rows=level.shard_rows())
         else:
             owners = ray.get(lv.halo_owners.remote(offs, graph))
-            names = (f"level {level_no} scoring 1/2 (projections)", f"level {level_no} scoring 2/2 (edges)")
+            names = (f"level {level_no} scoring 1/2 (node embeddings)", f"level {level_no} scoring 2/2 (edges)")
             counter = self.row_counter(level.n)
-            blocks, block_ids = lv.projection_blocks(offs)
-            stage1 = [lv.shard_projections.options(num_returns=len(block_ids[s])).remote(
+            blocks, block_ids = lv.embedding_blocks(offs)
+            stage1 = [lv.shard_embeddings.options(num_returns=len(block_ids[s])).remote(
                           model_ref, s, offs, graph, owners[s], blocks[block_ids[s][0]:block_ids[s][-1] + 2],
                           *lv.shard_inputs(level.arrays(), s, owners[s]), progress=(counter, names[0]) if counter else None)
                       for s in range(level.shards)]
-            proj = [r for refs in stage1 for r in ref_list(refs)]  # by block
+            h = [r for refs in stage1 for r in ref_list(refs)]  # by block
             means = [] if level.x_sum is None else [level.x_sum, level.size]  # the edge features' inputs
             stage2 = []
             for s in range(level.shards):
                 read = [b for o in (s, *owners[s]) for b in block_ids[o]]
                 stage2.append(lv.shard_probabilities.remote(
-                    model_ref, s, offs, graph, owners[s], blocks, read, *[proj[b] for b in read],
+                    model_ref, s, offs, graph, owners[s], blocks, read, *[h[b] for b in read],
                     *lv.shard_inputs(means, s, owners[s]), progress=(counter, names[1]) if counter else None))
             p, density = [r[0] for r in stage2], [r[1] for r in stage2]
-            progress.wait([proj[ids[-1]] for ids in block_ids], names[0], rows=level.shard_rows(), counter=counter)
+            progress.wait([h[ids[-1]] for ids in block_ids], names[0], rows=level.shard_rows(), counter=counter)
             progress.wait(density, names[1], rows=level.shard_rows(), counter=counter)
         stats["score_seconds"] = self._time("score", t0)
         t0 = time.perf_counter()

@@ -8,7 +8,7 @@ wall time from per-row costs measured by ``benchmarks/bench_estimate.py``. It wr
 
 The cost model (see :data:`COSTS`): the run's memory peaks at level 0, where every row's embedding is
 held a few times over (Ray Data's blocks, the shard, the index, the halo copies scoring reads) with the
-graph and the model's projections; so a node's peak is a fixed part per Ray worker plus a part per row
+graph and the model's node embeddings; so a node's peak is a fixed part per Ray worker plus a part per row
 it holds (rows spread evenly over the nodes by the shards). Time: the kNN search scans ``nprobe`` IVF
 cells of ``N / nlist`` rows per query (``N^2`` for exact search), scoring and reading are linear in
 ``N x D``, and every level above 0 repeats the work on the clusters of the one below.
