@@ -48,6 +48,32 @@ def _run(input, output, model=None, **kw):
     return run_job(JobConfig(input=str(input), output=str(output), model=None if model is None else str(model), **kw))
 
 
+def test_shards_stream_from_ray_data_blocks(ray_session):
+    """The shards are cut from Ray Data's blocks as they stream (blocks straddling a shard boundary,
+    empty shards, sliced bundles): the rows in order; a row count other than the footers' is an error."""
+    import pyarrow as pa
+    import ray
+
+    from agc_ray.distributed.errors import InputError
+    from agc_ray.distributed.input import _stream_shards
+
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    blocks = [pa.table({"id": pa.array(range(lo, hi)), "x": pa.FixedShapeTensorArray.from_numpy_ndarray(x[lo:hi])})
+              for lo, hi in ((0, 3), (3, 7), (7, 10))]
+    ds = ray.data.from_arrow(blocks)
+    for offsets in ([0, 10], [0, 2, 5, 10], [0, 0, 5, 5, 10], [0, 3, 7, 10]):
+        built = _stream_shards(ds, np.array(offsets), False)
+        assert len(built) == len(offsets) - 1
+        for b, lo, hi in zip(built, offsets[:-1], offsets[1:]):
+            if hi > lo:
+                np.testing.assert_array_equal(ray.get(b[0]), x[lo:hi])
+                assert ray.get(b[1]).to_pylist() == list(range(lo, hi))
+    with pytest.raises(InputError, match="more rows than its files' footers say"):
+        _stream_shards(ds, np.array([0, 4, 8]), False)
+    with pytest.raises(InputError, match="has 10 rows where its files' footers say 12"):
+        _stream_shards(ds, np.array([0, 6, 12]), False)
+
+
 @pytest.fixture(scope="module")
 def reference(job_model, job_data):
     return reference_levels(job_model, job_data[0], knn="exact")

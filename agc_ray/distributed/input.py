@@ -282,28 +282,14 @@ def read_shards(fs, schema: InputSchema, num_shards: int) -> RowShards:
         fn_kwargs=dict(id_column=schema.id_column, embedding_column=schema.embedding_column,
                        label_column=schema.label_column, dim=schema.dim),
     )
+    offsets = shard_bounds(schema.rows, num_shards)
     try:
-        ds = ds.materialize()
+        built = _stream_shards(ds, offsets, schema.label_column is not None)
     except Exception as e:  # Ray wraps the UDF's InputError
         err = find_input_error(e)
         if err is not None:
             raise err from None
         raise
-    offsets = shard_bounds(schema.rows, num_shards)
-    parts = ds.split_at_indices(list(offsets[1:-1])) if offsets.size > 2 else [ds]
-    del ds  # from here the parts hold the blocks
-    # Every part's blocks before any shard task holds a CPU: Ray Data checks for a free CPU on each
-    # call and warns that it "will hang" when a shard task holds the last one.
-    blocks = [part.to_arrow_refs() for part in parts]
-    del parts
-    built = []
-    for s in range(len(blocks)):
-        # One shard at a time, each part's blocks dropped once its shard exists: the object store then
-        # holds the table once plus one shard, not twice the table (its peak stays at that high-water
-        # mark for the rest of the run).
-        built.append(_build_shard.options(num_returns=5).remote(schema.label_column is not None, *blocks[s]))
-        blocks[s] = None
-        ray.wait([built[-1][0]], fetch_local=False)
     dim = _common_dim(ray.get([b[3] for b in built]))
     # As agc_ray.core.knn.unit_rows decides for the whole matrix: a table of unit rows is used as
     # it is, any other is L2-normalised row by row.
@@ -313,6 +299,39 @@ def read_shards(fs, schema: InputSchema, num_shards: int) -> RowShards:
     ids = [b[1] for b in built]
     check_unique(schema.id_column, ray.get(_find_duplicate.remote(*ids)))
     return RowShards(offsets, x, ids, [b[2] for b in built] if schema.label_column else None, dim)
+
+
+def _stream_shards(ds, offsets: np.ndarray, with_labels: bool) -> list:
+    """Build the row shards (``offsets``) from ``ds``'s blocks as they stream out of Ray Data: each
+    shard's build task starts once its last row has been read, and a block is dropped once the shards
+    that take its rows are built. The object store never holds the whole table as blocks beside its
+    shards (materialising first, then cutting, took the store's high-water mark to 2.4x the table at
+    300K x 256 rows, which it keeps for the rest of the run). Returns :func:`_build_shard`'s refs per
+    shard."""
+    n_shards = offsets.size - 1
+    built, blocks, spans, pos = [], [], [], 0
+
+    def build_finished():  # every shard that ends at the current row (empty ones included)
+        nonlocal blocks, spans
+        while len(built) < n_shards and pos == offsets[len(built) + 1]:
+            built.append(_build_shard.options(num_returns=5).remote(with_labels, spans, *blocks))
+            blocks, spans = [], []
+
+    build_finished()
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry, part in zip(bundle.blocks, bundle.slices):
+            lo, hi = (part.start_offset, part.end_offset) if part is not None else (0, entry.metadata.num_rows)
+            while lo < hi:
+                if len(built) == n_shards:
+                    raise InputError(f"the table has more rows than its files' footers say ({int(offsets[-1])})")
+                take = min(hi - lo, int(offsets[len(built) + 1]) - pos)
+                blocks.append(entry.ref)
+                spans.append((lo, lo + take))
+                lo, pos = lo + take, pos + take
+                build_finished()
+    if len(built) < n_shards:
+        raise InputError(f"the table has {pos} rows where its files' footers say {int(offsets[-1])}")
+    return built
 
 
 def _common_dim(dims: list[int]) -> int:
@@ -340,7 +359,8 @@ def _read_direct(fs, schema: InputSchema, num_shards: int) -> RowShards:
     table = pa.concat_tables(blocks)
     offsets = shard_bounds(table.num_rows, num_shards)
     with_labels = schema.label_column is not None
-    built = [_build_shard_impl(with_labels, table.slice(lo, hi - lo)) for lo, hi in zip(offsets[:-1], offsets[1:])]
+    built = [_build_shard_impl(with_labels, None, table.slice(lo, hi - lo))
+             for lo, hi in zip(offsets[:-1], offsets[1:])]
     dim = _common_dim([b[3] for b in built])
     unit = all(b[4] for b in built)
     ids = [b[1] for b in built]
@@ -350,10 +370,13 @@ def _read_direct(fs, schema: InputSchema, num_shards: int) -> RowShards:
     return RowShards(offsets, x, [ray.put(i) for i in ids], labels, dim)
 
 
-def _build_shard_impl(with_labels: bool, *tables):
-    """One row shard from its Ray Data blocks: ``(x, ids, labels, dimension, all rows unit)``."""
+def _build_shard_impl(with_labels: bool, spans: list | None, *tables):
+    """One row shard from its Ray Data blocks, rows ``spans[i] = (lo, hi)`` of table i (None: all rows):
+    ``(x, ids, labels, dimension, all rows unit)``."""
     from agc_ray.core.knn import unit_rows
 
+    if spans is not None:
+        tables = [t.slice(lo, hi - lo) for t, (lo, hi) in zip(tables, spans)]
     tables = [t for t in tables if t.num_rows]
     table = pa.concat_tables(tables) if tables else None
     col = table.column("x").combine_chunks()
