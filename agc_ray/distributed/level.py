@@ -227,7 +227,7 @@ def shard_embeddings(model, s: int, offsets, graph, owners: list[int], blocks, *
     report = reporter(*progress) if progress else None
     for a, b in zip(blocks[:-1], blocks[1:]):
         yield node_embeddings(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(a - lo, b - lo),
-                               report=report).numpy()
+                              report=report).numpy()
 
 
 class BlockRows:
