@@ -74,6 +74,22 @@ def test_shards_stream_from_ray_data_blocks(ray_session):
         _stream_shards(ds, np.array([0, 6, 12]), False)
 
 
+def test_bad_row_found_while_streaming_is_an_input_error(ray_session, tmp_path):
+    """A bad row in a later file, found by a Ray Data task after shards were already being built,
+    surfaces as the one-line InputError with its example id."""
+    from agc_ray.distributed.demo import write_table
+    from agc_ray.distributed.errors import InputError
+    from agc_ray.distributed.input import check_schema, read_shards, resolve_input
+
+    x = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    x[377, 3] = np.nan
+    write_table(tmp_path / "t", x, files=4)
+    fs, files = resolve_input(str(tmp_path / "t"))
+    schema = check_schema(fs, files, "id", "embedding", None)
+    with pytest.raises(InputError, match=r"NaN or Inf in 1 row\(s\) of a block \(example id 377\)"):
+        read_shards(fs, schema, 3)
+
+
 @pytest.fixture(scope="module")
 def reference(job_model, job_data):
     return reference_levels(job_model, job_data[0], knn="exact")
