@@ -281,7 +281,7 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, 
     ``nbr1`` (the new nodes inserted): features are gathered from the base's and the new nodes' arrays
     (never concatenated), embeddings are computed for hop1 and the new nodes only.
     """
-    from agc_ray.core.inference import edge_probabilities, node_embeddings
+    from agc_ray.core.inference import edge_probabilities, embedding_logits, node_embeddings
     from agc_ray.core.lander import predicted_density
 
     n, m = base.n, x_q.shape[0]
@@ -320,9 +320,7 @@ def _new_node_scores(model, base: BaseLevel, x_q, xsum_q, size_q, nbr_q, sim_q, 
                                cohesion=cohesion)
         f = feats1[torch.from_numpy(np.searchsorted(with_new, row)), torch.from_numpy(col)]
         nb = torch.from_numpy(nbr1[row, col])
-        head = model.edge_head
-        logits = head.neighbour_logits(head.project_neighbours(h_of(nb)[:, None]),
-                                       head.project(h_rows[torch.from_numpy(row)]), model.normalize_features(f[:, None]))
+        logits = embedding_logits(model, h_of(nb)[:, None], h_rows[torch.from_numpy(row)], f[:, None])
         p1[row, col] = torch.sigmoid(logits[:, 0]).numpy()
     return p.numpy(), density.numpy(), p1
 

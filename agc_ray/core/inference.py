@@ -76,6 +76,17 @@ def node_embeddings(model: Lander, x_id, x_mean, nbr, sim, rows: torch.Tensor | 
     return out
 
 
+def embedding_logits(model: Lander, h_j: torch.Tensor, h_i: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Edge logits from embeddings (:func:`node_embeddings`): the edge head's projections of both ends
+    (of the far ends only the [src | metric] part) and the raw edge features.
+
+    Shapes:
+        h_j (S, k, hidden), h_i (S, hidden), f (S, k, F) -> (S, k).
+    """
+    head = model.edge_head
+    return head.neighbour_logits(head.project_neighbours(h_j), head.project(h_i), model.normalize_features(f))
+
+
 @torch.no_grad()
 def edge_probabilities(model: Lander, h_of, h_rows, nbr_rows, feats_rows, report=None) -> torch.Tensor:
     """p_ij for the edges of some rows.
@@ -99,9 +110,7 @@ def edge_probabilities(model: Lander, h_of, h_rows, nbr_rows, feats_rows, report
         nb = nbr_rows[start:stop]
         h_j = h_of(nb.clamp_min(0)) if callable(h_of) else h_of[nb.clamp_min(0)]
         f = feats_rows(start, min(stop, nbr_rows.shape[0])) if callable(feats_rows) else feats_rows[start:stop]
-        head = model.edge_head
-        logits = head.neighbour_logits(head.project_neighbours(h_j), head.project(h_rows[start:stop]),
-                                       model.normalize_features(f))
+        logits = embedding_logits(model, h_j, h_rows[start:stop], f)
         out[start:stop] = torch.sigmoid(logits)
         if report is not None:
             report(nb.shape[0])

@@ -227,7 +227,7 @@ def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs:
 def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     """Check everything the job can check without running it (InputError as the real run) and plan it."""
     from agc_ray.core.knn import IVF_NPROBE, ivf_nlist, resolve_method
-    from agc_ray.core.recall import EXACT_FALLBACK_MAX_ROWS, probe_cap
+    from agc_ray.core.recall import exact_on_miss, probe_cap
     from agc_ray.distributed.job import _check_dim, _tau_source, load_estimator, validate_config
 
     validate_config(cfg)
@@ -251,7 +251,7 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     if method != "ivf":
         detail = "flat index, exact"
     elif est.knn_recall is not None and cfg.knn_recall_sample > 0:
-        missed = ("exact search" if schema.rows <= EXACT_FALLBACK_MAX_ROWS
+        missed = ("exact search" if exact_on_miss(schema.rows)
                   else "the IVF graph kept, reported below target (too many rows to search exactly)")
         detail = (f"{nlist} cells, a probe margin raised until recall >= {est.knn_recall} on {cfg.knn_recall_sample} "
                   f"sampled rows (the cells within it of each row's best, at most {probe_cap(nlist)} a row and "
