@@ -2,7 +2,7 @@
 
     python benchmarks/bench_scale.py --sizes 100000,1000000,10000000 --dim 128
     python benchmarks/bench_scale.py --sizes 100000 --train-rows 20000 --epochs 1     # a quick check
-    python benchmarks/bench_scale.py --sizes 1000000,10000000 --knn-recall 0.75      # a recall target IVF can reach at 10M
+    python benchmarks/bench_scale.py --sizes 1000000,10000000 --knn-recall 0.75      # the job's recall target (README: 10M)
 
 For each size: a labelled make_faces table (seed 2) written as Parquet files of 262,144 rows each,
 generated chunk by chunk (:func:`agc_ray.core.synthetic.iter_faces`: the table is never in memory
