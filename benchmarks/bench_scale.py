@@ -2,7 +2,7 @@
 
     python benchmarks/bench_scale.py --sizes 100000,1000000,10000000 --dim 128
     python benchmarks/bench_scale.py --sizes 100000 --train-rows 20000 --epochs 1     # a quick check
-    python benchmarks/bench_scale.py --sizes 1000000,10000000 --knn-recall 0.75      # the job's recall target (README: 10M)
+    python benchmarks/bench_scale.py --sizes 1000000,10000000 --knn-recall 0.75    # the job's recall target
 
 For each size: a labelled make_faces table (seed 2) written as Parquet files of 262,144 rows each,
 generated chunk by chunk (:func:`agc_ray.core.synthetic.iter_faces`: the table is never in memory
@@ -80,12 +80,13 @@ def main() -> None:
         output = work / f"out_{n}_{args.dim}"
         run = run_cli(["--input", str(table), "--output", str(output), "--model", str(model), "--overwrite",
                        "--num-cpus", str(args.num_cpus)]
-                      + (["--knn-recall", str(args.knn_recall)] if args.knn_recall else []), env)
+                      + (["--knn-recall", str(args.knn_recall)] if args.knn_recall is not None else []), env)
         if run["rc"] != 0:
             raise SystemExit(f"the run at n={n} failed with exit code {run['rc']}")
         manifest = json.loads((output / "manifest.json").read_text())
         gap, _ = longest_silence(run["stamped"])
-        entry = {"rows": n, "dim": args.dim, "num_cpus": args.num_cpus, "knn_recall_target": args.knn_recall, "wall_seconds": round(run["wall_seconds"], 1),
+        entry = {"rows": n, "dim": args.dim, "num_cpus": args.num_cpus, "knn_recall_target": args.knn_recall,
+                 "wall_seconds": round(run["wall_seconds"], 1),
                  "peak_memory_gb": round(run["peak_memory_gb"], 2), "timings": manifest["timings"],
                  "longest_silence_seconds": round(gap, 1),
                  "levels": [{key: lv.get(key) for key in ("nodes", "clusters", "knn_method", "knn_nprobe", "knn_probe_margin",
