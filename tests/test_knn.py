@@ -116,6 +116,21 @@ def test_sample_rows_uniform_and_small():
     assert rows.size == 100_000 and peak < 50 * 2**20
 
 
+def test_ivf_nlist_keeps_up_with_rows():
+    """~4 sqrt(N) cells (powers of two) up to 1M rows, then a cell for every ~IVF_ROWS_PER_CELL rows: with
+    4 sqrt(N) cells the cells fall behind the table's groups (an identity over 8.8 cells at 3M)."""
+    from agc_ray.core.knn import IVF_ROWS_PER_CELL, ivf_nlist
+
+    assert [ivf_nlist(n) for n in (10**4, 10**5, 10**6)] == [256, 1024, 4096]  # as measured up to 1M
+    for n in (2 * 10**6, 3 * 10**6, 10**7, 10**8):
+        cells = ivf_nlist(n)
+        assert cells & (cells - 1) == 0, cells
+        assert IVF_ROWS_PER_CELL / 2**0.5 <= n / cells <= IVF_ROWS_PER_CELL * 2**0.5, (n, cells)
+    assert ivf_nlist(3 * 10**6) == 16384 and ivf_nlist(10**7) == 32768
+    for n in (100, 800, 5000):  # small tables: at least 39 training rows a cell (faiss' minimum), 16 cells at least
+        assert 16 <= ivf_nlist(n) <= max(16, n // 39)
+
+
 def test_ivf_centroids_equal_faiss_ivf_training_and_report_each_iteration():
     """Iteration by iteration (for progress) gives exactly the centroids of IndexIVFFlat.train."""
     import faiss
