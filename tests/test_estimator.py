@@ -184,6 +184,25 @@ def test_unsupervised_fit_clusters_its_table(faces_split):
     assert est.n_features_in_ == x_test.shape[1]
 
 
+def test_unsupervised_hierarchy_coarsens_past_its_selected_level(faces_split):
+    """The adaptive thresholds fall level by level, so the early-stop ratio (made for one threshold)
+    does not end the hierarchy at level 2: the levels above the selected one are coarser options, each
+    with fewer clusters, down to the level budget (6 by default, the user's ``levels``); a fixed tau
+    keeps the ratio rule."""
+    _, _, x_test, _ = faces_split
+    result = HiLander(unsupervised=True).hierarchy(x_test)
+    assert len(result.levels) == 6 and result.selected_level < len(result.levels) - 2  # the default budget
+    assert len(HiLander(unsupervised=True, levels=8).hierarchy(x_test).levels) == 8
+    clusters = [np.unique(lv).size for lv in result.levels]
+    assert all(coarse < fine for fine, coarse in zip(clusters, clusters[1:])), clusters
+    taus = [st["tau"] for st in result.stats]
+    assert all(lower < higher for higher, lower in zip(taus[1:], taus[2:])), taus
+    assert_coarsening(result.levels)
+    fixed = HiLander(unsupervised=True, tau=0.35, levels=6)
+    assert fixed.stops_early() and not HiLander(unsupervised=True).stops_early()
+    assert not HiLander(unsupervised=True, tau=0.35, early_stop=False).stops_early()
+
+
 def test_gat_conv_and_focal_loss_train_and_predict(faces_split):
     x_train, y_train, x_test, y_test = faces_split
     model = HiLander(conv="gat", focal_gamma=2.0, conn_edges="denser", epochs=2, self_training=False)

@@ -56,6 +56,12 @@ DEFAULT_TAUS = (0.9, 0.5, 0.95)
 LEGACY_TAU = 0.9
 #: Level budget when neither the user nor the validation pass sets one.
 DEFAULT_LEVELS = 10
+#: Level budget of the unsupervised mode's adaptive thresholds when the user sets none: its selected
+#: level (usually level 2, one step below tau_0) and three coarser options, each a step further towards
+#: chance (tau_0 - chance down to 0.85^4 = 0.52 of it). The next step mostly merged unrelated clusters
+#: (of the pairs level 6 added on 12 regimes at 20K rows, 4-14 % were of one class; 50 % on another
+#: generator's stretched clusters), and each level costs a kNN graph of its nodes (1M rows: 5-10 s).
+ADAPTIVE_LEVELS = 6
 
 
 def _package_version() -> str:
@@ -87,7 +93,9 @@ class HiLander(BaseEstimator):
             the cells probed, raised until a seeded sample's recall against exact search reaches it, at
             every IVF level); None: a fixed 16 probes.
         decode: 'prob' or 'sim' (see :func:`agc_ray.core.inference.decode`).
-        early_stop: stop when a level adds more than 1/k of the previous level's edges.
+        early_stop: stop when a level adds more than 1/k of the previous level's edges (at a fixed
+            threshold; the unsupervised mode's adaptive thresholds fall level by level and go on to the
+            level budget, see :meth:`stops_early`).
         boundary_closeness: above level 0, a level's clusters whose boundary in the level-0 kNN graph is
             this close to their insides (mean edge similarity across it against inside them, both from
             the table's chance similarity) merge too: fragments of one stretched cluster, which the
@@ -216,15 +224,27 @@ class HiLander(BaseEstimator):
         taus = getattr(self, "taus_", None) or self.default_taus()
         return float(taus[min(level, len(taus) - 1)])
 
+    def stops_early(self) -> bool:
+        """Whether the early-stop rules apply to this estimator's hierarchy: ``early_stop``, except
+        with the unsupervised mode's adaptive thresholds. The reference's ratio compares levels decoded
+        at one threshold; the schedule lowers it level by level, so every level merges a fraction of
+        the last one's nodes and the ratio stopped each table after level 2 (20K rows of 12 regimes:
+        1341 -> 1212 -> 1129 clusters, a hierarchy with nothing coarser than its selected level). The
+        level budget (:data:`ADAPTIVE_LEVELS`) ends it instead."""
+        return self.early_stop and not (self.unsupervised and self.tau is None)
+
     def default_taus(self) -> list[float]:
         """Per-level taus without a user's or the validation's choice (the last one for every level
         above): :data:`DEFAULT_TAUS`, or :data:`LEGACY_TAU` for a directory saved before them."""
         return list(getattr(self, "default_taus_", DEFAULT_TAUS))
 
     def max_levels(self) -> int:
-        """The level budget: the user's ``levels``, else the validation's ``n_levels_``, else 10."""
+        """The level budget: the user's ``levels``, else the validation's ``n_levels_``, else 10 (the
+        unsupervised mode's adaptive thresholds: :data:`ADAPTIVE_LEVELS`)."""
         if self.levels is not None:
             return int(self.levels)
+        if self.unsupervised and self.tau is None:
+            return ADAPTIVE_LEVELS
         return int(getattr(self, "n_levels_", None) or DEFAULT_LEVELS)
 
     def level_decoder(self, tau: float | None = None) -> LevelDecoder:
@@ -379,7 +399,7 @@ class HiLander(BaseEstimator):
             return self._knn(feats, knn_infos[-1], below=below, skip_ivf=missed)
 
         levels = build_hierarchy(
-            X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.early_stop, knn=knn, stats=stats,
+            X, decode_level, k=self.k, levels=self.max_levels(), early_stop=self.stops_early(), knn=knn, stats=stats,
             level_tau=self.level_tau, boundary=self.boundary_rule(),
         )
         for level_stats, info, knn_info in zip(stats, infos, knn_infos):

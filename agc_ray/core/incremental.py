@@ -433,7 +433,7 @@ def hierarchy_state(est, X) -> tuple[list[np.ndarray], list[BaseLevel], list[flo
     def clusters(level, comp):  # after the boundary merge: the clusters the levels' labels have
         states[level] = replace(states[level], comp=comp)
 
-    kept = build_hierarchy(x, decode_level, k=est.k, levels=est.max_levels(), early_stop=est.early_stop,
+    kept = build_hierarchy(x, decode_level, k=est.k, levels=est.max_levels(), early_stop=est.stops_early(),
                            knn=est._knn, level_tau=est.level_tau, boundary=est.boundary_rule(), on_clusters=clusters)
     states, taus = states[:len(kept)], taus[:len(kept)]
     labels, lab = [], None

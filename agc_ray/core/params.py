@@ -51,7 +51,7 @@ PARAMS: dict[str, Param] = {
     "tau": Param(None, "decode threshold at every level (None: the model's per-level taus: chosen on validation, "
                        "else 0.9 at level 0, 0.5 at level 1, 0.95 above; unsupervised: derived from the table)",
                  float, -1.0, 1.0, optional=True),
-    "levels": Param(None, "maximum hierarchy levels when clustering (None: chosen on validation, else 10)",
+    "levels": Param(None, "maximum hierarchy levels when clustering (None: chosen on validation, else 10; 6 unsupervised without tau)",
                     int, 1, optional=True),
     "epochs": Param(6, "training epochs", int, 1),
     "seed": Param(0, "seed of the split, weights, batch order, dropout and the kNN training samples", int),

@@ -406,7 +406,7 @@ def _level_loop(job: Job, output, run_input: RunInput) -> tuple[list[dict], str 
             log.info(stop)
             break
         stop = stop_reason(level_no, n_edges, prev_edges, counts["clusters"], k=est.k, levels=est.max_levels(),
-                           early_stop=est.early_stop, next_not_lower=next_tau_not_lower(est.level_tau, level_no))
+                           early_stop=est.stops_early(), next_not_lower=next_tau_not_lower(est.level_tau, level_no))
         if stop:
             log.info("level %d: stop: %s", level_no, stop)
             break
