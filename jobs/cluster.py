@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tau", type=float, help="decode threshold on p_ij (prob) or s_ij (sim) at every level "
                    "(default: the model's per-level taus, chosen on validation or 0.9 at level 0, 0.5 at 1, 0.95 above; "
                    "unsupervised: derived from the table)")
-    m.add_argument("--max-levels", type=int, help="maximum number of hierarchy levels")
+    m.add_argument("--max-levels", type=int, help="maximum number of hierarchy levels (default: the model's, else 10; "
+                   "unsupervised without --tau: 6, the selected level and three coarser ones)")
     m.add_argument("--knn", choices=("auto", "exact", "ivf"),
                    help="kNN search: exact (flat), ivf (approximate, recall reported), auto (exact up to 20K nodes)")
     m.add_argument("--knn-recall", type=float, metavar="R",
