@@ -224,6 +224,11 @@ class HiLander(BaseEstimator):
         taus = getattr(self, "taus_", None) or self.default_taus()
         return float(taus[min(level, len(taus) - 1)])
 
+    def uses_adaptive_thresholds(self) -> bool:
+        """Whether each level's threshold comes from the table (unsupervised without a user's tau, see
+        :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`)."""
+        return self.unsupervised and self.tau is None
+
     def stops_early(self) -> bool:
         """Whether the early-stop rules apply to this estimator's hierarchy: ``early_stop``, except
         with the unsupervised mode's adaptive thresholds. The reference's ratio compares levels decoded
@@ -231,7 +236,7 @@ class HiLander(BaseEstimator):
         the last one's nodes and the ratio stopped each table after level 2 (20K rows of 12 regimes:
         1341 -> 1212 -> 1129 clusters, a hierarchy with nothing coarser than its selected level). The
         level budget (:data:`ADAPTIVE_LEVELS`) ends it instead."""
-        return self.early_stop and not (self.unsupervised and self.tau is None)
+        return self.early_stop and not self.uses_adaptive_thresholds()
 
     def default_taus(self) -> list[float]:
         """Per-level taus without a user's or the validation's choice (the last one for every level
@@ -243,7 +248,7 @@ class HiLander(BaseEstimator):
         unsupervised mode's adaptive thresholds: :data:`ADAPTIVE_LEVELS`)."""
         if self.levels is not None:
             return int(self.levels)
-        if self.unsupervised and self.tau is None:
+        if self.uses_adaptive_thresholds():
             return ADAPTIVE_LEVELS
         return int(getattr(self, "n_levels_", None) or DEFAULT_LEVELS)
 

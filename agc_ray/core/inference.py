@@ -196,6 +196,6 @@ class LevelDecoder:
         """The level ``predict`` returns out of ``n_levels``: unsupervised with the adaptive thresholds,
         the schedule's (one step below tau_0, the table's best guess; the levels above are coarser
         options); otherwise the top level (validated depth, or the user's)."""
-        if self.est.unsupervised and self.est.tau is None and self.schedule is not None:
+        if self.est.uses_adaptive_thresholds() and self.schedule is not None:
             return min(self.schedule.selected_level, n_levels - 1)
         return n_levels - 1
