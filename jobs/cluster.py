@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's per-level taus, chosen on validation or 0.9 at level 0, 0.5 at 1, 0.95 above; "
                    "unsupervised: derived from the table)")
     m.add_argument("--max-levels", type=int, help="maximum number of hierarchy levels (default: the model's, else 10; "
-                   "unsupervised without --tau: 6, the selected level and three coarser ones)")
+                   "unsupervised without --tau: 6, the selected level and two coarser ones)")
     m.add_argument("--knn", choices=("auto", "exact", "ivf"),
                    help="kNN search: exact (flat), ivf (approximate, recall reported), auto (exact up to 20K nodes)")
     m.add_argument("--knn-recall", type=float, metavar="R",

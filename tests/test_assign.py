@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -76,10 +77,36 @@ def test_unsupervised_base(faces_split):
     est = HiLander(unsupervised=True, levels=3).fit(x)
     labels, levels, taus = hierarchy_state(est, x)
     assert len(taus) == len(levels) and all(0 < t < 1 for t in taus)  # the adaptive thresholds it used
+    assert [lv.linkage is not None for lv in levels] == [False, False, True]  # level 2 decoded by linkage
     twins = np.arange(0, 1500, 100)
     out = assign_new_rows(None, levels, x[twins], taus)
     for lvl in range(len(levels)):
         np.testing.assert_array_equal(out.cluster[lvl], labels[lvl][twins])
+
+
+def test_unsupervised_linkage_level_decodes_new_nodes_by_their_links(faces_split):
+    """At the run's linkage level, new nodes (here copies of base nodes, kept from linking to their
+    originals) link by the run's rule: average link above its threshold, peaks above the guard,
+    the best-linked denser candidate."""
+    from agc_ray import HiLander
+    from agc_ray.core.hierarchy import average_links
+    from agc_ray.core.incremental import decode_new_nodes
+
+    x = unit_rows(faces_split[2][:1500])
+    _, levels, taus = hierarchy_state(HiLander(unsupervised=True, levels=3).fit(x), x)
+    base = levels[2]
+    copies = np.arange(0, base.n, 3)
+    parent, nbr, sim, _, _ = decode_new_nodes(None, base, base.x_id[copies], base.x_sum[copies], base.size[copies],
+                                              tau=taus[2], mode="sim", exclude=copies)
+    sums, sizes = np.concatenate([base.x_sum, base.x_sum[copies]]), np.concatenate([base.size, base.size[copies]])
+    link = average_links(sums[base.n:], sizes[base.n:], nbr, lambda ids: sums[ids], lambda ids: sizes[ids])
+    linked = np.flatnonzero(parent >= 0)
+    assert linked.size > 0 and np.isin(parent[linked], copies, invert=True).all()
+    col = (nbr[linked] == parent[linked, None]).argmax(axis=1)
+    assert (link[linked, col] > base.linkage).all() and (sim[linked, col] > taus[2]).all()
+    by_peaks = decode_new_nodes(None, replace(base, linkage=None), base.x_id[copies], base.x_sum[copies],
+                                base.size[copies], tau=taus[2], mode="sim", exclude=copies)[0]
+    assert (by_peaks != parent).any()  # the linkage rule decided, not the peaks' similarity
 
 
 def test_ivf_index_rebuilt_from_recorded_cells_searches_alike(faces_split):
@@ -205,6 +232,37 @@ def test_new_rows_agree_with_a_full_recluster(runs):
     new = np.arange(all_ids.size) >= (~d["new"]).sum()
     top = min(len(inc), len(full)) - 1
     assert evaluate(full[top][new], inc[top][new])["fp"] > 0.85
+
+
+def test_unsupervised_base_job_assigns_as_the_core_does(ray_session, tmp_path, job_data):
+    """An unsupervised base (adaptive thresholds, its selected level decoded by average linkage): the
+    job's state carries the linkage threshold, and jobs/assign.py places new rows as the core's
+    assign_new_rows does on the single process's state (same partitions at every level)."""
+    from agc_ray import HiLander
+    from agc_ray.distributed.job import JobConfig, run_job
+
+    x, y = job_data
+    ids = np.arange(len(x), dtype=np.int64) + 100
+    # whole identities new: their nodes form new clusters up to the linkage level, where they decode
+    new = np.isin(y, np.random.default_rng(1).choice(np.unique(y), np.unique(y).size // 8, replace=False))
+    write_table(tmp_path / "base", x[~new], y[~new], ids=ids[~new], files=2)
+    write_table(tmp_path / "new", x[new], ids=ids[new], files=1)
+    base = run_job(JobConfig(input=str(tmp_path / "base"), output=str(tmp_path / "B"), unsupervised=True,
+                             knn="exact", max_levels=4, num_shards=2))
+    meta = json.loads((tmp_path / "B" / "state" / "state.json").read_text())
+    assert meta["linkage"][base["selected_level"]] is not None
+    _assign(tmp_path / "B", tmp_path / "new", tmp_path / "A")
+
+    est = HiLander(unsupervised=True, knn="exact", levels=4).fit(x[~new])
+    labels, levels, taus = hierarchy_state(est, unit_rows(x[~new]))
+    assert [lv.linkage for lv in levels] == pytest.approx(meta["linkage"])
+    core = assign_new_rows(None, levels, unit_rows(x[new]), taus)
+    got = _labels_of(tmp_path / "A", np.concatenate([ids[~new], ids[new]]))
+    assert len(got) == len(levels)
+    for lvl, job_labels in enumerate(got):  # the same partition of base + new rows
+        ours = np.concatenate([labels[lvl], core.cluster[lvl]])
+        pairs = np.unique(np.stack([ours, job_labels]), axis=1)
+        assert pairs.shape[1] == np.unique(ours).size == np.unique(job_labels).size, f"level {lvl}"
 
 
 def test_state_ivf_index_reproduces_the_base_graph(runs):

@@ -463,6 +463,10 @@ def test_unsupervised_adaptive_tau_equals_single_process(ray_session, tmp_path, 
     assert manifest["parameters"]["tau_source"] == "adaptive"
     assert manifest["parameters"]["tau"] == pytest.approx(taus)
     assert manifest["selected_level"] == result.selected_level
+    # the selected level decoded by average linkage (member sums over the shards' halos), same threshold
+    linkage = {i: st["linkage"] for i, st in enumerate(result.stats[: len(ref)]) if "linkage" in st}
+    assert list(linkage) == [result.selected_level]
+    assert {i: lv["linkage"] for i, lv in enumerate(manifest["levels"]) if "linkage" in lv} == pytest.approx(linkage)
 
 
 def test_long_stages_log_progress_and_nothing_louder(ray_session, tmp_path, job_table, job_model, monkeypatch, caplog):

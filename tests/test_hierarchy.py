@@ -122,7 +122,7 @@ def test_unsupervised_hierarchy_groups_identities():
 
 
 def test_adaptive_schedule_selects_one_step_below_tau_0():
-    schedule = AdaptiveSchedule(0.6, 0.2, decay=0.5)
+    schedule = AdaptiveSchedule(0.6, 0.2, decay=0.5, linkage=False)
     assert schedule.tau() == 0.6
     assert schedule.accept(0, nodes=1000, edges=500)  # merges at tau_0: level 0 kept, selected
     assert schedule.selected_level == 0 and schedule.tau() == 0.6
@@ -130,10 +130,53 @@ def test_adaptive_schedule_selects_one_step_below_tau_0():
     assert schedule.tau() == pytest.approx(0.4)
     assert schedule.accept(1, nodes=500, edges=100)
     assert schedule.selected_level == 1  # one step below tau_0
-    assert schedule.tau() == pytest.approx(0.3)
+    assert schedule.tau() == pytest.approx(0.3) and not schedule.uses_linkage()
     assert schedule.accept(2, nodes=400, edges=100)
     assert schedule.selected_level == 1  # two steps below: a coarser option, not selected
     assert schedule.tau() == pytest.approx(0.25)
+
+
+def test_adaptive_schedule_selects_the_linkage_level_above_one_step_below_tau_0():
+    schedule = AdaptiveSchedule(0.6, 0.2, decay=0.5)
+    assert schedule.linkage_floor() == pytest.approx(0.4)  # halfway from chance to tau_0
+    assert schedule.accept(0, nodes=1000, edges=500) and not schedule.uses_linkage()
+    assert not schedule.accept(1, nodes=500, edges=2) and not schedule.uses_linkage()  # one step down
+    assert schedule.accept(1, nodes=500, edges=100) and schedule.selected_level == 1
+    assert schedule.uses_linkage() and schedule.tau() == pytest.approx(0.3)  # the guard: two steps below
+    assert schedule.accept(2, nodes=400, edges=100) and schedule.selected_level == 2
+    assert not schedule.uses_linkage() and schedule.tau() == pytest.approx(0.25)  # the levels above: peaks again
+    assert schedule.accept(3, nodes=300, edges=100) and schedule.selected_level == 2
+
+    nothing = AdaptiveSchedule(0.6, 0.2, decay=0.5)
+    assert nothing.accept(0, nodes=1000, edges=500) and not nothing.accept(1, nodes=500, edges=2)
+    assert nothing.accept(1, nodes=500, edges=100)
+    assert nothing.uses_linkage() and not nothing.accept(2, nodes=400, edges=0)  # no link: decode again
+    assert not nothing.uses_linkage() and nothing.tau() == pytest.approx(0.3)  # by the peaks, same step
+    assert nothing.accept(2, nodes=400, edges=50) and nothing.selected_level == 1
+
+
+def test_linkage_decode_joins_fragments_by_their_members_not_their_peaks():
+    """Two fragments of one cluster whose peaks are far apart but whose members are close merge; two
+    clusters whose peaks are close but whose members are not stay apart; the guard keeps apart
+    fragments whose peaks are below it, however close their members."""
+    from agc_ray.core.hierarchy import average_links, best_links, linkage_parents, linkage_threshold
+
+    e = np.eye(4, dtype=np.float32)
+    x_id = e  # the peaks: orthogonal, similarity 0 between any two
+    x_sum = np.stack([e[0] * 3, e[0] * 2, e[2] * 2, e[3] * 2])  # nodes 0, 1: members alike
+    size = np.array([3, 2, 2, 2])
+    nbr = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])
+    sim = np.array([[0.5, 0.45], [0.5, 0.1], [0.48, 0.45], [0.48, 0.1]], dtype=np.float32)  # peaks' similarities
+    g = LevelGraph(x_id=x_id, x_sum=x_sum, size=size, nbr=nbr, sim=sim, peak_row=np.arange(4))
+    link = average_links(x_sum, size, nbr, lambda ids: x_sum[ids], lambda ids: size[ids])
+    assert link[0, 0] == pytest.approx(1.0) and link[2, 0] == pytest.approx(0.0)
+    np.testing.assert_array_equal(link, g.average_links)
+    gamma = linkage_threshold(best_links(link, size), floor=0.3)
+    assert gamma == pytest.approx(0.5)  # the median of best links 1, 1, 0, 0
+    parent = linkage_parents(g, gamma, guard=0.4)
+    assert (parent[0] == 1 or parent[1] == 0) and parent[2] == -1 and parent[3] == -1
+    assert (linkage_parents(g, gamma, guard=0.5) == -1).all()  # the peaks (0.5) not above the guard
+    assert linkage_threshold(np.zeros(0, np.float32), floor=0.3) == 0.3
 
 
 def test_member_sums_do_not_depend_on_the_split_of_the_members():

@@ -57,8 +57,8 @@ LEGACY_TAU = 0.9
 #: Level budget when neither the user nor the validation pass sets one.
 DEFAULT_LEVELS = 10
 #: Level budget of the unsupervised mode's adaptive thresholds when the user sets none: its selected
-#: level (usually level 2, one step below tau_0) and three coarser options, each a step further towards
-#: chance (tau_0 - chance down to 0.85^4 = 0.52 of it). The next step mostly merged unrelated clusters
+#: level (usually level 3: one step below tau_0, then one by average linkage) and two coarser options,
+#: each a step further towards chance (tau_0 - chance down to 0.85^4 = 0.52 of it). The next step mostly merged unrelated clusters
 #: (of the pairs level 6 added on 12 regimes at 20K rows, 4-14 % were of one class; 50 % on another
 #: generator's stretched clusters), and each level costs a kNN graph of its nodes (1M rows: 5-10 s).
 ADAPTIVE_LEVELS = 6
@@ -421,8 +421,9 @@ class HiLander(BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """The (N,) int64 labels of the selected level: the top level, which is the depth chosen on
-        validation when there was one; unsupervised without tau, the last level decoded one step below
-        the table's own threshold (see :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`)."""
+        validation when there was one; unsupervised without tau, the level decoded by average linkage
+        above the last one one step below the table's own threshold (see
+        :class:`~agc_ray.core.hierarchy.AdaptiveSchedule`)."""
         return self.hierarchy(X).labels
 
     def fit_predict(self, X, y=None):

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
-from agc_ray.core.hierarchy import LevelGraph, aggregate, forest_components, select_parents, similarity_density
+from agc_ray.core.hierarchy import (
+    LevelGraph, aggregate, average_links, forest_components, select_parents, similarity_density,
+)
 from agc_ray.core.knn import MarginIVF, l2_normalize, search
 
 
@@ -45,6 +47,8 @@ class BaseLevel:
         index: a faiss inner-product index over ``x_id`` (ids = node ids); None: exact, built on use.
         probe_margin: (an IVF index) each query probes the cells within it of its best, at most the
             index's nprobe, as the run did (:class:`~agc_ray.core.knn.MarginIVF`); None: nprobe cells.
+        linkage: the run's average-linkage threshold where this level decoded by linkage (label-free,
+            :func:`~agc_ray.core.hierarchy.linkage_parents`, its tau the peaks' guard); None otherwise.
     """
 
     x_id: np.ndarray
@@ -57,6 +61,7 @@ class BaseLevel:
     p: np.ndarray | None = None
     index: object = None
     probe_margin: float | None = None
+    linkage: float | None = None
 
     @property
     def n(self) -> int:
@@ -200,8 +205,22 @@ def decode_new_nodes(model, base: BaseLevel, x_q: np.ndarray, xsum_q: np.ndarray
     density[hop1] = _updated_densities(base, hop1, nbr1, sim1, p1)
     _equal_duplicate_densities(density, nbr_q, sim_q, n)
     density_q = density[n:]
+    if model is None and base.linkage is not None:  # the run's linkage decode; tau guards the peaks
+        parent = select_parents(_new_node_links(base, x_q, xsum_q, size_q, nbr_q), nbr_q, density, base.linkage,
+                                allowed=sim_q > tau, start=n)
+        return parent, nbr_q, sim_q, density_q, p
     parent = select_parents(score, nbr_q, density, tau, start=n)
     return parent, nbr_q, sim_q, density_q, p
+
+
+def _new_node_links(base: BaseLevel, x_q, xsum_q, size_q, nbr_q) -> np.ndarray:
+    """(m, k) average links (:func:`~agc_ray.core.hierarchy.average_links`) of the new nodes' edges, to
+    base nodes (ids < n) and new ones."""
+    n, m = base.n, x_q.shape[0]
+    sums = _Rows(base.x_id if base.x_sum is None else base.x_sum, x_q if xsum_q is None else xsum_q)
+    sizes = np.concatenate([np.ones(n, np.int64) if base.size is None else base.size,
+                            np.ones(m, np.int64) if size_q is None else size_q])
+    return average_links(sums.new, sizes[n:], nbr_q, lambda ids: sums[ids].numpy(), lambda ids: sizes[ids])
 
 
 def _updated_densities(base: BaseLevel, hop1: np.ndarray, nbr1: np.ndarray, sim1: np.ndarray, p1=None) -> np.ndarray:
@@ -416,7 +435,7 @@ def hierarchy_state(est, X) -> tuple[list[np.ndarray], list[BaseLevel], list[flo
     torch.manual_seed(est.seed)
 
     def decode_level(g, level):
-        p = None
+        p, info = None, {}
         if est.unsupervised:
             parent, info = decoder(g, level)
             density, tau = similarity_density(g.nbr, g.sim).numpy(), info["tau"]
@@ -426,7 +445,7 @@ def hierarchy_state(est, X) -> tuple[list[np.ndarray], list[BaseLevel], list[flo
             parent, density, p = decode(p, density, g.nbr, g.sim, tau=tau, mode=est.decode), density.numpy(), p.numpy()
         base = g.is_base
         states.append(BaseLevel(g.x_id, None if base else g.x_sum, None if base else g.size, g.nbr, g.sim,
-                                density, forest_components(parent)[0], p))
+                                density, forest_components(parent)[0], p, linkage=info.get("linkage")))
         taus.append(tau)
         return parent
 

@@ -28,7 +28,8 @@ import torch
 from agc_ray.core.cells import SCRATCH_BYTES
 from agc_ray.core.graph import mean_valid
 from agc_ray.core.hierarchy import (
-    AdaptiveSchedule, LevelGraph, adaptive_similarity_threshold, background_rows, select_parents, unsupervised_parents,
+    AdaptiveSchedule, LevelGraph, adaptive_similarity_threshold, background_rows, best_links, linkage_parents,
+    linkage_threshold, select_parents, unsupervised_parents,
 )
 from agc_ray.core.lander import Lander, predicted_density
 from agc_ray.core.params import DECODE_MODES
@@ -183,10 +184,14 @@ class LevelDecoder:
                 self.schedule = AdaptiveSchedule(*adaptive_similarity_threshold(
                     g.sim, g.x_id[background_rows(g.n, est.seed)], seed=est.seed))
             while True:
-                tau = self.schedule.tau()
-                parent = unsupervised_parents(g, tau)
+                tau, info = self.schedule.tau(), {}
+                if self.schedule.uses_linkage():
+                    info["linkage"] = linkage_threshold(best_links(g.average_links, g.size), self.schedule.linkage_floor())
+                    parent = linkage_parents(g, info["linkage"], tau)
+                else:
+                    parent = unsupervised_parents(g, tau)
                 if self.schedule.accept(level, g.n, int((parent >= 0).sum())):
-                    return parent, {"tau": tau}
+                    return parent, {"tau": tau} | info
         t0 = time.perf_counter()
         p, density = score_level(est.model_, g, device=est._torch_device())
         info = {"tau": tau, "inference_seconds": time.perf_counter() - t0}
@@ -194,8 +199,9 @@ class LevelDecoder:
 
     def selected_level(self, n_levels: int) -> int:
         """The level ``predict`` returns out of ``n_levels``: unsupervised with the adaptive thresholds,
-        the schedule's (one step below tau_0, the table's best guess; the levels above are coarser
-        options); otherwise the top level (validated depth, or the user's)."""
+        the schedule's (the average-linkage level above the last one one step below tau_0, the
+        table's best guess; the levels above are coarser options); otherwise the top level (validated
+        depth, or the user's)."""
         if self.est.uses_adaptive_thresholds() and self.schedule is not None:
             return min(self.schedule.selected_level, n_levels - 1)
         return n_levels - 1

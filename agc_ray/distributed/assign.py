@@ -219,13 +219,15 @@ class BaseIndex:
     def _load(self, fs, root: str, meta: dict) -> None:
         from agc_ray.core.incremental import BaseLevel
 
+        linkage = meta.get("linkage") or [None] * meta["levels"]  # absent in states written before it
         for lvl in range(meta["levels"]):
             a = state.read_level(fs, root, meta, lvl)
             index = None
             if lvl == 0 and "centroids" in a and "lists" in a and a["lists"].shape[0] == a["x_id"].shape[0]:
                 index = state.ivf_from_lists(a["x_id"], a["centroids"], a["lists"], meta["nprobe"])
             self.levels.append(BaseLevel(a["x_id"], a.get("x_sum"), a.get("size"), a["nbr"], a["sim"], a["density"],
-                                         a["comp"], a.get("p"), index, meta.get("probe_margin") if index else None))
+                                         a["comp"], a.get("p"), index, meta.get("probe_margin") if index else None,
+                                         linkage[lvl]))
         self.excluded = state.read_level_array(fs, root, 0, "excluded")
 
     @staticmethod

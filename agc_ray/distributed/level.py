@@ -331,8 +331,26 @@ def adaptive_tau(graph, x_sample, seed: int) -> tuple[float, float]:
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
-def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities):
-    """Stage 3: ``(parent (n_s,), local root (n_s,))`` of shard ``s``; densities are all shards'."""
+def shard_links(s: int, offsets, graph, owners: list[int], *parts):
+    """The label-free linkage level's scores of shard ``s``: its edges' average links (the core's
+    :func:`~agc_ray.core.hierarchy.average_links`, (n_s, k)) and its multi-member nodes' best links
+    (:func:`~agc_ray.core.hierarchy.best_links`, the threshold's input). ``parts``: :func:`shard_inputs`
+    of the level's member sums and sizes (the halo's read in blocks, never copied whole)."""
+    from agc_ray.core.hierarchy import average_links, best_links
+
+    nbr, _ = graph
+    lo, hi = int(offsets[s]), int(offsets[s + 1])
+    sums, sizes = parts_by_shard(parts, 0, s, owners), parts_by_shard(parts, 1, s, owners)
+    link = average_links(sums[s], sizes[s], nbr[lo:hi], lambda ids: gather_rows(sums, offsets, ids),
+                         lambda ids: gather_rows(sizes, offsets, ids))
+    return link, best_links(link, sizes[s])
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities, guard: float | None = None):
+    """Stage 3: ``(parent (n_s,), local root (n_s,))`` of shard ``s``; densities are all shards'.
+    ``guard``: candidates also need a similarity above it (the linkage level, where ``p`` holds the
+    average links)."""
     nbr, sim = graph
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     density = np.concatenate(densities)
@@ -340,7 +358,8 @@ def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities):
     from agc_ray.core.hierarchy import select_parents
 
     _torch_single_thread()
-    parent = select_parents(score, nbr[lo:hi], density, tau, start=lo)
+    allowed = None if guard is None else sim[lo:hi] > guard
+    parent = select_parents(score, nbr[lo:hi], density, tau, allowed, start=lo)
     return parent, local_roots(parent, lo, hi)
 
 

@@ -226,16 +226,38 @@ class Job:
         peak_rows = level.peak_row if level.peak_row is not None else [None] * level.shards
         while True:  # twice at most: the adaptive schedule may step down once (see AdaptiveSchedule)
             tau = self.level_tau(level, graph, level_no)
-            decoded = [lv.shard_decode.remote(s, offs, graph, p[s], tau, mode, *density) for s in range(level.shards)]
+            score, threshold, guard, how = p, tau, None, mode
+            if self.schedule is not None and self.schedule.uses_linkage():
+                score, threshold = self.average_links(level, graph)
+                guard, how = tau, "prob"  # the peaks' threshold guards the links
+                stats["linkage"] = threshold
+            decoded = [lv.shard_decode.remote(s, offs, graph, score[s], threshold, how, *density, guard=guard)
+                       for s in range(level.shards)]
             result, counts = lv.global_components.remote(
                 level.shards, *[d[0] for d in decoded], *[d[1] for d in decoded], *sizes, *peak_rows
             )
             counts = ray.get(counts)
             if self.schedule is None or self.schedule.accept(level_no, level.n, counts["edges"]):
                 break
+            stats.pop("linkage", None)
         stats.update(tau=tau, edges=counts["edges"], clusters=counts["clusters"],
                      decode_seconds=self._time("decode", t0))
         return result, counts, density, p
+
+    def average_links(self, level: _Level, graph) -> tuple[list, float]:
+        """The linkage level's per-shard average links (refs) and its threshold (the core's
+        :func:`~agc_ray.core.hierarchy.linkage_threshold` over every shard's best links)."""
+        import ray
+
+        from agc_ray.core.hierarchy import linkage_threshold
+
+        owners = ray.get(lv.halo_owners.remote(level.offsets, graph))
+        sums = level.x_sum if level.x_sum is not None else level.x_id
+        sizes = level.size if level.size is not None else [ray.put(np.ones(r, np.int64)) for r in level.shard_rows()]
+        links = [lv.shard_links.remote(s, level.offsets, graph, owners[s], *lv.shard_inputs([sums, sizes], s, owners[s]))
+                 for s in range(level.shards)]
+        best = np.concatenate(ray.get([b for _, b in links]))
+        return [link for link, _ in links], linkage_threshold(best, self.schedule.linkage_floor())
 
     def write_state(self, output, level_no: int, level: _Level, graph, result, density, p, ids: list) -> list:
         """Write tasks of this level's assignment state (see :mod:`agc_ray.distributed.state`); ``ids``:
@@ -479,7 +501,7 @@ def _state_meta_writes(output, job: Job, est, rows, kept: list, id_maps: list) -
 
     meta = {"levels": len(kept), "k": est.k, "dimension": rows.dim, "rows": rows.n,
             "level0_knn": "ivf" if job.ivf_parts else "exact", "nprobe": job.nprobe or IVF_NPROBE,
-            "probe_margin": job.probe_margin,
+            "probe_margin": job.probe_margin, "linkage": [e["stats"].get("linkage") for e in kept],
             "offsets": [np.asarray(e["offsets"]).astype(int).tolist() for e in kept]}
     state.write_meta(output.fs, output.staging, meta)
     return [_write_cluster_ids.remote(output.fs, posixpath.join(output.staging, state.STATE_DIR, f"level={i}", "cluster_ids.npy"),
