@@ -177,6 +177,28 @@ def test_linkage_decode_joins_fragments_by_their_members_not_their_peaks():
     assert (parent[0] == 1 or parent[1] == 0) and parent[2] == -1 and parent[3] == -1
     assert (linkage_parents(g, gamma, guard=0.5) == -1).all()  # the peaks (0.5) not above the guard
     assert linkage_threshold(np.zeros(0, np.float32), floor=0.3) == 0.3
+    assert linkage_threshold(best_links(link, size), floor=0.7) == 0.7  # the floor above the median
+    singles = np.array([3, 1, 2, 1])
+    np.testing.assert_array_equal(best_links(link, singles), link[[0, 2]].max(axis=1))  # multi-member nodes only
+
+
+def test_linkage_level_that_links_nothing_decodes_by_its_peaks(monkeypatch):
+    """Where no edge passes the linkage threshold, the level decodes by its peaks at the same step, and
+    the selected level is the one below it (the linkage level's retry, not a stop)."""
+    from agc_ray import HiLander
+    from agc_ray.core import inference
+
+    x, _ = make_faces(3000, seed=2, mean_identity_size=20)
+    usual = HiLander(unsupervised=True).hierarchy(x)
+    linkage = [i for i, st in enumerate(usual.stats) if "linkage" in st]
+    assert linkage == [usual.selected_level]
+    monkeypatch.setattr(inference, "linkage_threshold", lambda best, floor: np.inf)
+    result = HiLander(unsupervised=True).hierarchy(x)
+    assert not any("linkage" in st for st in result.stats)
+    assert result.selected_level == usual.selected_level - 1 and len(result.levels) == len(usual.levels)
+    for a, b in zip(result.levels[:result.selected_level + 1], usual.levels):
+        np.testing.assert_array_equal(a, b)
+    assert result.stats[usual.selected_level]["tau"] == pytest.approx(usual.stats[usual.selected_level]["tau"])
 
 
 def test_member_sums_do_not_depend_on_the_split_of_the_members():

@@ -58,9 +58,10 @@ LEGACY_TAU = 0.9
 DEFAULT_LEVELS = 10
 #: Level budget of the unsupervised mode's adaptive thresholds when the user sets none: its selected
 #: level (usually level 3: one step below tau_0, then one by average linkage) and two coarser options,
-#: each a step further towards chance (tau_0 - chance down to 0.85^4 = 0.52 of it). The next step mostly merged unrelated clusters
-#: (of the pairs level 6 added on 12 regimes at 20K rows, 4-14 % were of one class; 50 % on another
-#: generator's stretched clusters), and each level costs a kNN graph of its nodes (1M rows: 5-10 s).
+#: each a step further towards chance (tau_0 - chance down to 0.85^4 = 0.52 of it). The next step
+#: mostly merged unrelated clusters (of the pairs level 6 added on 12 regimes at 20K rows, 4-14 % were
+#: of one class; 50 % on another generator's stretched clusters), and each level costs a kNN graph of
+#: its nodes (1M rows: 5-10 s).
 ADAPTIVE_LEVELS = 6
 
 
@@ -234,8 +235,8 @@ class HiLander(BaseEstimator):
         with the unsupervised mode's adaptive thresholds. The reference's ratio compares levels decoded
         at one threshold; the schedule lowers it level by level, so every level merges a fraction of
         the last one's nodes and the ratio stopped each table after level 2 (20K rows of 12 regimes:
-        1341 -> 1212 -> 1129 clusters, a hierarchy with nothing coarser than its selected level). The
-        level budget (:data:`ADAPTIVE_LEVELS`) ends it instead."""
+        1341 -> 1212 -> 1129 clusters, a hierarchy with nothing coarser than what was then its selected
+        level). The level budget (:data:`ADAPTIVE_LEVELS`) ends it instead."""
         return self.early_stop and not self.uses_adaptive_thresholds()
 
     def default_taus(self) -> list[float]:

@@ -422,7 +422,8 @@ def background_similarity(x_sample: np.ndarray, *, seed: int = 0, spread: float 
 
 #: Share of the gap between a level's threshold and chance that the next level keeps.
 ADAPTIVE_DECAY = 0.85
-#: Steps below tau_0 that the selected level may take (see :class:`AdaptiveSchedule`).
+#: Steps below tau_0 that the levels decoded by their peaks before the linkage level may take (see
+#: :class:`AdaptiveSchedule`).
 SELECTED_STEPS = 1
 #: The linkage level's threshold never lies below this share of the way from chance to tau_0
 #: (see :func:`linkage_threshold`).
@@ -457,8 +458,9 @@ class AdaptiveSchedule:
     Levels decode at tau_0 (the table's best label-free guess) for as long as that still merges at
     least ``min_merge`` of a level's nodes. Every level above closes ``1 - decay`` more of the gap to
     chance (tau_s = chance + (tau_0 - chance) decay^s, s = 1, 2, ...), so the hierarchy keeps
-    coarsening, a choice of granularity, and never reaches chance. The selected level (what
-    ``predict`` returns) is the last one decoded at most ``selected_steps`` steps below tau_0.
+    coarsening, a choice of granularity, and never reaches chance. Without ``linkage``, the selected
+    level (what ``predict`` returns) is the last one decoded at most ``selected_steps`` steps below
+    tau_0; with it (the default), the linkage level above that one (see below).
 
     Why one step: at tau_0 the levels above 0 merge fragments of one cluster at a pairwise precision
     of 0.95-0.999 but leave their recall at 0.5-0.7; one step of 0.85 trades a little precision for

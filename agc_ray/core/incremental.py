@@ -9,7 +9,10 @@ finished level's state (:class:`BaseLevel`: its nodes' features, kNN graph, dens
    shared-neighbour counts see the neighbourhood a full run would see; the base nodes' own decode
    (densities, parents, clusters) stays as it was.
 3. Edge probabilities (or similarities, label-free), the new nodes' densities, and the one decode
-   rule: each new node links to its best denser neighbour above tau, base or new.
+   rule: each new node links to its best denser neighbour above tau, base or new (at a label-free
+   run's linkage level: by average link above the run's linkage threshold, tau guarding the peaks;
+   the base clusters' member sums and the threshold stay the base run's, as the model's edge features
+   keep the base's sums too).
 4. A tree of new nodes that ends in a base node joins that node's cluster at this level and at every
    level above; the other trees are new clusters, whose super-nodes (peak identity, member sum and
    size, as in aggregation) go on to the next level. Ties in density go to the base node (lower id).
@@ -185,7 +188,8 @@ def decode_new_nodes(model, base: BaseLevel, x_q: np.ndarray, xsum_q: np.ndarray
             similarity densities and similarities).
         x_q, xsum_q, size_q: (m, D) unit identity features, (m, D) member sums and (m,) sizes of the new
             nodes (the last two None at level 0).
-        tau, mode: the base run's threshold and decode mode at this level ('prob' or 'sim').
+        tau, mode: the base run's threshold and decode mode at this level ('prob' or 'sim'); where
+            ``base.linkage`` is set (label-free linkage level), tau is the peaks' guard.
 
     Returns:
         ``(parent, nbr, sim, density, p)``: parent (m,) over base ids and new ids ``n + i`` (-1: a

@@ -159,7 +159,8 @@ class Hierarchy:
 
 class LevelDecoder:
     """Parents of the levels of one hierarchy run: ``decoder(graph, level) -> (parent, info)`` with
-    ``info`` the level's ``tau`` (and ``inference_seconds`` with a model).
+    ``info`` the level's ``tau`` (and ``inference_seconds`` with a model; ``linkage``, the threshold of
+    a label-free level decoded by average linkage, where tau guards the peaks).
 
     Unsupervised without a tau, level 0's rows fix the table's threshold schedule once
     (:class:`~agc_ray.core.hierarchy.AdaptiveSchedule`), which the levels above decode on; the

@@ -9,7 +9,9 @@ kNN graph arrays ``(nbr, sim)`` (n, k), which are small. Stages, each one Ray ta
 2. :func:`shard_probabilities`: edge features and probabilities (neighbours' embeddings read from their owners' parts
    chunk by chunk) and densities.
 3. :func:`shard_decode`: each node keeps its best denser edge; a local union-find (connected
-   components of the intra-shard edges) reduces the shard to its local roots.
+   components of the intra-shard edges) reduces the shard to its local roots. Label-free, stages 1-2
+   are :func:`similarity_densities`, and at the linkage level :func:`shard_links` (average links from
+   the halo's member sums).
 4. :func:`global_components`: union-find over the cross-shard edges of the local roots gives the
    level's clusters, numbered by their first node (as :func:`agc_ray.core.hierarchy.forest_components`).
 5. :func:`split_members` / :func:`assemble_next`: aggregation into the next level's node shards (peak

@@ -3,7 +3,8 @@
 Written by the clustering job beside its Parquet results (``OUTPUT/state/``, committed with them) and
 extended by every assignment run, so that an incremental output is itself a base::
 
-    state/state.json                      format, levels, k, dimension, kNN method, nprobe, probe margin, shard offsets
+    state/state.json                      format, levels, k, dimension, kNN method, nprobe, probe margin, shard offsets,
+                                          per level the linkage threshold (label-free linkage level) or null
     state/level=L/shard=S/x_id.npy        (n_s, D) float32 unit identity features (the input rows at level 0)
     state/level=L/shard=S/x_sum.npy       (n_s, D) float32 member sums, size.npy (n_s,) int64  (L > 0)
     state/level=L/shard=S/nbr.npy         (n_s, k) int64 and sim.npy (n_s, k) float32: the level's kNN graph
