@@ -504,6 +504,11 @@ class AdaptiveSchedule:
         """The lowest threshold of :func:`linkage_threshold`: :data:`LINKAGE_FLOOR` of the way from chance."""
         return float(self.chance + (self.tau_0 - self.chance) * LINKAGE_FLOOR)
 
+    def selected(self, n_levels: int) -> int:
+        """The selected level of a hierarchy that kept ``n_levels`` levels (its top one where the
+        hierarchy stopped below the selected level)."""
+        return min(self.selected_level, n_levels - 1)
+
     def accept(self, level: int, nodes: int, edges: int) -> bool:
         if self.step == 0:
             if edges >= max(1, self.min_merge * nodes):

@@ -204,5 +204,5 @@ class LevelDecoder:
         table's best guess; the levels above are coarser options); otherwise the top level (validated
         depth, or the user's)."""
         if self.est.uses_adaptive_thresholds() and self.schedule is not None:
-            return min(self.schedule.selected_level, n_levels - 1)
+            return self.schedule.selected(n_levels)
         return n_levels - 1

@@ -253,7 +253,7 @@ def _manifest(job: Job, output, run_input: RunInput, timings: dict, levels: Leve
         "levels": levels.records,
         "cluster_counts": levels.clusters,
         "selected_level": (len(levels.records) - 1 if job.schedule is None
-                           else min(job.schedule.selected_level, len(levels.records) - 1)),
+                           else job.schedule.selected(len(levels.records))),
         "stop_reason": levels.stop,
         "next_cluster_ids": levels.next_cluster_ids,
     }
