@@ -182,6 +182,20 @@ def test_linkage_decode_joins_fragments_by_their_members_not_their_peaks():
     np.testing.assert_array_equal(best_links(link, singles), link[[0, 2]].max(axis=1))  # multi-member nodes only
 
 
+def test_linkage_edges_need_the_far_end_to_link_back_nearly_as_well():
+    """An edge is admitted where its link is within LINKAGE_MUTUAL of the far end's own best link (the
+    far end would pick it too) and its peaks pass the guard."""
+    from agc_ray.core.hierarchy import LINKAGE_MUTUAL, linkage_allowed
+
+    best = np.array([0.6, 0.8, 0.9, -0.2], dtype=np.float32)
+    link = np.array([[0.5, 0.9, -0.2]], dtype=np.float32)
+    nbr = np.array([[1, 2, 3]])
+    sim = np.array([[0.7, 0.7, 0.7]], dtype=np.float32)
+    assert 0.5 < LINKAGE_MUTUAL * 0.8 <= 0.9 * LINKAGE_MUTUAL < 0.9
+    np.testing.assert_array_equal(linkage_allowed(link, sim, nbr, best, guard=0.6), [[False, True, True]])
+    np.testing.assert_array_equal(linkage_allowed(link, sim, nbr, best, guard=0.7), [[False, False, False]])
+
+
 def test_linkage_level_that_links_nothing_decodes_by_its_peaks(monkeypatch):
     """Where no edge passes the linkage threshold, the level decodes by its peaks at the same step, and
     the selected level is the one below it (the linkage level's retry, not a stop)."""

@@ -30,7 +30,8 @@ import torch
 
 from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
 from agc_ray.core.hierarchy import (
-    LevelGraph, aggregate, average_links, forest_components, select_parents, similarity_density,
+    LevelGraph, aggregate, average_links, forest_components, linkage_allowed, node_best_links, select_parents,
+    similarity_density,
 )
 from agc_ray.core.knn import MarginIVF, l2_normalize, search
 
@@ -210,21 +211,29 @@ def decode_new_nodes(model, base: BaseLevel, x_q: np.ndarray, xsum_q: np.ndarray
     _equal_duplicate_densities(density, nbr_q, sim_q, n)
     density_q = density[n:]
     if model is None and base.linkage is not None:  # the run's linkage decode; tau guards the peaks
-        parent = select_parents(_new_node_links(base, x_q, xsum_q, size_q, nbr_q), nbr_q, density, base.linkage,
-                                allowed=sim_q > tau, start=n)
+        link, best = _new_node_links(base, x_q, xsum_q, size_q, nbr_q, hop1, nbr1)
+        parent = select_parents(link, nbr_q, density, base.linkage,
+                                allowed=linkage_allowed(link, sim_q, nbr_q, best, tau), start=n)
         return parent, nbr_q, sim_q, density_q, p
     parent = select_parents(score, nbr_q, density, tau, start=n)
     return parent, nbr_q, sim_q, density_q, p
 
 
-def _new_node_links(base: BaseLevel, x_q, xsum_q, size_q, nbr_q) -> np.ndarray:
-    """(m, k) average links (:func:`~agc_ray.core.hierarchy.average_links`) of the new nodes' edges, to
-    base nodes (ids < n) and new ones."""
+def _new_node_links(base: BaseLevel, x_q, xsum_q, size_q, nbr_q, hop1, nbr1) -> tuple[np.ndarray, np.ndarray]:
+    """``(link, best)``: (m, k) average links (:func:`~agc_ray.core.hierarchy.average_links`) of the new
+    nodes' edges, to base nodes (ids < n) and new ones; (n + m,) the best link of the new nodes and of
+    the base nodes ``hop1`` over their lists with the new nodes inserted (``nbr1``, as a full run would
+    see them; the other base nodes are no candidates of a new node)."""
     n, m = base.n, x_q.shape[0]
     sums = _Rows(base.x_id if base.x_sum is None else base.x_sum, x_q if xsum_q is None else xsum_q)
     sizes = np.concatenate([np.ones(n, np.int64) if base.size is None else base.size,
                             np.ones(m, np.int64) if size_q is None else size_q])
-    return average_links(sums.new, sizes[n:], nbr_q, lambda ids: sums[ids].numpy(), lambda ids: sizes[ids])
+    sums_of, sizes_of = (lambda ids: sums[ids].numpy()), (lambda ids: sizes[ids])
+    link = average_links(sums.new, sizes[n:], nbr_q, sums_of, sizes_of)
+    best = np.full(n + m, -np.inf, np.float32)
+    best[n:] = node_best_links(link)
+    best[hop1] = node_best_links(average_links(sums[hop1].numpy(), sizes[hop1], nbr1, sums_of, sizes_of))
+    return link, best
 
 
 def _updated_densities(base: BaseLevel, hop1: np.ndarray, nbr1: np.ndarray, sim1: np.ndarray, p1=None) -> np.ndarray:

@@ -332,27 +332,29 @@ def adaptive_tau(graph, x_sample, seed: int) -> tuple[float, float]:
     return adaptive_similarity_threshold(graph[1], x_sample, seed=seed)
 
 
-@lazy_remote(num_cpus=1, num_returns=2)
+@lazy_remote(num_cpus=1, num_returns=3)
 def shard_links(s: int, offsets, graph, owners: list[int], *parts):
     """The label-free linkage level's scores of shard ``s``: its edges' average links (the core's
-    :func:`~agc_ray.core.hierarchy.average_links`, (n_s, k)) and its multi-member nodes' best links
-    (:func:`~agc_ray.core.hierarchy.best_links`, the threshold's input). ``parts``: :func:`shard_inputs`
-    of the level's member sums and sizes (the halo's read in blocks, never copied whole)."""
-    from agc_ray.core.hierarchy import average_links, best_links
+    :func:`~agc_ray.core.hierarchy.average_links`, (n_s, k)), each node's best link (n_s,) and its
+    multi-member nodes' best links (:func:`~agc_ray.core.hierarchy.best_links`, the threshold's input).
+    ``parts``: :func:`shard_inputs` of the level's member sums and sizes (the halo's read in blocks,
+    never copied whole)."""
+    from agc_ray.core.hierarchy import average_links, best_links, node_best_links
 
     nbr, _ = graph
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     sums, sizes = parts_by_shard(parts, 0, s, owners), parts_by_shard(parts, 1, s, owners)
     link = average_links(sums[s], sizes[s], nbr[lo:hi], lambda ids: gather_rows(sums, offsets, ids),
                          lambda ids: gather_rows(sizes, offsets, ids))
-    return link, best_links(link, sizes[s])
+    return link, node_best_links(link), best_links(link, sizes[s])
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
-def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities, guard: float | None = None):
+def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities, guard: float | None = None,
+                 best=None):
     """Stage 3: ``(parent (n_s,), local root (n_s,))`` of shard ``s``; densities are all shards'.
-    ``guard``: candidates also need a similarity above it (the linkage level, where ``p`` holds the
-    average links)."""
+    The linkage level (``p`` the average links): candidates also need the core's
+    :func:`~agc_ray.core.hierarchy.linkage_allowed` with ``guard`` and ``best``, every node's best link."""
     nbr, sim = graph
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     density = np.concatenate(densities)
@@ -360,7 +362,9 @@ def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities, g
     from agc_ray.core.hierarchy import select_parents
 
     _torch_single_thread()
-    allowed = None if guard is None else sim[lo:hi] > guard
+    from agc_ray.core.hierarchy import linkage_allowed
+
+    allowed = None if guard is None else linkage_allowed(p, sim[lo:hi], nbr[lo:hi], best, guard)
     parent = select_parents(score, nbr[lo:hi], density, tau, allowed, start=lo)
     return parent, local_roots(parent, lo, hi)
 

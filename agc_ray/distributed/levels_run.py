@@ -227,11 +227,12 @@ class Job:
         while True:  # twice at most: the adaptive schedule may step down once (see AdaptiveSchedule)
             tau = self.level_tau(level, graph, level_no)
             score, threshold, guard, how = p, tau, None, mode
+            best = None
             if self.schedule is not None and self.schedule.uses_linkage():
-                score, threshold = self.average_links(level, graph)
+                score, best, threshold = self.average_links(level, graph)
                 guard, how = tau, "prob"  # the peaks' threshold guards the links
                 stats["linkage"] = threshold
-            decoded = [lv.shard_decode.remote(s, offs, graph, score[s], threshold, how, *density, guard=guard)
+            decoded = [lv.shard_decode.remote(s, offs, graph, score[s], threshold, how, *density, guard=guard, best=best)
                        for s in range(level.shards)]
             result, counts = lv.global_components.remote(
                 level.shards, *[d[0] for d in decoded], *[d[1] for d in decoded], *sizes, *peak_rows
@@ -244,9 +245,10 @@ class Job:
                      decode_seconds=self._time("decode", t0))
         return result, counts, density, p
 
-    def average_links(self, level: _Level, graph) -> tuple[list, float]:
-        """The linkage level's per-shard average links (refs) and its threshold (the core's
-        :func:`~agc_ray.core.hierarchy.linkage_threshold` over every shard's best links)."""
+    def average_links(self, level: _Level, graph) -> tuple[list, object, float]:
+        """The linkage level's per-shard average links (refs), every node's best link (one ref, (n,)) and
+        its threshold (the core's :func:`~agc_ray.core.hierarchy.linkage_threshold` over every shard's
+        best links)."""
         import ray
 
         from agc_ray.core.hierarchy import linkage_threshold
@@ -256,8 +258,9 @@ class Job:
         sizes = level.size if level.size is not None else [ray.put(np.ones(r, np.int64)) for r in level.shard_rows()]
         links = [lv.shard_links.remote(s, level.offsets, graph, owners[s], *lv.shard_inputs([sums, sizes], s, owners[s]))
                  for s in range(level.shards)]
-        best = np.concatenate(ray.get([b for _, b in links]))
-        return [link for link, _ in links], linkage_threshold(best, self.schedule.linkage_floor())
+        best = np.concatenate(ray.get([b for _, _, b in links]))
+        node_best = ray.put(np.concatenate(ray.get([b for _, b, _ in links])))  # n floats: small
+        return [link for link, _, _ in links], node_best, linkage_threshold(best, self.schedule.linkage_floor())
 
     def write_state(self, output, level_no: int, level: _Level, graph, result, density, p, ids: list) -> list:
         """Write tasks of this level's assignment state (see :mod:`agc_ray.distributed.state`); ``ids``:
