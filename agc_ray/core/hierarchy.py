@@ -485,7 +485,8 @@ class AdaptiveSchedule:
     whose members are as close as siblings, apart where their peaks are not close. Measured (Fp of the
     selected level, 30 tables: 12 ``make_faces`` regimes at 20K and 50K rows, Gaussian blobs, clusters
     on the sphere, subspace clusters, digits): mean +0.018, size5 0.706 -> 0.735, heavy_tail 0.896 ->
-    0.924, one table lower by more than 0.005 (look_alike 20K, 0.654 -> 0.633).
+    0.924, one table lower by more than 0.005 (look_alike 20K, 0.654 -> 0.633; 0.649 with the
+    :data:`LINKAGE_MUTUAL` rule, measured after).
 
     Use: ``schedule.uses_linkage()`` says which decode; ``tau = schedule.tau()``, decode, then
     ``schedule.accept(level, nodes, edges)``; False means "decode this level again": too few merges at
