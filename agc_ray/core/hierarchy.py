@@ -479,8 +479,9 @@ class AdaptiveSchedule:
     With ``linkage`` (the default), the level after those, the step below, decodes by average linkage
     (:func:`linkage_parents`) and is the selected one: an edge needs its two clusters' mean member-pair
     similarity above :func:`linkage_threshold`, that link within :data:`LINKAGE_MUTUAL` of the far
-    cluster's own best link, and its peaks' similarity above this step's ``tau()`` (the guard). Why: at the selected peak level a true cluster is still in fragments whose peaks meet
-    at the similarity of unrelated clusters' peaks (make_faces, cosine 0.35-0.49 against up to 0.42);
+    cluster's own best link, and its peaks' similarity above this step's ``tau()`` (the guard). Why:
+    at the selected peak level a true cluster is still in fragments whose peaks meet at the
+    similarity of unrelated clusters' peaks (make_faces, cosine 0.35-0.49 against up to 0.42);
     the mean similarity of their members separates them better. The guard keeps look-alike clusters,
     whose members are as close as siblings, apart where their peaks are not close. Measured (Fp of the
     selected level, 30 tables: 12 ``make_faces`` regimes at 20K and 50K rows, Gaussian blobs, clusters
