@@ -214,8 +214,8 @@ def decode_new_nodes(model, base: BaseLevel, x_q: np.ndarray, xsum_q: np.ndarray
         link, best = _new_node_links(base, x_q, xsum_q, size_q, nbr_q, hop1, nbr1)
         parent = select_parents(link, nbr_q, density, base.linkage,
                                 allowed=linkage_allowed(link, sim_q, nbr_q, best, tau), start=n)
-        return parent, nbr_q, sim_q, density_q, p
-    parent = select_parents(score, nbr_q, density, tau, start=n)
+    else:
+        parent = select_parents(score, nbr_q, density, tau, start=n)
     return parent, nbr_q, sim_q, density_q, p
 
 

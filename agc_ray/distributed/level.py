@@ -359,11 +359,9 @@ def shard_decode(s: int, offsets, graph, p, tau: float, mode: str, *densities, g
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     density = np.concatenate(densities)
     score = sim[lo:hi] if mode == "sim" or p is None else p
-    from agc_ray.core.hierarchy import select_parents
+    from agc_ray.core.hierarchy import linkage_allowed, select_parents
 
     _torch_single_thread()
-    from agc_ray.core.hierarchy import linkage_allowed
-
     allowed = None if guard is None else linkage_allowed(p, sim[lo:hi], nbr[lo:hi], best, guard)
     parent = select_parents(score, nbr[lo:hi], density, tau, allowed, start=lo)
     return parent, local_roots(parent, lo, hi)

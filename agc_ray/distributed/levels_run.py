@@ -226,8 +226,7 @@ class Job:
         peak_rows = level.peak_row if level.peak_row is not None else [None] * level.shards
         while True:  # twice at most: the adaptive schedule may step down once (see AdaptiveSchedule)
             tau = self.level_tau(level, graph, level_no)
-            score, threshold, guard, how = p, tau, None, mode
-            best = None
+            score, threshold, guard, best, how = p, tau, None, None, mode
             if self.schedule is not None and self.schedule.uses_linkage():
                 score, best, threshold = self.average_links(level, graph)
                 guard, how = tau, "prob"  # the peaks' threshold guards the links
@@ -258,9 +257,10 @@ class Job:
         sizes = level.size if level.size is not None else [ray.put(np.ones(r, np.int64)) for r in level.shard_rows()]
         links = [lv.shard_links.remote(s, level.offsets, graph, owners[s], *lv.shard_inputs([sums, sizes], s, owners[s]))
                  for s in range(level.shards)]
-        best = np.concatenate(ray.get([b for _, _, b in links]))
-        node_best = ray.put(np.concatenate(ray.get([b for _, b, _ in links])))  # n floats: small
-        return [link for link, _, _ in links], node_best, linkage_threshold(best, self.schedule.linkage_floor())
+        parts = ray.get([b for _, node, multi in links for b in (node, multi)])  # n floats: small
+        node_best = ray.put(np.concatenate(parts[0::2]))
+        threshold = linkage_threshold(np.concatenate(parts[1::2]), self.schedule.linkage_floor())
+        return [link for link, _, _ in links], node_best, threshold
 
     def write_state(self, output, level_no: int, level: _Level, graph, result, density, p, ids: list) -> list:
         """Write tasks of this level's assignment state (see :mod:`agc_ray.distributed.state`); ``ids``:
