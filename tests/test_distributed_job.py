@@ -257,6 +257,32 @@ def test_levels_above_an_ivf_miss_search_exactly(ray_session, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_levels_derived_from_deeper_lists_equal_single_process(ray_session, tmp_path, small_identities, monkeypatch):
+    """Levels above 0 searched exactly keep lists 2k deep (the row limit lowered here), and the levels
+    above derive their graphs from them, rescanning the rows left short in tasks: the core's graphs
+    and labels, which are those of searching every level afresh."""
+    from agc_ray import HiLander
+    from agc_ray.core import subset
+
+    x, table = small_identities
+    params = dict(unsupervised=True, decode="sim", knn="exact")
+    fresh = HiLander(levels=4, boundary_closeness=None, **params).hierarchy(x)
+    monkeypatch.setattr(subset, "DEEP_MIN_ROWS", 0)
+    monkeypatch.setattr(subset, "RESCAN_BLOCK", 1)  # a task per rescanned row
+    result = HiLander(levels=4, boundary_closeness=None, **params).hierarchy(x)
+    manifest = _run(table, tmp_path / "out", num_shards=3, max_levels=4, boundary_closeness="off", **params)
+    methods = [lv["knn_method"] for lv in manifest["levels"]]
+    assert methods == [st["knn_method"] for st in result.stats] and methods[:2] == ["exact", "exact"]
+    assert len(methods) >= 3 and set(methods[2:]) == {"derived"}
+    assert [lv.get("knn_rescanned") for lv in manifest["levels"]] == [st.get("knn_rescanned") for st in result.stats]
+    assert max(lv.get("knn_rescanned") or 0 for lv in manifest["levels"]) >= 2
+    got = read_levels(tmp_path / "out")
+    assert len(got) == len(result.levels) == len(fresh.levels)
+    for a, b, c in zip(got, result.levels, fresh.levels):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(b, c)
+
+
 def test_boundary_merge_equals_single_process(ray_session, tmp_path):
     """The boundary merge above level 0 sums the level-0 edges per row shard: the same links, levels and
     peaks as the core over the whole table (a table where it joins clusters: stretched ones)."""

@@ -23,7 +23,8 @@ from scipy.sparse.csgraph import connected_components
 from agc_ray.core.boundary import BoundaryRule, largest_parts, merge_boundaries, nearest_similarity
 from agc_ray.core.cells import as_tensor, scratch_rows
 from agc_ray.core.graph import edge_features, mean_valid, member_cohesion
-from agc_ray.core.knn import knn_graph, l2_normalize, unit_rows
+from agc_ray.core.knn import Below, knn_graph, l2_normalize, unit_rows
+from agc_ray.core.subset import split_deep
 
 log = logging.getLogger("agc_ray")
 
@@ -285,9 +286,11 @@ def build_hierarchy(
         early_stop: stop after a level whose added-edge count E satisfies E_prev / E < k (the
             reference's rule with its k counting the node itself, i.e. our k + 1 - 1).
         labels: (N,) classes, carried to super-nodes (ground-truth hierarchy for training).
-        knn: ``knn(unit_features, below=None) -> (nbr, sim)``; ``below`` is ``(nbr, comp)`` above level 0:
-            the level below's graph and its nodes' clusters (:func:`~agc_ray.core.knn.knn_graph`'s
-            ``below``). Default: :func:`~agc_ray.core.knn.knn_graph` with this k.
+        knn: ``knn(unit_features, below=None) -> (nbr, sim)``; ``below`` is a
+            :class:`~agc_ray.core.knn.Below` above level 0 (:func:`~agc_ray.core.knn.knn_graph`'s). A
+            graph with more than k columns is exact lists that deep: the level's graph is their first k,
+            and the level above gets them (``Below.deep``). Default: :func:`~agc_ray.core.knn.knn_graph`
+            with this k.
         on_level: called with each level's graph before it is decoded (training collects them).
         first_graph: a precomputed level-0 kNN graph (nbr, sim).
         stats: if given, one dict per decoded level is appended: nodes, edges, clusters and the
@@ -323,7 +326,7 @@ def build_hierarchy(
     log.info("level 0 kNN graph: %d nodes, k=%d, %.1fs", n, k, time.perf_counter() - t0)
     node_of_row = np.arange(n, dtype=np.int64)
     out: list[np.ndarray] = []
-    prev_edges = None
+    prev_edges, deep = None, None
     for level in range(levels):
         t0 = time.perf_counter()
         if on_level is not None:
@@ -360,7 +363,8 @@ def build_hierarchy(
         prev_edges = n_edges
         t0 = time.perf_counter()
         x_id, x_sum, size, peak_row, sup_labels = aggregate(g, comp, peaks)
-        nbr, sim = knn(x_id, below=(g.nbr, comp))
+        nbr, sim = knn(x_id, below=Below(g.nbr, comp, peaks, deep))
+        nbr, sim, deep = split_deep(nbr, sim, k)
         knn_seconds = time.perf_counter() - t0
         g = LevelGraph(x_id=x_id, x_sum=x_sum, size=size, nbr=nbr, sim=sim, peak_row=peak_row, labels=sup_labels)
         log.info("level %d kNN graph: %d nodes, %.1fs", level + 1, g.n, time.perf_counter() - t0)

@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 
+from agc_ray.core import subset
+from agc_ray.core.subset import exact_depth, subset_graph
 from agc_ray.core.recall import (RECALL_SAMPLE, exact_kth, exact_on_miss, ivf_skipped, missed_target_goes_exact,
                                  recall_at, recall_rows, sample_rows, tune_margin, tune_nprobe)
 
@@ -189,6 +192,21 @@ def to_gpu(index):
     return index
 
 
+class Below(NamedTuple):
+    """The level below, for :func:`knn_graph` at the level of its clusters.
+
+    Shapes:
+        nbr: (n, k_L) its graph; comp: (n,) each node's cluster; peaks: (C,) each cluster's peak node
+        (whose features the cluster's are); deep: ``(nbr, sim)`` (n, depth), its exact lists where it
+        kept them deeper than k (:mod:`agc_ray.core.subset`), else None.
+    """
+
+    nbr: np.ndarray
+    comp: np.ndarray
+    peaks: np.ndarray | None = None
+    deep: tuple[np.ndarray, np.ndarray] | None = None
+
+
 def resolve_method(method: str, n: int, exact_max_rows: int = EXACT_MAX_ROWS) -> str:
     if method not in METHODS:
         raise ValueError(f"knn method must be one of {METHODS}, got {method!r}")
@@ -286,7 +304,7 @@ def knn_graph(
     normalize: bool = True,
     recall: float | None = KNN_RECALL,
     info: dict | None = None,
-    below: tuple[np.ndarray, np.ndarray] | None = None,
+    below: Below | None = None,
     skip_ivf: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """kNN graph of the rows of ``x`` (cosine similarity), self excluded.
@@ -305,10 +323,13 @@ def knn_graph(
             seeded rows against exact search; None: probe ``nprobe`` cells, measure nothing.
         info: if given, filled with ``knn_method`` and, for IVF, ``knn_nprobe`` and (with a recall
             target) the ``knn_recall`` measured.
-        below: ``(nbr, comp)`` when the rows of ``x`` are the clusters of a level below: its graph and
-            each of its nodes' cluster. Where ``method`` would build an IVF index, the graph is searched
-            from the level below's (:func:`~agc_ray.core.coarse.coarse_graph`, ``knn_method``
-            'coarse') and the index is built only when that misses the recall target.
+        below: :class:`Below` when the rows of ``x`` are the clusters of a level below. Where that level
+            kept exact lists deeper than k, the graph is derived from them (:func:`~agc_ray.core.subset.subset_graph`,
+            ``knn_method`` 'derived': exact); else, where ``method`` would build an IVF index, it is searched
+            from the level below's graph (:func:`~agc_ray.core.coarse.coarse_graph`, ``knn_method``
+            'coarse') and the index is built only when that misses the recall target. An exact search
+            of a level above 0 returns :func:`~agc_ray.core.subset.exact_depth` columns (2k above
+            :data:`~agc_ray.core.subset.DEEP_MIN_ROWS` nodes) for the level above.
         skip_ivf: a level below missed the recall target with IVF (:func:`~agc_ray.core.recall.ivf_missed`):
             where the IVF index would be built with a recall target, search exactly instead (up to
             :data:`~agc_ray.core.recall.EXACT_FALLBACK_MAX_ROWS` rows; ``info`` gets ``knn_ivf_skipped``).
@@ -316,7 +337,8 @@ def knn_graph(
             at level 2 (72K and 47K nodes), each after ~13 s of quantizer, cells and tuning in the job.
 
     Returns:
-        ``(nbr, sim)``: (N, k) int64 and (N, k) float32, sorted by decreasing similarity.
+        ``(nbr, sim)``: (N, k) int64 and (N, k) float32, sorted by decreasing similarity; (N, depth) where
+        the graph is exact and deeper (derived, or exact above level 0, see ``below``).
     """
     if k < 1:
         raise ValueError(f"knn_graph: k must be >= 1, got {k}")
@@ -325,11 +347,20 @@ def knn_graph(
     method = resolve_method(method, n)
     if info is not None:
         info["knn_method"] = method
+    if below is not None and not isinstance(below, Below):
+        below = Below(*below)
+    depth = exact_depth(k, n, below is not None)
+    if below is not None and below.deep is not None:
+        graph = subset_graph(x, *below.deep, below.peaks, k, info=info)
+        if graph is not None:
+            return graph
+        log.info("kNN: over %.0f %% of %d rows short of k neighbours among the level below's lists: searched afresh",
+                 100 * subset.MAX_RESCAN_SHARE, n)
     if method == "ivf" and below is not None and nprobe is None:
         from agc_ray.core.coarse import coarse_graph
 
         tried: dict = {}
-        graph = coarse_graph(x, *below, k, recall=recall, seed=seed, info=tried)
+        graph = coarse_graph(x, below.nbr, below.comp, k, recall=recall, seed=seed, info=tried)
         if graph is not None:
             if info is not None:
                 info.update(tried)
@@ -342,13 +373,13 @@ def knn_graph(
         log.info("kNN: IVF missed the recall target a level below: exact search of %d rows", n)
         if info is not None:
             info.update(knn_method="exact", knn_recall=1.0, knn_ivf_skipped=True)
-        return exact_graph(x, k, device)
+        return exact_graph(x, depth, device)
     if method == "ivf" and not use_gpu(device):
         rows = ivf_train_rows(n, seed)
         centroids = ivf_centroids(x if rows is None else x[rows], n, seed)
-        return cell_graph(x, centroids, k, nprobe=nprobe, recall=recall, seed=seed, info=info)
+        return cell_graph(x, centroids, k, nprobe=nprobe, recall=recall, seed=seed, info=info, exact_k=depth)
     if method == "exact":
-        return exact_graph(x, k, device)
+        return exact_graph(x, depth, device)
     index = build_index(x, method, seed=seed, nprobe=nprobe, device=device)
     if method == "ivf":
         if recall is not None and nprobe is None:
@@ -358,7 +389,7 @@ def knn_graph(
 
             tuned = _tuned(x, k, recall, seed, ivf_nlist(n), search_sample, info, margin=False)
             if tuned is None:  # out of IVF's reach on a table small enough: search exactly
-                return exact_graph(x, k, device)
+                return exact_graph(x, depth, device)
             nprobe = tuned[1]
             set_nprobe(index, nprobe)
         if info is not None:
@@ -383,13 +414,15 @@ def probe_blocks(lo: int, hi: int, nprobe: int, pairs: int) -> list[tuple[int, i
 
 
 def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | None = None,
-               recall: float | None = KNN_RECALL, seed: int = 0, info: dict | None = None):
+               recall: float | None = KNN_RECALL, seed: int = 0, info: dict | None = None,
+               exact_k: int | None = None):
     """:func:`knn_graph`'s IVF search on CPU over the unit rows ``x`` and the given centroids, cell by
     cell (:class:`~agc_ray.core.cells.CellLists`): the graph of an ``IndexIVFFlat`` with these
     centroids and ``nprobe`` probes; with a recall target and no ``nprobe``, each row probes the cells
     within a margin of its best centroid, the margin tuned to ``recall``
     (:func:`~agc_ray.core.recall.tune_margin`; ``info`` gets ``knn_probe_margin``, ``knn_probes_mean``
-    and, as ``knn_nprobe``, the most cells a row may probe)."""
+    and, as ``knn_nprobe``, the most cells a row may probe). Where the target is out of reach and the
+    table is searched exactly, ``exact_k`` neighbours (default k) a row."""
     from agc_ray.core.cells import CellLists, cell_probes, probe_pairs, query_probes
 
     n, nlist = x.shape[0], centroids.shape[0]
@@ -412,7 +445,7 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
 
         tuned = _tuned(x, k, recall, seed, nlist, search_sample, info, margin=True)
         if tuned is None:  # out of IVF's reach on a table small enough: search exactly
-            return exact_graph(x, k, "cpu")
+            return exact_graph(x, exact_k or k, "cpu")
         margin, nprobe, mean = tuned
     if info is not None:
         info["knn_nprobe"] = int(nprobe)

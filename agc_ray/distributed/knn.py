@@ -36,7 +36,9 @@ import numpy as np
 
 from agc_ray.core.cells import cell_probes, probe_pairs
 from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
+from agc_ray.core import subset
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
+from agc_ray.core.subset import rescan_blocks, rescan_rows, short_rows, split_deep, subset_lists, too_many_rescans
 from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, ivf_centroids,
                               ivf_nlist, ivf_train_rows, probe_blocks, resolve_method)
 from agc_ray.core.recall import (exact_kth, exact_on_miss, kth_without_self, missed_target_goes_exact, probe_cap,
@@ -69,7 +71,7 @@ IVF_PROBE_PAIRS = 1 << 23
 
 def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, seed: int, *,
                       recall_sample: int = 0, recall_target: float | None = None, stage: str = "kNN", counter=None,
-                      actors: list | None = None) -> tuple:
+                      actors: list | None = None, exact_k: int | None = None) -> tuple:
     """kNN graph of rows sharded over the object store, searched over an index sharded across actors.
 
     Args:
@@ -85,6 +87,9 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
             ``IVF_SEARCH_CHUNK`` with IVF).
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
         actors: index actors of an earlier level to reuse (see :func:`index_actors`).
+        exact_k: neighbours a row where the search is (or falls back to) exact (default k; the core's
+            :func:`~agc_ray.core.subset.exact_depth`): the graph then has that many columns and ``info``
+            says so (``knn_depth``).
 
     Returns:
         ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_nprobe",
@@ -128,8 +133,11 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         probe_refs = [[p for p, (s_, _, _) in zip(probes, chunks) if s_ == s] for s in range(len(x_refs))]
     info = {"knn_method": method}
     self_joined = not ray.cluster_resources().get("GPU")  # exact on CPU: no index, the table joined with itself
+    depth = exact_k or k
+    if depth > k:
+        info["knn_depth"] = depth  # dropped below if the search stays approximate
     if method == "exact" and self_joined:
-        return self_join(x_refs, offsets, k, stage), info, list(actors or [])
+        return self_join(x_refs, offsets, depth, stage), info, list(actors or [])
     t0 = time.perf_counter()
     pairs = index_actors(x_refs, offsets, method, centroids, nprobe, probe_refs=probe_refs,
                          stage=f"{stage} index build", counter=counter, actors=actors)
@@ -161,11 +169,14 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                                           info=info, margin=margin):
                 method, centroids, nprobe, margin = "exact", None, 0, None
     if method == "ivf":
+        info.pop("knn_depth", None)
         info["knn_nprobe"] = int(nprobe)
         if margin is not None:
             info.update(knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
     elif self_joined:
-        return self_join(x_refs, offsets, k, stage), info, [a for a, _ in pairs]
+        return self_join(x_refs, offsets, depth, stage), info, [a for a, _ in pairs]
+    else:
+        k = depth  # exact on GPU: the lists as deep
     probe_pairs = IVF_PROBE_PAIRS if method == "ivf" else SEARCH_CHUNK  # exact: one call (nprobe 0)
     results = [_search_rows(x_refs[s], lo, hi, int(offsets[s]), pairs, k, nprobe, method == "exact",
                             probes[c] if method == "ivf" else None, probe_pairs,
@@ -264,6 +275,76 @@ def sharded_coarse_graph(x_refs: list, offsets: np.ndarray, k: int, below_graph,
     if target is not None and measured < target:
         return None, info
     return graph, info
+
+
+def sharded_subset_graph(x_refs: list, offsets: np.ndarray, k: int, below_deep, below_level, *, stage: str = "kNN"):
+    """The next level's exact graph from the level below's exact lists, as
+    :func:`agc_ray.core.subset.subset_graph` derives it: the lists filtered in one task, the rows left short
+    rescanned in tasks over whole blocks of the core's grid (the same graph whatever the tasks).
+
+    Args:
+        x_refs, offsets: the next level's node shards (unit features) and their bounds.
+        below_deep: ref to the level below's exact lists ``(nbr, sim)`` (n, depth); below_level: ref to its
+            clusters (:func:`~agc_ray.distributed.level.global_components`' ``peaks``).
+
+    Returns:
+        ``(graph, deep, info)``: refs to the level's ``(nbr, sim)`` (C, k) and its lists (C, depth), and
+        ``{"knn_method": "derived", "knn_recall": 1.0, "knn_rescanned"}``; None when too many rows would be
+        rescanned (:func:`~agc_ray.core.subset.too_many_rescans`).
+    """
+    import ray
+
+    n = int(offsets[-1])
+    t0 = time.perf_counter()
+    lists, short = _subset_lists.remote(below_deep, below_level, k)
+    rows = ray.get(short)  # (R,) node ids: small
+    if too_many_rescans(rows.size, n):
+        return None
+    block = subset.RESCAN_BLOCK  # read here, passed on: the tasks cut the grid as the driver does
+    nb = rescan_blocks(rows.size, block)
+    cuts = np.unique(np.linspace(0, nb, min(nb, 2 * len(x_refs)) + 1).round().astype(int))
+    depth = ray.get(_depth.remote(below_deep))
+    parts = [_rescan_rows.remote(offsets, rows, depth, b0, b1, block, *x_refs) for b0, b1 in zip(cuts[:-1], cuts[1:])]
+    progress.wait([p[0] for p in parts], f"{stage} (rescan)", rows=[min(b1 * block, rows.size) - b0 * block
+                                                                    for b0, b1 in zip(cuts[:-1], cuts[1:])])
+    graph, deep = _assemble_subset.remote(lists, rows, k, *[p[0] for p in parts], *[p[1] for p in parts])
+    ray.wait([graph], fetch_local=False)
+    log.info("%s: derived from the level below's exact lists, %d of %d rows rescanned, %.1fs", stage, rows.size, n,
+             time.perf_counter() - t0)
+    return graph, deep, {"knn_method": "derived", "knn_recall": 1.0, "knn_rescanned": int(rows.size)}
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def _subset_lists(below_deep, below_level, k: int):
+    """:func:`~agc_ray.core.subset.subset_lists` of the clusters' peaks and the rows left short."""
+    nbr, sim = below_deep
+    peaks = below_level["peaks"]
+    out_nbr, out_sim, kept = subset_lists(nbr, sim, peaks, nbr.shape[1])
+    return (out_nbr, out_sim), short_rows(kept, k, peaks.size)
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def _rescan_rows(offsets, rows, depth: int, b0: int, b1: int, block: int, *x_parts):
+    """:func:`~agc_ray.core.subset.rescan_rows` of blocks ``b0:b1`` (one CPU: its products are BLAS's)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return rescan_rows(_rows_of(offsets, x_parts), int(offsets[-1]), rows, depth, b0, b1, block)
+
+
+@lazy_remote(num_cpus=1)
+def _depth(graph) -> int:
+    return int(graph[0].shape[1])
+
+
+@lazy_remote(num_cpus=1, num_returns=2)
+def _assemble_subset(lists, rows, k: int, *parts):
+    """The derived lists with the rescanned rows written in: ``((nbr, sim) (C, k), (nbr, sim) (C, depth))``."""
+    m = len(parts) // 2
+    nbr, sim = lists[0].copy(), lists[1].copy()  # the object store's arrays are read-only
+    if rows.size:
+        nbr[rows], sim[rows] = np.concatenate(parts[:m]), np.concatenate(parts[m:])
+    return split_deep(nbr, sim, k)[:2], (nbr, sim)
 
 
 def _rows_of(offsets, x_parts):

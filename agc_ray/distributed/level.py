@@ -450,6 +450,16 @@ def background_chance(x_sample, seed: int) -> float:
     return background_similarity(x_sample, seed=seed)
 
 
+@lazy_remote(num_cpus=1, num_returns=2)
+def split_deep(graph, k: int):
+    """A level's ``(nbr, sim)`` (n, k) and its exact lists, from a graph searched deeper
+    (:func:`~agc_ray.core.subset.split_deep`)."""
+    from agc_ray.core.subset import split_deep as split
+
+    nbr, sim, deep = split(*graph, k)
+    return (nbr, sim), deep
+
+
 @lazy_remote(num_cpus=1)
 def nearest_similarities(graph) -> np.ndarray:
     """(N,) every row's nearest-neighbour similarity in the level-0 graph."""

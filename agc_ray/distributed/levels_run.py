@@ -21,10 +21,11 @@ import numpy as np
 from agc_ray.core.hierarchy import next_tau_not_lower, stop_reason
 from agc_ray.core.knn import IVF_NPROBE, resolve_method
 from agc_ray.core.recall import ivf_missed, ivf_skipped
+from agc_ray.core import subset
 from agc_ray.distributed import progress
 from agc_ray.distributed import level as lv
 from agc_ray.distributed.input import InputSchema
-from agc_ray.distributed.knn import sharded_coarse_graph, sharded_knn_graph
+from agc_ray.distributed.knn import sharded_coarse_graph, sharded_knn_graph, sharded_subset_graph
 from agc_ray.distributed.output import write_table
 from agc_ray.distributed.remote import lazy_remote, ref_list
 from agc_ray.distributed.shards import RowShards, shard_bounds
@@ -133,6 +134,7 @@ class Job:
         self.probe_margin = None  # level 0's IVF probe margin (None: nprobe cells a query)
         self._background = None  # ref of level 0's seeded background rows (chance similarity)
         self.ivf_missed = False  # a level's IVF search missed the recall target: the levels above search exactly
+        self.deep = None  # ref of the level's exact lists deeper than k (the level above derives its graph)
 
     def _time(self, stage: str, t0: float) -> float:
         dt = time.perf_counter() - t0
@@ -146,6 +148,19 @@ class Job:
         import ray
 
         t0 = time.perf_counter()
+        deep, self.deep = self.deep, None
+        if below is not None and deep is not None:
+            derived = sharded_subset_graph(level.x_id, level.offsets, self.est.k, deep, below[1],
+                                           stage=f"level {level_no} kNN")
+            if derived is not None:
+                graph, self.deep, info = derived
+                stats.update(info, knn_seconds=self._time("knn", t0))
+                self.knn_method = info["knn_method"]
+                log.info("level %d kNN: %d nodes, %d shards, derived, %.1fs", level_no, level.n, level.shards,
+                         stats["knn_seconds"])
+                return graph
+            log.info("level %d kNN: over %.0f %% of %d rows short of k neighbours among the level below's lists: "
+                     "searched afresh", level_no, 100 * subset.MAX_RESCAN_SHARE, level.n)
         recall_sample = self.cfg.knn_recall_sample if level_no == 0 or self.est.knn_recall is not None else 0
         if below is not None and resolve_method(self.est.knn, level.n) == "ivf":
             graph, info = sharded_coarse_graph(
@@ -172,7 +187,10 @@ class Job:
             recall_sample=recall_sample,
             recall_target=self.est.knn_recall, stage=f"level {level_no} kNN",
             counter=self.row_counter(level.n), actors=self.actors,
+            exact_k=subset.exact_depth(self.est.k, level.n, below is not None),
         )
+        if info.pop("knn_depth", None):  # exact lists deeper than k: the level above derives its graph
+            graph, self.deep = lv.split_deep.remote(graph, self.est.k)
         for a in self.actors[len(actors):]:  # fewer shards than the level before: their index is stale
             ray.kill(a)
         self.actors = actors
