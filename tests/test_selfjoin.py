@@ -33,7 +33,10 @@ def _integer_rows(n, d, seed):
 
 
 @pytest.mark.parametrize("n", [5, 16, 50, 71])
-def test_self_join_is_the_exact_graph_with_ties_by_id(small_blocks, n):
+@pytest.mark.parametrize("width", [0, 64])
+def test_self_join_is_the_exact_graph_with_ties_by_id(small_blocks, n, width, monkeypatch):
+    """Candidates merged padded row-wise or, above ``PADDED_MERGE_WIDTH`` a row (0: always), by one flat sort."""
+    monkeypatch.setattr(selfjoin, "PADDED_MERGE_WIDTH", width)
     x = _integer_rows(n, 3, n)
     got = selfjoin.self_join_graph(x, 6)
     want = _brute(x, 6)

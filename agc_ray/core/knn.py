@@ -24,6 +24,10 @@ Methods:
   deterministic, so it is offered but never chosen by ``auto``.
 - ``auto``: exact up to ``exact_max_rows`` rows, ivf above.
 
+Above level 0 (``below``), a level whose level below kept exact lists 2k deep derives its exact graph
+from them (:mod:`agc_ray.core.subset`, ``knn_method`` 'derived'); else the graph is first taken from the
+level below's (:mod:`agc_ray.core.coarse`) and an index is built only where that misses the recall target.
+
 On a machine where faiss sees a GPU (``faiss-gpu``), exact and ivf indexes run on it unless
 ``device='cpu'``.
 """

@@ -50,15 +50,39 @@ def _merge(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch
     return torch.gather(s, 1, top), torch.gather(i, 1, top)
 
 
+#: Most candidates a row of one product may bring to :func:`_merge_sparse`'s padded merge; a row with
+#: more sends the product's candidates to the flat sort instead (same result).
+PADDED_MERGE_WIDTH = 64
+
+
 def _merge_sparse(best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, ids: np.ndarray, sims: np.ndarray):
     """Merge candidates ``(rows[m], ids[m], sims[m])`` into the rows' k best (in place), same order as
-    :func:`_merge`."""
+    :func:`_merge`.
+
+    The touched rows' candidates are padded into one (rows, width) block and merged row-wise
+    (:func:`_merge`): 2k-deep lists at 60K x 256 rows spent 6 s of a 17 s self-join in the flat sort
+    of every touched row's list with its candidates (:func:`~agc_ray.core.graph.best_per_row`).
+    """
     k = best_s.shape[1]
-    touched = np.unique(rows)
-    r, rank, i, s = best_per_row(np.concatenate([np.repeat(touched, k), rows]),
-                                 np.concatenate([best_i[touched].ravel(), ids]),
-                                 np.concatenate([best_s[touched].ravel(), sims]), k)
-    best_s[r, rank], best_i[r, rank] = s, i
+    if rows.size > 1 and not bool((rows[1:] >= rows[:-1]).all()):  # a transposed product's: by row
+        order = np.argsort(rows, kind="stable")
+        rows, ids, sims = rows[order], ids[order], sims[order]
+    touched, start, count = np.unique(rows, return_index=True, return_counts=True)
+    width = int(count.max(initial=0))
+    if width > PADDED_MERGE_WIDTH:
+        r, rank, i, s = best_per_row(np.concatenate([np.repeat(touched, k), rows]),
+                                     np.concatenate([best_i[touched].ravel(), ids]),
+                                     np.concatenate([best_s[touched].ravel(), sims]), k)
+        best_s[r, rank], best_i[r, rank] = s, i
+        return
+    slot = np.arange(rows.size) - np.repeat(start, count)
+    where = np.repeat(np.arange(touched.size), count)
+    cand_s = torch.full((touched.size, width), -torch.inf)
+    cand_i = torch.full((touched.size, width), -1, dtype=torch.int64)
+    cand_s[where, slot] = torch.from_numpy(np.ascontiguousarray(sims, dtype=np.float32))
+    cand_i[where, slot] = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+    s, i = _merge(torch.from_numpy(best_s[touched]), torch.from_numpy(best_i[touched]), cand_s, cand_i, k)
+    best_s[touched], best_i[touched] = s.numpy(), i.numpy()
 
 
 def _block_top(scores: torch.Tensor, first_id: int, k: int):

@@ -21,7 +21,9 @@ on CPU a probe margin (each query probes the cells within it of its best centroi
 computed with their gaps, and every shard's actor derives a query's cells from them alike), on GPU
 the number of probes.
 
-Above level 0, :func:`sharded_coarse_graph` first searches the graph from the level below (the core's
+Above level 0, :func:`sharded_subset_graph` derives the exact graph from the level below's exact lists
+where it kept them 2k deep (the core's :mod:`agc_ray.core.subset`); else :func:`sharded_coarse_graph`
+first searches the graph from the level below (the core's
 :mod:`agc_ray.core.coarse`, one task per shard of nodes, the same rounds and recall), and the index is
 built only when that misses the target.
 """
