@@ -373,6 +373,22 @@ def test_cell_lists_search_is_the_top_k_of_every_scanned_row(monkeypatch, pairs_
         assert (np.diff(sim[q, :found.size]) <= 0).all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_cell_lists_ties_at_the_kth_place_go_to_the_smaller_ids(seed):
+    """Rows tied at a query's kk-th place: the smallest ids, whatever the cells (the Ray job's shards,
+    each searched alike and merged by shard, agree with the single process only so)."""
+    from agc_ray.core.cells import CellLists
+
+    rng = np.random.default_rng(seed)
+    x = l2_normalize(rng.standard_normal((400, 8)).astype(np.float32))
+    copies = np.sort(rng.choice(400, 40, replace=False))
+    x[copies] = x[copies[0]]
+    lists = CellLists(x, rng.integers(0, 4, 400), nlist=4, offset=7)
+    for kk in (5, 11, 39):
+        _, ids = lists.search(x[copies[:1]], np.arange(4)[None], kk)
+        np.testing.assert_array_equal(ids[0], copies[:kk] + 7)
+
+
 def test_skip_ivf_searches_exactly_where_the_index_would_be_built():
     from agc_ray.core.recall import EXACT_FALLBACK_MAX_ROWS, ivf_missed
 

@@ -298,7 +298,9 @@ def _keep(kept: tuple, q: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor
 
 def _top_per_group(group, sim, ids, n_groups: int, kk: int):
     """The ``kk`` largest ``sim`` (and their ``ids``) of each group, -inf / -1 padded: one top-k per
-    set of groups of the same size (rounded up to a power of two).
+    set of groups of the same size (rounded up to a power of two). Equal similarities at the ``kk``-th
+    place go to the smaller ids (``torch.topk`` picks any of them: 8 rows of a 1M-row graph took
+    another neighbour tied at the k-th place than the Ray job's shards did).
 
     Shapes:
         group, sim, ids: (M,) tensors or lists of them, group in [0, n_groups) -> (n_groups, kk) x 2.
@@ -317,7 +319,18 @@ def _top_per_group(group, sim, ids, n_groups: int, kk: int):
         gs = np.flatnonzero((width == w) & (counts > 0))
         at = (ends - counts)[gs, None] + np.arange(w)
         idx = torch.from_numpy(np.where(at < ends[gs, None], at, group.size))
-        top_s, top_j = torch.topk(sim[idx], kk, dim=1, sorted=False)
+        block_s = sim[idx]
+        top_s, top_j = torch.topk(block_s, min(kk + 1, w), dim=1, sorted=True)
+        top_i = ids[idx].gather(1, top_j)
+        if w > kk:
+            tie = (top_s[:, kk - 1] == top_s[:, kk]) & (top_s[:, kk - 1] > -float("inf"))
+            top_s, top_i = top_s[:, :kk].clone(), top_i[:, :kk].clone()
+            if bool(tie.any()):  # rare: those groups in full, by similarity then id
+                t = tie.nonzero().squeeze(1)
+                t_s, t_i = block_s[t].numpy(), ids[idx[t]].numpy()
+                order = torch.from_numpy(np.lexsort((np.where(t_i >= 0, t_i, np.iinfo(np.int64).max), -t_s),
+                                                    axis=1)[:, :kk])
+                top_s[t], top_i[t] = block_s[t].gather(1, order), ids[idx[t]].gather(1, order)
         rows = torch.from_numpy(gs)
-        best_s[rows], best_i[rows] = top_s, ids[idx].gather(1, top_j)
+        best_s[rows], best_i[rows] = top_s, top_i
     return best_s, best_i
