@@ -3,10 +3,10 @@
 A super-node's identity feature is its peak's (:func:`~agc_ray.core.hierarchy.aggregate`), so the nodes
 of level L + 1 are a subset of those of level L, with the same vectors. An exact list of a node's
 ``depth`` best neighbours among all of level L, with the nodes that are not peaks removed, is the exact
-list of its best neighbours among the peaks, as long as it keeps at least k of them. So where level L was
-searched exactly with ``depth`` = :func:`exact_depth` neighbours, level L + 1 filters those lists and searches
-again, exactly, only the rows left with fewer than k (:func:`rescan_rows`); their fresh lists are
-``depth`` deep again, so the levels above can do the same.
+list of its best neighbours among the peaks, as long as it keeps at least k of them. So where level L
+was searched exactly with ``depth`` = :func:`exact_depth` neighbours, level L + 1 filters those lists
+and searches again, exactly, only the rows left with fewer than k (:func:`rescan_rows`); their fresh
+lists are ``depth`` deep again, so the levels above can do the same.
 
 Measured on 1M make_faces rows, unsupervised (levels 1-5: 73K, 58K, 54K, 51K, 35K nodes): level 1 falls
 back to exact search (IVF misses the target on super-nodes, whose neighbours are far), and the levels
@@ -30,11 +30,12 @@ from agc_ray.core.selfjoin import BLOCK, _block_top, _merge
 
 #: Depth of the exact lists kept for the level above, in units of k. Measured (see the module
 #: docstring): 2k left 0-18 % of a level's rows to rescan, 1.5k up to 51 %; a self-join 2k deep costs
-#: 1.6x one k deep (60K x 256 rows: 17.0 s against 10.6 s), what a derived level saves several times over.
+#: 1.2-1.3x one k deep (60K x 256 rows: 12.6-13.0 s against 9.9-11.1 s), what a derived level saves
+#: several times over.
 DEPTH_FACTOR = 2
 #: Most rows a derived level rescans, as a share of its nodes: a rescanned row costs its product with
-#: every node, a row of a self-join 2k deep about 0.8 of that (half the products, 1.6x the selection),
-#: so above it the level is searched afresh.
+#: every node, a row of a self-join 2k deep about 0.6 of that (half the products, more selection), so
+#: above it the level is searched afresh.
 MAX_RESCAN_SHARE = 0.5
 #: Levels with more nodes than this are searched exactly ``depth`` deep (where their exact search is
 #: not cheap: below it the self-join takes about a second), so that the level above can derive its graph.
