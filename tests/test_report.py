@@ -181,6 +181,17 @@ def test_levels_table_shows_the_mean_cells_of_a_probe_margin():
     assert "ivf cells a row 2.3 recall 0.988" in level0 and "nprobe" not in level0
 
 
+def test_levels_table_shows_derived_graphs_and_the_linkage_threshold():
+    """A derived graph says how many rows were searched again; a linkage level shows its average link's
+    threshold before the peaks' tau."""
+    manifest = make_manifest()
+    manifest["levels"][1].update(knn_method="derived", knn_recall=1.0, knn_rescanned=1234)
+    manifest["levels"][2].update(linkage=0.37728, tau=0.61)
+    rows = _rows(_section(render_page(manifest), "Levels"))
+    assert "derived rescanned 1,234 recall 1.000" in rows[1]
+    assert rows[2][12] == "0.377 average link; peaks 0.610" and rows[1][12] != rows[2][12]
+
+
 def test_header_and_run():
     page = render()
     assert "succeeded" in page

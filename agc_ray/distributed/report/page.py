@@ -119,11 +119,20 @@ def _knn_cell(lv: dict) -> str:
         cell += f' <span class="muted">cells a row</span> {float(lv["knn_probes_mean"]):.1f}'
     elif _is_num(lv.get("knn_nprobe")):
         cell += f' <span class="muted">nprobe</span> {int(lv["knn_nprobe"])}'
+    elif _is_num(lv.get("knn_rescanned")):  # derived from the level below's lists: rows searched again
+        cell += f' <span class="muted">rescanned</span> {int(lv["knn_rescanned"]):,}'
     if _is_num(lv.get("knn_recall")):
         cell += f' <span class="muted">recall</span> {float(lv["knn_recall"]):.3f}'
     if lv.get("knn_recall_target_met") is False:
         cell += ' <span class="warn">below target</span>'
     return cell
+
+
+def _tau_cell(lv: dict) -> str:
+    """The level's decode threshold; a linkage level's is the average link's, its peaks' tau guards it."""
+    if not _is_num(lv.get("linkage")):
+        return _num(lv.get("tau"), 3)
+    return f'{_num(lv["linkage"], 3)} <span class="muted">average link; peaks</span> {_num(lv.get("tau"), 3)}'
 
 
 def _levels_section(levels: list[dict], cluster_sizes: dict, has_metrics: bool) -> str:
@@ -145,15 +154,16 @@ def _levels_section(levels: list[dict], cluster_sizes: dict, has_metrics: bool) 
         row = [_int(no), _int(nodes), _int(clusters), _int(lv.get("edges")), ratio,
                _pct(st.get("singleton_share")), _pct(st.get("singleton_rows_share")),
                _num(st.get("median"), 1), _num(st.get("p90"), 1), _int(st.get("max")), _pct(largest),
-               _knn_cell(lv), _num(lv.get("tau"), 3)]
+               _knn_cell(lv), _tau_cell(lv)]
         if has_metrics:
             m = lv.get("metrics") if isinstance(lv.get("metrics"), dict) else {}
             row += [_metric(m.get("fp")), _metric(m.get("fb")), _metric(m.get("nmi"))]
         rows.append(row)
     note = ('<p class="note">nodes: what the level clusters (input rows at level 0, the previous level\'s clusters '
             "above); edges: the edges the decode kept; sizes in input rows; kNN recall (approximate search only): "
-            "share of the true k nearest neighbours found, on a sample of level 0; tau: the level's decode threshold "
-            "(its source under Parameters).</p>")
+            "share of the true k nearest neighbours found, on a sample of level 0; derived: the exact graph from the level "
+            "below's lists, some rows searched again; tau: the level's decode threshold (its source under Parameters; "
+            "on a linkage level, the average link's threshold, the peaks' tau guarding it).</p>")
     if missing:
         note += f'<p class="note">no cluster table for level(s) {_e(", ".join(map(str, missing)))}: size columns left empty.</p>'
     return f"<section><h2>Levels</h2>{_table(header, rows)}{note}</section>"
