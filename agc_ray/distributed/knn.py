@@ -90,8 +90,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         counter: a :func:`~agc_ray.distributed.progress.row_counter` for progress inside the IVF training.
         actors: index actors of an earlier level to reuse (see :func:`index_actors`).
         exact_k: neighbours a row where the search is (or falls back to) exact (default k; the core's
-            :func:`~agc_ray.core.subset.exact_depth`): the graph then has that many columns and ``info``
-            says so (``knn_depth``).
+            :func:`~agc_ray.core.subset.exact_depth`): the graph of an ``info["knn_method"]`` 'exact'
+            search has that many columns.
 
     Returns:
         ``(graph, info, actors)``: a ref to ``(nbr, sim)`` (n, k), ``{"knn_method", ["knn_nprobe",
@@ -136,8 +136,6 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
     info = {"knn_method": method}
     self_joined = not ray.cluster_resources().get("GPU")  # exact on CPU: no index, the table joined with itself
     depth = exact_k or k
-    if depth > k:
-        info["knn_depth"] = depth  # dropped below if the search stays approximate
     if method == "exact" and self_joined:
         return self_join(x_refs, offsets, depth, stage), info, list(actors or [])
     t0 = time.perf_counter()
@@ -171,7 +169,6 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
                                           info=info, margin=margin):
                 method, centroids, nprobe, margin = "exact", None, 0, None
     if method == "ivf":
-        info.pop("knn_depth", None)
         info["knn_nprobe"] = int(nprobe)
         if margin is not None:
             info.update(knn_probe_margin=margin, knn_probes_mean=round(mean, 2))
@@ -299,13 +296,12 @@ def sharded_subset_graph(x_refs: list, offsets: np.ndarray, k: int, below_deep, 
     n = int(offsets[-1])
     t0 = time.perf_counter()
     lists, short = _subset_lists.remote(below_deep, below_level, k)
-    rows = ray.get(short)  # (R,) node ids: small
+    rows, depth = ray.get(short)  # (R,) node ids: small
     if too_many_rescans(rows.size, n):
         return None
     block = subset.RESCAN_BLOCK  # read here, passed on: the tasks cut the grid as the driver does
     nb = rescan_blocks(rows.size, block)
     cuts = np.unique(np.linspace(0, nb, min(nb, 2 * len(x_refs)) + 1).round().astype(int))
-    depth = ray.get(_depth.remote(below_deep))
     parts = [_rescan_rows.remote(offsets, rows, depth, b0, b1, block, *x_refs) for b0, b1 in zip(cuts[:-1], cuts[1:])]
     progress.wait([p[0] for p in parts], f"{stage} (rescan)", rows=[min(b1 * block, rows.size) - b0 * block
                                                                     for b0, b1 in zip(cuts[:-1], cuts[1:])])
@@ -318,11 +314,12 @@ def sharded_subset_graph(x_refs: list, offsets: np.ndarray, k: int, below_deep, 
 
 @lazy_remote(num_cpus=1, num_returns=2)
 def _subset_lists(below_deep, below_level, k: int):
-    """:func:`~agc_ray.core.subset.subset_lists` of the clusters' peaks and the rows left short."""
+    """:func:`~agc_ray.core.subset.subset_lists` of the clusters' peaks, and the rows left short with
+    the lists' depth."""
     nbr, sim = below_deep
     peaks = below_level["peaks"]
     out_nbr, out_sim, kept = subset_lists(nbr, sim, peaks, nbr.shape[1])
-    return (out_nbr, out_sim), short_rows(kept, k, peaks.size)
+    return (out_nbr, out_sim), (short_rows(kept, k, peaks.size), nbr.shape[1])
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
@@ -332,11 +329,6 @@ def _rescan_rows(offsets, rows, depth: int, b0: int, b1: int, block: int, *x_par
 
     torch.set_num_threads(1)
     return rescan_rows(_rows_of(offsets, x_parts), int(offsets[-1]), rows, depth, b0, b1, block)
-
-
-@lazy_remote(num_cpus=1)
-def _depth(graph) -> int:
-    return int(graph[0].shape[1])
 
 
 @lazy_remote(num_cpus=1, num_returns=2)

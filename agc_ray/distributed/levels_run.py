@@ -181,15 +181,16 @@ class Job:
                      level_no, level.n)
             method = "exact"
             stats["knn_ivf_skipped"] = True
+        exact_k = subset.exact_depth(self.est.k, level.n, below is not None)
         graph, info, actors = sharded_knn_graph(
             level.x_id, level.offsets, self.est.k, method, self.est.seed,
             # with a recall target every IVF level is tuned (as the core does); without, level 0 is measured
             recall_sample=recall_sample,
             recall_target=self.est.knn_recall, stage=f"level {level_no} kNN",
             counter=self.row_counter(level.n), actors=self.actors,
-            exact_k=subset.exact_depth(self.est.k, level.n, below is not None),
+            exact_k=exact_k,
         )
-        if info.pop("knn_depth", None):  # exact lists deeper than k: the level above derives its graph
+        if info["knn_method"] == "exact" and exact_k > self.est.k:  # the level above derives its graph
             graph, self.deep = lv.split_deep.remote(graph, self.est.k)
         for a in self.actors[len(actors):]:  # fewer shards than the level before: their index is stale
             ray.kill(a)
