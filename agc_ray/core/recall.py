@@ -140,7 +140,8 @@ PROBE_MARGINS = tuple(round(0.005 * 1.5 ** i, 5) for i in range(16))
 def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0, start: int = NPROBE_START,
                 max_share: float = IVF_MAX_PROBE_SHARE, exact_on_miss: bool = False) -> tuple[float, int, float, float]:
     """The smallest of :data:`PROBE_MARGINS` whose recall reaches ``target``; the last tried when none
-    does (its mean scan reached :data:`IVF_MAX_SCAN_ROWS` a query, or the margins ran out).
+    does (its mean scan reached :data:`IVF_MAX_SCAN_ROWS` a query, or the margins ran out), or the last
+    within that scan when a margin passes it (unless the first margin does).
 
     ``exact_on_miss``: the caller searches exactly when the target is missed, so after a first margin
     that misses, the widest is tried; missing there, no margin can reach it (a wider margin scans a
@@ -157,14 +158,20 @@ def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
     """
     nprobe = probe_cap(nlist, 0, start, max_share)
     scan_cap = IVF_MAX_SCAN_ROWS * nlist / n if n > 0 else float(nprobe)
+    within = None  # the last margin tried whose scan stays within the cap
     for step, margin in enumerate(PROBE_MARGINS):
         nbr, sim, probes = search_sample(margin, nprobe)
         measured = recall_at(sim, nbr >= 0, kth)
         mean = probes / max(1, len(kth))
         log.debug("IVF probe margin %.4f: %.1f cells a query, recall %.4f (target %.3f)", margin, mean, measured,
                   target)
+        if mean > scan_cap and within is not None:
+            # one step can pass the cap by far (10M x 128 rows of make_faces: from under 214 cells a row to
+            # 956, ~290K rows a query for the whole table): the search keeps to the last margin within it
+            return within
         if measured >= target or mean >= min(scan_cap, nprobe):
             break
+        within = (margin, nprobe, measured, mean)
         if step == 0 and exact_on_miss:
             nbr, sim, probes = search_sample(PROBE_MARGINS[-1], nprobe)
             widest = recall_at(sim, nbr >= 0, kth)
