@@ -58,7 +58,9 @@ def cell_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int, gaps: bool = 
     """
     nlist = centroids.shape[0]
     nprobe = min(int(nprobe), nlist)
-    find = _graph_probes if nlist >= ROUTING_GRAPH_MIN_CELLS else _product_probes
+    # a wide search (a row's cells all within a probe margin: up to an eighth of them) is the product's
+    wide = nprobe > ROUTING_GRAPH_BREADTH
+    find = _graph_probes if nlist >= ROUTING_GRAPH_MIN_CELLS and not wide else _product_probes
     out, sim = find(x, centroids, nprobe)
     if not gaps:
         return out
@@ -86,9 +88,10 @@ def _product_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> tuple[
 #: cost grows with the cells (~N / 256 of them above 1M rows: at 10M x 128 rows, 32,768 centroids and
 #: ~80 TFLOP). Below it the product is faster (1M x 128 rows, 4096 cells: 15 s, the graph 23-37 s).
 ROUTING_GRAPH_MIN_CELLS = 16384
-#: Links a node of the centroid graph (faiss' M) and its search breadth (efSearch, at least the cells
-#: asked). 1M x 128 rows of make_faces, 4096 cells: the best cell found for 0.998 of the rows, 0.991 of
-#: their best 4 (M 16: 0.987 / 0.956 at the same breadth).
+#: Links a node of the centroid graph (faiss' M) and its search breadth (efSearch). 1M x 128 rows of
+#: make_faces, 4096 cells: the best cell found for 0.998 of the rows, 0.991 of their best 4 (M 16: 0.987
+#: / 0.956 at the same breadth). More cells than the breadth a row are found by the product: a graph
+#: searched for 2048 cells a row (an eighth of 16,384) is slower than the product.
 ROUTING_GRAPH_LINKS = 32
 ROUTING_GRAPH_BREADTH = 64
 
@@ -126,7 +129,7 @@ def _graph_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> tuple[np
     of the rows finds the same cells); a row for which the graph reached fewer than ``nprobe`` cells
     takes the product's."""
     index = centroid_graph(centroids)
-    index.hnsw.efSearch = max(ROUTING_GRAPH_BREADTH, nprobe)
+    index.hnsw.efSearch = ROUTING_GRAPH_BREADTH
     n = x.shape[0]
     out = np.empty((n, nprobe), dtype=np.int32)
     sim = np.empty((n, nprobe), dtype=np.float32)
