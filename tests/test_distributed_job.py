@@ -378,28 +378,6 @@ def test_failure_before_commit_keeps_previous_output(ray_session, tmp_path, job_
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # staging removed
 
 
-def test_centroid_graph_routes_alike_in_every_worker(ray_session, job_data):
-    """The job's tasks each build the centroid graph of the IVF cells (over ROUTING_GRAPH_MIN_CELLS
-    cells): built on one thread in another process, it routes every row to the cells the driver's finds."""
-    from agc_ray.core import cells
-    from agc_ray.core.knn import l2_normalize
-
-    x = l2_normalize(job_data[0])
-    c = x[np.random.default_rng(1).choice(x.shape[0], 512, replace=False)]
-    local = cells._graph_probes(x, c, 16)
-
-    @ray_session.remote(num_cpus=1)
-    def route(x, c):
-        from agc_ray.core import cells
-
-        return cells._graph_probes(x, c, 16)
-
-    remote = ray_session.get([route.remote(x[:1000], c), route.remote(x, c)])
-    np.testing.assert_array_equal(remote[0][0], local[0][:1000])
-    for got, want in zip(remote[1], local):
-        np.testing.assert_array_equal(got, want)
-
-
 @pytest.mark.parametrize("case", ["exact", "ivf", "ivf-small-calls", "ivf-target", "ivf-target-small-calls",
                                   "ivf-out-of-reach", "ivf-out-of-reach-kept"])
 def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monkeypatch, caplog):

@@ -147,49 +147,6 @@ def test_ivf_centroids_equal_faiss_ivf_training_and_report_each_iteration():
     assert seen == [1] * IVF_TRAIN_ITERATIONS == [1] * index.cp.niter
 
 
-def test_graph_kmeans_close_to_faiss_kmeans_deterministic_and_used_for_many_cells(monkeypatch):
-    """With many cells the quantizer's rows are assigned through a graph of the centroids: the same
-    objective as faiss' k-means to 0.5 %, no empty cell, identical for a seed, and what ivf_centroids
-    trains from ROUTING_GRAPH_MIN_CELLS cells (reporting each iteration)."""
-    import faiss
-
-    from agc_ray.core import cells
-    from agc_ray.core.cells import _product_probes
-    from agc_ray.core.knn import IVF_TRAIN_ITERATIONS, graph_kmeans, ivf_centroids, ivf_nlist
-
-    x = l2_normalize(make_faces(20000, dim=32, seed=3)[0])
-    ours = graph_kmeans(x, 512, seed=0)
-    np.testing.assert_array_equal(graph_kmeans(x, 512, seed=0), ours)
-    assert not np.array_equal(graph_kmeans(x, 512, seed=1), ours)
-    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
-    clustering = faiss.Clustering(32, 512)
-    clustering.spherical, clustering.niter, clustering.seed, clustering.min_points_per_centroid = True, 10, 0, 1
-    clustering.train(x, faiss.IndexFlatIP(32))
-    theirs = faiss.vector_to_array(clustering.centroids).reshape(512, 32)
-    (cell, best), (_, theirs_best) = _product_probes(x, ours, 1), _product_probes(x, theirs, 1)
-    assert best.mean() >= 0.995 * theirs_best.mean()
-    assert np.bincount(cell[:, 0], minlength=512).min() > 0
-    n = 20000
-    monkeypatch.setattr(cells, "ROUTING_GRAPH_MIN_CELLS", ivf_nlist(n))
-    seen = []
-    np.testing.assert_array_equal(ivf_centroids(x, n, 0, report=seen.append), graph_kmeans(x, ivf_nlist(n), 0))
-    assert seen == [1] * IVF_TRAIN_ITERATIONS
-
-
-def test_graph_kmeans_refills_empty_cells():
-    """Rows repeated: cells started on copies of one row tie and empty; each is refilled by splitting a
-    cell with rows (no empty cell, no NaN)."""
-    from agc_ray.core.cells import _product_probes
-    from agc_ray.core.knn import graph_kmeans
-
-    distinct = l2_normalize(np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32))
-    x = np.repeat(distinct, 10, axis=0)
-    c = graph_kmeans(x, 64, seed=0)
-    assert np.isfinite(c).all()
-    assert np.unique(c, axis=0).shape[0] == 64  # no two cells left on one centroid
-    assert np.unique(_product_probes(x, c, 1)[0]).size == 40  # every distinct row is a cell's own
-
-
 # -- recall target: the IVF search probes as many cells as the data needs ---------------------------
 def test_ivf_meets_recall_target_on_ann_hard_data():
     from agc_ray.core.knn import ivf_nlist
@@ -518,32 +475,6 @@ def test_cell_probes_are_the_best_centroids_in_order():
     assert probes.shape == (300, 5) and probes.dtype == np.int32
     assert (probes == ref).mean() > 0.999  # ties aside
     assert cell_probes(x, c, 100).shape == (300, 40)  # at most every cell
-
-
-def test_cell_probes_through_the_centroid_graph(monkeypatch):
-    """Above ROUTING_GRAPH_MIN_CELLS the best cells come from an HNSW graph of the centroids: nearly
-    always the product's cells and gaps, the same for any split of the rows, and the same graph (so
-    the same cells) when it is built again (one thread: a job's tasks each build it)."""
-    from agc_ray.core import cells
-    x, _ = make_faces(6000, dim=32, seed=4)
-    c = x[np.random.default_rng(0).choice(6000, 256, replace=False)]  # 256 cells centred on rows
-    product, product_gaps = cells.cell_probes(x, c, 16, gaps=True)
-    monkeypatch.setattr(cells, "ROUTING_GRAPH_MIN_CELLS", 256)
-    probes, gaps = cells.cell_probes(x, c, 16, gaps=True)
-    assert probes.dtype == np.int32 and gaps.dtype == np.float32 and probes.shape == (6000, 16)
-    assert (probes[:, 0] == product[:, 0]).mean() > 0.99
-    assert np.mean([np.intersect1d(a, b).size for a, b in zip(probes[:, :4], product[:, :4])]) > 3.9
-    assert np.all(gaps[:, 0] == 0) and np.all(np.diff(gaps, axis=1) >= 0)
-    same = probes == product
-    np.testing.assert_allclose(gaps[same], product_gaps[same], atol=1e-5)
-    halves = [cells.cell_probes(x[a:b], c, 16) for a, b in ((0, 2500), (2500, 6000))]
-    np.testing.assert_array_equal(np.concatenate(halves), probes)
-    first = cells.centroid_graph(c)
-    monkeypatch.setattr(cells, "_centroid_graph", (None, None))  # as a new process: built again
-    assert cells.centroid_graph(c) is not first
-    np.testing.assert_array_equal(cells.cell_probes(x, c, 16), probes)
-    every = cells.cell_probes(x[:5], c, 1000)  # at most every cell: more than the graph's breadth, the product's
-    np.testing.assert_array_equal(every, cells._product_probes(x[:5], c, 256)[0])
 
 
 def test_cell_lists_search_known_answer_ties_and_padding():

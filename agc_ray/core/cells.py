@@ -6,8 +6,7 @@ GFLOP/s on this project's 2-core machine). A kNN graph searches every row of the
 probed by many queries at once: grouping the queries by the cells they probe turns the scan into one
 matrix product per cell, ``(queries probing c, D) @ (D, rows of c)``, at BLAS speed (4-6x here), and
 the cell assignment of the rows (their best centroid) and of the queries (their ``nprobe`` best) is
-one product of the rows with the centroids, computed once for both (with many cells, a search of a graph
-of the centroids instead: :func:`centroid_graph`).
+one product of the rows with the centroids, computed once for both.
 
 The cells and the rows scanned are those of an ``IndexIVFFlat`` with the same centroids and
 ``nprobe`` (inner product), so the neighbours are that index's (test), ties aside: here equal
@@ -56,92 +55,18 @@ def cell_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int, gaps: bool = 
     Shapes:
         x: (N, D) float32, centroids: (nlist, D) float32 -> (N, nprobe) int32 [and (N, nprobe) float32].
     """
-    nlist = centroids.shape[0]
-    nprobe = min(int(nprobe), nlist)
-    # a wide search (a row's cells all within a probe margin: up to an eighth of them) is the product's
-    wide = nprobe > ROUTING_GRAPH_BREADTH
-    find = _graph_probes if nlist >= ROUTING_GRAPH_MIN_CELLS and not wide else _product_probes
-    out, sim = find(x, centroids, nprobe)
-    if not gaps:
-        return out
-    best = sim[:, :1].copy()
-    return out, np.subtract(best, sim, out=sim)
-
-
-def _product_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``nprobe`` best centroids and their similarities, best first, from the rows' product with
-    every centroid (in blocks of rows). Shapes: -> (N, nprobe) int32, (N, nprobe) float32."""
     n, nlist = x.shape[0], centroids.shape[0]
+    nprobe = min(int(nprobe), nlist)
     xt, ct = as_tensor(x), as_tensor(centroids).T.contiguous()
     out = np.empty((n, nprobe), dtype=np.int32)
-    sim = np.empty((n, nprobe), dtype=np.float32)
+    gap = np.empty((n, nprobe), dtype=np.float32) if gaps else None
     step = scratch_rows(nlist)  # a block's scores
     for lo in range(0, n, step):
         top = torch.topk(xt[lo:lo + step] @ ct, nprobe, dim=1, sorted=True)
         out[lo:lo + step] = top.indices.numpy()
-        sim[lo:lo + step] = top.values.numpy()
-    return out, sim
-
-
-#: Cells from which :func:`cell_probes` finds each row's best cells through a graph of the centroids
-#: (faiss' ``IndexHNSWFlat``, :func:`centroid_graph`) instead of one product with every centroid, whose
-#: cost grows with the cells (~N / 256 of them above 1M rows: at 10M x 128 rows, 32,768 centroids and
-#: ~80 TFLOP). Below it the product is faster (1M x 128 rows, 4096 cells: 15 s, the graph 23-37 s).
-ROUTING_GRAPH_MIN_CELLS = 16384
-#: Links a node of the centroid graph (faiss' M) and its search breadth (efSearch). 1M x 128 rows of
-#: make_faces, 4096 cells: the best cell found for 0.998 of the rows, 0.991 of their best 4 (M 16: 0.987
-#: / 0.956 at the same breadth). More cells than the breadth a row are found by the product: a graph
-#: searched for 2048 cells a row (an eighth of 16,384) is slower than the product.
-ROUTING_GRAPH_LINKS = 32
-ROUTING_GRAPH_BREADTH = 64
-
-_centroid_graph: tuple = (None, None)  # (key of the centroids, their graph): one per process, the last
-
-
-def centroid_graph(centroids: np.ndarray):
-    """An ``IndexHNSWFlat`` (inner product) over ``centroids``, built on one thread.
-
-    faiss inserts the nodes of a multi-threaded build in an order that varies from run to run, and
-    the graph with it; built on one thread it is the same graph in every process (the job's tasks
-    each build it), so the cells found are too. Built once per process for the same centroids.
-    """
-    import hashlib
-
-    import faiss
-
-    global _centroid_graph
-    c = np.ascontiguousarray(centroids, dtype=np.float32)
-    key = (c.shape, hashlib.sha1(c.view(np.uint8)).hexdigest())
-    if _centroid_graph[0] != key:
-        index = faiss.IndexHNSWFlat(c.shape[1], ROUTING_GRAPH_LINKS, faiss.METRIC_INNER_PRODUCT)
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            index.add(c)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        _centroid_graph = (key, index)
-    return _centroid_graph[1]
-
-
-def _graph_probes(x: np.ndarray, centroids: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_product_probes` through :func:`centroid_graph` (each row's search is its own: any split
-    of the rows finds the same cells); a row for which the graph reached fewer than ``nprobe`` cells
-    takes the product's."""
-    index = centroid_graph(centroids)
-    index.hnsw.efSearch = ROUTING_GRAPH_BREADTH
-    n = x.shape[0]
-    out = np.empty((n, nprobe), dtype=np.int32)
-    sim = np.empty((n, nprobe), dtype=np.float32)
-    step = 1 << 16  # faiss' int64 ids a block, not for the whole table
-    for lo in range(0, n, step):
-        rows = np.ascontiguousarray(x[lo:lo + step], dtype=np.float32)
-        found_sim, found = index.search(rows, nprobe)
-        short = np.flatnonzero((found < 0).any(axis=1))
-        if short.size:
-            found[short], found_sim[short] = _product_probes(rows[short], centroids, nprobe)
-        out[lo:lo + step], sim[lo:lo + step] = found, found_sim
-    return out, sim
+        if gaps:
+            gap[lo:lo + step] = (top.values[:, :1] - top.values).numpy()
+    return (out, gap) if gaps else out
 
 
 def query_probes(queries: np.ndarray, probes: np.ndarray | None, centroids: np.ndarray, nprobe: int) -> np.ndarray:

@@ -132,15 +132,10 @@ def ivf_centroids(sample: np.ndarray, n: int, seed: int, report=None) -> np.ndar
     The same spherical k-means as ``IndexIVFFlat.train`` (its clustering parameters), run one
     iteration per call so that ``report`` (if given) is called with 1 after each of the
     :data:`IVF_TRAIN_ITERATIONS`: the centroids are identical, and a long training shows progress.
-    From :data:`~agc_ray.core.cells.ROUTING_GRAPH_MIN_CELLS` cells, :func:`graph_kmeans`.
     """
     import faiss
 
-    from agc_ray.core.cells import ROUTING_GRAPH_MIN_CELLS
-
     nlist, d = ivf_nlist(n), sample.shape[1]
-    if nlist >= ROUTING_GRAPH_MIN_CELLS:
-        return graph_kmeans(sample, nlist, seed, report=report)
     like = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)  # owns ``cp``: keep it alive
     cp = like.cp  # the index's clustering defaults (spherical for inner product, 10 iterations)
     cp.seed, cp.niter = seed, 1
@@ -154,60 +149,6 @@ def ivf_centroids(sample: np.ndarray, n: int, seed: int, report=None) -> np.ndar
         if report is not None:
             report(1)
     return faiss.vector_to_array(clustering.centroids).reshape(nlist, d)
-
-
-#: Relative perturbation of the two centroids of a cell that :func:`graph_kmeans` splits to refill an
-#: empty one (faiss' k-means' EPS, with the same alternating signs).
-_SPLIT_PERTURBATION = 1.0 / 1024
-
-
-def graph_kmeans(sample: np.ndarray, nlist: int, seed: int, iterations: int = IVF_TRAIN_ITERATIONS,
-                 report=None) -> np.ndarray:
-    """(nlist, D) spherical k-means centroids of the unit rows ``sample``, each row assigned to the best
-    centroid found through a graph of the centroids (:func:`~agc_ray.core.cells.centroid_graph`) instead
-    of a product with every centroid: faiss' k-means costs (rows x cells x D) an iteration, with cells
-    in proportion to the table (:func:`ivf_nlist`) quadratic in it: 10M x 128 rows, 32,768 cells
-    trained on 1M rows, 806 s on 2 cores.
-
-    As faiss' (spherical, ``IndexIVFFlat``'s training): seeded distinct rows to start, each centroid
-    the normalised mean of its rows, an empty cell refilled by splitting a cell drawn in proportion
-    to its rows. Deterministic for a seed (the graph is built on one thread, the sums are sparse
-    products). ``report`` is called with 1 after each iteration.
-    """
-    import scipy.sparse as sp
-
-    from agc_ray.core.cells import ROUTING_GRAPH_BREADTH, _product_probes, centroid_graph
-
-    x = np.ascontiguousarray(sample, dtype=np.float32)
-    n, d = x.shape
-    if n < nlist:
-        raise ValueError(f"graph_kmeans: {n} rows cannot train {nlist} cells")
-    rng = np.random.default_rng((seed, 2))
-    centroids = x[np.sort(rng.choice(n, nlist, replace=False))].copy()
-    ones, rows = np.ones(n, dtype=np.float32), np.arange(n)
-    for _ in range(iterations):
-        graph = centroid_graph(centroids)
-        graph.hnsw.efSearch = ROUTING_GRAPH_BREADTH
-        _, assign = graph.search(x, 1)
-        assign = assign[:, 0]
-        lost = np.flatnonzero(assign < 0)  # none found by the graph: the product's
-        if lost.size:
-            assign[lost] = _product_probes(x[lost], centroids, 1)[0][:, 0]
-        counts = np.bincount(assign, minlength=nlist)
-        members = sp.csr_matrix((ones, (assign, rows)), shape=(nlist, n))
-        centroids = np.asarray(members @ x, dtype=np.float32)
-        empty = np.flatnonzero(counts == 0)
-        if empty.size:
-            weight = np.maximum(counts - 1, 0).astype(np.float64)
-            donors = rng.choice(nlist, size=empty.size, p=weight / weight.sum(),
-                                replace=bool(np.count_nonzero(weight) < empty.size))
-            sign = np.where(np.arange(d) % 2 == 0, 1.0, -1.0).astype(np.float32) * _SPLIT_PERTURBATION
-            centroids[empty] = centroids[donors] * (1 + sign)
-            centroids[donors] *= 1 - sign
-        centroids = l2_normalize(centroids)
-        if report is not None:
-            report(1)
-    return centroids
 
 
 def ivf_index(centroids: np.ndarray, nprobe: int | None = None):
