@@ -296,11 +296,36 @@ def _keep(kept: tuple, q: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor
     kept[2].append(rows[j])
 
 
+def top_k_by_id(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None):
+    """Each row's ``k`` largest ``scores`` and their ids, best first, in the kNN graphs' total order:
+    equal scores by increasing id (negative ids, padding, last). ``torch.topk`` picks any of the entries
+    tied at the k-th place, so rows with such a tie (between finite scores) are sorted in full.
+
+    Shapes:
+        scores (R, W); ids (R, W) int64, default each entry's column -> (R, min(k, W)) x 2.
+    """
+    kk = min(k + 1, scores.shape[1])
+    vals, cols = torch.topk(scores, kk, dim=1, sorted=True)
+    top_i = cols if ids is None else ids.gather(1, cols)
+    if kk <= k:
+        return vals, top_i
+    tie = (vals[:, k - 1] == vals[:, k]) & (vals[:, k - 1] > -float("inf"))
+    vals, top_i = vals[:, :k].clone(), top_i[:, :k].clone()
+    if bool(tie.any()):  # rare (duplicate rows, equal products)
+        rows = tie.nonzero().squeeze(1)
+        row_s = scores[rows]
+        row_i = torch.arange(scores.shape[1]).expand_as(row_s) if ids is None else ids[rows]
+        by_id = np.where(row_i.numpy() >= 0, row_i.numpy(), np.iinfo(np.int64).max)
+        order = torch.from_numpy(np.lexsort((by_id, -row_s.numpy()), axis=1)[:, :k])
+        vals[rows], top_i[rows] = row_s.gather(1, order), row_i.gather(1, order)
+    return vals, top_i
+
+
 def _top_per_group(group, sim, ids, n_groups: int, kk: int):
     """The ``kk`` largest ``sim`` (and their ``ids``) of each group, -inf / -1 padded: one top-k per
-    set of groups of the same size (rounded up to a power of two). Equal similarities at the ``kk``-th
-    place go to the smaller ids (``torch.topk`` picks any of them: 8 rows of a 1M-row graph took
-    another neighbour tied at the k-th place than the Ray job's shards did).
+    set of groups of the same size (rounded up to a power of two), ties by id (:func:`top_k_by_id`:
+    ``torch.topk`` alone made 8 rows of a 1M-row graph take another neighbour tied at the k-th place
+    than the Ray job's shards did).
 
     Shapes:
         group, sim, ids: (M,) tensors or lists of them, group in [0, n_groups) -> (n_groups, kk) x 2.
@@ -319,18 +344,7 @@ def _top_per_group(group, sim, ids, n_groups: int, kk: int):
         gs = np.flatnonzero((width == w) & (counts > 0))
         at = (ends - counts)[gs, None] + np.arange(w)
         idx = torch.from_numpy(np.where(at < ends[gs, None], at, group.size))
-        block_s = sim[idx]
-        top_s, top_j = torch.topk(block_s, min(kk + 1, w), dim=1, sorted=True)
-        top_i = ids[idx].gather(1, top_j)
-        if w > kk:
-            tie = (top_s[:, kk - 1] == top_s[:, kk]) & (top_s[:, kk - 1] > -float("inf"))
-            top_s, top_i = top_s[:, :kk].clone(), top_i[:, :kk].clone()
-            if bool(tie.any()):  # rare: those groups in full, by similarity then id
-                t = tie.nonzero().squeeze(1)
-                t_s, t_i = block_s[t].numpy(), ids[idx[t]].numpy()
-                order = torch.from_numpy(np.lexsort((np.where(t_i >= 0, t_i, np.iinfo(np.int64).max), -t_s),
-                                                    axis=1)[:, :kk])
-                top_s[t], top_i[t] = block_s[t].gather(1, order), ids[idx[t]].gather(1, order)
+        top_s, top_i = top_k_by_id(sim[idx], kk, ids[idx])
         rows = torch.from_numpy(gs)
         best_s[rows], best_i[rows] = top_s, top_i
     return best_s, best_i

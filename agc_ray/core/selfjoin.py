@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from agc_ray.core.cells import SCRATCH_BYTES, as_tensor
+from agc_ray.core.cells import SCRATCH_BYTES, as_tensor, top_k_by_id
 from agc_ray.core.graph import best_per_row
 
 #: Rows per block: a block pair's similarities are SCRATCH_BYTES (2048 x 2048 floats, 16 MiB).
@@ -87,16 +87,8 @@ def _merge_sparse(best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, ids:
 
 def _block_top(scores: torch.Tensor, first_id: int, k: int):
     """Each row's k best columns of a block of similarities (ids: ``first_id + column``), in the total
-    order (topk's choice among columns tied at the k-th place is replaced by the smaller ids)."""
-    kk = min(k + 1, scores.shape[1])
-    vals, cols = torch.topk(scores, kk, dim=1, sorted=True)
-    if kk > k:
-        tie = vals[:, k - 1] == vals[:, k]
-        vals, cols = vals[:, :k].clone(), cols[:, :k].clone()
-        if bool(tie.any()):  # rare (duplicate rows): sort those rows fully, stably
-            rows = torch.nonzero(tie).squeeze(1)
-            order = torch.sort(-scores[rows], dim=1, stable=True)
-            vals[rows], cols[rows] = -order.values[:, :k], order.indices[:, :k]
+    order (:func:`~agc_ray.core.cells.top_k_by_id`), -inf / -1 padded to k."""
+    vals, cols = top_k_by_id(scores, k)
     best_s = torch.full((scores.shape[0], k), -torch.inf)
     best_i = torch.full((scores.shape[0], k), -1, dtype=torch.int64)
     best_s[:, :vals.shape[1]], best_i[:, :vals.shape[1]] = vals, cols + first_id
