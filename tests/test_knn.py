@@ -381,6 +381,18 @@ def test_cell_lists_search_is_the_top_k_of_every_scanned_row(monkeypatch, pairs_
         assert (np.diff(sim[q, :found.size]) <= 0).all()
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_padding_sorts_after_every_id_whatever_the_id_dtype(dtype):
+    """The cell lists hold int32 ids: padding (-1) becomes int64's maximum there too (numpy 2.5 raised
+    OverflowError on the int32 array, which failed every tie at the k-th place on a GPU machine)."""
+    from agc_ray.core.cells import last_if_padding
+
+    ids = np.array([[7, -1, 2], [-1, -1, 0]], dtype=dtype)
+    keys = last_if_padding(ids)
+    assert keys.dtype == np.int64
+    np.testing.assert_array_equal(keys, [[7, np.iinfo(np.int64).max, 2], [np.iinfo(np.int64).max] * 2 + [0]])
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_cell_lists_ties_at_the_kth_place_go_to_the_smaller_ids(seed):
     """Rows tied at a query's kk-th place: the smallest ids, whatever the cells (the Ray job's shards,

@@ -203,7 +203,7 @@ class CellLists:
                 lo = hi
         sim, ids = best_s.numpy(), best_i.numpy()
         # equal similarities by increasing id: the result does not depend on the order of the scan
-        order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -sim), axis=1)
+        order = np.lexsort((last_if_padding(ids), -sim), axis=1)
         sim, ids = np.take_along_axis(sim, order, axis=1), np.take_along_axis(ids, order, axis=1)
         missing = ids < 0
         sim[missing] = -np.finfo(np.float32).max
@@ -296,6 +296,15 @@ def _keep(kept: tuple, q: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor
     kept[2].append(rows[j])
 
 
+def last_if_padding(ids: np.ndarray) -> np.ndarray:
+    """``ids`` as int64 with padding (negative ids) made the largest, for sorting ties by id.
+
+    The int64 cast comes first: numpy 2.5 refuses int64's maximum in an int32 array (OverflowError).
+    """
+    ids = ids.astype(np.int64, copy=False)
+    return np.where(ids >= 0, ids, np.iinfo(np.int64).max)
+
+
 def top_k_by_id(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None):
     """Each row's ``k`` largest ``scores`` and their ids, best first, in the kNN graphs' total order:
     equal scores by increasing id (negative ids, padding, last). ``torch.topk`` picks any of the entries
@@ -315,8 +324,7 @@ def top_k_by_id(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None):
         rows = tie.nonzero().squeeze(1)
         row_s = scores[rows]
         row_i = torch.arange(scores.shape[1]).expand_as(row_s) if ids is None else ids[rows]
-        by_id = np.where(row_i.numpy() >= 0, row_i.numpy(), np.iinfo(np.int64).max)
-        order = torch.from_numpy(np.lexsort((by_id, -row_s.numpy()), axis=1)[:, :k])
+        order = torch.from_numpy(np.lexsort((last_if_padding(row_i.numpy()), -row_s.numpy()), axis=1)[:, :k])
         vals[rows], top_i[rows] = row_s.gather(1, order), row_i.gather(1, order)
     return vals, top_i
 
