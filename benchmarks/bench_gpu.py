@@ -7,7 +7,11 @@
 2. ``HiLander(seed=0).fit`` on ``--n-train`` rows on CUDA (``device='auto'`` picks it), then
    ``predict_hierarchy`` of the same ``--n``-row make_faces table with those weights on CUDA and on the
    CPU: wall time, clusters and Fp per level, and whether the partitions agree (ARI per level).
-3. Exact kNN by torch on the GPU (blocks of queries against the whole table, ``topk``), fp32 and TF32,
+3. Reproducibility on CUDA: two fits with one seed, as shipped (``deterministic_training`` sets
+   ``CUBLAS_WORKSPACE_CONFIG`` where CUDA has not started) and under
+   ``torch.use_deterministic_algorithms(True)`` throughout: the largest weight difference, whether the
+   labels agree, fit seconds. Run it first (``--stages reproducibility,...``) for the shipped setting.
+4. Exact kNN by torch on the GPU (blocks of queries against the whole table, ``topk``), fp32 and TF32,
    its recall@10 against faiss' exact search on the CPU for a sample of queries: whether a GPU without
    faiss-gpu could still build the level-0 graph exactly.
 
@@ -38,9 +42,7 @@ def environment() -> dict:
 
     env = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
            "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count()}
-    if torch.cuda.is_available():
-        env["cuda_device"] = torch.cuda.get_device_name(0)
-        env["torch_cuda"] = torch.version.cuda
+    env["torch_cuda"] = torch.version.cuda  # (the device's name from nvidia-smi: torch's would start CUDA)
     try:
         import faiss
 
@@ -111,6 +113,41 @@ def cluster_both(n: int, n_train: int, epochs: int) -> dict:
     return out
 
 
+def reproducibility(n: int) -> dict:
+    import numpy as np
+    import torch
+
+    from agc_ray import HiLander
+    from agc_ray.core.synthetic import make_faces
+
+    x, y = make_faces(n, seed=1)
+    x_test, _ = make_faces(n, seed=2)
+    out = {}
+    for mode in ("default", "deterministic"):
+        fits = []
+        try:
+            for _ in range(2):
+                torch.use_deterministic_algorithms(mode == "deterministic")
+                t0 = time.perf_counter()
+                est = HiLander(seed=0, epochs=2).fit(x, y)
+                seconds = time.perf_counter() - t0
+                torch.use_deterministic_algorithms(False)
+                weights = {k: v.detach().cpu() for k, v in est.model_.state_dict().items()}
+                fits.append((weights, est.predict(x_test), seconds))
+        except Exception as e:  # an op without a deterministic CUDA kernel: say which
+            torch.use_deterministic_algorithms(False)
+            out[mode] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"reproducibility {mode}: {out[mode]['error']}", flush=True)
+            continue
+        (w1, l1, s1), (w2, l2, s2) = fits
+        diff = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
+        out[mode] = {"max_weight_diff": diff, "labels_equal": bool(np.array_equal(l1, l2)),
+                     "fit_seconds": [round(s1, 1), round(s2, 1)]}
+        print(f"reproducibility {mode}: {out[mode]}", flush=True)
+    out["cublas_workspace_config"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    return out
+
+
 def torch_exact_knn(n: int, k: int, sample: int) -> dict:
     import faiss
     import numpy as np
@@ -158,6 +195,8 @@ def main():
     p.add_argument("--n-train", type=int, default=50_000, help="rows of the training split")
     p.add_argument("--epochs", type=int, default=4, help="0: HiLander's default")
     p.add_argument("--knn-sample", type=int, default=2000, help="queries checked against faiss' exact search")
+    p.add_argument("--repro-rows", type=int, default=20_000, help="rows of the reproducibility fits")
+    p.add_argument("--stages", default="cluster,reproducibility,torch_exact_knn", help="comma list, in order")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -170,9 +209,12 @@ def main():
         Path(args.json).write_text(json.dumps(result, indent=2))
 
     save()
-    for name, stage in (("cluster", lambda: cluster_both(args.n, args.n_train, args.epochs)),
-                        ("torch_exact_knn", lambda: torch_exact_knn(args.n, 10, args.knn_sample))):
-        if name == "torch_exact_knn" and not result["environment"]["cuda_available"]:
+    stages = {"cluster": lambda: cluster_both(args.n, args.n_train, args.epochs),
+              "reproducibility": lambda: reproducibility(args.repro_rows),
+              "torch_exact_knn": lambda: torch_exact_knn(args.n, 10, args.knn_sample)}
+    for name in args.stages.split(","):
+        stage = stages[name]
+        if name != "cluster" and not result["environment"]["cuda_available"]:
             continue
         try:
             result[name] = stage()

@@ -3,6 +3,7 @@ reproducible training."""
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -176,3 +177,21 @@ def test_two_fits_with_one_seed_are_identical(faces_split, validated):
     for u, v in zip(*(f.predict_hierarchy(x_test) for f in fits)):
         np.testing.assert_array_equal(u, v)
     assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
+
+
+def test_cublas_reproducible_setting_before_cuda_starts(monkeypatch):
+    """Deterministic CUDA training needs cuBLAS' workspace setting before CUDA starts: set when absent
+    (CUDA not started in this process), kept when reproducible, and a user's other setting is left alone
+    (training then stays reproducible to float tolerance only)."""
+    from agc_ray.core.train import CUBLAS_DETERMINISTIC, cuda_can_be_deterministic
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA already started in this process")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert cuda_can_be_deterministic()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_DETERMINISTIC[0]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    assert cuda_can_be_deterministic()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    assert not cuda_can_be_deterministic()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"

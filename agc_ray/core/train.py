@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 import warnings
 
@@ -27,17 +28,35 @@ from agc_ray.core.params import DEFAULTS
 log = logging.getLogger("agc_ray")
 
 
+#: cuBLAS' reproducible workspace settings (either); torch's deterministic mode refuses cuBLAS without one.
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def cuda_can_be_deterministic() -> bool:
+    """Whether cuBLAS runs reproducibly in this process: ``CUBLAS_WORKSPACE_CONFIG`` is set to one of
+    :data:`CUBLAS_DETERMINISTIC`, or CUDA has not started yet and it is set now (cuBLAS reads it when
+    it starts)."""
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") in CUBLAS_DETERMINISTIC:
+        return True
+    if "CUBLAS_WORKSPACE_CONFIG" in os.environ or torch.cuda.is_initialized():
+        return False
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+    return True
+
+
 @contextlib.contextmanager
 def deterministic_training(device: torch.device | str = "cpu"):
-    """Torch's deterministic CPU kernels for the duration (restored after); a no-op on CUDA.
+    """Torch's deterministic kernels for the duration (restored after).
 
     The backward of the edge head's gathers (``proj[nbr]``) accumulates into shared rows from many
     threads; the order of those float additions varied between runs, so two fits with one seed gave
-    different weights. The deterministic kernels cost nothing measurable here (20K rows, 2 epochs:
-    19-20 s either way). On CUDA, cuBLAS would also need CUBLAS_WORKSPACE_CONFIG set before start;
-    GPU training is left as fast as it is, reproducible to float tolerance only.
+    different weights. The deterministic kernels cost nothing measurable here (CPU, 20K rows, 2
+    epochs: 19-20 s either way; one H200, 50K rows: 5.2 s against 4.8-6.4 s). On CUDA, cuBLAS also
+    needs ``CUBLAS_WORKSPACE_CONFIG`` before it starts (:func:`cuda_can_be_deterministic`); where a
+    process started CUDA without it, GPU training stays reproducible to float tolerance only.
     """
-    if torch.device(device).type != "cpu":
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not cuda_can_be_deterministic()):
         yield
         return
     before = torch.are_deterministic_algorithms_enabled()
