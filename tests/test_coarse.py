@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agc_ray.core.coarse import coarse_graph, coarse_rows, refine_rows
+from agc_ray.core.coarse import coarse_graph, coarse_rows, first_round_recall, out_of_reach, refine_rows
 from agc_ray.core.knn import knn_graph, knn_recall, l2_normalize
 
 
@@ -122,3 +122,34 @@ def test_knn_graph_uses_the_level_below_only_when_it_holds_the_recall():
     info = {}
     knn_graph(x, 8, method="exact", below=(exact[0], np.arange(3000)), info=info)
     assert info == {"knn_method": "exact"}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_first_round_recall_of_a_sample_is_the_whole_graphs(level_below, seed):
+    """The sampled clusters' rows alone give the recall that the whole first graph has on them."""
+    from agc_ray.core.recall import exact_kth, recall_at
+
+    x, nbr, comp = level_below
+    k = 5
+    rows = np.random.default_rng(seed).choice(x.shape[0], size=40, replace=False)  # unsorted, as recall_rows
+    kth = exact_kth(x, rows, k)
+    whole, sim = coarse_rows(x.__getitem__, x.shape[0], nbr, comp, k, 0, x.shape[0])
+    expected = recall_at(sim[rows], whole[rows] >= 0, kth)
+    assert 0.0 < expected < 1.0
+    assert first_round_recall(x.__getitem__, x.shape[0], nbr, comp, k, rows, kth) == expected
+
+
+def test_a_first_graph_out_of_reach_is_not_built(monkeypatch):
+    """Far below the target (no round would be tried) the whole graph is not built: the sample says so."""
+    from agc_ray.core import coarse
+
+    rng = np.random.default_rng(5)
+    x = _unit(3000, 16, 6)
+    unrelated = (rng.integers(0, 3000, (3000, 2)), np.arange(3000))
+    assert out_of_reach(0.95, 0.5) and not out_of_reach(0.95, 0.92) and not out_of_reach(None, 0.1)
+    built = []
+    monkeypatch.setattr(coarse, "coarse_rows", lambda *a, **kw: built.append(a) or coarse_rows(*a, **kw))
+    info = {}
+    assert coarse_graph(x, *unrelated, 8, recall=0.95, info=info) is None
+    assert info["knn_recall"] < 0.5 and info["knn_rounds"] == 0 and not built
+    assert coarse_graph(x, *unrelated, 8, recall=None) is not None and built  # nothing measured: built

@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 from agc_ray.core.cells import cell_probes, probe_pairs
-from agc_ray.core.coarse import coarse_rows, refine_more, refine_rows
+from agc_ray.core.coarse import coarse_rows, first_round_recall, out_of_reach, refine_more, refine_rows
 from agc_ray.core import subset
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
 from agc_ray.core.subset import rescan_blocks, rescan_rows, short_rows, split_deep, subset_lists, too_many_rescans
@@ -251,10 +251,15 @@ def sharded_coarse_graph(x_refs: list, offsets: np.ndarray, k: int, below_graph,
     bounds = [(int(offsets[s]), int(offsets[s + 1])) for s in range(len(x_refs))]
     target = recall_target if recall_sample > 0 else None
     kth = rows = None
+    t0 = time.perf_counter()
     if target is not None:
         rows = recall_rows(n, recall_sample, seed)
         kth = _exact_kth.remote(rows, k, *x_refs)
-    t0 = time.perf_counter()
+        first = ray.get(_first_round_recall.remote(offsets, rows, kth, k, below_graph, below_level, *x_refs))
+        if out_of_reach(target, first):  # the whole first graph would miss too, with no round to try
+            log.info("%s: graph from the level below, recall %.3f (target %.2f) after 0 round(s), %.1fs", stage,
+                     first, target, time.perf_counter() - t0)
+            return None, {"knn_method": "coarse", "knn_rounds": 0, "knn_recall": first}
     parts = [_coarse_rows.remote(offsets, lo, hi, k, below_graph, below_level, *x_refs) for lo, hi in bounds]
     rounds, measured = 0, None
     while True:
@@ -350,6 +355,13 @@ def _rows_of(offsets, x_parts):
 def _coarse_rows(offsets, lo: int, hi: int, k: int, below_graph, below_level, *x_parts):
     """:func:`~agc_ray.core.coarse.coarse_rows` of nodes ``lo:hi`` (the shards are direct arguments)."""
     return coarse_rows(_rows_of(offsets, x_parts), int(offsets[-1]), below_graph[0], below_level["comp"], k, lo, hi)
+
+
+@lazy_remote(num_cpus=1)
+def _first_round_recall(offsets, rows, kth, k: int, below_graph, below_level, *x_parts):
+    """:func:`~agc_ray.core.coarse.first_round_recall` of the sampled nodes ``rows``."""
+    return first_round_recall(_rows_of(offsets, x_parts), int(offsets[-1]), below_graph[0], below_level["comp"], k,
+                              rows, kth)
 
 
 @lazy_remote(num_cpus=1, num_returns=2)
