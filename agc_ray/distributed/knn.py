@@ -252,14 +252,18 @@ def sharded_coarse_graph(x_refs: list, offsets: np.ndarray, k: int, below_graph,
     target = recall_target if recall_sample > 0 else None
     kth = rows = None
     t0 = time.perf_counter()
+
+    def reported(measured: float, rounds: int):  # the line and the info of a measured graph
+        log.info("%s: graph from the level below, recall %.3f (target %.2f) after %d round(s), %.1fs", stage,
+                 measured, target, rounds, time.perf_counter() - t0)
+        return {"knn_method": "coarse", "knn_rounds": rounds, "knn_recall": measured}
+
     if target is not None:
         rows = recall_rows(n, recall_sample, seed)
         kth = _exact_kth.remote(rows, k, *x_refs)
         first = ray.get(_first_round_recall.remote(offsets, rows, kth, k, below_graph, below_level, *x_refs))
         if out_of_reach(target, first):  # the whole first graph would miss too, with no round to try
-            log.info("%s: graph from the level below, recall %.3f (target %.2f) after 0 round(s), %.1fs", stage,
-                     first, target, time.perf_counter() - t0)
-            return None, {"knn_method": "coarse", "knn_rounds": 0, "knn_recall": first}
+            return None, reported(first, 0)
     parts = [_coarse_rows.remote(offsets, lo, hi, k, below_graph, below_level, *x_refs) for lo, hi in bounds]
     rounds, measured = 0, None
     while True:
@@ -271,14 +275,10 @@ def sharded_coarse_graph(x_refs: list, offsets: np.ndarray, k: int, below_graph,
             break
         parts = [_refine_rows.remote(offsets, lo, hi, graph, *x_refs) for lo, hi in bounds]
         rounds += 1
-    info = {"knn_method": "coarse", "knn_rounds": rounds}
-    if measured is not None:
-        info["knn_recall"] = measured
-        log.info("%s: graph from the level below, recall %.3f (target %.2f) after %d round(s), %.1fs", stage,
-                 measured, target, rounds, time.perf_counter() - t0)
-    if target is not None and measured < target:
-        return None, info
-    return graph, info
+    if measured is None:
+        return graph, {"knn_method": "coarse", "knn_rounds": rounds}
+    info = reported(measured, rounds)
+    return (None if measured < target else graph), info
 
 
 def sharded_subset_graph(x_refs: list, offsets: np.ndarray, k: int, below_deep, below_level, *, stage: str = "kNN"):
