@@ -402,8 +402,9 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
     if kept:
         monkeypatch.setattr(core_recall, "EXACT_FALLBACK_MAX_ROWS", 5000)
     method = case.split("-")[0]
-    target = 0.95 if "out-of-reach" in case else 0.99 if "target" in case else None
-    # out of reach: small identities in isotropic spread (an eighth of the cells: recall 0.93)
+    # out of reach: small identities in isotropic spread (an eighth of the cells a row, where a miss is
+    # searched exactly: recall 0.91 of 0.95; a quarter, where a miss keeps IVF: 0.96 of 0.98)
+    target = 0.98 if kept else 0.95 if "out-of-reach" in case else 0.99 if "target" in case else None
     x = l2_normalize(make_faces(10000, dim=64, isotropic=1.0, mean_identity_size=5, seed=8)[0]
                      if "out-of-reach" in case else job_data[0])
     info = {}
@@ -440,8 +441,8 @@ def test_sharded_knn_graph_equals_single_index(ray_session, job_data, case, monk
         assert stats["knn_ivf_recall"] == pytest.approx(info["knn_ivf_recall"])
     if kept:
         assert stats["knn_recall_target_met"] is info["knn_recall_target_met"] is False
-        assert stats["knn_recall"] == pytest.approx(info["knn_recall"]) and 0.5 < stats["knn_recall"] < 0.95
-        assert stats["knn_nprobe"] == info["knn_nprobe"] == probe_cap(core_knn.ivf_nlist(10000), 10000)
+        assert stats["knn_recall"] == pytest.approx(info["knn_recall"]) and 0.5 < stats["knn_recall"] < 0.98
+        assert stats["knn_nprobe"] == info["knn_nprobe"] == probe_cap(core_knn.ivf_nlist(10000), 10000, max_share=1 / 4)
 
 
 def test_index_actors_serve_every_level(ray_session, job_data):

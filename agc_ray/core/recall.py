@@ -30,6 +30,13 @@ NPROBE_START = 4
 #: the exact search's matrix products (measured here: 16 probes of 1024 cells at 100K rows took 1/7 of
 #: the exact search's time, 256 probes as long as it), so a table that needs more is searched exactly.
 IVF_MAX_PROBE_SHARE = 1 / 8
+#: The most of the cells one query probes under a probe margin (:func:`tune_margin`) where a miss keeps
+#: the IVF graph (too many rows to search exactly): there the search's cost is bounded by the sample's
+#: mean scan (:data:`IVF_MAX_SCAN_ROWS`), and a per-query eighth cut off the queries that need the
+#: most cells. make_faces 300K x 256 rows (2048 cells): an eighth, recall 0.944 with every query at
+#: its 256 cells, 132 s; a quarter, 0.959 at margin 0.288 with 114 a query on average, 62 s; a half,
+#: 0.973 at the same margin with 190, 89 s.
+IVF_MAX_PROBE_SHARE_KEPT = 1 / 4
 #: Most rows one query scans (probes x rows per cell) while the probes are raised (with a probe margin:
 #: the sample's mean). The share above alone grows with the table: at 10M x 128 rows the tuning climbed
 #: to 2048 of 16384 cells (1.25M rows a query, days of search on 2 cores) and its probe lists got the
@@ -109,6 +116,13 @@ def probe_cap(nlist: int, n: int = 0, start: int = NPROBE_START, max_share: floa
     return max(1, min(nlist, max(start, cap)))
 
 
+def margin_probe_share(n: int) -> float:
+    """The most of the cells one query probes under a probe margin for a table of ``n`` rows (0:
+    unknown): :data:`IVF_MAX_PROBE_SHARE` where a miss is searched exactly, else
+    :data:`IVF_MAX_PROBE_SHARE_KEPT`."""
+    return IVF_MAX_PROBE_SHARE if exact_on_miss(n) else IVF_MAX_PROBE_SHARE_KEPT
+
+
 def tune_nprobe(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0,
                 start: int = NPROBE_START, max_share: float = IVF_MAX_PROBE_SHARE) -> tuple[int, float]:
     """The fewest probes (``start``, doubled each step, up to :func:`probe_cap`) whose recall reaches
@@ -138,7 +152,7 @@ PROBE_MARGINS = tuple(round(0.005 * 1.5 ** i, 5) for i in range(16))
 
 
 def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: int = 0, start: int = NPROBE_START,
-                max_share: float = IVF_MAX_PROBE_SHARE, exact_on_miss: bool = False) -> tuple[float, int, float, float]:
+                max_share: float | None = None, exact_on_miss: bool = False) -> tuple[float, int, float, float]:
     """The smallest of :data:`PROBE_MARGINS` whose recall reaches ``target``; the last tried when none
     does (its mean scan reached :data:`IVF_MAX_SCAN_ROWS` a query, or the margins ran out), or the last
     within that scan when a margin passes it (unless the first margin does).
@@ -150,13 +164,13 @@ def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
     ``search_sample(margin, nprobe) -> (nbr, sim, probes)`` searches the sampled rows scanning each
     one's cells within ``margin`` of its best, at most ``nprobe`` (``probes``: the cells scanned in all),
     ``kth`` (Q,) their exact k-th best similarity. A query may probe up to ``max_share`` of the cells
-    (where one query's scan costs what the exact search costs it: ``probe_cap(nlist)``), the sample on
-    average no more than :data:`IVF_MAX_SCAN_ROWS` rows a query (of a table of ``n`` rows, 0: unknown).
+    (default :func:`margin_probe_share`), the sample on average no more than :data:`IVF_MAX_SCAN_ROWS`
+    rows a query (of a table of ``n`` rows, 0: unknown).
 
     Returns:
         ``(margin, nprobe, recall, mean probes)``: ``nprobe`` the most cells a query probes.
     """
-    nprobe = probe_cap(nlist, 0, start, max_share)
+    nprobe = probe_cap(nlist, 0, start, margin_probe_share(n) if max_share is None else max_share)
     scan_cap = IVF_MAX_SCAN_ROWS * nlist / n if n > 0 else float(nprobe)
     within = None  # the last margin tried whose scan stays within the cap
     for step, margin in enumerate(PROBE_MARGINS):
@@ -213,11 +227,12 @@ def missed_target_goes_exact(n: int, measured: float, target: float, nprobe: int
             if margin is not None:
                 info["knn_ivf_probe_margin"] = margin
         return True
-    log.warning("%s: IVF recall %.3f is below the target %.2f with %s (the most the tuning probes: an "
-                "eighth of the cells, at most %d rows a query on average), and %d rows are too many to search "
+    share = IVF_MAX_PROBE_SHARE if margin is None else margin_probe_share(n)
+    log.warning("%s: IVF recall %.3f is below the target %.2f with %s (the most the tuning probes: 1/%d of "
+                "the cells a query, at most %d rows a query on average), and %d rows are too many to search "
                 "exactly (over %d): the IVF graph is kept. Lower the recall target (knn_recall, --knn-recall) or "
                 "ask for exact search (knn='exact', --knn exact; hours on CPU, minutes on a GPU)", stage, measured,
-                target, probed, IVF_MAX_SCAN_ROWS, n, EXACT_FALLBACK_MAX_ROWS)
+                target, probed, round(1 / share), IVF_MAX_SCAN_ROWS, n, EXACT_FALLBACK_MAX_ROWS)
     if info is not None:
         info["knn_recall_target_met"] = False
     return False

@@ -227,7 +227,7 @@ def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs:
 def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     """Check everything the job can check without running it (InputError as the real run) and plan it."""
     from agc_ray.core.knn import IVF_NPROBE, ivf_nlist, resolve_method
-    from agc_ray.core.recall import exact_on_miss, probe_cap
+    from agc_ray.core.recall import exact_on_miss, margin_probe_share, probe_cap
     from agc_ray.distributed.job import _check_dim, _tau_source, load_estimator, validate_config
 
     validate_config(cfg)
@@ -254,7 +254,7 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
         missed = ("exact search" if exact_on_miss(schema.rows)
                   else "the IVF graph kept, reported below target (too many rows to search exactly)")
         detail = (f"{nlist} cells, a probe margin raised until recall >= {est.knn_recall} on {cfg.knn_recall_sample} "
-                  f"sampled rows (the cells within it of each row's best, at most {probe_cap(nlist)} a row and "
+                  f"sampled rows (the cells within it of each row's best, at most {probe_cap(nlist, max_share=margin_probe_share(schema.rows))} a row and "
                   f"{probe_cap(nlist, schema.rows)} on average; then {missed})")
     else:
         detail = f"{nlist} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
