@@ -320,7 +320,8 @@ def test_replace_reassigns_rows_and_refuses_without_it(runs, tmp_path):
     assert moved_labels[-1][0] >= json.loads((root / "B" / "manifest.json").read_text())["next_cluster_ids"][-1]
 
 
-@pytest.mark.parametrize("case", ["dimension", "no manifest", "no state", "damaged state", "bad base path"])
+@pytest.mark.parametrize("case", ["dimension", "no manifest", "no state", "damaged state", "newer state format",
+                                  "bad base path"])
 def test_bad_input_writes_nothing(runs, tmp_path, case, job_data):
     root, _, d = runs
     base = root / "B"
@@ -346,6 +347,10 @@ def test_bad_input_writes_nothing(runs, tmp_path, case, job_data):
         shutil.copytree(root / "B", base)
         (base / "state" / "level=0" / "shard=00001" / "sim.npy").unlink()
         match = "cannot read its assignment state .*sim.npy"
+    elif case == "newer state format":  # written by a later version: not read as if it were this one's
+        base = tmp_path / "newer"
+        _copy_with_state_format(root / "B", base, 99)
+        match = "assignment state format 99 is not one this version reads \\(1, 2\\)"
     elif case == "bad base path":
         base = tmp_path / "nowhere"
         match = "--base .* is not a completed output"
@@ -353,6 +358,29 @@ def test_bad_input_writes_nothing(runs, tmp_path, case, job_data):
         _assign(base, new, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
+
+
+def _copy_with_state_format(src, dst, fmt):
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta_path = dst / "state" / "state.json"
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"format": fmt}))
+
+
+def test_format_1_state_still_assigns(runs, tmp_path):
+    """A base written before format 2 (no linkage level) is read as it was written: the same labels."""
+    root, _, d = runs
+    base = tmp_path / "format1"
+    _copy_with_state_format(root / "B", base, 1)
+    meta = json.loads((root / "B" / "state" / "state.json").read_text())
+    assert meta["format"] == 2 and not any(meta.get("linkage") or [])  # supervised: nothing decoded by linkage
+    _assign(base, root / "new", tmp_path / "out")
+    ids = np.concatenate([d["ids"][~d["new"]], d["ids_new"]])
+    got, want = _labels_of(tmp_path / "out", ids), _labels_of(root / "A", ids)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
 
 
 def _copy_without_state(src, dst):

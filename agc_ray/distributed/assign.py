@@ -98,9 +98,10 @@ def _open_base(cfg: AssignConfig, id_type: pa.DataType):
     if meta is None:
         raise InputError(f"--base {cfg.base} has no assignment state (state/state.json): it was written with "
                          "--no-assign-state or by an older version; run jobs/cluster.py on it again")
-    if meta.get("format") != state.STATE_FORMAT:
-        raise InputError(f"--base {cfg.base}: assignment state format {meta.get('format')!r} is not "
-                         f"{state.STATE_FORMAT}; run jobs/cluster.py on it again")
+    if meta.get("format") not in state.READABLE_STATE_FORMATS:
+        raise InputError(f"--base {cfg.base}: assignment state format {meta.get('format')!r} is not one this "
+                         f"version reads ({', '.join(map(str, state.READABLE_STATE_FORMATS))}): run jobs/cluster.py "
+                         "on it again, or assign with the version that wrote it")
     if meta["levels"] != base.levels:
         raise InputError(f"--base {cfg.base}: its state has {meta['levels']} levels, its manifest {base.levels}")
     return base, meta

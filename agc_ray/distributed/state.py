@@ -31,7 +31,11 @@ import numpy as np
 import pyarrow.fs as pafs
 
 STATE_DIR = "state"
-STATE_FORMAT = 1
+#: Format written. 2: a label-free level decoded by average linkage records its threshold (``linkage``),
+#: which an assignment reading format 1 would ignore (it decodes every level by peaks).
+STATE_FORMAT = 2
+#: Formats read: a format-1 state has no linkage level (written before it, or without one).
+READABLE_STATE_FORMATS = (1, 2)
 ARRAYS = ("x_id", "x_sum", "size", "nbr", "sim", "density", "p", "comp", "lists")
 
 
