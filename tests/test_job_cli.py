@@ -149,11 +149,12 @@ def test_dry_run_says_what_a_missed_recall_target_leads_to(ray_session, tmp_path
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_detail"]
 
     nlist = core_knn.ivf_nlist(30000)
-    on_average = f"{probe_cap(nlist, 30000)} on average"
-    assert detail().endswith(f"at most {probe_cap(nlist)} a row and {on_average}; then exact search)")
+    cap = f"at most {probe_cap(nlist)} a row and {probe_cap(nlist, 30000)} on average"
+    assert detail().endswith(f"{cap}; then exact search)")
     monkeypatch.setattr(core_recall, "EXACT_FALLBACK_MAX_ROWS", 20000)  # a miss keeps IVF: a quarter of the cells a row
-    assert detail().endswith(f"at most {probe_cap(nlist, max_share=1 / 4)} a row and {on_average}; then the IVF graph "
-                             "kept, reported below target (too many rows to search exactly))")
+    cap = f"at most {probe_cap(nlist, max_share=1 / 4)} a row and {probe_cap(nlist, 30000, max_share=1 / 4)} on average"
+    assert probe_cap(nlist, 30000, max_share=1 / 4) > probe_cap(nlist, 30000)  # the scan bound does not bind here
+    assert detail().endswith(f"{cap}; then the IVF graph kept, reported below target (too many rows to search exactly))")
     assert not (tmp_path / "out").exists()
 
 

@@ -253,9 +253,10 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     elif est.knn_recall is not None and cfg.knn_recall_sample > 0:
         missed = ("exact search" if exact_on_miss(schema.rows)
                   else "the IVF graph kept, reported below target (too many rows to search exactly)")
+        share = margin_probe_share(schema.rows)
         detail = (f"{nlist} cells, a probe margin raised until recall >= {est.knn_recall} on {cfg.knn_recall_sample} "
-                  f"sampled rows (the cells within it of each row's best, at most {probe_cap(nlist, max_share=margin_probe_share(schema.rows))} a row and "
-                  f"{probe_cap(nlist, schema.rows)} on average; then {missed})")
+                  f"sampled rows (the cells within it of each row's best, at most {probe_cap(nlist, max_share=share)} "
+                  f"a row and {probe_cap(nlist, schema.rows, max_share=share)} on average; then {missed})")
     else:
         detail = f"{nlist} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
     memory, seconds = estimate(schema.rows, dim, nodes, cpus, est.knn, levels=est.max_levels(),

@@ -34,7 +34,8 @@ STATE_DIR = "state"
 #: Format written. 2: a label-free level decoded by average linkage records its threshold (``linkage``),
 #: which an assignment reading format 1 would ignore (it decodes every level by peaks).
 STATE_FORMAT = 2
-#: Formats read: a format-1 state has no linkage level (written before it, or without one).
+#: Formats read: a format-1 state's linkage thresholds are read where it has them (written by the
+#: versions between the linkage level and format 2), else its levels are decoded by peaks as written.
 READABLE_STATE_FORMATS = (1, 2)
 ARRAYS = ("x_id", "x_sum", "size", "nbr", "sim", "density", "p", "comp", "lists")
 
