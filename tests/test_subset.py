@@ -48,10 +48,20 @@ def test_rescans_do_not_depend_on_how_the_blocks_are_split(table, monkeypatch):
     np.testing.assert_array_equal(whole[0], exact)
 
 
-def test_too_many_short_rows_are_searched_afresh(table):
+def test_too_many_short_rows_are_searched_afresh(table, caplog):
+    from agc_ray.core.knn import Below, knn_graph
+
     nbr, sim = self_join_graph(table, 20)
     peaks = _peaks(table.shape[0], 0.2)  # four in five neighbours gone: nearly every row short
     assert subset.subset_graph(table[peaks], nbr, sim, peaks, 10) is None
+    # knn_graph says so and searches the level afresh: the exact graph
+    comp = np.searchsorted(peaks, np.arange(table.shape[0])).clip(max=peaks.size - 1)  # any clusters do here
+    info = {}
+    with caplog.at_level("INFO", logger="agc_ray.core.knn"):
+        got_nbr, _ = knn_graph(table[peaks], 10, normalize=False, info=info,
+                               below=Below(nbr[:, :10], comp, peaks, (nbr, sim)))
+    assert f"kNN: {subset.searched_afresh(peaks.size)}" in caplog.text and info["knn_method"] == "exact"
+    np.testing.assert_array_equal(got_nbr[:, :10], self_join_graph(table[peaks], 10)[0])
 
 
 def test_lists_keep_peaks_only_renumbered_in_order():

@@ -358,8 +358,7 @@ def knn_graph(
         graph = subset_graph(x, *below.deep, below.peaks, k, info=info)
         if graph is not None:
             return graph
-        log.info("kNN: over %.0f %% of %d rows short of k neighbours among the level below's lists: searched afresh",
-                 100 * subset.MAX_RESCAN_SHARE, n)
+        log.info("kNN: %s", subset.searched_afresh(n))
     if method == "ivf" and below is not None and nprobe is None:
         from agc_ray.core.coarse import coarse_graph
 

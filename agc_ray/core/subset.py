@@ -59,6 +59,12 @@ def too_many_rescans(rows: int, n: int) -> bool:
     return rows > MAX_RESCAN_SHARE * n
 
 
+def searched_afresh(n: int) -> str:
+    """What the log says of a level of n nodes whose graph is not derived (:func:`too_many_rescans`)."""
+    return (f"over {100 * MAX_RESCAN_SHARE:.0f} % of {n} rows short of k neighbours among the level below's lists: "
+            "searched afresh")
+
+
 def split_deep(nbr: np.ndarray, sim: np.ndarray, k: int):
     """``(nbr, sim, deep)``: a level's (n, k) graph and, where the search returned exact lists deeper than
     k (this module), those lists ``(nbr, sim)`` for the level above, else None."""

@@ -159,8 +159,7 @@ class Job:
                 log.info("level %d kNN: %d nodes, %d shards, derived, %.1fs", level_no, level.n, level.shards,
                          stats["knn_seconds"])
                 return graph
-            log.info("level %d kNN: over %.0f %% of %d rows short of k neighbours among the level below's lists: "
-                     "searched afresh", level_no, 100 * subset.MAX_RESCAN_SHARE, level.n)
+            log.info("level %d kNN: %s", level_no, subset.searched_afresh(level.n))
         recall_sample = self.cfg.knn_recall_sample if level_no == 0 or self.est.knn_recall is not None else 0
         if below is not None and resolve_method(self.est.knn, level.n) == "ivf":
             graph, info = sharded_coarse_graph(
