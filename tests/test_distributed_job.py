@@ -552,29 +552,26 @@ def test_row_counter_counts_rows_reported_inside_tasks(ray_session):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_local_rows_gather_like_a_halo_copy(normalize):
-    """The scoring tasks' rows of a shard's local nodes, gathered from the shard parts on demand, equal
-    the own + halo copy they replace (normalised rows: bit for bit as l2_normalize of the whole array)."""
+def test_sharded_rows_read_like_the_whole_array(normalize):
+    """The scoring tasks' rows by global id, gathered from the shard parts a task holds, equal the whole
+    array's (normalised rows: bit for bit as l2_normalize of the whole array); ids of shards not held
+    (padded neighbours) read the first held row."""
     from agc_ray.core.knn import l2_normalize
-    from agc_ray.distributed.level import LocalGraph, LocalRows
+    from agc_ray.distributed.level import ShardedRows
     from agc_ray.distributed.shards import shard_bounds
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 8)).astype(np.float32) * 3
-    nbr = rng.integers(-1, 300, size=(300, 5))
-    offsets = shard_bounds(300, 3)
-    parts = {s: x[offsets[s]:offsets[s + 1]] for s in range(3)}
-    lg = LocalGraph(nbr, int(offsets[1]), int(offsets[2]))
-    assert lg.halo.size > 0
-    copy = x[lg.nodes]
-    copy = l2_normalize(copy) if normalize else copy
-    rows = LocalRows(parts, offsets, lg, normalize=normalize)
-    assert rows.shape == copy.shape
-    local = rng.integers(0, lg.nodes.size, size=(40, 5))
-    np.testing.assert_array_equal(rows[local].numpy(), copy[local])
-    np.testing.assert_array_equal(rows[np.arange(lg.n_own)].numpy(), copy[:lg.n_own])
-    if normalize:  # the core normalises the whole level's member sums at once
-        np.testing.assert_array_equal(rows[local].numpy(), l2_normalize(x)[lg.nodes[local]])
+    offsets = shard_bounds(300, 3)  # 0, 100, 200, 300
+    want = l2_normalize(x) if normalize else x
+    held = {s: x[offsets[s]:offsets[s + 1]] for s in (1, 2)}  # shard 1 and one halo owner
+    rows = ShardedRows(held, offsets, normalize=normalize)
+    assert rows.shape == x.shape
+    ids = rng.integers(100, 300, size=(40, 5))
+    np.testing.assert_array_equal(rows[ids].numpy(), want[ids])
+    np.testing.assert_array_equal(rows[np.arange(100, 200)].numpy(), want[100:200])
+    padded = np.array([[0, 150], [99, 250]])  # shard 0 is not held: its ids read row 100
+    np.testing.assert_array_equal(rows[padded].numpy(), want[np.where(padded < 100, 100, padded)])
 
 
 def test_embedding_blocks_read_like_one_array():

@@ -87,7 +87,7 @@ def weighted_neighbor_mean(x: torch.Tensor, nbr: torch.Tensor, weights: torch.Te
 
 def edge_features(
     nbr: np.ndarray, sim: np.ndarray, x_mean=None, size=None, *, start: int = 0, stop: int | None = None,
-    mean_sim: torch.Tensor | None = None, to_local=None, rows=None, cohesion=None,
+    mean_sim: torch.Tensor | None = None, rows=None, cohesion=None,
 ) -> torch.Tensor:
     """Per-edge structural features (see :data:`EDGE_FEATURES`) of rows ``start:stop`` (or of the given
     ``rows``), (M, k, F) float32.
@@ -98,8 +98,6 @@ def edge_features(
     means (:func:`member_cohesion`: what tells the identities of look-alike super-nodes apart, whose
     member means point almost the same way). A caller that asks for many row ranges
     passes ``mean_sim`` (:func:`mean_valid` of the whole graph's similarities) to compute it once.
-    ``to_local``: maps global node ids (a tensor) to the rows of ``x_mean``, ``size``, ``cohesion`` and ``mean_sim``
-    when those hold only some nodes (a shard and its halo); None: they are indexed by global id.
 
     Cost: O(k^2) for mutual-ness, O(k^3) elementwise for shared neighbours (k = 10: 1000 comparisons)
     and O(k D) for the mean similarities, per row, in chunks of rows.
@@ -121,12 +119,10 @@ def edge_features(
     xm = torch.as_tensor(x_mean) if isinstance(x_mean, np.ndarray) else x_mean  # or any row-indexable (N, D)
     size_t = None if size is None else torch.as_tensor(size)
     cohesion_t = None if cohesion is None else torch.as_tensor(cohesion, dtype=torch.float32)
-    node = (lambda ids: ids) if to_local is None else to_local
     for lo in range(0, row_ids.shape[0], _CHUNK):
         hi = min(lo + _CHUNK, row_ids.shape[0])
         rows_c = row_ids[lo:hi]
         nb = nbr_t[rows_c].clamp_min(0)  # (c, k); padded neighbours point at node 0, zeroed at the end
-        me, nb_node = node(rows_c), node(nb)  # rows of the per-node arrays
         nb_nb = nbr_t[nb]  # (c, k, k): neighbours of each neighbour (-1 padded)
         mutual = (nb_nb == rows_c[:, None, None]).any(dim=2)
         mine = torch.where(valid_rows[lo:hi], nbr_t[rows_c], -2)  # -2 never equals -1 padding
@@ -135,21 +131,21 @@ def edge_features(
         block = out[lo:hi]
         block[..., 0] = s
         block[..., 1] = rank
-        block[..., 2] = s - mean_sim[me, None]
-        block[..., 3] = s - mean_sim[nb_node]
+        block[..., 2] = s - mean_sim[rows_c, None]
+        block[..., 3] = s - mean_sim[nb]
         block[..., 4] = mutual.float()
         block[..., 5] = shared.float() / k
-        block[..., 6] = mean_sim[nb_node] - mean_sim[me, None]
-        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[me], xm[nb_node])
+        block[..., 6] = mean_sim[nb] - mean_sim[rows_c, None]
+        block[..., 7] = s if xm is None else torch.einsum("cd,ckd->ck", xm[rows_c], xm[nb])
         if size_t is not None:
-            block[..., 8] = torch.log(size_t[me].to(torch.float32))[:, None]
-            block[..., 9] = torch.log(size_t[nb_node].to(torch.float32))
+            block[..., 8] = torch.log(size_t[rows_c].to(torch.float32))[:, None]
+            block[..., 9] = torch.log(size_t[nb].to(torch.float32))
         if cohesion_t is None:  # single rows
             block[..., 10] = s
             block[..., 11:13] = 1.0
         else:
-            block[..., 11] = cohesion_t[me, None]
-            block[..., 12] = cohesion_t[nb_node]
+            block[..., 11] = cohesion_t[rows_c, None]
+            block[..., 12] = cohesion_t[nb]
             block[..., 10] = block[..., 7] * block[..., 11] * block[..., 12]
     out[~valid_rows] = 0.0
     return out

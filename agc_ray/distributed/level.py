@@ -74,58 +74,34 @@ def parts_by_shard(parts: tuple, i: int, s: int, owners: list[int]) -> dict:
     return dict(zip((s, *owners), parts[i * m:(i + 1) * m]))
 
 
-def with_halo(parts: tuple, i: int, s: int, owners: list[int], offsets: np.ndarray, halo: np.ndarray) -> np.ndarray:
-    """Array ``i`` of :func:`shard_inputs`'s ``parts``: shard ``s``'s own rows followed by its halo rows."""
-    by_shard = parts_by_shard(parts, i, s, owners)
-    if halo.size == 0:
-        return np.ascontiguousarray(by_shard[s])
-    return np.concatenate([by_shard[s], gather_rows(by_shard, offsets, halo)])
-
-
-class LocalGraph:
-    """A shard's rows plus its halo in a local index space: own rows first, then halo rows (sorted)."""
-
-    def __init__(self, nbr: np.ndarray, lo: int, hi: int):
-        nb = nbr[lo:hi]
-        real = nb[nb >= 0]
-        halo = np.unique(real[(real < lo) | (real >= hi)])
-        self.lo, self.hi, self.halo = lo, hi, halo
-        self.n_own = hi - lo
-        self.nodes = np.concatenate([np.arange(lo, hi, dtype=np.int64), halo])
-        self.nbr_own = self.to_local(nb)
-
-    def to_local(self, g: np.ndarray) -> np.ndarray:
-        """Map global ids (own or halo; -1 stays -1) to local ids."""
-        own = (g >= self.lo) & (g < self.hi)
-        pos = np.searchsorted(self.halo, np.where(g >= 0, g, 0))
-        local = np.where(own, g - self.lo, self.n_own + pos)
-        return np.where(g >= 0, local, -1).astype(np.int64)
-
-
-class LocalRows:
-    """Rows of a sharded (N, D) array for a shard's local nodes (own rows, then its halo: local ids of a
-    :class:`LocalGraph`), gathered from the shard parts when indexed, as ``rows[local_ids]`` -> tensor.
+class ShardedRows:
+    """Rows of a sharded (N, D) array by global id, gathered from the shard parts held (``{shard: part}``)
+    when indexed, as ``rows[ids]`` -> tensor (``ids.shape + (D,)``): the core's arrays, read in place.
 
     Never an own + halo copy: at level 0 in random row order the halo is nearly every other shard's
-    rows, so a copy doubled each scoring task's features (1 GB a task at 10^6 x 256 rows on two shards).
+    rows, so a copy doubled each scoring task's features (1 GB a task at 10^6 x 256 rows on two shards);
+    and no local numbering (mapping a chunk's neighbours to local ids, and building it from the unique
+    halo ids, cost 2.4 s of a 10^6-row shard's 15 s of edge scoring). Ids of shards not held (padded
+    neighbours, -1 clamped to 0, whose values the caller masks) read the first held row.
     ``normalize``: unit rows (member means from member sums), normalised as gathered, row by row as
     :func:`~agc_ray.core.knn.l2_normalize` of the whole array would.
     """
 
-    def __init__(self, by_shard: dict, offsets: np.ndarray, lg: LocalGraph, normalize: bool = False):
-        self.by_shard, self.offsets, self.nodes, self.normalize = by_shard, offsets, lg.nodes, normalize
+    def __init__(self, by_shard: dict, offsets: np.ndarray, normalize: bool = False):
+        self.by_shard, self.offsets, self.normalize = by_shard, offsets, normalize
+        self.fallback = int(offsets[min(by_shard)])
         dim = next(iter(by_shard.values())).shape[1]
-        self.shape = (lg.nodes.size, dim)
+        self.shape = (int(offsets[-1]), dim)
         torch = _torch_single_thread()
         self.dtype, self.device = torch.float32, torch.device("cpu")  # what the core's gathers ask of x
 
-    def __getitem__(self, local_ids):
+    def __getitem__(self, ids):
         import torch
 
         from agc_ray.core.knn import l2_normalize
 
-        ids = np.asarray(local_ids, dtype=np.int64)
-        out = gather_rows(self.by_shard, self.offsets, self.nodes[ids.reshape(-1)])
+        ids = np.asarray(ids, dtype=np.int64)
+        out = gather_rows(self.by_shard, self.offsets, ids.reshape(-1), fallback=self.fallback)
         if self.normalize:
             out = l2_normalize(out)
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(ids.shape + (self.shape[1],)))
@@ -137,45 +113,63 @@ def _aggregated(parts: tuple, owners: list[int]) -> bool:
     return len(parts) > 1 + len(owners)
 
 
-def _mean_rows(lg: LocalGraph, s: int, offsets, owners, parts, array: int = 1) -> LocalRows:
-    """Aggregated levels: the unit member means of the shard's local nodes, from array ``array``
-    (member sums) of :func:`shard_inputs`'s ``parts``."""
-    return LocalRows(parts_by_shard(parts, array, s, owners), offsets, lg, normalize=True)
+def _mean_rows(s: int, offsets, owners, parts, array: int = 1) -> ShardedRows:
+    """Aggregated levels: the unit member means of the nodes held, from array ``array`` (member sums) of
+    :func:`shard_inputs`'s ``parts``."""
+    return ShardedRows(parts_by_shard(parts, array, s, owners), offsets, normalize=True)
 
 
-def _cohesion_rows(lg: LocalGraph, s: int, offsets, owners, parts, size_loc: np.ndarray) -> np.ndarray:
-    """Aggregated levels: the member cohesion (:func:`~agc_ray.core.graph.member_cohesion`) of the shard's
-    local nodes, from array 0 (member sums) of :func:`shard_inputs`'s ``parts``, gathered in blocks (never
-    an own + halo copy of the sums)."""
+def _sizes_and_cohesion(s: int, offsets, owners, parts) -> tuple[np.ndarray, np.ndarray]:
+    """Aggregated levels: (N,) sizes and member cohesions (:func:`~agc_ray.core.graph.member_cohesion`) of
+    the level's nodes, from arrays 0 (member sums) and 1 (sizes) of :func:`shard_inputs`'s ``parts``,
+    filled for the shards held (1 elsewhere: padded neighbours only read them), the sums read in blocks."""
     from agc_ray.core.cells import scratch_rows
     from agc_ray.core.graph import member_cohesion
 
-    by_shard = parts_by_shard(parts, 0, s, owners)
-    out = np.empty(lg.nodes.size, dtype=np.float32)
-    step = scratch_rows(next(iter(by_shard.values())).shape[1])
-    for a in range(0, lg.nodes.size, step):
-        out[a:a + step] = member_cohesion(gather_rows(by_shard, offsets, lg.nodes[a:a + step]), size_loc[a:a + step])
+    sums, sizes = parts_by_shard(parts, 0, s, owners), parts_by_shard(parts, 1, s, owners)
+    n = int(offsets[-1])
+    size = np.ones(n, dtype=next(iter(sizes.values())).dtype)
+    cohesion = np.ones(n, dtype=np.float32)
+    step = scratch_rows(next(iter(sums.values())).shape[1])
+    for o, part in sums.items():
+        lo = int(offsets[o])
+        size[lo:lo + part.shape[0]] = sizes[o]
+        for a in range(0, part.shape[0], step):
+            b = min(a + step, part.shape[0])
+            cohesion[lo + a:lo + b] = member_cohesion(part[a:b], sizes[o][a:b])
+    return size, cohesion
+
+
+def _mean_similarities(nbr: np.ndarray, sim: np.ndarray):
+    """(N,) :func:`~agc_ray.core.graph.mean_valid` of the level's similarities, in blocks of rows (no
+    (N, k) temporaries)."""
+    from agc_ray.core.cells import scratch_rows
+    from agc_ray.core.graph import mean_valid
+
+    torch = _torch_single_thread()
+    nbr_t, sim_t = torch.as_tensor(nbr), torch.as_tensor(sim, dtype=torch.float32)
+    out = torch.empty(nbr_t.shape[0], dtype=torch.float32)
+    step = scratch_rows(nbr_t.shape[1])
+    for a in range(0, nbr_t.shape[0], step):
+        out[a:a + step] = mean_valid(sim_t[a:a + step], nbr_t[a:a + step] >= 0)
     return out
 
 
-def shard_edge_features(nbr, sim, lg: LocalGraph, x_mean_loc=None, size_loc=None, cohesion_loc=None):
-    """:func:`agc_ray.core.graph.edge_features` of the shard's own rows, as ``feats(a, b)`` -> the
-    (b - a, k, F) features of own rows a:b (computed per chunk, never held for the whole shard).
+def shard_edge_features(nbr, sim, lo: int, x_mean=None, size=None, cohesion=None):
+    """:func:`agc_ray.core.graph.edge_features` of a shard's rows (its first global row ``lo``), as
+    ``feats(a, b)`` -> the (b - a, k, F) features of its rows a:b (computed per chunk, never held for
+    the whole shard).
 
-    ``nbr``/``sim`` are the level's global arrays (neighbours' neighbour lists are needed);
-    ``x_mean_loc``/``size_loc``/``cohesion_loc`` and the mean similarities are local (own rows, then the
-    halo).
+    ``nbr``/``sim`` are the level's arrays (neighbours' neighbour lists are needed); ``x_mean``,
+    ``size`` and ``cohesion`` (above level 0) are read by global id (:class:`ShardedRows`,
+    :func:`_sizes_and_cohesion`).
     """
-    from agc_ray.core.graph import edge_features, mean_valid
+    from agc_ray.core.graph import edge_features
 
-    torch = _torch_single_thread()
-    nbr_t = torch.as_tensor(nbr)
-    nodes = torch.from_numpy(lg.nodes)
-    mean_sim = mean_valid(torch.as_tensor(sim, dtype=torch.float32)[nodes], nbr_t[nodes] >= 0)
+    mean_sim = _mean_similarities(nbr, sim)
 
     def feats(a: int, b: int):
-        return edge_features(nbr, sim, x_mean_loc, size_loc, start=lg.lo + a, stop=lg.lo + b, mean_sim=mean_sim,
-                             to_local=lambda ids: torch.from_numpy(lg.to_local(ids.numpy())), cohesion=cohesion_loc)
+        return edge_features(nbr, sim, x_mean, size, start=lo + a, stop=lo + b, mean_sim=mean_sim, cohesion=cohesion)
 
     return feats
 
@@ -218,18 +212,13 @@ def shard_embeddings(model, s: int, offsets, graph, owners: list[int], blocks, *
 
     torch = _torch_single_thread()
     nbr, sim = graph
-    lo, hi = int(offsets[s]), int(offsets[s + 1])
-    lg = LocalGraph(nbr, lo, hi)
-    x_id = LocalRows(parts_by_shard(parts, 0, s, owners), offsets, lg)
-    x_mean = _mean_rows(lg, s, offsets, owners, parts) if _aggregated(parts, owners) else x_id
-    nbr_loc = torch.full((lg.nodes.size, nbr.shape[1]), -1, dtype=torch.int64)
-    nbr_loc[: lg.n_own] = torch.from_numpy(lg.nbr_own)
-    sim_loc = torch.from_numpy(np.ascontiguousarray(sim[lg.nodes]))
+    x_id = ShardedRows(parts_by_shard(parts, 0, s, owners), offsets)
+    x_mean = _mean_rows(s, offsets, owners, parts) if _aggregated(parts, owners) else x_id
+    nbr_t, sim_t = torch.as_tensor(nbr), torch.as_tensor(sim)
     model.eval()
     report = reporter(*progress) if progress else None
     for a, b in zip(blocks[:-1], blocks[1:]):
-        yield node_embeddings(model, x_id, x_mean, nbr_loc, sim_loc, torch.arange(a - lo, b - lo),
-                              report=report).numpy()
+        yield node_embeddings(model, x_id, x_mean, nbr_t, sim_t, torch.arange(int(a), int(b)), report=report).numpy()
 
 
 class BlockRows:
@@ -239,17 +228,14 @@ class BlockRows:
 
     def __init__(self, by_block: dict, bounds: np.ndarray, first: int, stop: int):
         self.by_block, self.bounds, self.first, self.stop = by_block, bounds, first, stop
-        self.readable = np.zeros(bounds.size - 1, dtype=bool)
-        self.readable[list(by_block)] = True
 
     def __call__(self, ids):
         """Rows of global ``ids`` (a tensor of any shape); ids outside the blocks held read row ``first``
         (padded edges arrive as row 0 and get p = 0 anyway)."""
         import torch
 
-        flat = ids.reshape(-1).numpy()
-        flat = np.where(self.readable[shard_of(self.bounds, flat)], flat, self.first)
-        return torch.from_numpy(gather_rows(self.by_block, self.bounds, flat)).reshape(*ids.shape, -1)
+        rows = gather_rows(self.by_block, self.bounds, ids.reshape(-1).numpy(), fallback=self.first)
+        return torch.from_numpy(rows).reshape(*ids.shape, -1)
 
     def __getitem__(self, rows: slice):
         import torch
@@ -282,15 +268,12 @@ def shard_probabilities(model, s: int, offsets, graph, owners: list[int], blocks
     lo, hi = int(offsets[s]), int(offsets[s + 1])
     h = BlockRows(dict(zip(block_ids, parts[:len(block_ids)])), blocks, lo, hi)
     parts = parts[len(block_ids):]
-    lg = LocalGraph(nbr, lo, hi)
     means = (None, None, None)
-    if parts:  # member means, sizes and cohesions of the local nodes (from arrays 0 and 1 of shard_inputs)
-        size_loc = with_halo(parts, 1, s, owners, offsets, lg.halo)
-        means = (_mean_rows(lg, s, offsets, owners, parts, array=0), size_loc,
-                 _cohesion_rows(lg, s, offsets, owners, parts, size_loc))
+    if parts:  # member means, sizes and cohesions (from arrays 0 and 1 of shard_inputs)
+        means = (_mean_rows(s, offsets, owners, parts, array=0), *_sizes_and_cohesion(s, offsets, owners, parts))
     nbr_rows = torch.from_numpy(np.ascontiguousarray(nbr[lo:hi]))
     model.eval()
-    p = edge_probabilities(model, h, h, nbr_rows, shard_edge_features(nbr, sim, lg, *means),
+    p = edge_probabilities(model, h, h, nbr_rows, shard_edge_features(nbr, sim, lo, *means),
                            report=reporter(*progress) if progress else None)
     sim_rows = torch.from_numpy(np.ascontiguousarray(sim[lo:hi]))
     density = predicted_density(p, sim_rows, nbr_rows >= 0)

@@ -49,16 +49,27 @@ def shard_of(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.searchsorted(offsets, rows, side="right") - 1
 
 
-def gather_rows(parts: dict, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def gather_rows(parts: dict, offsets: np.ndarray, rows: np.ndarray, fallback: int | None = None) -> np.ndarray:
     """Rows (global ids, any order) of an array sharded over ``offsets``, in ``rows`` order.
 
-    ``parts`` maps shard index -> that shard's array; it must hold every shard that ``rows`` touch.
+    ``parts`` maps shard index -> that shard's array; it must hold every shard that ``rows`` touch, unless
+    ``fallback`` (a global row of a shard held) is given: rows of shards not held read that row instead
+    (padded neighbours, whose values the caller masks).
     """
     rows = np.asarray(rows, dtype=np.int64)
     like = next(iter(parts.values()))
     out = np.empty((rows.size,) + like.shape[1:], dtype=like.dtype)
     owner = shard_of(offsets, rows)
-    for o in np.unique(owner):
+    if fallback is not None:
+        held = np.zeros(offsets.size - 1, dtype=bool)
+        held[list(parts)] = True
+        missing = ~held[owner]
+        if missing.any():
+            rows = np.where(missing, fallback, rows)
+            owner = np.where(missing, shard_of(offsets, np.array([fallback]))[0], owner)
+    # the shards present by a count, not np.unique (a sort or hash of every row: 0.5 s of a 10^6-row
+    # shard's scoring, called per chunk)
+    for o in np.flatnonzero(np.bincount(owner, minlength=offsets.size - 1)):
         sel = owner == o
         out[sel] = parts[int(o)][rows[sel] - offsets[o]]
     return out
