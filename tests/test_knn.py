@@ -177,6 +177,38 @@ def test_target_out_of_ivf_reach_searches_exactly():
     np.testing.assert_allclose(sim, exact_sim, atol=1e-6)
 
 
+def test_widest_probing_reach_is_known_before_the_rows_cells(monkeypatch):
+    """The recall of the widest probing, from the cells of the sample's exact neighbours
+    (:func:`probe_reach`), is what searching the lists with it measures; a target beyond it is searched
+    exactly before any row's cells are listed, with that recall reported."""
+    from agc_ray.core import cells
+    from agc_ray.core.cells import CellLists, cell_probes, probe_pairs
+    from agc_ray.core.knn import drop_self, ivf_centroids, ivf_nlist, ivf_train_rows, unit_rows
+    from agc_ray.core.recall import (RECALL_SAMPLE, exact_neighbours, kth_without_self, margin_probe_cap, probe_reach,
+                                     recall_at, recall_rows)
+
+    x = unit_rows(make_faces(10000, dim=64, isotropic=1.0, mean_identity_size=5, seed=8)[0])
+    n, nlist = x.shape[0], ivf_nlist(10000)
+    centroids = ivf_centroids(x[ivf_train_rows(n, 0)], n, 0)  # knn_graph's quantizer
+    rows = recall_rows(n, RECALL_SAMPLE, 0)
+    sim, idx = exact_neighbours(x, rows, 10)
+    cap = margin_probe_cap(nlist, n)
+    reach = probe_reach(x[rows], rows, sim, idx, x[idx.reshape(-1)], centroids, cap, 10)
+    lists = CellLists(x, cell_probes(x, centroids, 1)[:, 0], nlist)
+    found_sim, found = lists.search(x[rows], probe_pairs(cell_probes(x[rows], centroids, cap), cap), 11)
+    nbr, found_sim = drop_self(found, found_sim, rows)
+    assert 0.5 < reach < 0.95
+    assert reach == pytest.approx(recall_at(found_sim, nbr >= 0, kth_without_self(sim, idx, rows, 10)), abs=2e-3)
+
+    built = []
+    monkeypatch.setattr(cells, "CellLists", lambda *a, **kw: built.append(1) or CellLists(*a, **kw))
+    info = {}
+    knn_graph(x, 10, method="ivf", recall=0.95, normalize=False, info=info)
+    assert built == [] and info["knn_method"] == "exact" and info["knn_ivf_recall"] == pytest.approx(reach)
+    knn_graph(x, 10, method="ivf", recall=0.5, normalize=False)
+    assert built == [1]  # within reach: the lists are built and searched as before
+
+
 def test_target_out_of_ivf_reach_on_a_table_too_large_for_exact_search_keeps_ivf(monkeypatch, caplog):
     """Over EXACT_FALLBACK_MAX_ROWS (5000 here) a row may probe a quarter of the cells: the 0.95 that
     an eighth missed on this table (searched exactly in the test above) is reached; 0.98 is not, and

@@ -42,8 +42,9 @@ import numpy as np
 
 from agc_ray.core import subset
 from agc_ray.core.subset import exact_depth, subset_graph
-from agc_ray.core.recall import (RECALL_SAMPLE, exact_kth, exact_on_miss, ivf_skipped, missed_target_goes_exact,
-                                 recall_at, recall_rows, sample_rows, tune_margin, tune_nprobe)
+from agc_ray.core.recall import (PROBE_MARGINS, RECALL_SAMPLE, exact_kth, exact_neighbours, exact_on_miss, ivf_skipped,
+                                 kth_without_self, margin_probe_cap, missed_target_goes_exact, probe_reach, recall_at,
+                                 recall_rows, sample_rows, tune_margin, tune_nprobe)
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +431,17 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
 
     n, nlist = x.shape[0], centroids.shape[0]
     tuning = recall is not None and nprobe is None
+    kth = None
+    if tuning and exact_on_miss(n) and n > k + 1:
+        # before the rows' cells and lists: a target out of the widest probing's reach is searched exactly
+        rows = recall_rows(n, RECALL_SAMPLE, seed)
+        exact_sim, exact_idx = exact_neighbours(x, rows, k)
+        cap = margin_probe_cap(nlist, n)
+        reach = probe_reach(x[rows], rows, exact_sim, exact_idx, x[exact_idx.reshape(-1)], centroids, cap, k)
+        if reach < recall:
+            missed_target_goes_exact(n, reach, recall, cap, nlist, info=info, margin=PROBE_MARGINS[-1])
+            return exact_graph(x, exact_k or k, "cpu")
+        kth = kth_without_self(exact_sim, exact_idx, rows, k)
     width = min(nlist, PROBES_FIRST_PASS if tuning else nprobe or IVF_NPROBE)
     probes, gaps = cell_probes(x, centroids, width, gaps=True) if tuning else (cell_probes(x, centroids, width), None)
     lists = CellLists(x, probes[:, 0], nlist)
@@ -446,7 +458,7 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
             sim, idx = lists.search(x[rows], pairs, k + 1)
             return (*drop_self(idx, sim, rows), pairs[0].size)
 
-        tuned = _tuned(x, k, recall, seed, nlist, search_sample, info, margin=True)
+        tuned = _tuned(x, k, recall, seed, nlist, search_sample, info, margin=True, kth=kth)
         if tuned is None:  # out of IVF's reach on a table small enough: search exactly
             return exact_graph(x, exact_k or k, "cpu")
         margin, nprobe, mean = tuned
@@ -462,15 +474,16 @@ def cell_graph(x: np.ndarray, centroids: np.ndarray, k: int, *, nprobe: int | No
 
 
 def _tuned(x: np.ndarray, k: int, recall: float, seed: int, nlist: int, search_sample, info: dict | None, *,
-           margin: bool) -> tuple[float | None, int, float | None] | None:
+           margin: bool, kth: np.ndarray | None = None) -> tuple[float | None, int, float | None] | None:
     """The search effort tuned to ``recall`` on the seeded :func:`~agc_ray.core.recall.recall_rows` of
     ``x``: a probe margin (:func:`~agc_ray.core.recall.tune_margin`, ``search_sample(margin, nprobe,
     rows)``) or a number of probes (:func:`~agc_ray.core.recall.tune_nprobe`, ``search_sample(nprobe,
     rows)``). ``(margin or None, nprobe, mean probes or None)``, or None when the target is out of IVF's
-    reach on a table small enough to search exactly (``info`` then says so; the caller searches exactly)."""
+    reach on a table small enough to search exactly (``info`` then says so; the caller searches exactly).
+    ``kth``: the sample's exact k-th best similarities where the caller has them."""
     n = x.shape[0]
     rows = recall_rows(n, RECALL_SAMPLE, seed)
-    kth = exact_kth(x, rows, k)
+    kth = exact_kth(x, rows, k) if kth is None else kth
     if margin:
         chosen, nprobe, measured, mean = tune_margin(lambda m, p: search_sample(m, p, rows), kth, recall, nlist, n,
                                                      exact_on_miss=exact_on_miss(n))

@@ -81,12 +81,39 @@ def exact_kth(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     Brute force over ``x`` in place (``faiss.knn``: no copy of the table). With n <= k rows the
     (n - 1)-th is returned.
     """
+    sim, idx = exact_neighbours(x, rows, k)
+    return kth_without_self(sim, idx, rows, min(k, x.shape[0] - 1))
+
+
+def exact_neighbours(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sim, idx)`` (len(rows), k + 1): the exact k + 1 best of each sampled row among the rows of unit
+    ``x``, its own match included (fewer columns when x has fewer rows)."""
     import faiss
 
-    n = x.shape[0]
-    n_true = min(k, n - 1)
-    sim, idx = faiss.knn(np.ascontiguousarray(x[rows]), x, min(k + 1, n), metric=faiss.METRIC_INNER_PRODUCT)
-    return kth_without_self(sim, idx, rows, n_true)
+    return faiss.knn(np.ascontiguousarray(x[rows]), x, min(k + 1, x.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def probe_reach(queries: np.ndarray, rows: np.ndarray, exact_sim: np.ndarray, exact_idx: np.ndarray,
+                neighbours: np.ndarray, centroids: np.ndarray, nprobe: int, n_true: int) -> float:
+    """The recall@k that an IVF search probing each sampled row's ``nprobe`` best cells measures, found
+    without building or searching it: a list holds its rows' exact vectors, so a true neighbour is found
+    exactly when its cell (its best centroid) is among the cells probed. Ties at the k-th similarity
+    with rows outside the exact lists count as misses here (the search may find them): never above
+    the measured recall.
+
+    Shapes:
+        queries (Q, D) the sampled rows ``rows`` (Q,); exact_sim, exact_idx (Q, k + 1) their exact
+        search, self included (:func:`exact_neighbours`); neighbours (Q * (k + 1), D) the rows of
+        ``exact_idx``; centroids (nlist, D).
+    """
+    from agc_ray.core.cells import cell_probes
+
+    probed = cell_probes(queries, centroids, nprobe)  # (Q, P)
+    cells = cell_probes(neighbours, centroids, 1)[:, 0].reshape(exact_idx.shape)
+    inside = (cells[:, :, None] == probed[:, None, :]).any(axis=2)
+    kth = kth_without_self(exact_sim, exact_idx, rows, n_true)
+    true = (exact_idx != np.asarray(rows)[:, None]) & (exact_idx >= 0) & (exact_sim >= kth[:, None] - 1e-5)
+    return float(np.minimum((inside & true).sum(axis=1), n_true).sum() / (len(rows) * n_true))
 
 
 def kth_without_self(sim: np.ndarray, idx: np.ndarray, rows: np.ndarray, n_true: int) -> np.ndarray:
@@ -114,6 +141,12 @@ def probe_cap(nlist: int, n: int = 0, start: int = NPROBE_START, max_share: floa
     if n > 0:
         cap = min(cap, IVF_MAX_SCAN_ROWS * nlist // n)
     return max(1, min(nlist, max(start, cap)))
+
+
+def margin_probe_cap(nlist: int, n: int = 0, start: int = NPROBE_START, max_share: float | None = None) -> int:
+    """The most cells one query probes under a probe margin (:func:`tune_margin`): ``max_share`` of them
+    (default :func:`margin_probe_share`), at least ``start``."""
+    return probe_cap(nlist, 0, start, margin_probe_share(n) if max_share is None else max_share)
 
 
 def margin_probe_share(n: int) -> float:
@@ -170,7 +203,7 @@ def tune_margin(search_sample, kth: np.ndarray, target: float, nlist: int, n: in
     Returns:
         ``(margin, nprobe, recall, mean probes)``: ``nprobe`` the most cells a query probes.
     """
-    nprobe = probe_cap(nlist, 0, start, margin_probe_share(n) if max_share is None else max_share)
+    nprobe = margin_probe_cap(nlist, n, start, max_share)
     scan_cap = IVF_MAX_SCAN_ROWS * nlist / n if n > 0 else float(nprobe)
     within = None  # the last margin tried whose scan stays within the cap
     for step, margin in enumerate(PROBE_MARGINS):

@@ -43,8 +43,9 @@ from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blo
 from agc_ray.core.subset import rescan_blocks, rescan_rows, short_rows, split_deep, subset_lists, too_many_rescans
 from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, ivf_centroids,
                               ivf_nlist, ivf_train_rows, probe_blocks, resolve_method)
-from agc_ray.core.recall import (exact_kth, exact_on_miss, kth_without_self, missed_target_goes_exact, probe_cap,
-                                 recall_at, recall_rows, tune_margin, tune_nprobe)
+from agc_ray.core.recall import (PROBE_MARGINS, exact_kth, exact_on_miss, kth_without_self, margin_probe_cap,
+                                 missed_target_goes_exact, probe_cap, probe_reach, recall_at, recall_rows, tune_margin,
+                                 tune_nprobe)
 from agc_ray.distributed import progress
 from agc_ray.distributed.index import index_actors, merge_topk, shard_searches
 from agc_ray.distributed.remote import lazy_remote
@@ -103,7 +104,7 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
 
     n = int(offsets[-1])
     method = resolve_method(method, n)
-    centroids, nprobe, probe_refs, margin, mean = None, 0, None, None, 0.0
+    centroids, nprobe, probe_refs, margin, mean, exact = None, 0, None, None, 0.0, None
     sizes = np.diff(offsets).astype(int)
     step = IVF_SEARCH_CHUNK if method == "ivf" else SEARCH_CHUNK
     chunks = [(s, lo, min(lo + step, n_s)) for s, n_s in enumerate(sizes) for lo in range(0, max(1, n_s), step)]
@@ -124,6 +125,17 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         nlist = ivf_nlist(n)
         log.info("%s: IVF quantizer of %d cells trained on %d rows, %.1fs", stage, nlist,
                  n if rows is None else rows.size, time.perf_counter() - t0)
+        if adaptive and exact_on_miss(n) and n > k + 1:
+            # as the core: before the rows' cells and the index, a target out of the widest probing's
+            # reach is searched exactly (1M rows' level 1: ~3 s of cells, index and searches saved)
+            cap = margin_probe_cap(nlist, n)
+            reach, *exact = _ivf_reach.remote(offsets, recall_rows(n, recall_sample, seed), k, centroids, cap, *x_refs)
+            reach = ray.get(reach)
+            if reach < recall_target:
+                info = {"knn_method": method}
+                missed_target_goes_exact(n, reach, recall_target, cap, nlist, stage=stage, info=info,
+                                         margin=PROBE_MARGINS[-1])
+                return self_join(x_refs, offsets, exact_k or k, stage), info, list(actors or [])
         # each row's best cells, once: column 0 files the row in its cell's list, the first nprobe are
         # the cells it probes as a query (a tuned number above the width costs the search a second product)
         nprobe = min(nlist, min(probe_cap(nlist, n), PROBES_FIRST_PASS) if tuning else IVF_NPROBE)
@@ -148,7 +160,8 @@ def sharded_knn_graph(x_refs: list, offsets: np.ndarray, k: int, method: str, se
         rows = recall_rows(n, recall_sample, seed)
         queries = _gather.remote(offsets, rows, *x_refs)
         # the sample's own rows are in the results; the recall uses the k-th best of k + 1
-        exact_nbr, exact_sim = _merge.remote(len(pairs), k + 1, None, *shard_searches(pairs, queries, k + 1, True))
+        exact_nbr, exact_sim = exact or _merge.remote(len(pairs), k + 1, None,
+                                                      *shard_searches(pairs, queries, k + 1, True))
         if recall_target is not None:
             t0 = time.perf_counter()
             chunk_starts = np.array([offsets[s] + lo for s, lo, _ in chunks] + [n], dtype=np.int64)
@@ -374,6 +387,22 @@ def _refine_rows(offsets, lo: int, hi: int, graph, *x_parts):
 def _exact_kth(rows, k: int, *x_parts):
     """:func:`~agc_ray.core.recall.exact_kth` over the whole table (the shards concatenated: the same product)."""
     return exact_kth(np.concatenate(x_parts), rows, k)
+
+
+@lazy_remote(num_cpus=1, num_returns=3)
+def _ivf_reach(offsets, rows, k: int, centroids, nprobe: int, *x_parts):
+    """:func:`~agc_ray.core.recall.probe_reach` of the seeded sample ``rows`` over the sharded table, and
+    their exact search ``(ids, sim)`` (Q, k + 1), self kept: each shard searched as an index actor
+    searches exactly (``faiss.knn``), merged by :func:`~agc_ray.distributed.index.merge_topk`."""
+    import faiss
+
+    parts = dict(enumerate(x_parts))
+    queries = gather_rows(parts, offsets, rows)
+    found = [faiss.knn(queries, part, min(k + 1, part.shape[0]), metric=faiss.METRIC_INNER_PRODUCT) for part in x_parts]
+    sim, idx = merge_topk([f[0] for f in found], [np.where(f[1] >= 0, f[1] + offsets[s], -1) for s, f in enumerate(found)],
+                          k + 1)
+    reach = probe_reach(queries, rows, sim, idx, gather_rows(parts, offsets, idx.reshape(-1)), centroids, nprobe, k)
+    return reach, idx, sim
 
 
 @lazy_remote(num_cpus=1)
