@@ -19,7 +19,9 @@ With a recall target, the probes are tuned as :func:`agc_ray.core.knn.knn_graph`
 seeded sample rows, same exact k-th similarities, same ladder), so the setting chosen is the same too:
 on CPU a probe margin (each query probes the cells within it of its best centroid: the rows' cells are
 computed with their gaps, and every shard's actor derives a query's cells from them alike), on GPU
-the number of probes.
+the number of probes. Where a miss would be searched exactly, the widest probing's recall is found first
+(:func:`~agc_ray.core.recall.probe_reach`, one task): out of reach, the table is joined with itself
+before any row's cells or index are built.
 
 Above level 0, :func:`sharded_subset_graph` derives the exact graph from the level below's exact lists
 where it kept them 2k deep (the core's :mod:`agc_ray.core.subset`); else :func:`sharded_coarse_graph`
