@@ -2,6 +2,7 @@
 
     python benchmarks/bench_job.py --n 100000
     python benchmarks/bench_job.py --n 1000000 --model my_model     # reuse a saved model
+    python benchmarks/bench_job.py --n 1000000 --repeat 3            # median ratios of 3 alternated pairs
 
 Steps: a synthetic n x 256 table (make_faces, seed 2) written as Parquet; a model trained on another
 split (or --model); then, each in its own child process so that memory is measured separately,
@@ -208,6 +209,9 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--num-shards", type=int, default=0, help="node shards (0: one per CPU)")
     p.add_argument("--work", default=None, help="scratch directory (default: agc_output/bench_job_<n>)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the single process and the job this many times, alternated, and report the median "
+                        "ratios (this machine's speed drifts by 10-20 %% over minutes: one pair is one sample)")
     p.add_argument("--reuse-single", action="store_true",
                    help="take the single-process run from the last results of this --n and --work (the job's "
                         "side only is run again)")
@@ -250,17 +254,28 @@ def main() -> None:
             xt, yt = make_faces(args.train_rows, seed=1)
             HiLander(epochs=args.epochs).fit(xt, yt).save(work / "model")
         train = time.perf_counter() - t0
-        single = run_child([*common, "--role", "single"])
-    job = run_child([*common, "--role", "job", "--num-cpus", str(args.num_cpus), "--num-shards", str(args.num_shards)])
-    a, b = np.load(work / "single_levels.npy"), np.load(work / "job_levels.npy")
-    identical = a.shape == b.shape and bool((a == b).all())
+    pairs = []  # per repeat: (single, job, identical partitions)
+    for rep in range(max(1, args.repeat)):
+        if rep > 0 or not args.reuse_single:
+            single = run_child([*common, "--role", "single"])
+        job = run_child([*common, "--role", "job", "--num-cpus", str(args.num_cpus), "--num-shards",
+                         str(args.num_shards)])
+        a, b = np.load(work / "single_levels.npy"), np.load(work / "job_levels.npy")
+        pairs.append((single, job, a.shape == b.shape and bool((a == b).all())))
+    identical = all(same for _, _, same in pairs)
+    repeats = [{"single_wall_seconds": s_["wall_seconds"], "job_wall_seconds": j["wall_seconds"],
+                "single_peak_memory_gb": s_["peak_memory_gb"], "job_peak_memory_gb": j["peak_memory_gb"],
+                "time_ratio": j["wall_seconds"] / s_["wall_seconds"],
+                "memory_ratio": j["peak_memory_gb"] / max(s_["peak_memory_gb"], 1e-9), "identical_partitions": same}
+               for s_, j, same in pairs]
     metrics = {"single": [evaluate(y, lv) for lv in a], "job": [evaluate(y, lv) for lv in b]}
     result = {
         "n": args.n, "knn": args.knn, "num_cpus": args.num_cpus, "prepare_seconds": prep, "train_seconds": train,
         "single": single, "job": job, "identical_partitions": identical,
-        "time_ratio_job_over_single": job["wall_seconds"] / single["wall_seconds"],
-        "memory_ratio_job_over_single": job["peak_memory_gb"] / max(single["peak_memory_gb"], 1e-9),
-        "metrics": metrics,
+        # the median over the repeats (one repeat: that pair's)
+        "time_ratio_job_over_single": float(np.median([r["time_ratio"] for r in repeats])),
+        "memory_ratio_job_over_single": float(np.median([r["memory_ratio"] for r in repeats])),
+        "repeats": repeats, "metrics": metrics,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
@@ -273,7 +288,13 @@ def main() -> None:
         print(f"{'':>8} at the peak (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in at_peak["total"].items()))
         print(f"{'':>8}   by process (PSS / heap): " + ", ".join(
             f"{t} {v['pss']:.2f} / {v.get('anon', 0):.2f}" for t, v in list(at_peak["by_process"].items())[:8]))
-    print(f"job / single: time {result['time_ratio_job_over_single']:.2f}x, memory "
+    if len(repeats) > 1:
+        for i, r in enumerate(repeats):
+            print(f"repeat {i}: single {r['single_wall_seconds']:.1f} s / {r['single_peak_memory_gb']:.2f} GB, job "
+                  f"{r['job_wall_seconds']:.1f} s / {r['job_peak_memory_gb']:.2f} GB: time {r['time_ratio']:.2f}x, "
+                  f"memory {r['memory_ratio']:.2f}x")
+    median = " (median of %d)" % len(repeats) if len(repeats) > 1 else ""
+    print(f"job / single{median}: time {result['time_ratio_job_over_single']:.2f}x, memory "
           f"{result['memory_ratio_job_over_single']:.2f}x; identical partitions: {identical}")
     for lv, (ms, mj) in enumerate(zip(metrics["single"], metrics["job"])):
         print(f"level {lv}: single Fp {ms['fp']:.3f} clusters {ms['n_clusters']}, job Fp {mj['fp']:.3f} "
