@@ -43,7 +43,7 @@ from agc_ray.core.coarse import coarse_rows, first_round_recall, out_of_reach, r
 from agc_ray.core import subset
 from agc_ray.core.selfjoin import balanced_ranges, join_range, merge_best, n_blocks
 from agc_ray.core.subset import rescan_blocks, rescan_rows, short_rows, split_deep, subset_lists, too_many_rescans
-from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, drop_self, ivf_centroids,
+from agc_ray.core.knn import (IVF_NPROBE, IVF_TRAIN_ITERATIONS, PROBES_FIRST_PASS, FlatView, drop_self, ivf_centroids,
                               ivf_nlist, ivf_train_rows, probe_blocks, resolve_method)
 from agc_ray.core.recall import (PROBE_MARGINS, exact_kth, exact_on_miss, kth_without_self, margin_probe_cap,
                                  missed_target_goes_exact, probe_cap, probe_reach, recall_at, recall_rows, tune_margin,
@@ -395,12 +395,10 @@ def _exact_kth(rows, k: int, *x_parts):
 def _ivf_reach(offsets, rows, k: int, centroids, nprobe: int, *x_parts):
     """:func:`~agc_ray.core.recall.probe_reach` of the seeded sample ``rows`` over the sharded table, and
     their exact search ``(ids, sim)`` (Q, k + 1), self kept: each shard searched as an index actor
-    searches exactly (``faiss.knn``), merged by :func:`~agc_ray.distributed.index.merge_topk`."""
-    import faiss
-
+    searches exactly (:class:`~agc_ray.core.knn.FlatView`), merged by :func:`~agc_ray.distributed.index.merge_topk`."""
     parts = dict(enumerate(x_parts))
     queries = gather_rows(parts, offsets, rows)
-    found = [faiss.knn(queries, part, min(k + 1, part.shape[0]), metric=faiss.METRIC_INNER_PRODUCT) for part in x_parts]
+    found = [FlatView(part).search(queries, min(k + 1, part.shape[0])) for part in x_parts]
     sim, idx = merge_topk([f[0] for f in found], [np.where(f[1] >= 0, f[1] + offsets[s], -1) for s, f in enumerate(found)],
                           k + 1)
     reach = probe_reach(queries, rows, sim, idx, gather_rows(parts, offsets, idx.reshape(-1)), centroids, nprobe, k)

@@ -227,7 +227,7 @@ def estimate(rows: int, dim: int, nodes: int, cpus: int, knn_method: str, costs:
 def plan_job(cfg, num_cpus: int | None = None) -> Plan:
     """Check everything the job can check without running it (InputError as the real run) and plan it."""
     from agc_ray.core.knn import IVF_NPROBE, ivf_nlist, resolve_method
-    from agc_ray.core.recall import exact_on_miss, margin_probe_share, probe_cap
+    from agc_ray.core.recall import exact_on_miss, margin_probe_cap, margin_probe_share, probe_cap
     from agc_ray.distributed.job import _check_dim, _tau_source, load_estimator, validate_config
 
     validate_config(cfg)
@@ -255,7 +255,7 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
                   else "the IVF graph kept, reported below target (too many rows to search exactly)")
         share = margin_probe_share(schema.rows)
         detail = (f"{nlist} cells, a probe margin raised until recall >= {est.knn_recall} on {cfg.knn_recall_sample} "
-                  f"sampled rows (the cells within it of each row's best, at most {probe_cap(nlist, max_share=share)} "
+                  f"sampled rows (the cells within it of each row's best, at most {margin_probe_cap(nlist, schema.rows)} "
                   f"a row and {probe_cap(nlist, schema.rows, max_share=share)} on average; then {missed})")
     else:
         detail = f"{nlist} cells, nprobe {IVF_NPROBE}, recall measured on {cfg.knn_recall_sample} rows"
