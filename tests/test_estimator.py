@@ -52,6 +52,25 @@ def test_same_seed_same_model(faces_split):
         np.testing.assert_array_equal(u, v)
 
 
+def test_fit_trains_on_an_identity_subsampled_copy_too(faces_split):
+    """Both training phases see the copy: its ground-truth graphs and its own levels (more level graphs
+    than the table alone gives), and the trained weights differ from a fit without it."""
+    from agc_ray.core.train import subsampled_identities
+
+    x_train, y_train, _, _ = faces_split
+    x, y = x_train[:1500], y_train[:1500]
+    est = HiLander(epochs=2, seed=0).fit(x, y)
+    alone = copy.deepcopy(est)
+    alone.subsample_identities = False
+    own, own_alone = est.own_levels(x, y), alone.own_levels(x, y)
+    assert len(own) > len(own_alone)
+    assert all(a.n == b.n for a, b in zip(own, own_alone))  # the table's own levels come first
+    assert own[len(own_alone)].n < subsampled_identities(x, y, 0)[0].shape[0]  # then the copy's level 1
+    plain = HiLander(epochs=2, seed=0, subsample_identities=False).fit(x, y)
+    assert any(not torch.equal(a, b) for a, b in zip(est.model_.state_dict().values(),
+                                                     plain.model_.state_dict().values()))
+
+
 def test_save_load_round_trip(tmp_path, faces_split, trained):
     _, _, x_test, _ = faces_split
     path = trained.save(tmp_path / "model")

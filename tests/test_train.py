@@ -16,6 +16,8 @@ from agc_ray.core.train import (
     epoch_steps,
     ground_truth_graphs,
     self_training_graphs,
+    subsampled_identities,
+    training_tables,
 )
 
 
@@ -89,3 +91,30 @@ def test_schedule_of_a_few_steps_runs_to_its_end():
             lrs.append(opt.param_groups[0]["lr"])
         assert max(lrs) <= 1e-2 + 1e-12
         assert total < 4 or lrs[-1] < max(lrs)  # warmed up, then annealed
+
+
+def test_subsampled_identities_keep_a_seeded_share_of_every_identity():
+    x, y = make_faces(6000, dim=16, mean_identity_size=30, seed=3)
+    x_sub, y_sub = subsampled_identities(x, y, seed=7)
+    classes, counts = np.unique(y, return_counts=True)
+    kept = np.array([(y_sub == c).sum() for c in classes])
+    assert (kept >= 1).all() and (kept <= counts).all()  # every identity stays, none grows
+    large = counts >= 20
+    assert (kept[large] < counts[large] / 10).sum() >= large.sum() / 5  # many shrink to a tenth or less
+    assert 0.2 < y_sub.size / y.size < 0.5
+    # The copy's rows are the table's own, in the table's order.
+    row_ids, _ = subsampled_identities(np.arange(y.size)[:, None], y, seed=7)
+    assert (np.diff(row_ids[:, 0]) > 0).all() and np.array_equal(y[row_ids[:, 0]], y_sub)
+    assert np.array_equal(x[row_ids[:, 0]], x_sub)
+    again = subsampled_identities(x, y, seed=7)
+    assert np.array_equal(again[0], x_sub) and np.array_equal(again[1], y_sub)
+    assert not np.array_equal(subsampled_identities(x, y, seed=8)[1], y_sub)
+
+
+def test_training_tables_add_the_subsampled_copy_only_when_asked():
+    x, y = make_faces(1500, dim=16, mean_identity_size=10, seed=4)
+    alone = training_tables(x, y, subsample=False, seed=0)
+    assert len(alone) == 1 and alone[0][0] is x
+    both = training_tables(x, y, subsample=True, seed=0)
+    assert len(both) == 2 and both[0][0] is x
+    assert np.array_equal(both[1][1], subsampled_identities(x, y, seed=0)[1])

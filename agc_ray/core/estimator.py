@@ -34,6 +34,7 @@ from agc_ray.core.params import PARAMS, check_params
 from agc_ray.core.recall import ivf_missed
 from agc_ray.core.train import (
     deterministic_training, ground_truth_graphs, self_training_graphs, to_train_graph, train_lander, training_phases,
+    training_tables,
 )
 from agc_ray.core.validation import check_labels, check_rows
 
@@ -117,6 +118,10 @@ class HiLander(BaseEstimator):
         self_training: train the second half of the epochs also on the higher levels that the model
             itself builds from the training data (labels carried by peaks), which match what it sees
             at inference better than the ground-truth hierarchy does.
+        subsample_identities: train also on a seeded copy of the training rows in which each identity
+            keeps a random share of its rows (:func:`~agc_ray.core.train.subsampled_identities`), both
+            phases: the model meets smaller identities, fragments and more crowded neighbourhoods than
+            its training table holds (tables of other identity sizes, see README's Quality).
         validation_fraction: share of the training classes (whole identities) held out of training
             to choose each level's tau and the number of levels (0: no validation, :data:`DEFAULT_TAUS`).
 
@@ -159,6 +164,7 @@ class HiLander(BaseEstimator):
         balance: bool = D.balance,
         focal_gamma: float = D.focal_gamma,
         self_training: bool = D.self_training,
+        subsample_identities: bool = D.subsample_identities,
         validation_fraction: float = D.validation_fraction,
     ):
         self.k = k
@@ -185,6 +191,7 @@ class HiLander(BaseEstimator):
         self.balance = balance
         self.focal_gamma = focal_gamma
         self.self_training = self_training
+        self.subsample_identities = subsample_identities
         self.validation_fraction = validation_fraction
 
     def __sklearn_tags__(self):
@@ -328,7 +335,8 @@ class HiLander(BaseEstimator):
     def _train(self, X, y) -> None:
         torch.manual_seed(self.seed)
         device = self._torch_device()
-        graphs = ground_truth_graphs(X, y, ((self.k, self.train_levels),), knn_method=self.knn, seed=self.seed)
+        graphs = [g for x_t, y_t in self.training_tables(X, y)
+                  for g in ground_truth_graphs(x_t, y_t, ((self.k, self.train_levels),), knn_method=self.knn, seed=self.seed)]
         model = self.new_model(X.shape[1])
         train_kwargs = dict(
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, balance=self.balance,
@@ -367,6 +375,12 @@ class HiLander(BaseEstimator):
         return knn_graph(feats, self.k, method=self.knn, seed=self.seed, normalize=False, recall=self.knn_recall,
                          info=info, below=below, skip_ivf=skip_ivf)
 
+    def training_tables(self, X, y) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The labelled tables trained on: ``(X, y)`` and, with ``subsample_identities``, a seeded copy
+        in which each identity keeps a random share of its rows
+        (:func:`~agc_ray.core.train.subsampled_identities`)."""
+        return training_tables(X, y, subsample=self.subsample_identities, seed=self.seed)
+
     def own_levels(self, X, y) -> list:
         """Training graphs of the higher levels this model builds from labelled X (labels carried by
         peaks): what the second half of ``fit`` adds to the ground-truth hierarchy.
@@ -377,12 +391,13 @@ class HiLander(BaseEstimator):
         0.751 / 0.713, size60 0.775 / 0.761, distractors 0.786 / 0.774, size20 0.797 / 0.798).
         """
         collected = []
-        decoder = self.level_decoder(tau=self.level_tau(0))
-        build_hierarchy(
-            X, lambda g, level: decoder(g, level)[0], k=self.k, levels=self.train_levels,
-            early_stop=False, labels=y, knn=self._knn,
-            on_level=lambda level, g: collected.append(to_train_graph(g, self.k, level)) if level > 0 else None,
-        )
+        for x_t, y_t in self.training_tables(X, y):
+            decoder = self.level_decoder(tau=self.level_tau(0))
+            build_hierarchy(
+                x_t, lambda g, level: decoder(g, level)[0], k=self.k, levels=self.train_levels,
+                early_stop=False, labels=y_t, knn=self._knn,
+                on_level=lambda level, g: collected.append(to_train_graph(g, self.k, level)) if level > 0 else None,
+            )
         return collected
 
     def hierarchy(self, X) -> Hierarchy:

@@ -78,6 +78,8 @@ PARAMS: dict[str, Param] = {
     "balance": Param(True, "class-balanced linkage loss at level 0 (levels above keep their own class shares)", bool),
     "focal_gamma": Param(0.0, "focal loss gamma (0: plain BCE)", float, 0.0),
     "self_training": Param(True, "second half of the epochs also on the model's own levels", bool),
+    "subsample_identities": Param(True, "train also on a seeded copy of the training rows in which each identity "
+                                        "keeps a random share of its rows", bool),
     "validation_fraction": Param(0.0, "share of the training classes held out to choose tau and the levels",
                                  float, 0.0, 0.9),
 }

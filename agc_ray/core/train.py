@@ -143,6 +143,48 @@ def self_training_graphs(graphs: list[TrainGraph], own: list[TrainGraph]) -> lis
     return base + [dataclasses.replace(g, passes=OWN_LEVEL_PASSES) for g in own]
 
 
+#: Identity subsampling: each class of the training copy keeps ``ceil(n * u ** SUBSAMPLE_POWER)`` of its
+#: n rows (u uniform per class, at least one row): a third of an identity's rows on average, a tenth or
+#: less for a third of the identities.
+SUBSAMPLE_POWER = 2.0
+#: The copy's share of the table's rows, roughly (0.38 of make_faces' mean identity size 60, more where
+#: identities are small: a singleton stays whole); the training job's estimate counts it.
+SUBSAMPLE_SHARE = 0.4
+
+
+def subsampled_identities(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded copy of a labelled table in which every class keeps a random share of its rows.
+
+    A model trained on one table learns that table's identity sizes, its level-1 fragments and how
+    crowded a row's neighbourhood is; the tables it clusters have others (smaller identities, more of a
+    row's neighbours from other identities). Training also on this copy, where every identity keeps
+    ``ceil(n * u ** SUBSAMPLE_POWER)`` of its n rows (u uniform, drawn per class; at least one row, so
+    every identity stays), shows it those.
+
+    Shapes:
+        x (N, D), y (N,) -> x_sub (M, D), y_sub (M,), rows in the table's order.
+    """
+    rng = np.random.default_rng(seed)
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    kept = np.maximum(1, np.ceil(counts * rng.random(classes.size) ** SUBSAMPLE_POWER)).astype(np.int64)
+    order = np.lexsort((rng.random(y.shape[0]), inverse))  # by class, in random order within each
+    rank = np.empty(y.shape[0], dtype=np.int64)
+    rank[order] = np.arange(y.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)
+    keep = rank < kept[inverse]
+    return x[keep], y[keep]
+
+
+def training_tables(x: np.ndarray, y: np.ndarray, *, subsample: bool, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The labelled tables a model is trained on: ``(x, y)``, and with ``subsample`` its
+    :func:`subsampled_identities` copy (when that keeps more than one row)."""
+    tables = [(x, y)]
+    if subsample:
+        x_sub, y_sub = subsampled_identities(x, y, seed)
+        if x_sub.shape[0] > 1:
+            tables.append((x_sub, y_sub))
+    return tables
+
+
 def ground_truth_graphs(
     x: np.ndarray, y: np.ndarray, settings: tuple[tuple[int, int], ...], *, knn_method: str = "auto", seed: int = 0,
     first_graph: tuple[np.ndarray, np.ndarray] | None = None,

@@ -340,6 +340,7 @@ def plan_training(cfg, num_cpus: float | None = None) -> TrainPlan:
     """Check everything the training job can check without training (InputError as the real run) and plan it."""
     import pyarrow.dataset as pds
 
+    from agc_ray.core.train import SUBSAMPLE_SHARE
     from agc_ray.distributed import train as tr
 
     cfg.validate()
@@ -363,8 +364,10 @@ def plan_training(cfg, num_cpus: float | None = None) -> TrainPlan:
     labels = table.column(1).to_numpy()[order]
     val = tr.check_split(cfg, labels)
     n_val = int(val.sum())
-    memory, seconds = estimate_training(schema.rows, schema.rows - n_val, dim, cfg.epochs, cfg.num_workers,
-                                        cfg.cpus_per_worker, nodes)
+    # The identity-subsampled copy is trained on too: a third more rows on average (SUBSAMPLE_SHARE).
+    copy_rows = round((schema.rows - n_val) * SUBSAMPLE_SHARE) if cfg.subsample_identities else 0
+    memory, seconds = estimate_training(schema.rows + copy_rows, schema.rows - n_val + copy_rows, dim, cfg.epochs,
+                                        cfg.num_workers, cfg.cpus_per_worker, nodes)
     return TrainPlan(
         input=cfg.input, files=len(schema.files), rows=schema.rows, dimension=dim,
         classes=int(np.unique(labels).size), train_rows=schema.rows - n_val,

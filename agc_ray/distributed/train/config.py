@@ -17,7 +17,7 @@ from agc_ray.distributed.errors import InputError
 MODEL_PARAMS = (
     "k", "tau", "levels", "seed", "knn", "decode", "early_stop", "conv", "hidden_channels", "edge_channels",
     "dropout", "batch_size", "lr", "weight_decay", "train_levels", "conn_edges", "balance", "focal_gamma",
-    "self_training", "epochs",
+    "self_training", "subsample_identities", "epochs",
 )
 
 

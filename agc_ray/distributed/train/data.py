@@ -182,13 +182,16 @@ def build_graphs(cfg: TrainJobConfig, data: dict, train_graph, val_graph) -> dic
     ``train_graph`` / ``val_graph``: the splits' level-0 kNN graphs (nbr, sim) from the sharded search
     (None: the core searches itself); higher levels are built by the core.
     """
-    from agc_ray.core.train import ground_truth_graphs
+    from agc_ray.core.train import ground_truth_graphs, training_tables
 
     t0 = time.perf_counter()
     settings = ((cfg.k, cfg.train_levels),)
     out = dict(data)
-    out["train_graphs"] = [graph_arrays(g) for g in ground_truth_graphs(
-        data["x_train"], data["y_train"], settings, knn_method=cfg.knn, seed=cfg.seed, first_graph=train_graph)]
+    # As HiLander.fit: the split's graphs, then its identity-subsampled copy's (whose kNN graph the core
+    # searches here: a third of the split's rows).
+    tables = training_tables(data["x_train"], data["y_train"], subsample=cfg.subsample_identities, seed=cfg.seed)
+    out["train_graphs"] = [graph_arrays(g) for i, (x_t, y_t) in enumerate(tables) for g in ground_truth_graphs(
+        x_t, y_t, settings, knn_method=cfg.knn, seed=cfg.seed, first_graph=train_graph if i == 0 else None)]
     out["val_graphs"] = [] if not data["n_val"] else [graph_arrays(g) for g in ground_truth_graphs(
         data["x_val"], data["y_val"], settings, knn_method=cfg.knn, seed=cfg.seed, first_graph=val_graph)]
     out["prepare_seconds"] = data["prepare_seconds"] + time.perf_counter() - t0
