@@ -335,8 +335,9 @@ class HiLander(BaseEstimator):
     def _train(self, X, y) -> None:
         torch.manual_seed(self.seed)
         device = self._torch_device()
+        settings = ((self.k, self.train_levels),)
         graphs = [g for x_t, y_t in self.training_tables(X, y)
-                  for g in ground_truth_graphs(x_t, y_t, ((self.k, self.train_levels),), knn_method=self.knn, seed=self.seed)]
+                  for g in ground_truth_graphs(x_t, y_t, settings, knn_method=self.knn, seed=self.seed)]
         model = self.new_model(X.shape[1])
         train_kwargs = dict(
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, balance=self.balance,
@@ -383,7 +384,8 @@ class HiLander(BaseEstimator):
 
     def own_levels(self, X, y) -> list:
         """Training graphs of the higher levels this model builds from labelled X (labels carried by
-        peaks): what the second half of ``fit`` adds to the ground-truth hierarchy.
+        peaks): what the second half of ``fit`` adds to the ground-truth hierarchy; those of X, then
+        those of its identity-subsampled copy (:meth:`training_tables`).
 
         Every level is decoded at level 0's tau: the model that builds them has not yet been trained
         on levels of its own, and its purer merges made the better training levels (regime suite,

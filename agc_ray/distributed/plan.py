@@ -364,7 +364,7 @@ def plan_training(cfg, num_cpus: float | None = None) -> TrainPlan:
     labels = table.column(1).to_numpy()[order]
     val = tr.check_split(cfg, labels)
     n_val = int(val.sum())
-    # The identity-subsampled copy is trained on too: a third more rows on average (SUBSAMPLE_SHARE).
+    # The identity-subsampled copy is trained on too: about SUBSAMPLE_SHARE of the training rows more.
     copy_rows = round((schema.rows - n_val) * SUBSAMPLE_SHARE) if cfg.subsample_identities else 0
     memory, seconds = estimate_training(schema.rows + copy_rows, schema.rows - n_val + copy_rows, dim, cfg.epochs,
                                         cfg.num_workers, cfg.cpus_per_worker, nodes)
