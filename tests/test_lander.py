@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from agc_ray.core.graph import EDGE_FEATURES, edge_features, member_cohesion
+from agc_ray.core.graph import EDGE_FEATURES, edge_features, member_cohesion, weighted_neighbor_mean
 from agc_ray.core.knn import knn_graph, l2_normalize
-from agc_ray.core.lander import Lander, connectivity_loss, ground_truth_density, predicted_density
+from agc_ray.core.lander import (
+    Lander, connectivity_loss, ground_truth_density, input_dropout, predicted_density,
+)
 from agc_ray.core.synthetic import make_faces
 
 
@@ -18,6 +20,49 @@ def test_level0_weight_folding_matches_full_input():
     full = model.embed(xt, xt.clone(), nbr, sim, rows)  # same values, general path
     torch.testing.assert_close(folded, full, atol=1e-5, rtol=1e-5)
     assert folded.shape == (400, model.conv.out_channels)
+
+
+class _Rows:
+    """A row-indexable feature store (like the job's sharded rows): ``[ids]`` returns a tensor."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __getitem__(self, ids):
+        return self.x[torch.as_tensor(ids)]
+
+
+def test_weighted_neighbor_mean_known_answer_and_row_stores():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [4.0, 4.0]])
+    nbr = torch.tensor([[1, 2], [0, -1], [2, 2]])
+    w = torch.tensor([[0.5, 0.25], [1.0, 0.0], [0.5, 0.5]])
+    expected = torch.tensor([[1.0, 2.0], [1.0, 0.0], [4.0, 4.0]])  # the padded entry adds nothing
+    torch.testing.assert_close(weighted_neighbor_mean(x, nbr, w), expected)
+    # a larger graph: the gather-then-sum reference, and the same bits from a row store and by chunks
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 24, generator=gen)
+    nbr = torch.randint(-1, 500, (300, 7), generator=gen)
+    w = torch.rand(300, 7, generator=gen) * (nbr >= 0)
+    ref = torch.einsum("mk,mkf->mf", w, x[nbr.clamp_min(0)])
+    out = weighted_neighbor_mean(x, nbr, w)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(weighted_neighbor_mean(_Rows(x), nbr, w), out)
+    assert torch.equal(torch.cat([weighted_neighbor_mean(x, nbr[i:i + 64], w[i:i + 64]) for i in range(0, 300, 64)]), out)
+    assert weighted_neighbor_mean(x, nbr[:0], w[:0]).shape == (0, 24)
+
+
+def test_input_dropout_zeroes_a_share_and_keeps_the_mean():
+    x = torch.ones(400, 500)
+    assert input_dropout(x, 0.5, training=False) is x
+    assert input_dropout(x, 0.0, training=True) is x
+    torch.manual_seed(0)
+    out = input_dropout(x, 0.3, training=True)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.01  # 200K draws: the standard error is 0.001
+    assert torch.all((out == 0) | torch.isclose(out, torch.tensor(1 / 0.7)))
+    assert abs(out.mean().item() - 1.0) < 0.02
+    torch.manual_seed(0)
+    assert torch.equal(input_dropout(x, 0.3, training=True), out)  # seeded
 
 
 def test_densities_known_answer():

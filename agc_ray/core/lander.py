@@ -67,6 +67,18 @@ def relational_profile(nbr: torch.Tensor, sim: torch.Tensor, rows: torch.Tensor,
     return torch.cat([s, weighted_neighbor_mean(sim, nb, weights)], dim=1)
 
 
+def input_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout: zero each entry with probability ``p``, scale the others by ``1 / (1 - p)``.
+
+    The same distribution as ``F.dropout``, its mask drawn from uniforms in place: torch's CPU dropout
+    samples Bernoulli variables at a third of that speed (an 11K x 512 batch input: 69 ms against 20 ms,
+    a third of a training step).
+    """
+    if not training or p == 0.0:
+        return x
+    return x * torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
+
+
 class LanderConv(nn.Module):
     r"""Similarity-weighted mean conv: :math:`h_i = \mathrm{ReLU}(\mathrm{LN}(W [u_i \| \sum_j a_{ij} u_j] + R [r_i \| \sum_j a_{ij} r_j] + b))`.
 
@@ -97,7 +109,7 @@ class LanderConv(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, raw: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
-        raw = F.dropout(raw, self.dropout, self.training)
+        raw = input_dropout(raw, self.dropout, self.training)
         if raw.shape[1] == self.in_channels:
             # level 0: raw is [x || agg x] and u = [x || x]; fold the weights of the equal halves
             d = self.in_channels // 2
@@ -139,8 +151,8 @@ class GATLanderConv(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, u_src, u_dst, edge_index, edge_sim, rel):
-        u_src = F.dropout(u_src, self.dropout, self.training)
-        u_dst = F.dropout(u_dst, self.dropout, self.training)
+        u_src = input_dropout(u_src, self.dropout, self.training)
+        u_dst = input_dropout(u_dst, self.dropout, self.training)
         h = self.gat((u_src, u_dst), edge_index, edge_attr=edge_sim[:, None])
         return F.relu(self.norm(h + self.lin_self(u_dst) + self.lin_rel(rel)))
 
