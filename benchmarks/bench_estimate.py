@@ -146,13 +146,18 @@ def train_runs(work: Path, sizes: list[int], args, env: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(entries, indent=2, default=float))
     if len(entries) > 1:
+        from agc_ray.core.train import SUBSAMPLE_SHARE
         from agc_ray.distributed.plan import TRAIN_COSTS
 
+        # The rows as the estimate counts them: the identity-subsampled copy's too (plan_training).
+        copy = {id(e): round(e["train_rows"] * SUBSAMPLE_SHARE) for e in entries}
         a, b = entries[0], entries[-1]
-        slope = (b["peak_memory_gb"] - a["peak_memory_gb"]) * 2**30 / (b["n"] - a["n"])
-        work_a, work_b = (e["train_rows"] * args.train_epochs * args.dim / 256 / args.num_cpus for e in (a, b))
+        rows_a, rows_b = (e["n"] + copy[id(e)] for e in (a, b))
+        slope = (b["peak_memory_gb"] - a["peak_memory_gb"]) * 2**30 / (rows_b - rows_a)
+        work_a, work_b = ((e["train_rows"] + copy[id(e)]) * args.train_epochs * args.dim / 256 / args.num_cpus
+                          for e in (a, b))
         per_row = (b["wall_seconds"] - a["wall_seconds"]) / (work_b - work_a)
-        costs = dict(TRAIN_COSTS, base_gb=a["peak_memory_gb"] - slope * a["n"] / 2**30 - TRAIN_COSTS["worker_gb"],
+        costs = dict(TRAIN_COSTS, base_gb=a["peak_memory_gb"] - slope * rows_a / 2**30 - TRAIN_COSTS["worker_gb"],
                      bytes_per_row_float=(slope - TRAIN_COSTS["bytes_per_row"]) / args.dim, epoch_s_per_row=per_row,
                      fixed_s=a["wall_seconds"] - per_row * work_a)
         print("TRAIN_COSTS fitted on these runs:", json.dumps({k: float(f"{v:.3g}") for k, v in costs.items()}))
@@ -199,7 +204,7 @@ def main() -> None:
     env.pop("RAY_ADDRESS", None)
     if args.train_sizes:
         train_runs(work, [int(v) for v in args.train_sizes.split(",")], args, env)
-    results = []
+    results, out = [], None
     for n in [int(s) for s in args.sizes.split(",") if s]:
         table = prepare(work, n, args.dim)
         common = ["--input", str(table), "--output", str(work / f"out_{n}_{args.dim}"), "--model", str(model),
@@ -226,20 +231,22 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2, default=float))
 
-    print(f"\n{'rows':>9} {'dry s':>6} {'est GB':>7} {'peak GB':>8} {'ratio':>6} {'est s':>7} {'run s':>7} "
-          f"{'ratio':>6} {'silence s':>9}")
-    for e in results:
-        plan = e.get("dry_run", {}).get("plan", {})
-        print(f"{e['n']:>9} {e.get('dry_run', {}).get('wall_seconds', float('nan')):>6.1f} "
-              f"{plan.get('peak_memory_gb_per_node', float('nan')):>7.2f} {e['run']['peak_memory_gb']:>8.2f} "
-              f"{e.get('memory_estimate_over_measured', float('nan')):>6.2f} {plan.get('run_seconds', float('nan')):>7.0f} "
-              f"{e['run']['wall_seconds']:>7.0f} {e.get('time_estimate_over_measured', float('nan')):>6.2f} "
-              f"{e['run']['longest_silence_seconds']:>9.1f}")
+    if results:
+        print(f"\n{'rows':>9} {'dry s':>6} {'est GB':>7} {'peak GB':>8} {'ratio':>6} {'est s':>7} {'run s':>7} "
+              f"{'ratio':>6} {'silence s':>9}")
+        for e in results:
+            plan = e.get("dry_run", {}).get("plan", {})
+            print(f"{e['n']:>9} {e.get('dry_run', {}).get('wall_seconds', float('nan')):>6.1f} "
+                  f"{plan.get('peak_memory_gb_per_node', float('nan')):>7.2f} {e['run']['peak_memory_gb']:>8.2f} "
+                  f"{e.get('memory_estimate_over_measured', float('nan')):>6.2f} {plan.get('run_seconds', float('nan')):>7.0f} "
+                  f"{e['run']['wall_seconds']:>7.0f} {e.get('time_estimate_over_measured', float('nan')):>6.2f} "
+                  f"{e['run']['longest_silence_seconds']:>9.1f}")
     if len(results) > 1:
         costs = fit_costs(results)
         print("per-row costs fitted on these runs (memory from the two smallest; see fit_costs):")
         print(json.dumps({k: v if v is None else float(f"{v:.3g}") for k, v in costs.items()}, indent=1))
-    print(f"results: {out}")
+    if out is not None:
+        print(f"results: {out}")
 
 
 if __name__ == "__main__":

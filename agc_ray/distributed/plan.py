@@ -278,14 +278,16 @@ def plan_job(cfg, num_cpus: int | None = None) -> Plan:
 #: 20000,60000`` (same machine as :data:`COSTS`, 256-d make_faces, 2 epochs, one worker on both CPUs):
 #: memory per row of the table (the prepared table, its splits and ground-truth level graphs in the object
 #: store and the worker) and CPU-seconds per training row and epoch (all ground-truth levels of an epoch,
-#: validation included), both from the line through the two runs (2.42 / 2.79 GiB, 70 / 122 s).
+#: validation included), rows counting the identity-subsampled copy's, each from the line through two
+#: runs: time from those of 2026-12-05 (41.6 / 68.7 s; the faster training steps), memory from the pair
+#: before (2.42 / 2.79 GiB), which stays above that day's (2.42 / 2.57 GiB, estimated 2.49 / 2.99).
 TRAIN_COSTS = {
     "base_gb": 1.64,
     "worker_gb": 0.6,
     "bytes_per_row_float": 32.9,
     "bytes_per_row": 1500.0,
-    "epoch_s_per_row": 1.45e-3,
-    "fixed_s": 44.1,
+    "epoch_s_per_row": 5.44e-4,
+    "fixed_s": 27.8,
 }
 
 
