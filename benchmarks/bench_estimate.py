@@ -149,12 +149,13 @@ def train_runs(work: Path, sizes: list[int], args, env: dict) -> None:
         from agc_ray.core.train import SUBSAMPLE_SHARE
         from agc_ray.distributed.plan import TRAIN_COSTS
 
-        # The rows as the estimate counts them: the identity-subsampled copy's too (plan_training).
-        copy = {id(e): round(e["train_rows"] * SUBSAMPLE_SHARE) for e in entries}
+        def counted(e, rows):  # rows as the estimate counts them: the subsampled copy's too (plan_training)
+            return rows + round(e["train_rows"] * SUBSAMPLE_SHARE)
+
         a, b = entries[0], entries[-1]
-        rows_a, rows_b = (e["n"] + copy[id(e)] for e in (a, b))
+        rows_a, rows_b = (counted(e, e["n"]) for e in (a, b))
         slope = (b["peak_memory_gb"] - a["peak_memory_gb"]) * 2**30 / (rows_b - rows_a)
-        work_a, work_b = ((e["train_rows"] + copy[id(e)]) * args.train_epochs * args.dim / 256 / args.num_cpus
+        work_a, work_b = (counted(e, e["train_rows"]) * args.train_epochs * args.dim / 256 / args.num_cpus
                           for e in (a, b))
         per_row = (b["wall_seconds"] - a["wall_seconds"]) / (work_b - work_a)
         costs = dict(TRAIN_COSTS, base_gb=a["peak_memory_gb"] - slope * rows_a / 2**30 - TRAIN_COSTS["worker_gb"],
