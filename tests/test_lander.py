@@ -49,6 +49,8 @@ def test_weighted_neighbor_mean_known_answer_and_row_stores():
     assert torch.equal(weighted_neighbor_mean(_Rows(x), nbr, w), out)
     assert torch.equal(torch.cat([weighted_neighbor_mean(x, nbr[i:i + 64], w[i:i + 64]) for i in range(0, 300, 64)]), out)
     assert weighted_neighbor_mean(x, nbr[:0], w[:0]).shape == (0, 24)
+    assert torch.equal(weighted_neighbor_mean(x, nbr[:, :0], w[:, :0]), torch.zeros(300, 24))  # no neighbours
+    assert torch.allclose(weighted_neighbor_mean(x.double(), nbr.int(), w), ref.double(), atol=1e-5)
 
 
 def test_input_dropout_zeroes_a_share_and_keeps_the_mean():

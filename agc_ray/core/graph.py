@@ -83,6 +83,8 @@ def weighted_neighbor_mean(x, nbr: torch.Tensor, weights: torch.Tensor) -> torch
     Shapes:
         x (N, F); nbr (M, k) indices into x (-1 padded, weight 0); weights (M, k) -> (M, F).
     """
+    if nbr.shape[1] == 0:  # no neighbours: embedding_bag cannot cut bags of size 0
+        return torch.zeros((nbr.shape[0], x.shape[1]), dtype=x.dtype, device=nbr.device)
     idx = nbr.clamp_min(0)
     if not isinstance(x, torch.Tensor):
         ids, idx = torch.unique(idx, return_inverse=True)
