@@ -146,17 +146,15 @@ def train_runs(work: Path, sizes: list[int], args, env: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(entries, indent=2, default=float))
     if len(entries) > 1:
-        from agc_ray.core.train import SUBSAMPLE_SHARE
-        from agc_ray.distributed.plan import TRAIN_COSTS
-
-        def counted(e, rows):  # rows as the estimate counts them: the subsampled copy's too (plan_training)
-            return rows + round(e["train_rows"] * SUBSAMPLE_SHARE)
+        from agc_ray.core.params import DEFAULTS
+        from agc_ray.distributed.plan import TRAIN_COSTS, counted_training_rows
 
         a, b = entries[0], entries[-1]
-        rows_a, rows_b = (counted(e, e["n"]) for e in (a, b))
+        # rows as the estimate counts them (the runs train with the default identity-subsampled copy)
+        (rows_a, train_a), (rows_b, train_b) = (
+            counted_training_rows(e["n"], e["train_rows"], DEFAULTS.subsample_identities) for e in (a, b))
         slope = (b["peak_memory_gb"] - a["peak_memory_gb"]) * 2**30 / (rows_b - rows_a)
-        work_a, work_b = (counted(e, e["train_rows"]) * args.train_epochs * args.dim / 256 / args.num_cpus
-                          for e in (a, b))
+        work_a, work_b = (t * args.train_epochs * args.dim / 256 / args.num_cpus for t in (train_a, train_b))
         per_row = (b["wall_seconds"] - a["wall_seconds"]) / (work_b - work_a)
         costs = dict(TRAIN_COSTS, base_gb=a["peak_memory_gb"] - slope * rows_a / 2**30 - TRAIN_COSTS["worker_gb"],
                      bytes_per_row_float=(slope - TRAIN_COSTS["bytes_per_row"]) / args.dim, epoch_s_per_row=per_row,

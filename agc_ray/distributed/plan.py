@@ -328,6 +328,15 @@ class TrainPlan(_Estimated):
         ]
 
 
+def counted_training_rows(rows: int, train_rows: int, subsample: bool) -> tuple[int, int]:
+    """``(rows, train_rows)`` as :data:`TRAIN_COSTS` count them: with ``subsample`` the identity-subsampled
+    copy is trained on too, about ``SUBSAMPLE_SHARE`` of the training rows more, in both counts."""
+    from agc_ray.core.train import SUBSAMPLE_SHARE
+
+    copy_rows = round(train_rows * SUBSAMPLE_SHARE) if subsample else 0
+    return rows + copy_rows, train_rows + copy_rows
+
+
 def estimate_training(rows: int, train_rows: int, dim: int, epochs: int, workers: int, cpus_per_worker: float,
                       nodes: int = 1, costs: dict = TRAIN_COSTS) -> tuple[float, float]:
     """(peak memory GiB per node, wall seconds) of a training run (see :data:`TRAIN_COSTS`)."""
@@ -342,7 +351,6 @@ def plan_training(cfg, num_cpus: float | None = None) -> TrainPlan:
     """Check everything the training job can check without training (InputError as the real run) and plan it."""
     import pyarrow.dataset as pds
 
-    from agc_ray.core.train import SUBSAMPLE_SHARE
     from agc_ray.distributed import train as tr
 
     cfg.validate()
@@ -366,10 +374,8 @@ def plan_training(cfg, num_cpus: float | None = None) -> TrainPlan:
     labels = table.column(1).to_numpy()[order]
     val = tr.check_split(cfg, labels)
     n_val = int(val.sum())
-    # The identity-subsampled copy is trained on too: about SUBSAMPLE_SHARE of the training rows more.
-    copy_rows = round((schema.rows - n_val) * SUBSAMPLE_SHARE) if cfg.subsample_identities else 0
-    memory, seconds = estimate_training(schema.rows + copy_rows, schema.rows - n_val + copy_rows, dim, cfg.epochs,
-                                        cfg.num_workers, cfg.cpus_per_worker, nodes)
+    rows, train_rows = counted_training_rows(schema.rows, schema.rows - n_val, cfg.subsample_identities)
+    memory, seconds = estimate_training(rows, train_rows, dim, cfg.epochs, cfg.num_workers, cfg.cpus_per_worker, nodes)
     return TrainPlan(
         input=cfg.input, files=len(schema.files), rows=schema.rows, dimension=dim,
         classes=int(np.unique(labels).size), train_rows=schema.rows - n_val,
