@@ -309,9 +309,8 @@ def print_case(name: str, rec: dict) -> None:
 
 
 SHORT = {"hilander, train table": "hl train", "hilander best of full": "hl best", "gbdt edge classifier": "gbdt",
-         "unsupervised": "unsup",
-         "unsupervised best of full": "unsup best", "chinese whispers": "whispers", "oracle threshold": "oracle",
-         "leiden modularity": "leiden mod"}
+         "unsupervised": "unsup", "unsupervised best of full": "unsup best", "chinese whispers": "whispers",
+         "oracle threshold": "oracle", "leiden modularity": "leiden mod"}
 
 
 def print_summary(result: dict) -> None:
