@@ -13,9 +13,11 @@ gives, the same on the train split itself (in-sample: how much the model fits it
 and the best level by Fp of a full 10-level hierarchy), the gradient-boosted edge classifier
 (seeded, tau on the validation split) and the unsupervised mode (no labels, no model). Once per case
 (independent of the seed): Chinese whispers (threshold on the validation split), the oracle threshold
-components (threshold chosen with the test labels) and, when leidenalg is installed, Leiden with
-modularity and with CPM (resolution on the validation split), both on the similarity-weighted kNN
-graph. Every figure: pairwise F (Fp), BCubed F (Fb), NMI and the cluster count.
+components (threshold chosen with the test labels), on make_faces tables the partition into the
+identities' pose modes (a reference, not a method: every mode found and none joined, where the
+one-threshold baselines stop; what lies above needs modes of one identity joined) and, when leidenalg
+is installed, Leiden with modularity and with CPM (resolution on the validation split), both on the
+similarity-weighted kNN graph. Every figure: pairwise F (Fp), BCubed F (Fb), NMI and the cluster count.
 
 Prints a table per case (mean and [min, max] over seeds) and a summary, and rewrites the JSON after every
 step: rerunning with the same --out skips what it already holds (use --fresh to start over).
@@ -152,6 +154,9 @@ def baselines(data: dict, rec: dict, skip_leiden: bool) -> None:
     from agc_ray.metrics.clustering import pairwise
 
     y = data["y_test"]
+    if "pose_modes" not in rec:
+        modes = data.get("modes_test")
+        rec["pose_modes"] = None if modes is None else metrics(y, modes)
     if "oracle_threshold" not in rec:
         t0 = time.perf_counter()
         t, labels = best_threshold(*data["g_test"], y)
@@ -232,6 +237,17 @@ def generate(regime: str, n: int, seed: int):
     return generator(n, seed=seed, **kwargs)
 
 
+def pose_modes(regime: str, n: int, seed: int) -> np.ndarray | None:
+    """(n,) the pose mode of each row of :func:`generate`'s table (make_faces ``label_by='mode'``), None
+    for another generator."""
+    from agc_ray.core.synthetic import make_faces
+
+    kwargs = dict(REGIMES[regime])
+    if kwargs.pop("generator", "faces") != "faces":
+        return None
+    return make_faces(n, seed=seed, label_by="mode", **kwargs)[1]
+
+
 def make_data(train: str, test: str, args) -> dict:
     from agc_ray.core.knn import knn_graph
 
@@ -239,6 +255,7 @@ def make_data(train: str, test: str, args) -> dict:
     d["x_train"], d["y_train"] = generate(train, args.n_train, TRAIN_SEED)
     d["x_val"], d["y_val"] = generate(train, args.n_val, VAL_SEED)
     d["x_test"], d["y_test"] = generate(test, args.n_test, TEST_SEED)
+    d["modes_test"] = pose_modes(test, args.n_test, TEST_SEED)
     for split in ("train", "val", "test"):
         d[f"g_{split}"] = knn_graph(d[f"x_{split}"], K, seed=0)
     return d
@@ -283,9 +300,10 @@ def rows(rec: dict) -> list[tuple[str, list[dict], str]]:
     ]
     for name, key, note in (("chinese whispers", "chinese_whispers", "threshold"),
                             ("oracle threshold", "oracle_threshold", "threshold"),
+                            ("pose modes (reference)", "pose_modes", None),
                             ("leiden modularity", "leiden_modularity", None),
                             ("leiden cpm", "leiden_cpm", "resolution")):
-        if key in b:
+        if b.get(key) is not None:
             out.append((name, [b[key]], f"{note} {b[key][note]}" if note else ""))
     return out
 
@@ -310,7 +328,7 @@ def print_case(name: str, rec: dict) -> None:
 
 SHORT = {"hilander, train table": "hl train", "hilander best of full": "hl best", "gbdt edge classifier": "gbdt",
          "unsupervised": "unsup", "unsupervised best of full": "unsup best", "chinese whispers": "whispers",
-         "oracle threshold": "oracle", "leiden modularity": "leiden mod"}
+         "oracle threshold": "oracle", "pose modes (reference)": "modes", "leiden modularity": "leiden mod"}
 
 
 def print_summary(result: dict) -> None:
@@ -371,7 +389,7 @@ def main():
             "n_test": args.n_test, "seeds": {}, "baselines": {}})
         todo = [s for s in seeds if str(s) not in rec["seeds"]]
         redo = [s for s in seeds if str(s) in rec["seeds"]] if args.redo_unsupervised else []
-        base_done = all(k in rec["baselines"] for k in ("oracle_threshold", "chinese_whispers")) and (
+        base_done = all(k in rec["baselines"] for k in ("oracle_threshold", "chinese_whispers", "pose_modes")) and (
             args.skip_leiden or "leiden_cpm" in rec["baselines"] or "leiden_note" in rec["baselines"])
         if todo or redo or not base_done:
             t0 = time.perf_counter()

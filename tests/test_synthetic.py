@@ -36,6 +36,29 @@ def test_bad_arguments():
         make_faces(10, dim=1)
 
 
+def test_mode_labels_refine_identities_on_the_same_rows():
+    x, y = make_faces(6000, dim=32, max_modes=4, distractor_fraction=0.05, seed=5)
+    xm, modes = make_faces(6000, dim=32, max_modes=4, distractor_fraction=0.05, seed=5, label_by="mode")
+    np.testing.assert_array_equal(x, xm)
+    # every mode lies within one identity; identities of several modes exist
+    pairs = np.unique(np.stack([modes, y]), axis=1)
+    assert np.unique(pairs[0]).size == pairs.shape[1]
+    n_ids, n_modes = np.unique(y).size, np.unique(modes).size
+    assert n_ids < n_modes <= 4 * n_ids
+    # distractors stay singletons under either labelling
+    assert (np.bincount(modes) == 1).sum() >= (np.bincount(y) == 1).sum()
+    # rows of one mode are closer to each other than to the rest of their identity
+    modes_of = np.bincount(pairs[1], minlength=y.max() + 1)
+    big = np.argmax(np.where(modes_of > 1, np.bincount(y), 0))
+    rows = np.flatnonzero(y == big)
+    same_mode = modes[rows][:, None] == modes[rows][None, :]
+    sims = x[rows] @ x[rows].T
+    off = ~np.eye(rows.size, dtype=bool)
+    assert sims[same_mode & off].mean() > sims[~same_mode].mean() + 0.1
+    with pytest.raises(ValueError, match="label_by must be 'identity' or 'mode'"):
+        make_faces(10, label_by="pose")
+
+
 def test_iter_faces_chunks_are_make_faces_rows():
     from agc_ray.core.synthetic import iter_faces, make_faces
 

@@ -45,7 +45,8 @@ def make_faces(n_samples: int, dim: int = 256, **kwargs) -> tuple[np.ndarray, np
 def iter_faces(n_samples: int, dim: int = 256, *, mean_identity_size: float = 60.0, size_sigma: float = 1.0,
                group_size: int = 6, look_alike: float = 0.9, spread: tuple[float, float] = (0.4, 0.8),
                max_modes: int = 4, mode_spread: float = 1.0, distractor_fraction: float = 0.02, nuisance_dim: int = 32,
-               isotropic: float = 0.3, anisotropy: float = 0.0, seed: int = 0, chunk_rows: int = _CHUNK):
+               isotropic: float = 0.3, anisotropy: float = 0.0, label_by: str = "identity", seed: int = 0,
+               chunk_rows: int = _CHUNK):
     """Generate a face-like embedding table and its identity labels in chunks of rows.
 
     Memory is O(identities + N) for the per-row plan (8 bytes a row per array) and O(chunk D) for the
@@ -71,6 +72,9 @@ def iter_faces(n_samples: int, dim: int = 256, *, mean_identity_size: float = 60
             a mean square of 1, so the typical spread stays that of ``spread``); 0 (default): the same
             scale in every direction. The scales come from a generator spawned off ``seed``, so every
             other draw (sizes, centres, modes, noise) is the same as with ``anisotropy=0``.
+        label_by: 'identity' (default) or 'mode': each member row labelled by its identity's pose mode
+            instead (a refinement of the identities; the rows are the same). The partition into modes
+            is what a method reaches that finds every mode and joins none (see README, Quality).
         seed: random seed.
         chunk_rows: rows per chunk (a multiple of 16384 keeps the random draws aligned; other values
             are rounded up to one).
@@ -86,6 +90,8 @@ def iter_faces(n_samples: int, dim: int = 256, *, mean_identity_size: float = 60
         raise ValueError(f"make_faces: distractor_fraction must be in [0, 1], got {distractor_fraction}")
     if anisotropy < 0.0:
         raise ValueError(f"make_faces: anisotropy must be >= 0, got {anisotropy}")
+    if label_by not in ("identity", "mode"):
+        raise ValueError(f"make_faces: label_by must be 'identity' or 'mode', got {label_by!r}")
     rng = np.random.default_rng(seed)
 
     n_distractors = int(round(n_samples * distractor_fraction))
@@ -132,8 +138,11 @@ def iter_faces(n_samples: int, dim: int = 256, *, mean_identity_size: float = 60
         rng.integers(0, 1 << 30, size=int(member.sum())) % n_modes[row_id[member]]
     )
 
-    # Labels: identities keep their index, distractors get fresh labels after them.
-    y = np.where(row_id >= 0, row_id, n_ids + (-1 - row_id)).astype(np.int64)
+    # Labels: identities (or modes) keep their index, distractors get fresh labels after them.
+    if label_by == "mode":
+        y = np.where(row_id >= 0, row_mode, mode_id.size + (-1 - row_id)).astype(np.int64)
+    else:
+        y = np.where(row_id >= 0, row_id, n_ids + (-1 - row_id)).astype(np.int64)
     chunk_rows = _CHUNK * max(1, -(-int(chunk_rows) // _CHUNK))
     out = []
     for start in range(0, n_samples, _CHUNK):
