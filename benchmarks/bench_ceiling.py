@@ -36,7 +36,7 @@ import scipy.sparse as sp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = bq.RESULTS
 K = bq.K
 #: Boundary closeness x per-level taus searched with the test labels (None: the boundary merge off).
 CLOSENESS = (None, 0.5, 0.6, 0.7, 0.8)
@@ -124,17 +124,17 @@ def label_free(x, y, seed: int) -> dict:
     share = np.asarray(pairs.max(axis=1).todense()).ravel() / (nbr.shape[1] * size)
     cls = majority(y, labels)
     order = np.lexsort((-size, cls))
-    main = np.zeros(c, dtype=bool)
-    main[order[np.r_[True, cls[order][1:] != cls[order][:-1]]]] = True
+    largest = np.zeros(c, dtype=bool)  # each class's largest cluster; the others are its fragments
+    largest[order[np.r_[True, cls[order][1:] != cls[order][:-1]]]] = True
     joins = share >= RI_SHARE
     right = cls[partner] == cls
     return {
         "tau_0": round(float(tau_0), 4), "chance": round(float(chance), 4), "single_linkage": single,
         "unsupervised": bq.metrics(y, labels),
-        "interconnectivity": {"share": RI_SHARE, "fragments": int((~main).sum()),
-                              "fragments_joined_right": int((joins & right & ~main).sum()),
+        "interconnectivity": {"share": RI_SHARE, "fragments": int((~largest).sum()),
+                              "fragments_joined_right": int((joins & right & ~largest).sum()),
                               "joined_wrong": int((joins & ~right).sum()),
-                              "whole_clusters_joined_wrong": int((joins & ~right & main).sum())},
+                              "whole_clusters_joined_wrong": int((joins & ~right & largest).sum())},
     }
 
 
