@@ -112,7 +112,8 @@ def label_free(x, y, seed: int) -> dict:
     single = []
     for step in range(4):
         t = chance + (tau_0 - chance) * ADAPTIVE_DECAY**step
-        single.append({"step": step, "threshold": round(float(t), 4)} | bq.metrics(y, threshold_components(nbr, sim, t)))
+        labels = threshold_components(nbr, sim, t)
+        single.append({"step": step, "threshold": round(float(t), 4)} | bq.metrics(y, labels))
     labels = np.unique(HiLander(unsupervised=True, seed=seed).predict(x), return_inverse=True)[1]
     # relative interconnectivity: each cluster's share of its rows' kNN edges that reach its main partner
     size = np.bincount(labels)
