@@ -87,11 +87,10 @@ def hilander_ceiling(x_train, y_train, x, y, seed: int) -> dict:
     out = {"fit_seconds": round(time.perf_counter() - t0, 1)}
     labels = est.predict(x)
     out["returned"] = bq.metrics(y, labels)
-    grid = []
+    grid, weights = [], est.model_.state_dict()
     for closeness in CLOSENESS:
         for taus in TAUS:
-            variant = HiLander.from_weights(est.model_.state_dict(), x.shape[1], seed=seed,
-                                            boundary_closeness=closeness)
+            variant = HiLander.from_weights(weights, x.shape[1], seed=seed, boundary_closeness=closeness)
             variant.default_taus_ = list(taus)
             grid.append({"boundary_closeness": closeness, "taus": list(taus)} | bq.metrics(y, variant.predict(x)))
     out["settings_oracle"] = max(grid, key=lambda m: m["fp"] + m["fb"])

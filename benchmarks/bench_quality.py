@@ -155,7 +155,7 @@ def baselines(data: dict, rec: dict, skip_leiden: bool) -> None:
 
     y = data["y_test"]
     if "pose_modes" not in rec:
-        modes = data.get("modes_test")
+        modes = data["modes_test"]
         rec["pose_modes"] = None if modes is None else metrics(y, modes)
     if "oracle_threshold" not in rec:
         t0 = time.perf_counter()
@@ -228,13 +228,18 @@ def unsupervised_run(x, y, seed: int) -> dict:
     return predict_with_full(un, x, y) | fitted_choices(un)
 
 
+def generator_of(regime: str) -> tuple[str, dict]:
+    """``(generator, kwargs)`` of a regime: 'faces' (make_faces) unless its arguments name another."""
+    kwargs = dict(REGIMES[regime])
+    return kwargs.pop("generator", "faces"), kwargs
+
+
 def generate(regime: str, n: int, seed: int):
     """``(x, y)`` of ``n`` rows of a regime (make_faces unless its arguments name another generator)."""
     from agc_ray.core.synthetic import make_faces, make_subspace_clusters
 
-    kwargs = dict(REGIMES[regime])
-    generator = {"faces": make_faces, "subspace": make_subspace_clusters}[kwargs.pop("generator", "faces")]
-    return generator(n, seed=seed, **kwargs)
+    name, kwargs = generator_of(regime)
+    return {"faces": make_faces, "subspace": make_subspace_clusters}[name](n, seed=seed, **kwargs)
 
 
 def pose_modes(regime: str, n: int, seed: int) -> np.ndarray | None:
@@ -242,10 +247,8 @@ def pose_modes(regime: str, n: int, seed: int) -> np.ndarray | None:
     for another generator."""
     from agc_ray.core.synthetic import make_faces
 
-    kwargs = dict(REGIMES[regime])
-    if kwargs.pop("generator", "faces") != "faces":
-        return None
-    return make_faces(n, seed=seed, label_by="mode", **kwargs)[1]
+    name, kwargs = generator_of(regime)
+    return make_faces(n, seed=seed, label_by="mode", **kwargs)[1] if name == "faces" else None
 
 
 def make_data(train: str, test: str, args) -> dict:
